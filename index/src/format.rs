@@ -1,0 +1,539 @@
+//! The index file format.
+//!
+//! ```text
+//! header (56 bytes): magic "CLIPINDX" | version u32 LE | flags u32 LE (0)
+//!                    | body length u64 LE | sha256 of the body (32 bytes)
+//! body:              zstd frame of the payload
+//! payload:           source | layers (checkpoints, chunks) | nodes | directory entries
+//! ```
+//!
+//! Integers in the payload are LEB128 varints. Decoding checks the digest, every bound and
+//! the tree's shape before an [`ImageIndex`] is handed out, so a corrupt or hostile file gives
+//! an error, never a panic or an out-of-range access later.
+
+use std::io::Read;
+
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::image::{ImageIndex, ImageSource};
+use crate::layer::{Checkpoint, Chunk, Compression, LayerIndex};
+use crate::node::{Content, Dirent, Inode, Node, NodeKind, Xattr};
+
+pub const MAGIC: &[u8; 8] = b"CLIPINDX";
+pub const VERSION: u32 = 1;
+pub const HEADER_LEN: usize = 56;
+/// Largest payload we inflate: far above any real image, far below memory trouble.
+const MAX_PAYLOAD: u64 = 4 << 30;
+const PAYLOAD_LEVEL: i32 = 9;
+
+/// Serialises an index to bytes.
+pub fn encode(index: &ImageIndex) -> Result<Vec<u8>> {
+    let mut w = Writer::default();
+    let s = &index.source;
+    w.bytes(s.repository.as_bytes());
+    w.digest(&s.manifest_digest);
+    w.digest(&s.config_digest);
+    w.bytes(s.platform.as_bytes());
+    w.uint(index.layers.len() as u64);
+    for l in &index.layers {
+        w.bytes(l.media_type.as_bytes());
+        w.u8(l.compression.tag());
+        w.digest(&l.digest);
+        w.uint(l.compressed_size);
+        w.digest(&l.diff_id);
+        w.uint(l.uncompressed_size);
+        w.uint(u64::from(l.chunk_size));
+        w.uint(l.checkpoints.len() as u64);
+        for c in &l.checkpoints {
+            w.uint(c.compressed_offset);
+            w.u8(c.bits);
+            w.uint(c.uncompressed_offset);
+            w.u8(u8::from(c.raw_deflate));
+            w.bytes(&c.window);
+        }
+        w.uint(l.chunks.len() as u64);
+        let mut prev = 0;
+        for c in &l.chunks {
+            w.digest(&c.digest);
+            w.uint(c.compressed_end.saturating_sub(prev));
+            prev = c.compressed_end;
+        }
+    }
+    w.uint(index.nodes.len() as u64);
+    for n in &index.nodes {
+        w.u8(n.kind.tag());
+        w.uint(u64::from(n.mode));
+        w.uint(u64::from(n.uid));
+        w.uint(u64::from(n.gid));
+        w.int(n.mtime);
+        w.uint(u64::from(n.mtime_nsec));
+        w.uint(n.size);
+        w.uint(u64::from(n.nlink));
+        w.uint(u64::from(n.rdev_major));
+        w.uint(u64::from(n.rdev_minor));
+        w.uint(n.xattrs.len() as u64);
+        for x in &n.xattrs {
+            w.bytes(&x.name);
+            w.bytes(&x.value);
+        }
+        match &n.content {
+            Content::None => w.u8(0),
+            Content::File { layer, offset } => {
+                w.u8(1);
+                w.uint(u64::from(*layer));
+                w.uint(*offset);
+            }
+            Content::Symlink { target } => {
+                w.u8(2);
+                w.bytes(target);
+            }
+            Content::Directory { first, count } => {
+                w.u8(3);
+                w.uint(u64::from(*first));
+                w.uint(u64::from(*count));
+            }
+        }
+    }
+    w.uint(index.dirents.len() as u64);
+    for d in &index.dirents {
+        w.bytes(&d.name);
+        w.uint(d.inode.0);
+    }
+    let body = zstd::bulk::compress(&w.0, PAYLOAD_LEVEL)?;
+    let mut out = Vec::with_capacity(HEADER_LEN + body.len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    out.extend_from_slice(&Digest::of(&body).0);
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// Parses and validates an index file.
+pub fn decode(bytes: &[u8]) -> Result<ImageIndex> {
+    if bytes.len() < HEADER_LEN || &bytes[..8] != MAGIC {
+        return Err(Error::NotAnIndex("missing CLIPINDX header".into()));
+    }
+    let word = |r: std::ops::Range<usize>| -> [u8; 4] {
+        let mut a = [0u8; 4];
+        a.copy_from_slice(&bytes[r]);
+        a
+    };
+    let version = u32::from_le_bytes(word(8..12));
+    if version != VERSION {
+        return Err(Error::UnsupportedVersion {
+            found: version,
+            supported: VERSION,
+        });
+    }
+    let mut len = [0u8; 8];
+    len.copy_from_slice(&bytes[16..24]);
+    let body_len = u64::from_le_bytes(len);
+    let body = &bytes[HEADER_LEN..];
+    if body.len() as u64 != body_len {
+        return Err(Error::CorruptIndex(format!(
+            "body is {} bytes, header says {body_len}",
+            body.len()
+        )));
+    }
+    let mut want = [0u8; 32];
+    want.copy_from_slice(&bytes[24..56]);
+    let got = Digest::of(body);
+    if got.0 != want {
+        return Err(Error::CorruptIndex(format!(
+            "body digest {got} does not match the header's {}",
+            Digest(want)
+        )));
+    }
+    let mut payload = Vec::new();
+    zstd::stream::read::Decoder::new(body)
+        .map_err(|e| Error::CorruptIndex(format!("payload: {e}")))?
+        .take(MAX_PAYLOAD + 1)
+        .read_to_end(&mut payload)
+        .map_err(|e| Error::CorruptIndex(format!("payload: {e}")))?;
+    if payload.len() as u64 > MAX_PAYLOAD {
+        return Err(Error::CorruptIndex("payload too large".into()));
+    }
+    let index = parse_payload(&payload)?;
+    validate(&index)?;
+    Ok(index)
+}
+
+/// The digest that names an encoded index (sha256 of the whole file).
+pub fn index_digest(encoded: &[u8]) -> Digest {
+    Digest::of(encoded)
+}
+
+fn parse_payload(p: &[u8]) -> Result<ImageIndex> {
+    let mut r = Reader { buf: p, pos: 0 };
+    let source = ImageSource {
+        repository: r.string()?,
+        manifest_digest: r.digest()?,
+        config_digest: r.digest()?,
+        platform: r.string()?,
+    };
+    let n_layers = r.count(40)?;
+    let mut layers = Vec::with_capacity(n_layers);
+    for _ in 0..n_layers {
+        let media_type = r.string()?;
+        let compression = Compression::from_tag(r.u8()?)
+            .ok_or_else(|| Error::CorruptIndex("unknown compression".into()))?;
+        let digest = r.digest()?;
+        let compressed_size = r.uint()?;
+        let diff_id = r.digest()?;
+        let uncompressed_size = r.uint()?;
+        let chunk_size = r.u32()?;
+        let n_cp = r.count(5)?;
+        let mut checkpoints = Vec::with_capacity(n_cp);
+        for _ in 0..n_cp {
+            checkpoints.push(Checkpoint {
+                compressed_offset: r.uint()?,
+                bits: r.u8()?,
+                uncompressed_offset: r.uint()?,
+                raw_deflate: r.u8()? != 0,
+                window: r.bytes()?.to_vec(),
+            });
+        }
+        let n_chunks = r.count(33)?;
+        let mut chunks = Vec::with_capacity(n_chunks);
+        let mut end: u64 = 0;
+        for _ in 0..n_chunks {
+            let digest = r.digest()?;
+            end = end
+                .checked_add(r.uint()?)
+                .ok_or_else(|| Error::CorruptIndex("chunk offset overflow".into()))?;
+            chunks.push(Chunk {
+                digest,
+                compressed_end: end,
+            });
+        }
+        layers.push(LayerIndex {
+            media_type,
+            compression,
+            digest,
+            compressed_size,
+            diff_id,
+            uncompressed_size,
+            chunk_size,
+            checkpoints,
+            chunks,
+        });
+    }
+    let n_nodes = r.count(12)?;
+    let mut nodes = Vec::with_capacity(n_nodes);
+    for _ in 0..n_nodes {
+        let kind = NodeKind::from_tag(r.u8()?)
+            .ok_or_else(|| Error::CorruptIndex("unknown node kind".into()))?;
+        let mode = r.u32()?;
+        let uid = r.u32()?;
+        let gid = r.u32()?;
+        let mtime = r.int()?;
+        let mtime_nsec = r.u32()?;
+        let size = r.uint()?;
+        let nlink = r.u32()?;
+        let rdev_major = r.u32()?;
+        let rdev_minor = r.u32()?;
+        let n_x = r.count(2)?;
+        let mut xattrs = Vec::with_capacity(n_x);
+        for _ in 0..n_x {
+            xattrs.push(Xattr {
+                name: r.bytes()?.into(),
+                value: r.bytes()?.into(),
+            });
+        }
+        let content = match r.u8()? {
+            0 => Content::None,
+            1 => Content::File {
+                layer: r.u32()?,
+                offset: r.uint()?,
+            },
+            2 => Content::Symlink {
+                target: r.bytes()?.into(),
+            },
+            3 => Content::Directory {
+                first: r.u32()?,
+                count: r.u32()?,
+            },
+            _ => return Err(Error::CorruptIndex("unknown content tag".into())),
+        };
+        nodes.push(Node {
+            kind,
+            mode,
+            uid,
+            gid,
+            mtime,
+            mtime_nsec,
+            size,
+            nlink,
+            rdev_major,
+            rdev_minor,
+            xattrs,
+            content,
+        });
+    }
+    let n_dirents = r.count(2)?;
+    let mut dirents = Vec::with_capacity(n_dirents);
+    for _ in 0..n_dirents {
+        dirents.push(Dirent {
+            name: r.bytes()?.into(),
+            inode: Inode(r.uint()?),
+        });
+    }
+    if r.pos != p.len() {
+        return Err(Error::CorruptIndex(
+            "trailing bytes after the payload".into(),
+        ));
+    }
+    Ok(ImageIndex::new(source, layers, nodes, dirents))
+}
+
+/// Checks every invariant the rest of clip relies on.
+pub fn validate(index: &ImageIndex) -> Result<()> {
+    let bad = |m: String| Err(Error::CorruptIndex(m));
+    for (i, l) in index.layers.iter().enumerate() {
+        if l.chunk_size == 0 {
+            return bad(format!("layer {i}: zero chunk size"));
+        }
+        if l.chunks.len() as u64 != l.uncompressed_size.div_ceil(u64::from(l.chunk_size)) {
+            return bad(format!("layer {i}: chunk count does not cover the layer"));
+        }
+        if l.chunks
+            .iter()
+            .any(|c| c.compressed_end > l.compressed_size)
+        {
+            return bad(format!("layer {i}: chunk ends beyond the blob"));
+        }
+        let mut prev: Option<&Checkpoint> = None;
+        for c in &l.checkpoints {
+            let ordered = prev.is_none_or(|p| {
+                p.uncompressed_offset < c.uncompressed_offset
+                    && p.compressed_offset < c.compressed_offset
+            });
+            if !ordered
+                || c.bits > 7
+                || (c.bits > 0 && c.compressed_offset == 0)
+                || c.compressed_offset > l.compressed_size
+                || c.uncompressed_offset > l.uncompressed_size
+            {
+                return bad(format!("layer {i}: malformed checkpoint table"));
+            }
+            prev = Some(c);
+        }
+        if l.compression == Compression::None && l.compressed_size != l.uncompressed_size {
+            return bad(format!("layer {i}: plain tar sizes differ"));
+        }
+    }
+    let nodes = &index.nodes;
+    let Some(root) = nodes.first() else {
+        return bad("no root directory".into());
+    };
+    if root.kind != NodeKind::Directory {
+        return bad("root is not a directory".into());
+    }
+    let n = nodes.len() as u64;
+    let mut refs = vec![0u32; nodes.len()];
+    let mut owned = vec![false; index.dirents.len()];
+    for (i, node) in nodes.iter().enumerate() {
+        let ok_kind = matches!(
+            (&node.kind, &node.content),
+            (NodeKind::Directory, Content::Directory { .. })
+                | (NodeKind::Regular, Content::File { .. } | Content::None)
+                | (NodeKind::Symlink, Content::Symlink { .. })
+                | (
+                    NodeKind::CharDevice | NodeKind::BlockDevice | NodeKind::Fifo,
+                    Content::None
+                )
+        );
+        if !ok_kind || node.mode > 0o7777 || node.mtime_nsec >= 1_000_000_000 {
+            return bad(format!("inode {}: malformed node", i + 1));
+        }
+        match &node.content {
+            Content::File { layer, offset } => {
+                let Some(l) = index.layers.get(*layer as usize) else {
+                    return bad(format!("inode {}: no layer {layer}", i + 1));
+                };
+                if node.size == 0
+                    || offset
+                        .checked_add(node.size)
+                        .is_none_or(|e| e > l.uncompressed_size)
+                {
+                    return bad(format!("inode {}: data outside its layer", i + 1));
+                }
+            }
+            Content::None if node.kind == NodeKind::Regular && node.size != 0 => {
+                return bad(format!("inode {}: file without data", i + 1));
+            }
+            Content::Symlink { target } if target.len() as u64 != node.size => {
+                return bad(format!("inode {}: symlink size mismatch", i + 1));
+            }
+            Content::Directory { first, count } => {
+                let (start, len) = (*first as usize, *count as usize);
+                let Some(slice) = index.dirents.get(start..start.saturating_add(len)) else {
+                    return bad(format!("inode {}: entries out of range", i + 1));
+                };
+                for (j, d) in slice.iter().enumerate() {
+                    if std::mem::replace(&mut owned[start + j], true) {
+                        return bad("directory entries shared by two directories".into());
+                    }
+                    let name = &*d.name;
+                    if name.is_empty()
+                        || name == b"."
+                        || name == b".."
+                        || name.contains(&b'/')
+                        || name.contains(&0)
+                    {
+                        return bad(format!("inode {}: invalid entry name", i + 1));
+                    }
+                    if j > 0 && *slice[j - 1].name >= *name {
+                        return bad(format!("inode {}: entries not sorted", i + 1));
+                    }
+                    if d.inode.0 < 2 || d.inode.0 > n {
+                        return bad(format!("inode {}: entry points outside the index", i + 1));
+                    }
+                    refs[(d.inode.0 - 1) as usize] += 1;
+                }
+            }
+            _ => {}
+        }
+    }
+    if owned.iter().any(|&o| !o) {
+        return bad("directory entries that belong to no directory".into());
+    }
+    for (i, node) in nodes.iter().enumerate().skip(1) {
+        let r = refs[i];
+        let fine = match node.kind {
+            NodeKind::Directory => r == 1,
+            _ => r >= 1 && node.nlink == r,
+        };
+        if !fine {
+            return bad(format!("inode {}: wrong number of links", i + 1));
+        }
+    }
+    // Every directory referenced once does not rule out detached cycles: walk from the root.
+    let mut seen = vec![false; nodes.len()];
+    seen[0] = true;
+    let mut todo = vec![Inode::ROOT];
+    let mut reached = 1;
+    while let Some(ino) = todo.pop() {
+        for d in index.children(ino) {
+            let k = (d.inode.0 - 1) as usize;
+            if !std::mem::replace(&mut seen[k], true) {
+                reached += 1;
+                if nodes[k].kind == NodeKind::Directory {
+                    todo.push(d.inode);
+                }
+            }
+        }
+    }
+    if reached != nodes.len() {
+        return bad("nodes unreachable from the root".into());
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct Writer(Vec<u8>);
+
+impl Writer {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+
+    fn uint(&mut self, mut v: u64) {
+        while v >= 0x80 {
+            self.0.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        self.0.push(v as u8);
+    }
+
+    fn int(&mut self, v: i64) {
+        self.uint(((v << 1) ^ (v >> 63)) as u64);
+    }
+
+    fn bytes(&mut self, b: &[u8]) {
+        self.uint(b.len() as u64);
+        self.0.extend_from_slice(b);
+    }
+
+    fn digest(&mut self, d: &Digest) {
+        self.0.extend_from_slice(&d.0);
+    }
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn truncated() -> Error {
+        Error::CorruptIndex("payload ends early".into())
+    }
+
+    fn u8(&mut self) -> Result<u8> {
+        let b = *self.buf.get(self.pos).ok_or_else(Self::truncated)?;
+        self.pos += 1;
+        Ok(b)
+    }
+
+    fn uint(&mut self) -> Result<u64> {
+        let mut v: u64 = 0;
+        for shift in (0..64).step_by(7) {
+            let b = self.u8()?;
+            let bits = u64::from(b & 0x7f);
+            if shift == 63 && bits > 1 {
+                return Err(Error::CorruptIndex("varint overflow".into()));
+            }
+            v |= bits << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(Error::CorruptIndex("varint too long".into()))
+    }
+
+    fn int(&mut self) -> Result<i64> {
+        let u = self.uint()?;
+        Ok(((u >> 1) as i64) ^ -((u & 1) as i64))
+    }
+
+    fn u32(&mut self) -> Result<u32> {
+        u32::try_from(self.uint()?).map_err(|_| Error::CorruptIndex("value out of range".into()))
+    }
+
+    /// A length that will size an allocation: it must fit in what is left of the payload,
+    /// given that each element takes at least `min_size` bytes.
+    fn count(&mut self, min_size: usize) -> Result<usize> {
+        let n = self.uint()?;
+        let left = (self.buf.len() - self.pos) as u64;
+        if n.saturating_mul(min_size as u64) > left {
+            return Err(Self::truncated());
+        }
+        Ok(n as usize)
+    }
+
+    fn bytes(&mut self) -> Result<&'a [u8]> {
+        let n = self.count(1)?;
+        let b = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(b)
+    }
+
+    fn string(&mut self) -> Result<String> {
+        String::from_utf8(self.bytes()?.to_vec())
+            .map_err(|_| Error::CorruptIndex("text is not UTF-8".into()))
+    }
+
+    fn digest(&mut self) -> Result<Digest> {
+        let b = self
+            .buf
+            .get(self.pos..self.pos + 32)
+            .ok_or_else(Self::truncated)?;
+        self.pos += 32;
+        let mut d = [0u8; 32];
+        d.copy_from_slice(b);
+        Ok(Digest(d))
+    }
+}

@@ -1,0 +1,242 @@
+//! Per-layer index data: compression, digests, seek checkpoints and verified chunks.
+
+use std::ops::Range;
+
+use serde::Serialize;
+
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+
+/// The default size of a chunk, the unit of caching and verification. It is just under
+/// 1 MiB because allocators round exact powers of two up (design notes, Redis).
+pub const DEFAULT_CHUNK_SIZE: u32 = 1024 * 1024 - 4096;
+
+/// The default distance between seek checkpoints, in uncompressed bytes. Chosen by
+/// `bench/index_size`: 4 MiB keeps the index near 1% of the image.
+pub const DEFAULT_CHECKPOINT_SPAN: u64 = 4 * 1024 * 1024;
+
+/// How a layer blob is compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// A plain tar: uncompressed offsets are blob offsets.
+    None,
+    /// One or more gzip members; checkpoints at deflate block boundaries.
+    Gzip,
+    /// One or more zstd frames; checkpoints only at frame starts, so a single-frame layer
+    /// is read from its start up to the wanted chunk.
+    Zstd,
+}
+
+impl Compression {
+    /// The compression an OCI or Docker layer media type implies.
+    pub fn from_media_type(media_type: &str) -> Result<Self> {
+        let base = media_type.trim();
+        match base {
+            "application/vnd.oci.image.layer.v1.tar"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar" => Ok(Self::None),
+            "application/vnd.oci.image.layer.v1.tar+gzip"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+            | "application/vnd.docker.image.rootfs.diff.tar.gzip"
+            | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => Ok(Self::Gzip),
+            "application/vnd.oci.image.layer.v1.tar+zstd"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd" => Ok(Self::Zstd),
+            _ => Err(Error::UnsupportedMediaType(media_type.to_owned())),
+        }
+    }
+
+    pub(crate) fn tag(self) -> u8 {
+        match self {
+            Self::None => 0,
+            Self::Gzip => 1,
+            Self::Zstd => 2,
+        }
+    }
+
+    pub(crate) fn from_tag(tag: u8) -> Option<Self> {
+        match tag {
+            0 => Some(Self::None),
+            1 => Some(Self::Gzip),
+            2 => Some(Self::Zstd),
+            _ => None,
+        }
+    }
+}
+
+/// A place where decompression can resume without reading the blob from its start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Checkpoint {
+    /// Offset in the compressed blob of the first whole byte after the resume point.
+    pub compressed_offset: u64,
+    /// Bits of the byte before `compressed_offset` that belong to the next block (gzip).
+    pub bits: u8,
+    /// Offset in the uncompressed stream.
+    pub uncompressed_offset: u64,
+    /// Where a raw inflate resumes (true) or a fresh gzip member / zstd frame starts (false).
+    pub raw_deflate: bool,
+    /// The 32 KiB of output before the checkpoint, zstd-compressed (empty if not needed).
+    #[serde(skip)]
+    pub window: Vec<u8>,
+}
+
+/// A verified unit of uncompressed layer bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Chunk {
+    /// sha256 of the chunk's uncompressed bytes.
+    pub digest: Digest,
+    /// Compressed bytes up to here suffice to produce the whole chunk.
+    pub compressed_end: u64,
+}
+
+/// Everything the index knows about one layer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LayerIndex {
+    pub media_type: String,
+    pub compression: Compression,
+    /// Digest of the compressed blob (the manifest's layer digest).
+    pub digest: Digest,
+    pub compressed_size: u64,
+    /// Digest of the uncompressed tar (the config's diff_id).
+    pub diff_id: Digest,
+    pub uncompressed_size: u64,
+    pub chunk_size: u32,
+    pub checkpoints: Vec<Checkpoint>,
+    pub chunks: Vec<Chunk>,
+}
+
+/// Which compressed bytes to fetch to produce a run of chunks, and how to start decoding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadPlan {
+    pub chunks: Range<u32>,
+    /// Index into the layer's checkpoints; `None` means the blob's start (or a plain tar).
+    pub checkpoint: Option<usize>,
+    /// Compressed byte range to fetch.
+    pub compressed: Range<u64>,
+}
+
+impl LayerIndex {
+    /// Uncompressed byte range of chunk `i`.
+    pub fn chunk_range(&self, i: u32) -> Range<u64> {
+        let size = u64::from(self.chunk_size);
+        let start = u64::from(i) * size;
+        start..(start + size).min(self.uncompressed_size)
+    }
+
+    /// The chunks that hold `len` bytes at uncompressed `offset`.
+    pub fn chunks_covering(&self, offset: u64, len: u64) -> Result<Range<u32>> {
+        let end = offset
+            .checked_add(len)
+            .filter(|&e| e <= self.uncompressed_size);
+        let Some(end) = end else {
+            return Err(Error::RangeOutOfBounds {
+                layer: 0,
+                offset,
+                len,
+                size: self.uncompressed_size,
+            });
+        };
+        if len == 0 {
+            return Ok(0..0);
+        }
+        let size = u64::from(self.chunk_size);
+        // Both fit in u32: decode checked that chunks.len() covers uncompressed_size.
+        let first = u32::try_from(offset / size).unwrap_or(u32::MAX);
+        let last = u32::try_from((end - 1) / size).unwrap_or(u32::MAX);
+        Ok(first..last + 1)
+    }
+
+    /// How to produce `chunks` (a non-empty run of this layer's chunks).
+    pub fn plan(&self, chunks: Range<u32>) -> ReadPlan {
+        let last = chunks.end.saturating_sub(1) as usize;
+        let end = self
+            .chunks
+            .get(last)
+            .map_or(self.compressed_size, |c| c.compressed_end);
+        if self.compression == Compression::None {
+            let start = self.chunk_range(chunks.start).start;
+            return ReadPlan {
+                chunks,
+                checkpoint: None,
+                compressed: start..end,
+            };
+        }
+        let want = self.chunk_range(chunks.start).start;
+        let cp = self
+            .checkpoints
+            .partition_point(|c| c.uncompressed_offset <= want)
+            .checked_sub(1);
+        let start = match cp.map(|i| &self.checkpoints[i]) {
+            Some(c) => c.compressed_offset - u64::from(c.bits > 0),
+            None => 0,
+        };
+        ReadPlan {
+            chunks,
+            checkpoint: cp,
+            compressed: start..end.max(start),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layer(size: u64, chunk: u32) -> LayerIndex {
+        let n = size.div_ceil(u64::from(chunk));
+        LayerIndex {
+            media_type: String::new(),
+            compression: Compression::Gzip,
+            digest: Digest::default(),
+            compressed_size: size / 2,
+            diff_id: Digest::default(),
+            uncompressed_size: size,
+            chunk_size: chunk,
+            checkpoints: vec![Checkpoint {
+                compressed_offset: 100,
+                bits: 3,
+                uncompressed_offset: 250,
+                raw_deflate: true,
+                window: vec![],
+            }],
+            chunks: (0..n)
+                .map(|i| Chunk {
+                    digest: Digest::default(),
+                    compressed_end: (i + 1) * u64::from(chunk) / 2,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn chunks_covering_spans_boundaries() -> Result<()> {
+        let l = layer(1000, 100);
+        assert_eq!(l.chunks_covering(0, 1)?, 0..1);
+        assert_eq!(l.chunks_covering(99, 2)?, 0..2);
+        assert_eq!(l.chunks_covering(950, 50)?, 9..10);
+        assert_eq!(l.chunks_covering(5, 0)?, 0..0);
+        assert!(l.chunks_covering(950, 51).is_err());
+        assert!(l.chunks_covering(u64::MAX, 2).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn plan_starts_at_the_last_checkpoint_before_the_chunk() {
+        let l = layer(1000, 100);
+        let p = l.plan(1..2);
+        assert_eq!(p.checkpoint, None);
+        assert_eq!(p.compressed, 0..100);
+        let p = l.plan(3..5);
+        assert_eq!(p.checkpoint, Some(0));
+        // bits > 0: the byte before the checkpoint is needed too.
+        assert_eq!(p.compressed, 99..250);
+    }
+
+    #[test]
+    fn media_types_map_to_compression() {
+        assert_eq!(
+            Compression::from_media_type("application/vnd.docker.image.rootfs.diff.tar.gzip").ok(),
+            Some(Compression::Gzip)
+        );
+        assert!(Compression::from_media_type("application/json").is_err());
+    }
+}

@@ -1,0 +1,651 @@
+//! Decompression with bookkeeping: while a layer blob streams through once, record seek
+//! checkpoints, chunk digests and both layer digests; later, decode any run of chunks from
+//! the compressed bytes between a checkpoint and the run's end.
+
+use std::io::{self, Read};
+
+use zstd::stream::raw::{Decoder as ZstdDecoder, InBuffer, Operation, OutBuffer};
+
+use crate::digest::{Digest, Hasher};
+use crate::error::{Error, Result};
+use crate::layer::{Checkpoint, Chunk, Compression, LayerIndex, ReadPlan};
+use crate::zlib::{Inflater, Wrapper};
+
+/// Deflate needs at most this much preceding output to resume.
+const WINDOW: usize = 32 * 1024;
+const INPUT_BUFFER: usize = 128 * 1024;
+const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+/// zstd level for stored windows: good ratio, well under a millisecond per window.
+const WINDOW_LEVEL: i32 = 9;
+
+/// What [`LayerStream`] learned about a layer by streaming it once.
+#[derive(Debug, Clone)]
+pub struct StreamSummary {
+    pub compressed_size: u64,
+    pub digest: Digest,
+    pub uncompressed_size: u64,
+    pub diff_id: Digest,
+    pub checkpoints: Vec<Checkpoint>,
+    pub chunks: Vec<Chunk>,
+}
+
+/// Counts and hashes the compressed bytes as they are read.
+#[derive(Debug)]
+struct Source<R> {
+    inner: R,
+    count: u64,
+    hasher: Hasher,
+    eof: bool,
+}
+
+impl<R: Read> Source<R> {
+    fn read_into(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match self.inner.read(buf) {
+                Ok(0) => {
+                    self.eof = true;
+                    return Ok(0);
+                }
+                Ok(n) => {
+                    self.count += n as u64;
+                    self.hasher.update(&buf[..n]);
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+enum Codec {
+    Plain,
+    Gzip {
+        inflater: Inflater,
+        in_member: bool,
+        members: u64,
+    },
+    Zstd {
+        decoder: ZstdDecoder<'static>,
+        frame_done: bool,
+        frames: u64,
+    },
+}
+
+/// A decompressing reader over a layer blob that records checkpoints and chunk digests.
+/// Memory is bounded by its buffers, whatever the layer size.
+pub struct LayerStream<R> {
+    src: Source<R>,
+    codec: Codec,
+    input: Box<[u8]>,
+    in_start: usize,
+    in_end: usize,
+    /// Compressed bytes consumed by the decoder.
+    comp_pos: u64,
+    out_pos: u64,
+    window: Vec<u8>,
+    chunk_size: u64,
+    span: u64,
+    last_checkpoint_out: u64,
+    chunk_hasher: Hasher,
+    chunk_fill: u64,
+    comp_at_last_output: u64,
+    chunks: Vec<Chunk>,
+    diff_id: Hasher,
+    checkpoints: Vec<Checkpoint>,
+    finished: bool,
+}
+
+impl<R> std::fmt::Debug for LayerStream<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LayerStream")
+            .field("comp_pos", &self.comp_pos)
+            .field("out_pos", &self.out_pos)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<R: Read> LayerStream<R> {
+    pub fn new(inner: R, compression: Compression, chunk_size: u32, span: u64) -> Result<Self> {
+        let codec = match compression {
+            Compression::None => Codec::Plain,
+            Compression::Gzip => Codec::Gzip {
+                inflater: Inflater::new(Wrapper::Gzip)
+                    .map_err(|reason| Error::Gzip { offset: 0, reason })?,
+                in_member: false,
+                members: 0,
+            },
+            Compression::Zstd => Codec::Zstd {
+                decoder: ZstdDecoder::new().map_err(|e| Error::Zstd {
+                    offset: 0,
+                    reason: e.to_string(),
+                })?,
+                frame_done: true,
+                frames: 0,
+            },
+        };
+        Ok(Self {
+            src: Source {
+                inner,
+                count: 0,
+                hasher: Hasher::new(),
+                eof: false,
+            },
+            codec,
+            input: vec![0u8; INPUT_BUFFER].into_boxed_slice(),
+            in_start: 0,
+            in_end: 0,
+            comp_pos: 0,
+            out_pos: 0,
+            window: Vec::with_capacity(2 * WINDOW),
+            chunk_size: u64::from(chunk_size.max(1)),
+            span: span.max(1),
+            last_checkpoint_out: 0,
+            chunk_hasher: Hasher::new(),
+            chunk_fill: 0,
+            comp_at_last_output: 0,
+            chunks: Vec::new(),
+            diff_id: Hasher::new(),
+            checkpoints: Vec::new(),
+            finished: false,
+        })
+    }
+
+    /// Uncompressed bytes produced so far.
+    pub fn uncompressed_position(&self) -> u64 {
+        self.out_pos
+    }
+
+    /// Compressed bytes read from the source so far.
+    pub fn compressed_position(&self) -> u64 {
+        self.src.count
+    }
+
+    /// Reads the rest of the stream and returns what was learned.
+    pub fn finish(mut self) -> Result<StreamSummary> {
+        let mut sink = vec![0u8; 64 * 1024];
+        while self.produce(&mut sink)? > 0 {}
+        if self.chunk_fill > 0 {
+            let hasher = std::mem::take(&mut self.chunk_hasher);
+            self.chunks.push(Chunk {
+                digest: hasher.finish(),
+                compressed_end: self.comp_at_last_output,
+            });
+        }
+        Ok(StreamSummary {
+            compressed_size: self.src.count,
+            digest: self.src.hasher.finish(),
+            uncompressed_size: self.out_pos,
+            diff_id: self.diff_id.finish(),
+            checkpoints: self.checkpoints,
+            chunks: self.chunks,
+        })
+    }
+
+    fn refill(&mut self) -> Result<()> {
+        if self.in_start > 0 {
+            self.input.copy_within(self.in_start..self.in_end, 0);
+            self.in_end -= self.in_start;
+            self.in_start = 0;
+        }
+        if self.in_end < self.input.len() && !self.src.eof {
+            let n = self.src.read_into(&mut self.input[self.in_end..])?;
+            self.in_end += n;
+        }
+        Ok(())
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.in_start += n;
+        self.comp_pos += n as u64;
+    }
+
+    fn available(&self) -> usize {
+        self.in_end - self.in_start
+    }
+
+    /// Records output: digests, the deflate window, chunk boundaries.
+    fn account(&mut self, out: &[u8]) {
+        if out.is_empty() {
+            return;
+        }
+        self.diff_id.update(out);
+        self.chunk_hasher.update(out);
+        if matches!(self.codec, Codec::Gzip { .. }) {
+            if out.len() >= WINDOW {
+                self.window.clear();
+                self.window.extend_from_slice(&out[out.len() - WINDOW..]);
+            } else {
+                if self.window.len() + out.len() > 2 * WINDOW {
+                    let drop = self.window.len() + out.len() - WINDOW;
+                    self.window.drain(..drop.min(self.window.len()));
+                }
+                self.window.extend_from_slice(out);
+            }
+        }
+        self.out_pos += out.len() as u64;
+        self.chunk_fill += out.len() as u64;
+        self.comp_at_last_output = self.comp_pos;
+        if self.chunk_fill == self.chunk_size {
+            let hasher = std::mem::take(&mut self.chunk_hasher);
+            self.chunks.push(Chunk {
+                digest: hasher.finish(),
+                compressed_end: self.comp_pos,
+            });
+            self.chunk_fill = 0;
+        }
+    }
+
+    fn checkpoint(&mut self, bits: u8, raw_deflate: bool) -> Result<()> {
+        let window = if raw_deflate {
+            let tail = &self.window[self.window.len().saturating_sub(WINDOW)..];
+            zstd::bulk::compress(tail, WINDOW_LEVEL)?
+        } else {
+            Vec::new()
+        };
+        self.checkpoints.push(Checkpoint {
+            compressed_offset: self.comp_pos,
+            bits,
+            uncompressed_offset: self.out_pos,
+            raw_deflate,
+            window,
+        });
+        self.last_checkpoint_out = self.out_pos;
+        Ok(())
+    }
+
+    /// Produces up to `buf.len()` bytes, never crossing a chunk boundary.
+    fn produce(&mut self, buf: &mut [u8]) -> Result<usize> {
+        if self.finished || buf.is_empty() {
+            return Ok(0);
+        }
+        let room = buf.len().min((self.chunk_size - self.chunk_fill) as usize);
+        let buf = &mut buf[..room];
+        // Each codec accounts its output itself: a checkpoint must see the output of the
+        // step that reached it.
+        match self.codec {
+            Codec::Plain => self.produce_plain(buf),
+            Codec::Gzip { .. } => self.produce_gzip(buf),
+            Codec::Zstd { .. } => self.produce_zstd(buf),
+        }
+    }
+
+    fn produce_plain(&mut self, buf: &mut [u8]) -> Result<usize> {
+        if self.available() == 0 {
+            self.refill()?;
+            if self.available() == 0 {
+                self.finished = true;
+                return Ok(0);
+            }
+        }
+        let n = buf.len().min(self.available());
+        buf[..n].copy_from_slice(&self.input[self.in_start..self.in_start + n]);
+        self.consume(n);
+        self.account(&buf[..n]);
+        Ok(n)
+    }
+
+    fn produce_gzip(&mut self, buf: &mut [u8]) -> Result<usize> {
+        let mut idle = 0;
+        loop {
+            if self.available() < 2 && !self.src.eof {
+                self.refill()?;
+            }
+            let Codec::Gzip {
+                inflater,
+                in_member,
+                members,
+            } = &mut self.codec
+            else {
+                return Ok(0);
+            };
+            if !*in_member {
+                let rest = &self.input[self.in_start..self.in_end];
+                if rest.is_empty() {
+                    if *members == 0 {
+                        return Err(Error::Truncated {
+                            what: "gzip stream (no data)",
+                        });
+                    }
+                    self.finished = true;
+                    return Ok(0);
+                }
+                if rest.len() >= 2 && rest[..2] == GZIP_MAGIC {
+                    if *members > 0 {
+                        inflater
+                            .reset(Wrapper::Gzip)
+                            .map_err(|reason| Error::Gzip {
+                                offset: self.comp_pos,
+                                reason,
+                            })?;
+                    }
+                    *in_member = true;
+                    *members += 1;
+                } else if rest.iter().all(|&b| b == 0) && *members > 0 {
+                    // Zero padding after the last member, which some writers add.
+                    let n = rest.len();
+                    self.consume(n);
+                    continue;
+                } else if rest.len() < 2 && !self.src.eof {
+                    continue;
+                } else {
+                    return Err(Error::Gzip {
+                        offset: self.comp_pos,
+                        reason: if *members == 0 {
+                            "not a gzip stream (bad magic)".into()
+                        } else {
+                            "unexpected data after a gzip member".into()
+                        },
+                    });
+                }
+            }
+            let step = inflater
+                .inflate(&self.input[self.in_start..self.in_end], buf, true)
+                .map_err(|reason| Error::Gzip {
+                    offset: self.comp_pos,
+                    reason,
+                })?;
+            if step.stream_end {
+                *in_member = false;
+            }
+            self.consume(step.consumed);
+            self.account(&buf[..step.produced]);
+            if step.at_block_boundary()
+                && !step.stream_end
+                && self.out_pos - self.last_checkpoint_out >= self.span
+            {
+                self.checkpoint(step.bits(), true)?;
+            }
+            if step.produced > 0 {
+                return Ok(step.produced);
+            }
+            if step.consumed == 0 {
+                if self.src.eof && self.available() == 0 {
+                    return Err(Error::Truncated {
+                        what: "gzip member",
+                    });
+                }
+                idle += 1;
+                if idle > 2 {
+                    if self.available() == self.input.len() || self.src.eof {
+                        return Err(Error::Gzip {
+                            offset: self.comp_pos,
+                            reason: "inflate made no progress".into(),
+                        });
+                    }
+                    self.refill()?;
+                }
+            } else {
+                idle = 0;
+            }
+        }
+    }
+
+    fn produce_zstd(&mut self, buf: &mut [u8]) -> Result<usize> {
+        loop {
+            if self.available() == 0 {
+                self.refill()?;
+            }
+            let Codec::Zstd {
+                decoder,
+                frame_done,
+                frames,
+            } = &mut self.codec
+            else {
+                return Ok(0);
+            };
+            if self.in_end == self.in_start && self.src.eof {
+                if *frame_done && *frames > 0 {
+                    self.finished = true;
+                    return Ok(0);
+                }
+                // The decoder may still hold output of a complete frame.
+                if *frames == 0 {
+                    return Err(Error::Truncated {
+                        what: "zstd stream (no data)",
+                    });
+                }
+            }
+            let starting_frame = *frame_done && self.in_end > self.in_start;
+            let mut input = InBuffer::around(&self.input[self.in_start..self.in_end]);
+            let mut output = OutBuffer::around(&mut *buf);
+            let hint = decoder
+                .run(&mut input, &mut output)
+                .map_err(|e| Error::Zstd {
+                    offset: self.comp_pos,
+                    reason: e.to_string(),
+                })?;
+            let (consumed, produced) = (input.pos, output.pos());
+            if starting_frame && consumed > 0 {
+                *frames += 1;
+            }
+            *frame_done = hint == 0;
+            let done = *frame_done;
+            self.consume(consumed);
+            self.account(&buf[..produced]);
+            if done
+                && (self.available() > 0 || !self.src.eof)
+                && self.out_pos - self.last_checkpoint_out >= self.span
+            {
+                self.checkpoint(0, false)?;
+            }
+            if produced > 0 {
+                return Ok(produced);
+            }
+            if consumed == 0 && self.src.eof && self.available() == 0 && !done {
+                return Err(Error::Truncated { what: "zstd frame" });
+            }
+        }
+    }
+}
+
+impl<R: Read> Read for LayerStream<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.produce(buf).map_err(io::Error::other)
+    }
+}
+
+/// Decodes and verifies the chunks of `plan` from `compressed`, the blob bytes of
+/// `plan.compressed`. Returns one buffer per chunk, each checked against its digest.
+pub fn decode_chunks(
+    layer: &LayerIndex,
+    plan: &ReadPlan,
+    compressed: &[u8],
+) -> Result<Vec<Vec<u8>>> {
+    if plan.chunks.is_empty() {
+        return Ok(Vec::new());
+    }
+    let want = plan.compressed.end.saturating_sub(plan.compressed.start);
+    if compressed.len() as u64 != want {
+        return Err(Error::ShortInput(format!(
+            "got {} bytes for compressed range {:?}",
+            compressed.len(),
+            plan.compressed
+        )));
+    }
+    let first = layer.chunk_range(plan.chunks.start).start;
+    let end = layer.chunk_range(plan.chunks.end - 1).end;
+    if end <= first || plan.chunks.end as usize > layer.chunks.len() {
+        return Err(Error::ShortInput(format!(
+            "chunks {:?} are not in the layer",
+            plan.chunks
+        )));
+    }
+    let mut out = vec![0u8; (end - first) as usize];
+    match layer.compression {
+        Compression::None => {
+            if compressed.len() != out.len() {
+                return Err(Error::ShortInput("plain range length mismatch".into()));
+            }
+            out.copy_from_slice(compressed);
+        }
+        Compression::Gzip => inflate_range(layer, plan, compressed, first, &mut out)?,
+        Compression::Zstd => unzstd_range(layer, plan, compressed, first, &mut out)?,
+    }
+    let mut chunks = Vec::with_capacity(plan.chunks.len());
+    let mut rest = out.as_slice();
+    for i in plan.chunks.clone() {
+        let len = layer.chunk_range(i).end - layer.chunk_range(i).start;
+        let (bytes, tail) = rest.split_at(len as usize);
+        rest = tail;
+        let expected = layer.chunks[i as usize].digest;
+        let actual = Digest::of(bytes);
+        if actual != expected {
+            return Err(Error::DigestMismatch {
+                what: format!("chunk {i} of layer {}", layer.digest),
+                expected: expected.to_string(),
+                actual: actual.to_string(),
+            });
+        }
+        chunks.push(bytes.to_vec());
+    }
+    Ok(chunks)
+}
+
+/// Feeds decoded output into `out`, dropping what precedes `first`.
+struct Sink<'a> {
+    pos: u64,
+    first: u64,
+    out: &'a mut [u8],
+    filled: usize,
+}
+
+impl Sink<'_> {
+    fn done(&self) -> bool {
+        self.filled == self.out.len()
+    }
+
+    /// A buffer to decode into: the output itself once skipping is over.
+    fn room<'b>(&'b mut self, scratch: &'b mut [u8]) -> &'b mut [u8] {
+        if self.pos >= self.first {
+            &mut self.out[self.filled..]
+        } else {
+            let skip = (self.first - self.pos).min(scratch.len() as u64) as usize;
+            &mut scratch[..skip]
+        }
+    }
+
+    fn advance(&mut self, n: usize) {
+        if self.pos >= self.first {
+            self.filled += n;
+        }
+        self.pos += n as u64;
+    }
+}
+
+fn inflate_range(
+    layer: &LayerIndex,
+    plan: &ReadPlan,
+    compressed: &[u8],
+    first: u64,
+    out: &mut [u8],
+) -> Result<()> {
+    let err = |reason: String| Error::Gzip {
+        offset: plan.compressed.start,
+        reason,
+    };
+    let checkpoint = match plan.checkpoint {
+        Some(i) => Some(
+            layer
+                .checkpoints
+                .get(i)
+                .ok_or_else(|| err(format!("no checkpoint {i}")))?,
+        ),
+        None => None,
+    };
+    let mut input = compressed;
+    let (mut inflater, mut raw, start) = match checkpoint {
+        Some(cp) if cp.raw_deflate => {
+            let mut inf = Inflater::new(Wrapper::Raw).map_err(err)?;
+            if cp.bits > 0 {
+                let (&byte, rest) = input
+                    .split_first()
+                    .ok_or_else(|| Error::ShortInput("no byte to prime".into()))?;
+                inf.prime(cp.bits, byte).map_err(err)?;
+                input = rest;
+            }
+            let window = zstd::bulk::decompress(&cp.window, WINDOW)
+                .map_err(|e| err(format!("checkpoint window: {e}")))?;
+            inf.set_dictionary(&window).map_err(err)?;
+            (inf, true, cp.uncompressed_offset)
+        }
+        Some(cp) => (
+            Inflater::new(Wrapper::Gzip).map_err(err)?,
+            false,
+            cp.uncompressed_offset,
+        ),
+        None => (Inflater::new(Wrapper::Gzip).map_err(err)?, false, 0),
+    };
+    let mut sink = Sink {
+        pos: start,
+        first,
+        out,
+        filled: 0,
+    };
+    let mut scratch = vec![0u8; 64 * 1024];
+    let mut member_open = true;
+    while !sink.done() {
+        if !member_open {
+            // Between gzip members: a raw resume leaves the 8-byte trailer to us.
+            if raw {
+                input = input
+                    .get(8..)
+                    .ok_or_else(|| Error::ShortInput("gzip trailer".into()))?;
+                raw = false;
+            }
+            if input.len() < 2 || input[..2] != GZIP_MAGIC {
+                return Err(Error::ShortInput("input ended before the chunks".into()));
+            }
+            inflater.reset(Wrapper::Gzip).map_err(err)?;
+            member_open = true;
+        }
+        let room = sink.room(&mut scratch);
+        let step = inflater.inflate(input, room, false).map_err(err)?;
+        input = &input[step.consumed..];
+        sink.advance(step.produced);
+        if step.stream_end {
+            member_open = false;
+        } else if step.consumed == 0 && step.produced == 0 {
+            return Err(Error::ShortInput("input ended before the chunks".into()));
+        }
+    }
+    Ok(())
+}
+
+fn unzstd_range(
+    layer: &LayerIndex,
+    plan: &ReadPlan,
+    compressed: &[u8],
+    first: u64,
+    out: &mut [u8],
+) -> Result<()> {
+    let err = |e: io::Error| Error::Zstd {
+        offset: plan.compressed.start,
+        reason: e.to_string(),
+    };
+    let start = plan
+        .checkpoint
+        .and_then(|i| layer.checkpoints.get(i))
+        .map_or(0, |cp| cp.uncompressed_offset);
+    let mut decoder = ZstdDecoder::new().map_err(err)?;
+    let mut sink = Sink {
+        pos: start,
+        first,
+        out,
+        filled: 0,
+    };
+    let mut scratch = vec![0u8; 64 * 1024];
+    let mut input = InBuffer::around(compressed);
+    while !sink.done() {
+        let before = input.pos;
+        let room = sink.room(&mut scratch);
+        let mut output = OutBuffer::around(room);
+        decoder.run(&mut input, &mut output).map_err(err)?;
+        let produced = output.pos();
+        sink.advance(produced);
+        if produced == 0 && input.pos == before {
+            return Err(Error::ShortInput("input ended before the chunks".into()));
+        }
+    }
+    Ok(())
+}
