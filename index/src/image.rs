@@ -156,7 +156,7 @@ impl ImageIndex {
     }
 
     /// Visits every path of the tree depth-first (hard links once per name).
-    pub fn walk(&self, mut visit: impl FnMut(&[u8], Inode, &Node)) {
+    pub fn walk<'a>(&'a self, mut visit: impl FnMut(&[u8], Inode, &'a Node)) {
         let mut todo: Vec<(Vec<u8>, Inode)> = vec![(b"/".to_vec(), Inode::ROOT)];
         while let Some((path, ino)) = todo.pop() {
             let Some(node) = self.node(ino) else { continue };

@@ -1,1 +1,26 @@
-//! x
+//! clip-storage: where image bytes come from and where they are kept.
+//!
+//! Sources serve byte ranges of blobs named by digest; the range reader turns an index plus a
+//! source into exact, verified bytes of any file. Nothing here knows about inodes beyond what
+//! the index says, FUSE, or Kubernetes.
+//!
+//! - [`source`]: the [`source::BlobSource`] trait and the OCI registry source.
+//! - [`auth`]: registry credentials and docker `config.json` parsing.
+//! - [`indexer`]: builds an index by streaming layers from a registry in parallel.
+//! - [`reader`]: the range reader (checkpoint-based fetch, decode and verify).
+//! - [`error`]: the crate's error type.
+
+pub mod auth;
+pub mod error;
+pub mod indexer;
+pub mod reader;
+pub mod source;
+
+pub use auth::{Credentials, DockerConfig};
+pub use error::{Error, Result};
+pub use indexer::{Progress, build_index};
+pub use reader::{FetchStats, RangeReader};
+pub use source::BlobSource;
+pub use source::registry::{
+    LayerDescriptor, Platform, RegistryBlobs, RegistryClient, RegistryConfig, ResolvedImage,
+};

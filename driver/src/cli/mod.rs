@@ -1,0 +1,216 @@
+//! The `clip` command line. Every flag can also be set with a `CLIP_*` environment variable.
+
+mod cat;
+mod index;
+mod inspect;
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use clip_index::ImageIndex;
+use clip_storage::{Credentials, DockerConfig, Platform, RegistryClient, RegistryConfig};
+use tracing_subscriber::EnvFilter;
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "clip",
+    version,
+    about = "Mount container images lazily: index once, read only what you touch"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+
+    /// Log format on stderr.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "CLIP_LOG_FORMAT"
+    )]
+    pub log_format: LogFormat,
+
+    /// Log filter, e.g. `info` or `clip_storage=debug`.
+    #[arg(long, global = true, default_value = "warn", env = "CLIP_LOG")]
+    pub log: String,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Build the index of an image: stream every layer once, record files and seek points.
+    Index(index::IndexArgs),
+    /// Show what an index file holds.
+    Inspect(inspect::InspectArgs),
+    /// Print one file of an image, reading only the bytes it needs from the registry.
+    Cat(cat::CatArgs),
+}
+
+/// How to reach registries; shared by every command that talks to one.
+#[derive(Debug, Clone, Args)]
+pub struct RegistryArgs {
+    /// Registry host (with port) to use over plain HTTP; loopback hosts always are.
+    #[arg(
+        long = "insecure-registry",
+        env = "CLIP_INSECURE_REGISTRIES",
+        value_delimiter = ','
+    )]
+    pub insecure: Vec<String>,
+
+    /// Registry user name (with --password or CLIP_REGISTRY_PASSWORD).
+    #[arg(long, env = "CLIP_REGISTRY_USERNAME")]
+    pub username: Option<String>,
+
+    /// Registry password. Prefer the environment variable over the flag.
+    #[arg(long, env = "CLIP_REGISTRY_PASSWORD", hide_env_values = true)]
+    pub password: Option<String>,
+
+    /// A docker config.json (or the body of a kubernetes.io/dockerconfigjson Secret).
+    /// Default: $DOCKER_CONFIG/config.json or ~/.docker/config.json when present.
+    #[arg(long, env = "CLIP_DOCKER_CONFIG")]
+    pub docker_config: Option<PathBuf>,
+
+    /// Platform to pick from a multi-platform image, os/arch[/variant]; default this host's.
+    #[arg(long, env = "CLIP_PLATFORM")]
+    pub platform: Option<String>,
+}
+
+impl RegistryArgs {
+    pub fn platform(&self) -> Result<Option<Platform>> {
+        Ok(match &self.platform {
+            Some(p) => Some(p.parse()?),
+            None => None,
+        })
+    }
+
+    pub fn client(&self) -> Result<RegistryClient> {
+        let credentials = match (&self.username, &self.password) {
+            (Some(u), Some(p)) => Some(Credentials::Basic {
+                username: u.clone(),
+                password: p.clone(),
+            }),
+            (Some(_), None) => {
+                return Err(Error::Config(
+                    "--username needs --password (or CLIP_REGISTRY_PASSWORD)".into(),
+                ));
+            }
+            (None, Some(_)) => return Err(Error::Config("--password needs --username".into())),
+            (None, None) => None,
+        };
+        let docker_config = match &self.docker_config {
+            Some(path) => DockerConfig::load(path)?,
+            None => default_docker_config()
+                .filter(|p| p.is_file())
+                .map(|p| DockerConfig::load(&p))
+                .transpose()?
+                .unwrap_or_default(),
+        };
+        Ok(RegistryClient::new(RegistryConfig {
+            insecure: self.insecure.clone(),
+            docker_config,
+            credentials,
+            ..RegistryConfig::default()
+        }))
+    }
+}
+
+fn default_docker_config() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("DOCKER_CONFIG") {
+        return Some(PathBuf::from(dir).join("config.json"));
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker/config.json"))
+}
+
+fn init_logging(cli: &Cli) -> Result<()> {
+    let filter = EnvFilter::try_new(&cli.log)
+        .map_err(|e| Error::Config(format!("--log {:?}: {e}", cli.log)))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
+    Ok(())
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    init_logging(&cli)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Index(args) => index::run(args).await?,
+            Command::Inspect(args) => inspect::run(args)?,
+            Command::Cat(args) => cat::run(args).await?,
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// Reads and validates an index file.
+pub fn load_index(path: &Path) -> Result<ImageIndex> {
+    let bytes = std::fs::read(path).map_err(|source| Error::File {
+        path: path.to_owned(),
+        source,
+    })?;
+    clip_index::decode(&bytes).map_err(|source| Error::IndexFile {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// `IMAGE` arguments name an index file when one exists at that path, else a reference.
+pub async fn index_for(
+    image: &str,
+    registry: &RegistryArgs,
+    client: &RegistryClient,
+) -> Result<Arc<ImageIndex>> {
+    let path = Path::new(image);
+    if path.is_file() {
+        return Ok(Arc::new(load_index(path)?));
+    }
+    let resolved = client.resolve(image, registry.platform()?.as_ref()).await?;
+    let index = clip_storage::build_index(
+        client,
+        &resolved,
+        clip_index::IndexOptions::default(),
+        default_parallelism(),
+        Arc::default(),
+    )
+    .await?;
+    Ok(Arc::new(index))
+}
+
+pub fn default_parallelism() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+/// `1.5 MiB`-style sizes for people.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}

@@ -1,0 +1,239 @@
+//! An HTTP proxy in front of a registry, for tests that count or disturb registry traffic.
+//!
+//! Each connection carries one request (`Connection: close` is forced upstream). The proxy
+//! logs every request with the response status and body size, and can refuse requests,
+//! strip `Range` headers (a registry that ignores ranges) or answer blob reads with a
+//! redirect to another host name, as registries that use object storage do.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+/// One request that passed through the proxy.
+#[derive(Debug, Clone)]
+pub struct Logged {
+    pub method: String,
+    pub path: String,
+    pub range: Option<String>,
+    pub status: u16,
+    /// Body bytes sent back to the client.
+    pub body_bytes: u64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    log: Mutex<Vec<Logged>>,
+    refuse: AtomicBool,
+    ignore_range: AtomicBool,
+    redirect_blobs: AtomicBool,
+    stop: AtomicBool,
+}
+
+/// A running proxy; stops accepting on drop.
+#[derive(Debug)]
+pub struct Proxy {
+    port: u16,
+    state: Arc<State>,
+}
+
+const REDIRECTED: &str = "/redirected";
+
+impl Proxy {
+    /// Starts a proxy on a random loopback port forwarding to `upstream` (`host:port`).
+    pub fn start(upstream: &str) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        let state = Arc::new(State::default());
+        let upstream = upstream.to_owned();
+        let st = state.clone();
+        thread::spawn(move || {
+            for conn in listener.incoming() {
+                if st.stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(conn) = conn else { continue };
+                let st = st.clone();
+                let upstream = upstream.clone();
+                thread::spawn(move || {
+                    handle(conn, &upstream, port, &st).ok();
+                });
+            }
+        });
+        Ok(Self { port, state })
+    }
+
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Refuse every request with 503 (the registry "disappears") or serve again.
+    pub fn set_refuse(&self, on: bool) {
+        self.state.refuse.store(on, Ordering::SeqCst);
+    }
+
+    pub fn set_ignore_range(&self, on: bool) {
+        self.state.ignore_range.store(on, Ordering::SeqCst);
+    }
+
+    pub fn set_redirect_blobs(&self, on: bool) {
+        self.state.redirect_blobs.store(on, Ordering::SeqCst);
+    }
+
+    pub fn log(&self) -> Vec<Logged> {
+        self.state.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    pub fn clear_log(&self) {
+        if let Ok(mut l) = self.state.log.lock() {
+            l.clear();
+        }
+    }
+
+    /// Blob GETs that returned data (not redirects).
+    pub fn blob_reads(&self) -> Vec<Logged> {
+        self.log()
+            .into_iter()
+            .filter(|l| l.method == "GET" && l.path.contains("/blobs/") && l.status / 100 == 2)
+            .collect()
+    }
+
+    /// Total body bytes of blob reads.
+    pub fn blob_bytes(&self) -> u64 {
+        self.blob_reads().iter().map(|l| l.body_bytes).sum()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.state.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop.
+        TcpStream::connect(("127.0.0.1", self.port)).ok();
+    }
+}
+
+fn handle(client: TcpStream, upstream: &str, own_port: u16, st: &State) -> anyhow::Result<()> {
+    let mut reader = BufReader::new(client.try_clone()?);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line)?;
+    let mut parts = request_line.split_whitespace();
+    let method = parts.next().unwrap_or("").to_owned();
+    let path = parts.next().unwrap_or("/").to_owned();
+    let mut headers: Vec<(String, String)> = Vec::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':') {
+            headers.push((k.trim().to_owned(), v.trim().to_owned()));
+        }
+    }
+    let content_length: usize = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; content_length];
+    reader.read_exact(&mut body)?;
+    let range = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("range"))
+        .map(|(_, v)| v.clone());
+    let mut client = client;
+    let log = |status: u16, body_bytes: u64| {
+        if let Ok(mut l) = st.log.lock() {
+            l.push(Logged {
+                method: method.clone(),
+                path: path.clone(),
+                range: range.clone(),
+                status,
+                body_bytes,
+            });
+        }
+    };
+    if st.refuse.load(Ordering::SeqCst) {
+        client.write_all(
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        )?;
+        log(503, 0);
+        return Ok(());
+    }
+    let mut upstream_path = path.clone();
+    if let Some(rest) = path.strip_prefix(REDIRECTED) {
+        upstream_path = rest.to_owned();
+    } else if st.redirect_blobs.load(Ordering::SeqCst)
+        && method == "GET"
+        && path.contains("/blobs/sha256:")
+    {
+        // "localhost" is another origin than "127.0.0.1" to an HTTP client.
+        let location = format!("http://localhost:{own_port}{REDIRECTED}{path}");
+        client.write_all(
+            format!(
+                "HTTP/1.1 307 Temporary Redirect\r\nLocation: {location}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )?;
+        log(307, 0);
+        return Ok(());
+    }
+    let mut up = TcpStream::connect(upstream)?;
+    let mut head = format!("{method} {upstream_path} HTTP/1.1\r\n");
+    for (k, v) in &headers {
+        if k.eq_ignore_ascii_case("connection")
+            || (k.eq_ignore_ascii_case("range") && st.ignore_range.load(Ordering::SeqCst))
+        {
+            continue;
+        }
+        if k.eq_ignore_ascii_case("host") {
+            head.push_str(&format!("Host: {upstream}\r\n"));
+            continue;
+        }
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("Connection: close\r\n\r\n");
+    up.write_all(head.as_bytes())?;
+    up.write_all(&body)?;
+    let mut up_reader = BufReader::new(up);
+    // Copy the response head, noting status and length, then the body.
+    let mut status = 0u16;
+    let mut first = true;
+    loop {
+        let mut line = String::new();
+        if up_reader.read_line(&mut line)? == 0 {
+            break;
+        }
+        if first {
+            status = line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            first = false;
+        }
+        client.write_all(line.as_bytes())?;
+        if line == "\r\n" {
+            break;
+        }
+    }
+    let mut body_bytes = 0u64;
+    let mut buf = [0u8; 64 * 1024];
+    loop {
+        let n = up_reader.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        body_bytes += n as u64;
+        if client.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    log(status, body_bytes);
+    client.shutdown(Shutdown::Both).ok();
+    Ok(())
+}

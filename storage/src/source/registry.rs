@@ -1,0 +1,750 @@
+//! An OCI registry as a blob source: reference resolution (tags, digests, image indexes and
+//! platforms), authentication, streaming whole blobs and HTTP range reads.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::ops::Range;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use clip_index::Digest;
+use futures::{Stream, StreamExt};
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::errors::{OciDistributionError, OciErrorCode};
+use oci_client::{Client, Reference, RegistryOperation};
+use serde::Deserialize;
+use tracing::{debug, warn};
+
+use crate::auth::{Credentials, DockerConfig};
+use crate::error::{Error, Result};
+use crate::source::BlobSource;
+
+const MANIFEST_TYPES: &[&str] = &[
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+];
+/// Largest manifest or config we accept: real ones are kilobytes.
+const MAX_METADATA: usize = 16 << 20;
+const RANGE_ATTEMPTS: u32 = 3;
+
+/// `os/architecture[/variant]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Platform {
+    pub os: String,
+    pub architecture: String,
+    pub variant: Option<String>,
+}
+
+impl Platform {
+    /// The platform of this machine, as OCI names it.
+    pub fn host() -> Self {
+        let architecture = match std::env::consts::ARCH {
+            "x86_64" => "amd64",
+            "aarch64" => "arm64",
+            "x86" => "386",
+            "powerpc64" => "ppc64le",
+            other => other,
+        };
+        Self {
+            os: "linux".into(),
+            architecture: architecture.into(),
+            variant: None,
+        }
+    }
+
+    fn matches(&self, os: &str, arch: &str, variant: Option<&str>) -> bool {
+        self.os == os
+            && self.architecture == arch
+            && match (&self.variant, variant) {
+                (None, _) => true,
+                (Some(want), Some(have)) => want == have,
+                // arm64 images often omit the (only) variant v8.
+                (Some(want), None) => want == "v8" && arch == "arm64",
+            }
+    }
+}
+
+impl fmt::Display for Platform {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.os, self.architecture)?;
+        if let Some(v) = &self.variant {
+            write!(f, "/{v}")?;
+        }
+        Ok(())
+    }
+}
+
+impl FromStr for Platform {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let parts: Vec<&str> = s.split('/').collect();
+        let ok =
+            |p: &str| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        match parts.as_slice() {
+            [os, arch] if ok(os) && ok(arch) => Ok(Self {
+                os: (*os).into(),
+                architecture: (*arch).into(),
+                variant: None,
+            }),
+            [os, arch, v] if ok(os) && ok(arch) && ok(v) => Ok(Self {
+                os: (*os).into(),
+                architecture: (*arch).into(),
+                variant: Some((*v).into()),
+            }),
+            _ => Err(Error::Platform(s.to_owned())),
+        }
+    }
+}
+
+/// How to reach registries.
+#[derive(Debug, Clone)]
+pub struct RegistryConfig {
+    /// Hosts (with port) spoken to over plain HTTP. Loopback hosts always are.
+    pub insecure: Vec<String>,
+    /// Credentials per registry, e.g. from a pull secret.
+    pub docker_config: DockerConfig,
+    /// Credentials that override `docker_config` for every registry.
+    pub credentials: Option<Credentials>,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        Self {
+            insecure: Vec::new(),
+            docker_config: DockerConfig::default(),
+            credentials: None,
+            connect_timeout: Duration::from_secs(10),
+            read_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A layer as the manifest and config describe it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerDescriptor {
+    pub media_type: String,
+    pub digest: Digest,
+    pub size: u64,
+    pub diff_id: Option<Digest>,
+}
+
+/// A reference resolved to one platform's manifest.
+#[derive(Debug, Clone)]
+pub struct ResolvedImage {
+    /// What the user asked for.
+    pub requested: String,
+    /// `registry/repository`, the form stored in indexes.
+    pub repository: String,
+    pub manifest_digest: Digest,
+    pub config_digest: Digest,
+    pub platform: Platform,
+    pub layers: Vec<LayerDescriptor>,
+}
+
+impl ResolvedImage {
+    pub fn compressed_size(&self) -> u64 {
+        self.layers.iter().map(|l| l.size).sum()
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ManifestJson {
+    media_type: Option<String>,
+    config: Option<DescriptorJson>,
+    layers: Option<Vec<DescriptorJson>>,
+    manifests: Option<Vec<IndexEntryJson>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DescriptorJson {
+    media_type: String,
+    digest: String,
+    size: i64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct IndexEntryJson {
+    digest: String,
+    platform: Option<PlatformJson>,
+}
+
+#[derive(Debug, Deserialize)]
+struct PlatformJson {
+    os: String,
+    architecture: String,
+    variant: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ConfigJson {
+    os: Option<String>,
+    architecture: Option<String>,
+    variant: Option<String>,
+    rootfs: Option<RootfsJson>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RootfsJson {
+    #[serde(default)]
+    diff_ids: Vec<String>,
+}
+
+/// Parses a reference the way `docker pull` does (`alpine` is `docker.io/library/alpine:latest`).
+pub fn parse_reference(reference: &str) -> Result<Reference> {
+    Reference::from_str(reference).map_err(|e| Error::Reference {
+        reference: reference.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+fn is_loopback(host: &str) -> bool {
+    let name = host.rsplit_once(':').map_or(host, |(h, _)| h);
+    name == "localhost" || name.starts_with("127.") || name == "[::1]"
+}
+
+/// Talks to registries. Cheap to clone; one HTTP client (and token cache) per registry host.
+#[derive(Clone)]
+pub struct RegistryClient {
+    config: Arc<RegistryConfig>,
+    clients: Arc<Mutex<HashMap<String, Arc<Client>>>>,
+}
+
+impl fmt::Debug for RegistryClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RegistryClient")
+            .field("insecure", &self.config.insecure)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RegistryClient {
+    pub fn new(config: RegistryConfig) -> Self {
+        // reqwest is built without a default TLS provider; install ring once per process.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        Self {
+            config: Arc::new(config),
+            clients: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    fn credentials_for(&self, registry: &str) -> Credentials {
+        self.config
+            .credentials
+            .clone()
+            .unwrap_or_else(|| self.config.docker_config.credentials_for(registry))
+    }
+
+    fn client_for(&self, registry: &str) -> Arc<Client> {
+        let mut map = match self.clients.lock() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        map.entry(registry.to_owned())
+            .or_insert_with(|| {
+                let insecure =
+                    is_loopback(registry) || self.config.insecure.iter().any(|h| h == registry);
+                let protocol = if insecure {
+                    ClientProtocol::Http
+                } else {
+                    ClientProtocol::Https
+                };
+                Arc::new(Client::new(ClientConfig {
+                    protocol,
+                    platform_resolver: None,
+                    connect_timeout: Some(self.config.connect_timeout),
+                    read_timeout: Some(self.config.read_timeout),
+                    ..ClientConfig::default()
+                }))
+            })
+            .clone()
+    }
+
+    fn classify(&self, e: OciDistributionError, reference: &Reference, operation: &str) -> Error {
+        let registry = reference.resolve_registry().to_owned();
+        let shown = reference.whole();
+        match e {
+            OciDistributionError::UnauthorizedError { url } => Error::Unauthorized {
+                registry,
+                reference: shown,
+                detail: format!("401 Unauthorized from {url}"),
+            },
+            OciDistributionError::AuthenticationFailure(detail) => Error::Unauthorized {
+                registry,
+                reference: shown,
+                detail,
+            },
+            OciDistributionError::ImageManifestNotFoundError(detail) => Error::NotFound {
+                reference: shown,
+                detail,
+            },
+            OciDistributionError::RegistryError { envelope, .. } => {
+                let codes: Vec<&OciErrorCode> = envelope.errors.iter().map(|e| &e.code).collect();
+                let detail = envelope
+                    .errors
+                    .iter()
+                    .map(|e| e.message.clone())
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                if codes.iter().any(|c| {
+                    matches!(
+                        c,
+                        OciErrorCode::ManifestUnknown
+                            | OciErrorCode::NameUnknown
+                            | OciErrorCode::BlobUnknown
+                            | OciErrorCode::NotFound
+                    )
+                }) {
+                    Error::NotFound {
+                        reference: shown,
+                        detail,
+                    }
+                } else if codes
+                    .iter()
+                    .any(|c| matches!(c, OciErrorCode::Unauthorized | OciErrorCode::Denied))
+                {
+                    Error::Unauthorized {
+                        registry,
+                        reference: shown,
+                        detail,
+                    }
+                } else {
+                    Error::Registry {
+                        registry,
+                        operation: operation.into(),
+                        detail,
+                    }
+                }
+            }
+            OciDistributionError::ServerError {
+                code: 404, message, ..
+            } => Error::NotFound {
+                reference: shown,
+                detail: message,
+            },
+            OciDistributionError::RequestError(e) if e.is_connect() || e.is_timeout() => {
+                Error::Unreachable {
+                    registry,
+                    detail: error_chain(&e),
+                }
+            }
+            other => Error::Registry {
+                registry,
+                operation: operation.into(),
+                detail: error_chain(&other),
+            },
+        }
+    }
+
+    /// Resolves `reference` to one platform's manifest, its config and its layers.
+    pub async fn resolve(
+        &self,
+        reference: &str,
+        platform: Option<&Platform>,
+    ) -> Result<ResolvedImage> {
+        let parsed = parse_reference(reference)?;
+        let registry = parsed.resolve_registry().to_owned();
+        let client = self.client_for(&registry);
+        let auth = self.credentials_for(&registry).to_oci();
+        let (body, _) = client
+            .pull_manifest_raw(&parsed, &auth, MANIFEST_TYPES)
+            .await
+            .map_err(|e| self.classify(e, &parsed, "pulling the manifest"))?;
+        let mut digest = Digest::of(&body);
+        if let Some(want) = parsed.digest()
+            && want != digest.to_string()
+        {
+            return Err(Error::Manifest {
+                reference: reference.into(),
+                what: "manifest",
+                detail: format!("content digest {digest} does not match the reference"),
+            });
+        }
+        let mut manifest = parse_manifest(&body, reference)?;
+        let want = platform.cloned().unwrap_or_else(Platform::host);
+        if let Some(entries) = &manifest.manifests {
+            let chosen = entries
+                .iter()
+                .find(|m| {
+                    m.platform
+                        .as_ref()
+                        .is_some_and(|p| want.matches(&p.os, &p.architecture, p.variant.as_deref()))
+                })
+                .ok_or_else(|| Error::NoMatchingPlatform {
+                    reference: reference.into(),
+                    platform: want.to_string(),
+                    available: entries
+                        .iter()
+                        .filter_map(|m| m.platform.as_ref())
+                        .map(|p| match &p.variant {
+                            Some(v) => format!("{}/{}/{v}", p.os, p.architecture),
+                            None => format!("{}/{}", p.os, p.architecture),
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                })?;
+            let by_digest = Reference::with_digest(
+                parsed.registry().to_owned(),
+                parsed.repository().to_owned(),
+                chosen.digest.clone(),
+            );
+            let (body, _) = client
+                .pull_manifest_raw(&by_digest, &auth, MANIFEST_TYPES)
+                .await
+                .map_err(|e| self.classify(e, &by_digest, "pulling the platform manifest"))?;
+            digest = Digest::of(&body);
+            if digest.to_string() != chosen.digest {
+                return Err(Error::Manifest {
+                    reference: reference.into(),
+                    what: "platform manifest",
+                    detail: format!("content digest {digest} does not match {}", chosen.digest),
+                });
+            }
+            manifest = parse_manifest(&body, reference)?;
+            if manifest.manifests.is_some() {
+                return Err(Error::Manifest {
+                    reference: reference.into(),
+                    what: "image index",
+                    detail: "an index entry points at another index".into(),
+                });
+            }
+        }
+        let bad = |detail: String| Error::Manifest {
+            reference: reference.into(),
+            what: "manifest",
+            detail,
+        };
+        let config = manifest
+            .config
+            .ok_or_else(|| bad("no config descriptor".into()))?;
+        let config_digest: Digest = config
+            .digest
+            .parse()
+            .map_err(|_| bad(format!("config digest {:?} is not sha256", config.digest)))?;
+        let layers = manifest.layers.unwrap_or_default();
+        let config_bytes = self
+            .fetch_small_blob(&parsed, &config_digest, config.size)
+            .await?;
+        let config_json: ConfigJson =
+            serde_json::from_slice(&config_bytes).map_err(|e| Error::Manifest {
+                reference: reference.into(),
+                what: "image config",
+                detail: e.to_string(),
+            })?;
+        let diff_ids: Vec<String> = config_json.rootfs.map(|r| r.diff_ids).unwrap_or_default();
+        if !diff_ids.is_empty() && diff_ids.len() != layers.len() {
+            return Err(bad(format!(
+                "{} layers but {} diff_ids in the config",
+                layers.len(),
+                diff_ids.len()
+            )));
+        }
+        let mut out = Vec::with_capacity(layers.len());
+        for (i, l) in layers.iter().enumerate() {
+            clip_index::Compression::from_media_type(&l.media_type).map_err(|_| {
+                bad(format!(
+                    "layer {i} has unsupported media type {:?}",
+                    l.media_type
+                ))
+            })?;
+            out.push(LayerDescriptor {
+                media_type: l.media_type.clone(),
+                digest: l
+                    .digest
+                    .parse()
+                    .map_err(|_| bad(format!("layer {i} digest {:?} is not sha256", l.digest)))?,
+                size: u64::try_from(l.size)
+                    .map_err(|_| bad(format!("layer {i} has a negative size")))?,
+                diff_id: match diff_ids.get(i) {
+                    Some(d) => Some(
+                        d.parse()
+                            .map_err(|_| bad(format!("diff_id {d:?} is not sha256")))?,
+                    ),
+                    None => None,
+                },
+            });
+        }
+        let platform = match (config_json.os, config_json.architecture) {
+            (Some(os), Some(architecture)) => Platform {
+                os,
+                architecture,
+                variant: config_json.variant,
+            },
+            _ => want,
+        };
+        let _ = manifest.media_type;
+        Ok(ResolvedImage {
+            requested: reference.into(),
+            repository: format!("{}/{}", parsed.registry(), parsed.repository()),
+            manifest_digest: digest,
+            config_digest,
+            platform,
+            layers: out,
+        })
+    }
+
+    async fn fetch_small_blob(
+        &self,
+        image: &Reference,
+        digest: &Digest,
+        size: i64,
+    ) -> Result<Bytes> {
+        let len = u64::try_from(size).unwrap_or(0);
+        if len as usize > MAX_METADATA {
+            return Err(Error::Manifest {
+                reference: image.whole(),
+                what: "image config",
+                detail: format!("{len} bytes is too large"),
+            });
+        }
+        let bytes = self.blob(image.clone()).fetch_range(digest, 0..len).await?;
+        if Digest::of(&bytes) != *digest {
+            return Err(Error::Manifest {
+                reference: image.whole(),
+                what: "image config",
+                detail: format!("content does not match {digest}"),
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// A blob source bound to one repository.
+    pub fn blob(&self, repository: Reference) -> RegistryBlobs {
+        let registry = repository.resolve_registry().to_owned();
+        RegistryBlobs {
+            client: self.client_for(&registry),
+            credentials: self.credentials_for(&registry),
+            registry: self.clone(),
+            repository,
+        }
+    }
+
+    /// A blob source for `registry/repository` as stored in an index.
+    pub fn repository(&self, repository: &str, manifest: &Digest) -> Result<RegistryBlobs> {
+        Ok(self.blob(parse_reference(&format!("{repository}@{manifest}"))?))
+    }
+}
+
+/// The blobs of one repository, read through a registry.
+#[derive(Clone)]
+pub struct RegistryBlobs {
+    client: Arc<Client>,
+    credentials: Credentials,
+    registry: RegistryClient,
+    repository: Reference,
+}
+
+impl fmt::Debug for RegistryBlobs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RegistryBlobs({})", self.describe())
+    }
+}
+
+impl RegistryBlobs {
+    /// Makes sure credentials are known to the client before the first blob request.
+    async fn ensure_auth(&self) {
+        self.client
+            .store_auth_if_needed(
+                self.repository.resolve_registry(),
+                &self.credentials.to_oci(),
+            )
+            .await;
+    }
+
+    /// Forces a fresh token after a 401: tokens expire under long-lived mounts.
+    async fn reauthenticate(&self) -> Result<()> {
+        self.client
+            .auth(
+                &self.repository,
+                &self.credentials.to_oci(),
+                RegistryOperation::Pull,
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                self.registry
+                    .classify(e, &self.repository, "authenticating")
+            })
+    }
+
+    /// Streams a whole blob.
+    pub async fn stream(
+        &self,
+        digest: &Digest,
+    ) -> Result<impl Stream<Item = std::io::Result<Bytes>> + Send + 'static> {
+        self.ensure_auth().await;
+        let d = digest.to_string();
+        let mut reauthed = false;
+        loop {
+            match self
+                .client
+                .pull_blob_stream(&self.repository, d.as_str())
+                .await
+            {
+                Ok(s) => return Ok(s.stream),
+                Err(OciDistributionError::UnauthorizedError { .. }) if !reauthed => {
+                    reauthed = true;
+                    self.reauthenticate().await?;
+                }
+                Err(e) => {
+                    return Err(self
+                        .registry
+                        .classify(e, &self.repository, "streaming a blob"));
+                }
+            }
+        }
+    }
+
+    async fn fetch_once(
+        &self,
+        digest: &str,
+        range: &Range<u64>,
+    ) -> Result<Bytes, OciDistributionError> {
+        use oci_client::client::BlobResponse;
+        let len = range.end - range.start;
+        let response = self
+            .client
+            .pull_blob_stream_partial(&self.repository, digest, range.start, Some(len))
+            .await?;
+        let (mut stream, mut skip) = match response {
+            BlobResponse::Partial(s) => (s.stream, 0),
+            BlobResponse::Full(s) => {
+                // The registry ignored Range: read past the prefix ourselves.
+                debug!(
+                    digest,
+                    "registry ignored Range; skipping {} bytes", range.start
+                );
+                (s.stream, range.start)
+            }
+        };
+        let mut out = BytesMut::with_capacity(len as usize);
+        while (out.len() as u64) < len {
+            let Some(piece) = stream.next().await else {
+                break;
+            };
+            let mut piece = piece?;
+            if skip > 0 {
+                let n = skip.min(piece.len() as u64);
+                skip -= n;
+                piece = piece.slice(n as usize..);
+            }
+            let want = (len - out.len() as u64) as usize;
+            out.extend_from_slice(&piece[..want.min(piece.len())]);
+        }
+        if (out.len() as u64) != len {
+            return Err(OciDistributionError::GenericError(Some(format!(
+                "short read: got {} of {len} bytes",
+                out.len()
+            ))));
+        }
+        Ok(out.freeze())
+    }
+}
+
+impl BlobSource for RegistryBlobs {
+    async fn fetch_range(&self, digest: &Digest, range: Range<u64>) -> Result<Bytes> {
+        if range.is_empty() {
+            return Ok(Bytes::new());
+        }
+        self.ensure_auth().await;
+        let d = digest.to_string();
+        let mut reauthed = false;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let err = match self.fetch_once(&d, &range).await {
+                Ok(b) => return Ok(b),
+                Err(OciDistributionError::UnauthorizedError { .. }) if !reauthed => {
+                    reauthed = true;
+                    self.reauthenticate().await?;
+                    continue;
+                }
+                Err(e) => self
+                    .registry
+                    .classify(e, &self.repository, "reading a blob range"),
+            };
+            if !err.is_transient() || attempt >= RANGE_ATTEMPTS {
+                return Err(match err {
+                    Error::NotFound { .. } | Error::Unauthorized { .. } => err,
+                    other => Error::FetchRange {
+                        digest: d,
+                        offset: range.start,
+                        len: range.end - range.start,
+                        detail: other.to_string(),
+                    },
+                });
+            }
+            warn!(digest = %d, attempt, error = %err, "range read failed; retrying");
+            tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{}/{}",
+            self.repository.resolve_registry(),
+            self.repository.repository()
+        )
+    }
+}
+
+fn parse_manifest(body: &[u8], reference: &str) -> Result<ManifestJson> {
+    if body.len() > MAX_METADATA {
+        return Err(Error::Manifest {
+            reference: reference.into(),
+            what: "manifest",
+            detail: "too large".into(),
+        });
+    }
+    serde_json::from_slice(body).map_err(|e| Error::Manifest {
+        reference: reference.into(),
+        what: "manifest",
+        detail: e.to_string(),
+    })
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn platforms_parse_and_match() -> Result<()> {
+        let p: Platform = "linux/arm64/v8".parse()?;
+        assert!(p.matches("linux", "arm64", None));
+        assert!(!p.matches("linux", "amd64", None));
+        assert!("linux".parse::<Platform>().is_err());
+        assert!("linux/amd64/v1/x".parse::<Platform>().is_err());
+        assert_eq!(
+            "linux/amd64".parse::<Platform>()?.to_string(),
+            "linux/amd64"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn loopback_hosts_are_plain_http() {
+        assert!(is_loopback("127.0.0.1:5000"));
+        assert!(is_loopback("localhost:1"));
+        assert!(!is_loopback("registry.example.com"));
+    }
+}
