@@ -18,6 +18,9 @@ pub struct IndexOptions {
     pub chunk_size: u32,
     /// Minimum distance between seek checkpoints, in uncompressed bytes.
     pub checkpoint_span: u64,
+    /// Hash the uncompressed stream to check the config's diff_id. The compressed digest is
+    /// always checked and already pins the content, so this only costs time by default.
+    pub verify_diff_id: bool,
 }
 
 impl Default for IndexOptions {
@@ -25,6 +28,7 @@ impl Default for IndexOptions {
         Self {
             chunk_size: DEFAULT_CHUNK_SIZE,
             checkpoint_span: DEFAULT_CHECKPOINT_SPAN,
+            verify_diff_id: false,
         }
     }
 }
@@ -50,7 +54,14 @@ pub struct LayerBuild {
 /// entry list; the blob's size does not matter.
 pub fn index_layer<R: Read>(blob: R, spec: &LayerSpec, opts: &IndexOptions) -> Result<LayerBuild> {
     let compression = Compression::from_media_type(&spec.media_type)?;
-    let stream = LayerStream::new(blob, compression, opts.chunk_size, opts.checkpoint_span)?;
+    let hash_diff_id = opts.verify_diff_id || spec.diff_id.is_none();
+    let stream = LayerStream::new(
+        blob,
+        compression,
+        opts.chunk_size,
+        opts.checkpoint_span,
+        hash_diff_id,
+    )?;
     let mut tar = TarReader::new(stream);
     let mut entries = Vec::new();
     while let Some(e) = tar.next_entry().map_err(unwrap_stream_error)? {
@@ -66,22 +77,25 @@ pub fn index_layer<R: Read>(blob: R, spec: &LayerSpec, opts: &IndexOptions) -> R
             actual: summary.digest.to_string(),
         });
     }
-    if let Some(want) = spec.diff_id
-        && want != summary.diff_id
-    {
-        return Err(Error::DigestMismatch {
-            what: format!("uncompressed layer {} (diff_id)", summary.digest),
-            expected: want.to_string(),
-            actual: summary.diff_id.to_string(),
-        });
-    }
+    let diff_id = match (spec.diff_id, summary.diff_id) {
+        (Some(want), Some(got)) if want != got => {
+            return Err(Error::DigestMismatch {
+                what: format!("uncompressed layer {} (diff_id)", summary.digest),
+                expected: want.to_string(),
+                actual: got.to_string(),
+            });
+        }
+        (_, Some(got)) => got,
+        (Some(want), None) => want,
+        (None, None) => Digest::default(),
+    };
     Ok(LayerBuild {
         layer: LayerIndex {
             media_type: spec.media_type.clone(),
             compression,
             digest: summary.digest,
             compressed_size: summary.compressed_size,
-            diff_id: summary.diff_id,
+            diff_id,
             uncompressed_size: summary.uncompressed_size,
             chunk_size: opts.chunk_size,
             checkpoints: summary.checkpoints,

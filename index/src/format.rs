@@ -24,7 +24,7 @@ pub const VERSION: u32 = 1;
 pub const HEADER_LEN: usize = 56;
 /// Largest payload we inflate: far above any real image, far below memory trouble.
 const MAX_PAYLOAD: u64 = 4 << 30;
-const PAYLOAD_LEVEL: i32 = 9;
+const PAYLOAD_LEVEL: i32 = 3;
 
 /// Serialises an index to bytes.
 pub fn encode(index: &ImageIndex) -> Result<Vec<u8>> {

@@ -166,7 +166,8 @@ impl LayerIndex {
             .partition_point(|c| c.uncompressed_offset <= want)
             .checked_sub(1);
         let start = match cp.map(|i| &self.checkpoints[i]) {
-            Some(c) => c.compressed_offset - u64::from(c.bits > 0),
+            // Saturating: an unvalidated checkpoint may claim spare bits at offset 0.
+            Some(c) => c.compressed_offset.saturating_sub(u64::from(c.bits > 0)),
             None => 0,
         };
         ReadPlan {
@@ -229,6 +230,17 @@ mod tests {
         assert_eq!(p.checkpoint, Some(0));
         // bits > 0: the byte before the checkpoint is needed too.
         assert_eq!(p.compressed, 99..250);
+    }
+
+    #[test]
+    fn plan_of_a_checkpoint_claiming_bits_at_offset_zero_starts_at_zero() {
+        // Found by the decode_chunks fuzz target: `0 - 1` panicked. decode rejects such a
+        // table, but a LayerIndex can be built by hand.
+        let mut l = layer(1000, 100);
+        l.checkpoints[0].compressed_offset = 0;
+        let p = l.plan(3..5);
+        assert_eq!(p.checkpoint, Some(0));
+        assert_eq!(p.compressed, 0..250);
     }
 
     #[test]

@@ -18,13 +18,105 @@ const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 /// zstd level for stored windows: good ratio, well under a millisecond per window.
 const WINDOW_LEVEL: i32 = 9;
 
+/// Output bytes handed to the hashing thread at a time.
+const HASH_BATCH: usize = 256 * 1024;
+
+enum HashMsg {
+    Data(Vec<u8>),
+    EndChunk,
+}
+
+/// Chunk digests (and optionally the diff_id) computed on a second thread, so hashing
+/// overlaps inflating instead of adding to it.
+struct HashPipe {
+    tx: Option<std::sync::mpsc::SyncSender<HashMsg>>,
+    handle: Option<std::thread::JoinHandle<(Vec<Digest>, Option<Digest>)>>,
+    pending: Vec<u8>,
+}
+
+impl HashPipe {
+    fn new(diff_id: bool) -> Result<Self> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<HashMsg>(8);
+        let handle = std::thread::Builder::new()
+            .name("clip-hash".into())
+            .spawn(move || {
+                let mut digests = Vec::new();
+                let mut chunk = Hasher::new();
+                let mut whole = diff_id.then(Hasher::new);
+                for msg in rx {
+                    match msg {
+                        HashMsg::Data(d) => {
+                            chunk.update(&d);
+                            if let Some(w) = whole.as_mut() {
+                                w.update(&d);
+                            }
+                        }
+                        HashMsg::EndChunk => digests.push(std::mem::take(&mut chunk).finish()),
+                    }
+                }
+                (digests, whole.map(Hasher::finish))
+            })?;
+        Ok(Self {
+            tx: Some(tx),
+            handle: Some(handle),
+            pending: Vec::with_capacity(HASH_BATCH),
+        })
+    }
+
+    fn send(&mut self, msg: HashMsg) {
+        if let Some(tx) = &self.tx {
+            // A send fails only if the thread died; finish() reports that.
+            let _ = tx.send(msg);
+        }
+    }
+
+    fn update(&mut self, out: &[u8]) {
+        self.pending.extend_from_slice(out);
+        if self.pending.len() >= HASH_BATCH {
+            let full = std::mem::replace(&mut self.pending, Vec::with_capacity(HASH_BATCH));
+            self.send(HashMsg::Data(full));
+        }
+    }
+
+    fn end_chunk(&mut self) {
+        if !self.pending.is_empty() {
+            let part = std::mem::replace(&mut self.pending, Vec::with_capacity(HASH_BATCH));
+            self.send(HashMsg::Data(part));
+        }
+        self.send(HashMsg::EndChunk);
+    }
+
+    fn finish(mut self) -> Result<(Vec<Digest>, Option<Digest>)> {
+        if !self.pending.is_empty() {
+            let part = std::mem::take(&mut self.pending);
+            self.send(HashMsg::Data(part));
+        }
+        self.tx = None;
+        match self.handle.take().map(std::thread::JoinHandle::join) {
+            Some(Ok(r)) => Ok(r),
+            _ => Err(Error::Io(io::Error::other("the hashing thread failed"))),
+        }
+    }
+}
+
+impl Drop for HashPipe {
+    fn drop(&mut self) {
+        // Close the channel so the thread ends even when the stream is abandoned.
+        self.tx = None;
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
 /// What [`LayerStream`] learned about a layer by streaming it once.
 #[derive(Debug, Clone)]
 pub struct StreamSummary {
     pub compressed_size: u64,
     pub digest: Digest,
     pub uncompressed_size: u64,
-    pub diff_id: Digest,
+    /// sha256 of the uncompressed stream, when it was asked for.
+    pub diff_id: Option<Digest>,
     pub checkpoints: Vec<Checkpoint>,
     pub chunks: Vec<Chunk>,
 }
@@ -87,11 +179,14 @@ pub struct LayerStream<R> {
     chunk_size: u64,
     span: u64,
     last_checkpoint_out: u64,
-    chunk_hasher: Hasher,
+    hashes: HashPipe,
     chunk_fill: u64,
     comp_at_last_output: u64,
-    chunks: Vec<Chunk>,
-    diff_id: Hasher,
+    /// 1 while the zstd decoder holds a frame's last byte "hostage": read, and needed for the
+    /// output it still has to hand out, but not reported as consumed until that is flushed.
+    held: u64,
+    /// Compressed end of each chunk; digests come from the hashing thread.
+    chunk_ends: Vec<u64>,
     checkpoints: Vec<Checkpoint>,
     finished: bool,
 }
@@ -106,7 +201,15 @@ impl<R> std::fmt::Debug for LayerStream<R> {
 }
 
 impl<R: Read> LayerStream<R> {
-    pub fn new(inner: R, compression: Compression, chunk_size: u32, span: u64) -> Result<Self> {
+    /// `diff_id`: also hash the whole uncompressed stream (not needed when the manifest's
+    /// compressed digest is checked: it already pins every uncompressed byte).
+    pub fn new(
+        inner: R,
+        compression: Compression,
+        chunk_size: u32,
+        span: u64,
+        diff_id: bool,
+    ) -> Result<Self> {
         let codec = match compression {
             Compression::None => Codec::Plain,
             Compression::Gzip => Codec::Gzip {
@@ -141,11 +244,11 @@ impl<R: Read> LayerStream<R> {
             chunk_size: u64::from(chunk_size.max(1)),
             span: span.max(1),
             last_checkpoint_out: 0,
-            chunk_hasher: Hasher::new(),
+            hashes: HashPipe::new(diff_id)?,
             chunk_fill: 0,
             comp_at_last_output: 0,
-            chunks: Vec::new(),
-            diff_id: Hasher::new(),
+            held: 0,
+            chunk_ends: Vec::new(),
             checkpoints: Vec::new(),
             finished: false,
         })
@@ -166,19 +269,30 @@ impl<R: Read> LayerStream<R> {
         let mut sink = vec![0u8; 64 * 1024];
         while self.produce(&mut sink)? > 0 {}
         if self.chunk_fill > 0 {
-            let hasher = std::mem::take(&mut self.chunk_hasher);
-            self.chunks.push(Chunk {
-                digest: hasher.finish(),
-                compressed_end: self.comp_at_last_output,
-            });
+            self.hashes.end_chunk();
+            self.chunk_ends.push(self.comp_at_last_output);
         }
+        let (digests, diff_id) = self.hashes.finish()?;
+        if digests.len() != self.chunk_ends.len() {
+            return Err(Error::Io(io::Error::other(
+                "the hashing thread lost chunks",
+            )));
+        }
+        let chunks = digests
+            .into_iter()
+            .zip(self.chunk_ends)
+            .map(|(digest, compressed_end)| Chunk {
+                digest,
+                compressed_end,
+            })
+            .collect();
         Ok(StreamSummary {
             compressed_size: self.src.count,
             digest: self.src.hasher.finish(),
             uncompressed_size: self.out_pos,
-            diff_id: self.diff_id.finish(),
+            diff_id,
             checkpoints: self.checkpoints,
-            chunks: self.chunks,
+            chunks,
         })
     }
 
@@ -209,8 +323,7 @@ impl<R: Read> LayerStream<R> {
         if out.is_empty() {
             return;
         }
-        self.diff_id.update(out);
-        self.chunk_hasher.update(out);
+        self.hashes.update(out);
         if matches!(self.codec, Codec::Gzip { .. }) {
             if out.len() >= WINDOW {
                 self.window.clear();
@@ -225,13 +338,10 @@ impl<R: Read> LayerStream<R> {
         }
         self.out_pos += out.len() as u64;
         self.chunk_fill += out.len() as u64;
-        self.comp_at_last_output = self.comp_pos;
+        self.comp_at_last_output = self.comp_pos + self.held;
         if self.chunk_fill == self.chunk_size {
-            let hasher = std::mem::take(&mut self.chunk_hasher);
-            self.chunks.push(Chunk {
-                digest: hasher.finish(),
-                compressed_end: self.comp_pos,
-            });
+            self.hashes.end_chunk();
+            self.chunk_ends.push(self.comp_pos + self.held);
             self.chunk_fill = 0;
         }
     }
@@ -422,6 +532,8 @@ impl<R: Read> LayerStream<R> {
             *frame_done = hint == 0;
             let done = *frame_done;
             self.consume(consumed);
+            // The hostage byte is still in our buffer; the decoder answers 1 while it holds it.
+            self.held = u64::from(hint == 1 && self.available() > 0);
             self.account(&buf[..produced]);
             if done
                 && (self.available() > 0 || !self.src.eof)
@@ -648,4 +760,58 @@ fn unzstd_range(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Text of a few kilobytes that zstd packs into one frame of one block.
+    fn text(len: usize) -> Vec<u8> {
+        let mut x: u32 = 1;
+        (0..len)
+            .map(|_| {
+                x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                b"abcdefgh \n"[(x >> 16) as usize % 10]
+            })
+            .collect()
+    }
+
+    #[test]
+    fn zstd_chunks_decode_from_their_planned_range_when_the_frame_ends_inside_them() -> Result<()> {
+        // Found by the index_layer_zstd fuzz target: zstd reports a frame's last byte as
+        // unconsumed until the frame's output is flushed, so chunks that end before that
+        // flush were planned one byte short and could not be decoded.
+        let data = text(9000);
+        let blob = zstd::bulk::compress(&data, 3)?;
+        let chunk_size = 1000;
+        let s = LayerStream::new(
+            blob.as_slice(),
+            Compression::Zstd,
+            chunk_size,
+            1 << 20,
+            false,
+        )?
+        .finish()?;
+        let layer = LayerIndex {
+            media_type: String::new(),
+            compression: Compression::Zstd,
+            digest: s.digest,
+            compressed_size: s.compressed_size,
+            diff_id: s.diff_id.unwrap_or_default(),
+            uncompressed_size: s.uncompressed_size,
+            chunk_size,
+            checkpoints: s.checkpoints,
+            chunks: s.chunks,
+        };
+        assert_eq!(layer.chunks.len(), 9);
+        for i in 0..9 {
+            let plan = layer.plan(i..i + 1);
+            let range = plan.compressed.start as usize..plan.compressed.end as usize;
+            let got = decode_chunks(&layer, &plan, &blob[range])?;
+            let want = layer.chunk_range(i);
+            assert_eq!(got, [&data[want.start as usize..want.end as usize]]);
+        }
+        Ok(())
+    }
 }

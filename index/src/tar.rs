@@ -57,6 +57,8 @@ pub struct TarReader<R> {
     /// Data and padding of the previous entry still to skip.
     pending_skip: u64,
     finished: bool,
+    /// Where skipped file data is read to; large reads keep the decompressor efficient.
+    scratch: Vec<u8>,
 }
 
 #[derive(Default)]
@@ -77,6 +79,7 @@ impl<R: Read> TarReader<R> {
             pos: 0,
             pending_skip: 0,
             finished: false,
+            scratch: Vec::new(),
         }
     }
 
@@ -308,7 +311,10 @@ impl<R: Read> TarReader<R> {
     }
 
     fn skip(&mut self, mut n: u64) -> Result<()> {
-        let mut scratch = [0u8; 16 * 1024];
+        if n > 0 && self.scratch.is_empty() {
+            self.scratch = vec![0u8; 256 * 1024];
+        }
+        let scratch = &mut self.scratch;
         while n > 0 {
             let want = n.min(scratch.len() as u64) as usize;
             match self.inner.read(&mut scratch[..want]) {

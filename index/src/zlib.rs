@@ -94,6 +94,12 @@ impl Inflater {
         if bits == 0 {
             return Ok(());
         }
+        // A block boundary leaves at most 7 unused bits in its byte; more is a corrupt index.
+        if bits > 7 {
+            return Err(format!(
+                "{bits} spare bits do not fit in the byte before a checkpoint"
+            ));
+        }
         let value = c_int::from(byte >> (8 - bits));
         // SAFETY: strm was initialised by inflateInit2_ in raw mode.
         let ret = unsafe { z::inflatePrime(&mut *self.strm, c_int::from(bits), value) };
@@ -179,5 +185,19 @@ impl Drop for Inflater {
         unsafe {
             z::inflateEnd(&mut *self.strm);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn priming_more_bits_than_a_byte_holds_is_an_error() -> Result<(), String> {
+        // Found by the decode_chunks fuzz target: `8 - bits` overflowed for bits > 8.
+        let mut inf = Inflater::new(Wrapper::Raw)?;
+        assert!(inf.prime(9, 0xff).is_err());
+        assert!(inf.prime(255, 0xff).is_err());
+        inf.prime(7, 0xff)
     }
 }

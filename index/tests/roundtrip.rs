@@ -82,6 +82,7 @@ fn check_random_ranges(
     let opts = IndexOptions {
         chunk_size: 256 * 1024 - 100,
         checkpoint_span: span,
+        verify_diff_id: true,
     };
     let spec = LayerSpec {
         media_type: media.into(),

@@ -51,6 +51,9 @@ pub enum Error {
         detail: String,
     },
 
+    #[error("{tier} cache: {detail}")]
+    Cache { tier: &'static str, detail: String },
+
     #[error("the index has no layer {0}")]
     NoSuchLayer(usize),
 
@@ -67,6 +70,10 @@ pub enum Error {
 
     #[error(transparent)]
     Index(#[from] clip_index::Error),
+
+    /// A failure of a fetch that several readers shared.
+    #[error("{0}")]
+    Shared(std::sync::Arc<Error>),
 
     #[error("background task failed: {0}")]
     Task(String),

@@ -6,15 +6,21 @@
 //!
 //! - [`source`]: the [`source::BlobSource`] trait and the OCI registry source.
 //! - [`auth`]: registry credentials and docker `config.json` parsing.
+//! - [`cache`]: the [`cache::ChunkCache`] trait, the disk cache and the memory tier.
+//! - [`tiered`]: the chunk store that reads through memory, cache tiers and the source.
+//! - [`stats`]: per-tier counters and read latency, with Prometheus text output.
 //! - [`indexer`]: builds an index by streaming layers from a registry in parallel.
 //! - [`reader`]: the range reader (checkpoint-based fetch, decode and verify).
 //! - [`error`]: the crate's error type.
 
 pub mod auth;
+pub mod cache;
 pub mod error;
 pub mod indexer;
 pub mod reader;
 pub mod source;
+pub mod stats;
+pub mod tiered;
 
 pub use auth::{Credentials, DockerConfig};
 pub use error::{Error, Result};
@@ -24,3 +30,4 @@ pub use source::BlobSource;
 pub use source::registry::{
     LayerDescriptor, Platform, RegistryBlobs, RegistryClient, RegistryConfig, ResolvedImage,
 };
+pub use tiered::{ChunkStore, StoreConfig};

@@ -86,7 +86,11 @@ impl<S: BlobSource> RangeReader<S> {
 
     /// Exactly `len` bytes at uncompressed `offset` of `layer`, verified.
     pub async fn read(&self, layer: usize, offset: u64, len: u64) -> Result<Bytes> {
-        let l = self.index.layers.get(layer).ok_or(Error::NoSuchLayer(layer))?;
+        let l = self
+            .index
+            .layers
+            .get(layer)
+            .ok_or(Error::NoSuchLayer(layer))?;
         let chunks = l.chunks_covering(offset, len)?;
         if chunks.is_empty() {
             return Ok(Bytes::new());

@@ -29,6 +29,11 @@ pub struct IndexArgs {
     #[arg(long, default_value_t = DEFAULT_CHECKPOINT_SPAN, env = "CLIP_CHECKPOINT_SPAN")]
     pub checkpoint_span: u64,
 
+    /// Also hash each uncompressed layer and check it against the config's diff_id (the
+    /// compressed digest is always checked, and already pins the content).
+    #[arg(long, env = "CLIP_VERIFY_DIFF_ID")]
+    pub verify_diff_id: bool,
+
     /// Layers indexed at the same time (default: the number of CPUs).
     #[arg(long, env = "CLIP_PARALLEL_LAYERS")]
     pub parallel: Option<usize>,
@@ -84,6 +89,7 @@ pub async fn run(args: IndexArgs) -> Result<()> {
     let opts = IndexOptions {
         chunk_size: args.chunk_size,
         checkpoint_span: args.checkpoint_span,
+        verify_diff_id: args.verify_diff_id,
     };
     let result = clip_storage::build_index(
         &client,

@@ -1,0 +1,37 @@
+//! Where verified chunks are kept. Every tier stores chunks under their digest (content
+//! addressed), so one cache serves every image that shares a layer.
+
+pub mod disk;
+pub mod memory;
+
+use bytes::Bytes;
+use clip_index::Digest;
+use futures::future::BoxFuture;
+
+use crate::error::Result;
+
+/// A chunk's identity: the sha256 of its bytes, and its length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ChunkKey {
+    pub digest: Digest,
+    pub len: u32,
+}
+
+/// A cache tier between the memory tier and the blob source.
+///
+/// `get` returns only bytes that match the key's digest: a tier that finds a damaged entry
+/// discards it and reports a miss. Boxed futures keep the trait object-safe, so the store
+/// holds a list of tiers.
+pub trait ChunkCache: Send + Sync + 'static {
+    /// The chunk's bytes, verified, or `None` on a miss.
+    fn get<'a>(&'a self, key: &'a ChunkKey) -> BoxFuture<'a, Result<Option<Bytes>>>;
+
+    /// Stores a chunk that the caller has verified.
+    fn put<'a>(&'a self, key: &'a ChunkKey, data: Bytes) -> BoxFuture<'a, Result<()>>;
+
+    /// Whether the tier holds the chunk (without reading or verifying it).
+    fn contains<'a>(&'a self, key: &'a ChunkKey) -> BoxFuture<'a, bool>;
+
+    /// The tier's name in metrics and logs (`disk`, `redis`).
+    fn name(&self) -> &'static str;
+}

@@ -1,0 +1,406 @@
+//! The chunk store: memory, then each cache tier, then the blob source. Misses for the same
+//! chunk are fetched once (single-flight), source fetches are bounded, sequential reading
+//! triggers read-ahead, and every chunk is verified before anyone sees it.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use clip_index::{Compression, ImageIndex, LayerIndex};
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
+use tokio::sync::Semaphore;
+use tracing::{debug, warn};
+
+use crate::cache::memory::MemoryCache;
+use crate::cache::{ChunkCache, ChunkKey};
+use crate::error::{Error, Result};
+use crate::reader::RangeReader;
+use crate::source::BlobSource;
+use crate::stats::StoreStats;
+
+/// Tunables of a chunk store.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// Bytes of decoded chunks kept in memory.
+    pub memory_bytes: u64,
+    /// Source fetches in flight at once.
+    pub fetch_concurrency: usize,
+    /// Checkpoint spans fetched ahead of a sequential reader.
+    pub readahead_runs: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            memory_bytes: 32 << 20,
+            fetch_concurrency: 8,
+            readahead_runs: 2,
+        }
+    }
+}
+
+type RunFuture = Shared<BoxFuture<'static, Result<Arc<Run>, Arc<Error>>>>;
+
+/// Decoded chunks of one source fetch.
+#[derive(Debug)]
+struct Run {
+    chunks: Range<u32>,
+    data: Vec<Bytes>,
+}
+
+impl Run {
+    fn get(&self, c: u32) -> Option<Bytes> {
+        let i = c.checked_sub(self.chunks.start)? as usize;
+        self.data.get(i).cloned()
+    }
+}
+
+/// Reads chunks of one image through the tiers.
+pub struct ChunkStore<S> {
+    index: Arc<ImageIndex>,
+    reader: RangeReader<S>,
+    memory: MemoryCache,
+    tiers: Vec<Arc<dyn ChunkCache>>,
+    inflight: Mutex<HashMap<(usize, u32), RunFuture>>,
+    permits: Arc<Semaphore>,
+    last_chunk: Mutex<HashMap<usize, u32>>,
+    config: StoreConfig,
+    stats: Arc<StoreStats>,
+}
+
+impl<S> std::fmt::Debug for ChunkStore<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChunkStore")
+            .field(
+                "tiers",
+                &self.tiers.iter().map(|t| t.name()).collect::<Vec<_>>(),
+            )
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: BlobSource> ChunkStore<S> {
+    pub fn new(
+        index: Arc<ImageIndex>,
+        source: Arc<S>,
+        tiers: Vec<Arc<dyn ChunkCache>>,
+        config: StoreConfig,
+    ) -> Arc<Self> {
+        let names: Vec<&'static str> = tiers.iter().map(|t| t.name()).collect();
+        Arc::new(Self {
+            reader: RangeReader::new(index.clone(), source),
+            index,
+            memory: MemoryCache::new(config.memory_bytes),
+            tiers,
+            inflight: Mutex::new(HashMap::new()),
+            permits: Arc::new(Semaphore::new(config.fetch_concurrency.max(1))),
+            last_chunk: Mutex::new(HashMap::new()),
+            stats: Arc::new(StoreStats::new(&names)),
+            config,
+        })
+    }
+
+    pub fn index(&self) -> &Arc<ImageIndex> {
+        &self.index
+    }
+
+    pub fn stats(&self) -> &Arc<StoreStats> {
+        &self.stats
+    }
+
+    fn layer(&self, layer: usize) -> Result<&LayerIndex> {
+        self.index
+            .layers
+            .get(layer)
+            .ok_or(Error::NoSuchLayer(layer))
+    }
+
+    fn key(&self, layer: usize, c: u32) -> Result<ChunkKey> {
+        let l = self.layer(layer)?;
+        let chunk = l.chunks.get(c as usize).ok_or(Error::NoSuchLayer(layer))?;
+        let r = l.chunk_range(c);
+        Ok(ChunkKey {
+            digest: chunk.digest,
+            len: (r.end - r.start) as u32,
+        })
+    }
+
+    /// Exactly `len` bytes at uncompressed `offset` of `layer`.
+    pub async fn read(self: &Arc<Self>, layer: usize, offset: u64, len: u64) -> Result<Bytes> {
+        let started = Instant::now();
+        let result = self.read_inner(layer, offset, len).await;
+        self.stats.read_latency.observe(started.elapsed());
+        if result.is_err() {
+            self.stats
+                .read_errors
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        result
+    }
+
+    async fn read_inner(self: &Arc<Self>, layer: usize, offset: u64, len: u64) -> Result<Bytes> {
+        let l = self.layer(layer)?;
+        let chunks = l.chunks_covering(offset, len)?;
+        if chunks.is_empty() {
+            return Ok(Bytes::new());
+        }
+        self.note_access(layer, chunks.end - 1);
+        let first_start = l.chunk_range(chunks.start).start;
+        let pieces =
+            futures::future::try_join_all(chunks.clone().map(|c| self.chunk(layer, c))).await?;
+        if pieces.len() == 1 {
+            let from = (offset - first_start) as usize;
+            return Ok(pieces[0].slice(from..from + len as usize));
+        }
+        let mut out = BytesMut::with_capacity(len as usize);
+        let mut pos = first_start;
+        for p in pieces {
+            let end = pos + p.len() as u64;
+            let from = offset.max(pos);
+            let to = (offset + len).min(end);
+            if from < to {
+                out.extend_from_slice(&p[(from - pos) as usize..(to - pos) as usize]);
+            }
+            pos = end;
+        }
+        Ok(out.freeze())
+    }
+
+    /// One verified chunk, from the fastest tier that has it.
+    pub async fn chunk(self: &Arc<Self>, layer: usize, c: u32) -> Result<Bytes> {
+        let key = self.key(layer, c)?;
+        if let Some(b) = self.memory.get(&key.digest) {
+            self.stats.memory.add(b.len());
+            return Ok(b);
+        }
+        let pending = self.lock_inflight().get(&(layer, c)).cloned();
+        if let Some(run) = pending {
+            let run = run.await.map_err(Error::Shared)?;
+            if let Some(b) = run.get(c) {
+                return Ok(b);
+            }
+        }
+        for (i, tier) in self.tiers.iter().enumerate() {
+            match tier.get(&key).await {
+                Ok(Some(b)) => {
+                    self.stats.tiers[i].1.add(b.len());
+                    self.memory.put(key.digest, b.clone());
+                    for upper in &self.tiers[..i] {
+                        self.spawn_put(upper.clone(), key, b.clone());
+                    }
+                    return Ok(b);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    warn!(tier = tier.name(), error = %e, "cache tier failed; trying the next")
+                }
+            }
+        }
+        let run = self.fetch(layer, self.miss_run(layer, c)?, false);
+        let run = run.await.map_err(Error::Shared)?;
+        run.get(c)
+            .ok_or_else(|| Error::Task(format!("chunk {c} missing from its run")))
+    }
+
+    fn lock_inflight(&self) -> std::sync::MutexGuard<'_, HashMap<(usize, u32), RunFuture>> {
+        self.inflight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts (or joins) the source fetch of `chunks`, registered for each of its chunks.
+    fn fetch(self: &Arc<Self>, layer: usize, chunks: Range<u32>, prefetch: bool) -> RunFuture {
+        let mut inflight = self.lock_inflight();
+        if let Some(existing) = inflight.get(&(layer, chunks.end - 1)) {
+            return existing.clone();
+        }
+        let this = self.clone();
+        let run_chunks = chunks.clone();
+        let fut = async move {
+            let result = this.fetch_run(layer, run_chunks.clone(), prefetch).await;
+            let mut inflight = this.lock_inflight();
+            for c in run_chunks {
+                inflight.remove(&(layer, c));
+            }
+            result.map_err(Arc::new)
+        }
+        .boxed()
+        .shared();
+        for c in chunks {
+            inflight.entry((layer, c)).or_insert_with(|| fut.clone());
+        }
+        fut
+    }
+
+    async fn fetch_run(
+        self: &Arc<Self>,
+        layer: usize,
+        chunks: Range<u32>,
+        prefetch: bool,
+    ) -> Result<Arc<Run>> {
+        let _permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| Error::Task(e.to_string()))?;
+        let (requests_before, bytes_before) = self.reader.stats().snapshot();
+        let data = self.reader.read_chunks(layer, chunks.clone()).await?;
+        let (requests_after, bytes_after) = self.reader.stats().snapshot();
+        self.stats.source_requests.fetch_add(
+            requests_after.saturating_sub(requests_before),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        self.stats.source_bytes.fetch_add(
+            bytes_after.saturating_sub(bytes_before),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        for (c, b) in chunks.clone().zip(&data) {
+            if prefetch {
+                self.stats
+                    .prefetched_chunks
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            } else {
+                self.stats.source.add(b.len());
+            }
+            let key = self.key(layer, c)?;
+            self.memory.put(key.digest, b.clone());
+            for tier in &self.tiers {
+                self.spawn_put(tier.clone(), key, b.clone());
+            }
+        }
+        debug!(layer, ?chunks, prefetch, "fetched a run of chunks");
+        Ok(Arc::new(Run { chunks, data }))
+    }
+
+    fn spawn_put(&self, tier: Arc<dyn ChunkCache>, key: ChunkKey, data: Bytes) {
+        tokio::spawn(async move {
+            if let Err(e) = tier.put(&key, data).await {
+                warn!(tier = tier.name(), error = %e, "storing a chunk failed");
+            }
+        });
+    }
+
+    /// The chunks that share chunk `c`'s checkpoint: decoding them costs one fetch.
+    pub fn span_run(&self, layer: usize, c: u32) -> Result<Range<u32>> {
+        let l = self.layer(layer)?;
+        let n = l.chunks.len() as u32;
+        let size = u64::from(l.chunk_size);
+        if l.compression == Compression::None {
+            return Ok(c..(c + 1).min(n));
+        }
+        let start = l.chunk_range(c).start;
+        let i = l
+            .checkpoints
+            .partition_point(|cp| cp.uncompressed_offset <= start);
+        let from = match i.checked_sub(1) {
+            Some(k) => l.checkpoints[k].uncompressed_offset.div_ceil(size) as u32,
+            None => 0,
+        };
+        let to = match l.checkpoints.get(i) {
+            Some(next) => (next.uncompressed_offset.div_ceil(size) as u32).min(n),
+            None => n,
+        };
+        Ok(from.min(c)..to.max(c + 1))
+    }
+
+    /// On a miss, fetch from the run's start to `c`: the same compressed bytes as `c` alone.
+    fn miss_run(&self, layer: usize, c: u32) -> Result<Range<u32>> {
+        let run = self.span_run(layer, c)?;
+        Ok(run.start..c + 1)
+    }
+
+    /// Sequential readers get the next spans fetched ahead of them.
+    fn note_access(self: &Arc<Self>, layer: usize, c: u32) {
+        let prev = {
+            let mut last = self.last_chunk.lock().unwrap_or_else(|p| p.into_inner());
+            last.insert(layer, c)
+        };
+        let sequential = prev.is_some_and(|p| p + 1 == c || p == c);
+        if !sequential || self.config.readahead_runs == 0 {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let Ok(l) = this.layer(layer) else { return };
+            let n = l.chunks.len() as u32;
+            let mut next = c + 1;
+            for _ in 0..this.config.readahead_runs {
+                if next >= n {
+                    break;
+                }
+                let Ok(run) = this.span_run(layer, next) else {
+                    return;
+                };
+                let run = next.max(run.start)..run.end;
+                next = run.end;
+                if this.cached(layer, run.clone()).await {
+                    continue;
+                }
+                if let Err(e) = this.fetch(layer, run, true).await {
+                    debug!(layer, error = %e, "read-ahead failed");
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Whether every chunk of `run` is already in memory, in flight or in a tier.
+    async fn cached(&self, layer: usize, run: Range<u32>) -> bool {
+        for c in run {
+            let Ok(key) = self.key(layer, c) else {
+                return true;
+            };
+            if self.memory.get(&key.digest).is_some()
+                || self.lock_inflight().contains_key(&(layer, c))
+            {
+                continue;
+            }
+            let mut found = false;
+            for t in &self.tiers {
+                if t.contains(&key).await {
+                    found = true;
+                    break;
+                }
+            }
+            if !found {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Fetches every chunk of the image that no tier holds, `parallel` runs at a time.
+    /// For `--prefetch`: the whole image lands in the caches at low priority.
+    pub async fn prefetch_all(self: &Arc<Self>, parallel: usize) -> Result<u64> {
+        let mut runs = Vec::new();
+        for (layer, l) in self.index.layers.iter().enumerate() {
+            let n = l.chunks.len() as u32;
+            let mut c = 0;
+            while c < n {
+                let run = self.span_run(layer, c)?;
+                let run = c.max(run.start)..run.end;
+                c = run.end;
+                runs.push((layer, run));
+            }
+        }
+        use futures::StreamExt;
+        let mut fetched = 0u64;
+        let mut results = futures::stream::iter(runs)
+            .map(|(layer, run)| async move {
+                if self.cached(layer, run.clone()).await {
+                    return Ok(0);
+                }
+                let n = run.len() as u64;
+                self.fetch(layer, run, true).await.map_err(Error::Shared)?;
+                Ok::<u64, Error>(n)
+            })
+            .buffer_unordered(parallel.max(1));
+        while let Some(r) = results.next().await {
+            fetched += r?;
+        }
+        Ok(fetched)
+    }
+}
