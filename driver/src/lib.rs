@@ -1,9 +1,13 @@
 //! clip-driver: everything that runs on a node.
 //!
-//! - [`cli`]: the `clip` command line (index, inspect, cat).
+//! - [`cli`]: the `clip` command line (index, inspect, cat, mount, umount).
+//! - [`fs`]: the read-only FUSE filesystem over an index and a chunk store.
+//! - [`metrics`]: a minimal Prometheus text endpoint.
 //! - [`error`]: the crate's error type.
 
 pub mod cli;
 pub mod error;
+pub mod fs;
+pub mod metrics;
 
 pub use error::{Error, Result};

@@ -10,9 +10,11 @@
 //! - [`image`]: declarative test images (layers of files, links, devices, whiteouts) built
 //!   into tar/gzip/zstd blobs and pushed with a minimal registry client.
 //! - [`model`]: the expected merged tree of a test image, computed independently of clip.
+//! - [`check`]: compares a mounted tree with the model, field by field and byte by byte.
 //! - [`fixtures`]: the standard test images.
 //! - [`http`]: the tiny blocking HTTP/1.1 client behind the above.
 
+pub mod check;
 pub mod fixtures;
 pub mod http;
 pub mod image;

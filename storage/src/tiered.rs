@@ -306,10 +306,16 @@ impl<S: BlobSource> ChunkStore<S> {
         Ok(from.min(c)..to.max(c + 1))
     }
 
-    /// On a miss, fetch from the run's start to `c`: the same compressed bytes as `c` alone.
+    /// What a miss on chunk `c` fetches. gzip: the whole span run, so every compressed byte
+    /// is fetched once and later misses in the run are hits. zstd (few or no checkpoints):
+    /// from the run's start up to `c` only, since decoding must start there anyway and the
+    /// rest of a single-frame layer may be the whole image.
     fn miss_run(&self, layer: usize, c: u32) -> Result<Range<u32>> {
         let run = self.span_run(layer, c)?;
-        Ok(run.start..c + 1)
+        match self.layer(layer)?.compression {
+            Compression::Zstd => Ok(run.start..c + 1),
+            _ => Ok(run),
+        }
     }
 
     /// Sequential readers get the next spans fetched ahead of them.

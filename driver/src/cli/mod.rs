@@ -3,6 +3,7 @@
 mod cat;
 mod index;
 mod inspect;
+mod mount;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -55,6 +56,10 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// Print one file of an image, reading only the bytes it needs from the registry.
     Cat(cat::CatArgs),
+    /// Mount an image read-only with FUSE, in the foreground.
+    Mount(mount::MountArgs),
+    /// Unmount a clip mount (also one whose process died).
+    Umount(mount::UmountArgs),
 }
 
 /// How to reach registries; shared by every command that talks to one.
@@ -156,6 +161,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Index(args) => index::run(args).await?,
             Command::Inspect(args) => inspect::run(args)?,
             Command::Cat(args) => cat::run(args).await?,
+            Command::Mount(args) => mount::run(args).await?,
+            Command::Umount(args) => mount::umount(args)?,
         }
         Ok(ExitCode::SUCCESS)
     })
@@ -197,6 +204,31 @@ pub async fn index_for(
 
 pub fn default_parallelism() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+/// Parses `10GiB`, `512MiB`, `64K`, `1000000`.
+pub fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| Error::Config(format!("{s:?} is not a size (try 10GiB)")))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        _ => {
+            return Err(Error::Config(format!(
+                "{s:?}: unknown unit (use KiB, MiB, GiB, TiB)"
+            )));
+        }
+    };
+    Ok((n * mult as f64) as u64)
 }
 
 /// `1.5 MiB`-style sizes for people.

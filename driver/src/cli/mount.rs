@@ -1,0 +1,258 @@
+//! `clip mount IMAGE DIR` and `clip umount DIR`
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::Args;
+use clip_index::ImageIndex;
+use clip_storage::cache::disk::DiskCache;
+use clip_storage::{ChunkStore, RegistryClient, StoreConfig};
+use tracing::info;
+
+use super::{RegistryArgs, default_parallelism, human_bytes, load_index, parse_size};
+use crate::error::{Error, Result};
+use crate::fs::{MountOptions, is_mounted, mount, unmount_path};
+
+#[derive(Debug, Args)]
+pub struct MountArgs {
+    /// An index file, or an image reference (indexed on first use, then kept in the cache).
+    pub image: String,
+
+    /// Where to mount (an existing empty directory).
+    pub dir: PathBuf,
+
+    /// Local chunk cache directory.
+    #[arg(long, env = "CLIP_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+
+    /// Most bytes the chunk cache may hold on disk (e.g. 10GiB, 512MiB).
+    #[arg(long, default_value = "10GiB", env = "CLIP_CACHE_SIZE")]
+    pub cache_size: String,
+
+    /// Decoded chunks kept in memory.
+    #[arg(long, default_value = "32MiB", env = "CLIP_MEMORY_CACHE")]
+    pub memory_cache: String,
+
+    /// FUSE worker threads.
+    #[arg(long, default_value_t = 8, env = "CLIP_FUSE_THREADS")]
+    pub threads: usize,
+
+    /// Registry range requests in flight at once.
+    #[arg(long, default_value_t = 8, env = "CLIP_FETCH_CONCURRENCY")]
+    pub fetch_concurrency: usize,
+
+    /// Fetch the whole image into the cache in the background after mounting.
+    #[arg(long, env = "CLIP_PREFETCH")]
+    pub prefetch: bool,
+
+    /// Print per-tier statistics when the mount ends.
+    #[arg(long)]
+    pub stats: bool,
+
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9100).
+    #[arg(long, env = "CLIP_METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
+
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct UmountArgs {
+    /// The mount point; a dead mount (its process killed) is detached too.
+    pub dir: PathBuf,
+}
+
+fn default_cache_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(x).join("clip");
+    }
+    match std::env::var_os("HOME") {
+        Some(h) => PathBuf::from(h).join(".cache/clip"),
+        None => PathBuf::from("/var/cache/clip"),
+    }
+}
+
+/// The index for `image`: a file, or a reference whose index is cached under `cache_dir`.
+async fn index_for_mount(
+    image: &str,
+    cache_dir: &Path,
+    registry: &RegistryArgs,
+    client: &RegistryClient,
+) -> Result<Arc<ImageIndex>> {
+    let path = Path::new(image);
+    if path.is_file() {
+        return Ok(Arc::new(load_index(path)?));
+    }
+    let resolved = client.resolve(image, registry.platform()?.as_ref()).await?;
+    let dir = cache_dir.join("indexes");
+    let file = dir.join(format!("{}.clipidx", resolved.manifest_digest.hex()));
+    if file.is_file()
+        && let Ok(index) = load_index(&file)
+    {
+        return Ok(Arc::new(index));
+    }
+    eprintln!(
+        "clip: indexing {image} ({}) once; later mounts reuse the index",
+        resolved.manifest_digest
+    );
+    let index = clip_storage::build_index(
+        client,
+        &resolved,
+        clip_index::IndexOptions::default(),
+        default_parallelism(),
+        Arc::default(),
+    )
+    .await?;
+    std::fs::create_dir_all(&dir).map_err(|source| Error::File {
+        path: dir.clone(),
+        source,
+    })?;
+    let tmp = file.with_extension("tmp");
+    std::fs::write(&tmp, clip_index::encode(&index)?)
+        .and_then(|()| std::fs::rename(&tmp, &file))
+        .map_err(|source| Error::File {
+            path: file.clone(),
+            source,
+        })?;
+    Ok(Arc::new(index))
+}
+
+pub async fn run(args: MountArgs) -> Result<()> {
+    let started = Instant::now();
+    let cache_dir = args.cache_dir.clone().unwrap_or_else(default_cache_dir);
+    let cache_size = parse_size(&args.cache_size)?;
+    let memory = parse_size(&args.memory_cache)?;
+    if !args.dir.is_dir() {
+        return Err(Error::Config(format!(
+            "{} is not a directory",
+            args.dir.display()
+        )));
+    }
+    let client = args.registry.client()?;
+    let index = index_for_mount(&args.image, &cache_dir, &args.registry, &client).await?;
+    let source = client.repository(&index.source.repository, &index.source.manifest_digest)?;
+    let disk = DiskCache::open(&cache_dir.join("chunks"), cache_size)?;
+    let store = ChunkStore::new(
+        index.clone(),
+        Arc::new(source),
+        vec![Arc::new(disk)],
+        StoreConfig {
+            memory_bytes: memory,
+            fetch_concurrency: args.fetch_concurrency,
+            ..StoreConfig::default()
+        },
+    );
+    let fsname = format!(
+        "clip:{}@{}",
+        index.source.repository, index.source.manifest_digest
+    );
+    let options = MountOptions {
+        fsname: fsname.clone(),
+        threads: args.threads,
+        allow_other: true,
+    };
+    let mounted = mount(
+        store.clone(),
+        &args.dir,
+        &options,
+        tokio::runtime::Handle::current(),
+    )
+    .map_err(|source| Error::File {
+        path: args.dir.clone(),
+        source,
+    })?;
+    eprintln!(
+        "clip: mounted {} at {} in {:.2}s; Ctrl-C or `clip umount {}` to unmount",
+        args.image,
+        args.dir.display(),
+        started.elapsed().as_secs_f64(),
+        args.dir.display()
+    );
+    info!(image = %args.image, dir = %args.dir.display(), "mounted");
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    if let Some(addr) = &args.metrics_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| Error::Config(format!("--metrics-addr {addr}: {e}")))?;
+        let stats = store.stats().clone();
+        let labels = format!("image=\"{}\"", fsname.replace('"', ""));
+        let render: Arc<dyn Fn() -> String + Send + Sync> =
+            Arc::new(move || stats.snapshot().to_prometheus(&labels));
+        let mut rx = stop_rx.clone();
+        tokio::spawn(crate::metrics::serve(listener, render, async move {
+            let _ = rx.changed().await;
+        }));
+    }
+    if args.prefetch {
+        let store = store.clone();
+        tokio::spawn(async move {
+            match store.prefetch_all(2).await {
+                Ok(n) => info!(chunks = n, "prefetch finished"),
+                Err(e) => tracing::warn!(error = %e, "prefetch stopped"),
+            }
+        });
+    }
+    let dir = args.dir.clone();
+    let mut waiter = tokio::task::spawn_blocking(move || mounted.join());
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let signalled = tokio::select! {
+        _ = tokio::signal::ctrl_c() => true,
+        _ = sigterm.recv() => true,
+        _ = &mut waiter => false,
+    };
+    if signalled {
+        // Unmounting from here ends the session; the waiter then returns.
+        unmount_path(&dir).map_err(|source| Error::File {
+            path: dir.clone(),
+            source,
+        })?;
+        let _ = waiter.await;
+    }
+    let _ = stop_tx.send(true);
+    if args.stats {
+        print_stats(&store.stats().snapshot());
+    }
+    Ok(())
+}
+
+fn print_stats(s: &clip_storage::stats::StatsSnapshot) {
+    eprintln!("clip: tier      chunks        bytes");
+    for t in &s.tiers {
+        eprintln!(
+            "clip: {:<8} {:>8} {:>12}",
+            t.tier,
+            t.chunks,
+            human_bytes(t.bytes)
+        );
+    }
+    eprintln!(
+        "clip: source requests {}, compressed bytes {}, prefetched chunks {}, read errors {}",
+        s.source_requests,
+        human_bytes(s.source_bytes),
+        s.prefetched_chunks,
+        s.read_errors
+    );
+    if s.read_latency.count > 0 {
+        eprintln!(
+            "clip: reads {}, mean latency {:.2} ms",
+            s.read_latency.count,
+            s.read_latency.sum_us as f64 / s.read_latency.count as f64 / 1000.0
+        );
+    }
+}
+
+pub fn umount(args: UmountArgs) -> Result<()> {
+    if !is_mounted(&args.dir) {
+        return Err(Error::Config(format!(
+            "{} is not mounted",
+            args.dir.display()
+        )));
+    }
+    unmount_path(&args.dir).map_err(|source| Error::File {
+        path: args.dir.clone(),
+        source,
+    })
+}

@@ -1,0 +1,323 @@
+//! [`ClipFs`]: fuser callbacks answered from the index; file data from the chunk store.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clip_index::{Content, ImageIndex, Inode, NodeKind};
+use clip_storage::{BlobSource, ChunkStore};
+use fuser::{
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+};
+use tracing::warn;
+
+use super::attr::{attr, file_type};
+use super::error::read_errno;
+
+/// The image never changes under a mount: let the kernel cache names and attributes,
+/// including failed lookups (an interpreter probes hundreds of missing paths).
+const TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// A read-only filesystem over one indexed image.
+pub struct ClipFs<S> {
+    index: Arc<ImageIndex>,
+    store: Arc<ChunkStore<S>>,
+    runtime: tokio::runtime::Handle,
+    /// Parent of each directory inode (for ".."), computed once at mount.
+    parents: Vec<u64>,
+    name: String,
+}
+
+impl<S> std::fmt::Debug for ClipFs<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ClipFs({})", self.name)
+    }
+}
+
+impl<S: BlobSource> ClipFs<S> {
+    pub fn new(store: Arc<ChunkStore<S>>, runtime: tokio::runtime::Handle, name: String) -> Self {
+        let index = store.index().clone();
+        let mut parents = vec![1u64; index.inode_count() as usize + 1];
+        for ino in 1..=index.inode_count() {
+            for d in index.children(Inode(ino)) {
+                if let Some(p) = parents.get_mut(d.inode.0 as usize) {
+                    *p = ino;
+                }
+            }
+        }
+        Self {
+            index,
+            store,
+            runtime,
+            parents,
+            name,
+        }
+    }
+
+    fn attr_of(&self, ino: u64) -> Option<FileAttr> {
+        self.index.node(Inode(ino)).map(|n| attr(Inode(ino), n))
+    }
+
+    fn negative_entry() -> FileAttr {
+        let mut a = attr(
+            Inode(0),
+            &clip_index::Node {
+                kind: NodeKind::Regular,
+                mode: 0,
+                uid: 0,
+                gid: 0,
+                mtime: 0,
+                mtime_nsec: 0,
+                size: 0,
+                nlink: 0,
+                rdev_major: 0,
+                rdev_minor: 0,
+                xattrs: Vec::new(),
+                content: Content::None,
+            },
+        );
+        a.ino = INodeNo(0);
+        a
+    }
+
+    fn xattr_reply(data: &[u8], size: u32, reply: ReplyXattr) {
+        if size == 0 {
+            reply.size(data.len() as u32);
+        } else if (size as usize) < data.len() {
+            reply.error(Errno::ERANGE);
+        } else {
+            reply.data(data);
+        }
+    }
+}
+
+/// A path for `ino`, for log messages only (a walk of the tree, on the error path).
+fn path_of(index: &ImageIndex, ino: u64) -> String {
+    let mut found = None;
+    index.walk(|path, i, _| {
+        if found.is_none() && i.0 == ino {
+            found = Some(String::from_utf8_lossy(path).into_owned());
+        }
+    });
+    found.unwrap_or_else(|| format!("inode {ino}"))
+}
+
+impl<S: BlobSource> Filesystem for ClipFs<S> {
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.index.node(Inode(parent.0)) {
+            Some(n) if n.kind == NodeKind::Directory => {}
+            Some(_) => return reply.error(Errno::ENOTDIR),
+            None => return reply.error(Errno::ENOENT),
+        }
+        match self.index.lookup(Inode(parent.0), name.as_bytes()) {
+            Some(ino) => match self.attr_of(ino.0) {
+                Some(a) => reply.entry(&TTL, &a, Generation(0)),
+                None => reply.error(Errno::EIO),
+            },
+            // Inode 0 with a timeout: the kernel caches the miss.
+            None => reply.entry(&TTL, &Self::negative_entry(), Generation(0)),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.attr_of(ino.0) {
+            Some(a) => reply.attr(&TTL, &a),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.index.node(Inode(ino.0)).map(|n| &n.content) {
+            Some(Content::Symlink { target }) => reply.data(target),
+            Some(_) => reply.error(Errno::EINVAL),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.acc_mode() != OpenAccMode::O_RDONLY {
+            return reply.error(Errno::EROFS);
+        }
+        match self.index.node(Inode(ino.0)) {
+            Some(n) if n.kind == NodeKind::Directory => reply.error(Errno::EISDIR),
+            // No per-open state: the handle is always 0, and the page cache survives reopening.
+            Some(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let Some(node) = self.index.node(Inode(ino.0)) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let (layer, base) = match node.content {
+            Content::File { layer, offset } => (layer as usize, offset),
+            _ if node.kind == NodeKind::Regular => return reply.data(&[]),
+            _ => return reply.error(Errno::EINVAL),
+        };
+        if offset >= node.size {
+            return reply.data(&[]);
+        }
+        let len = u64::from(size).min(node.size - offset);
+        let store = self.store.clone();
+        let image = self.name.clone();
+        let index = self.index.clone();
+        // The worker thread goes back to the kernel at once; a slow fetch blocks only this read.
+        self.runtime.spawn(async move {
+            match store.read(layer, base + offset, len).await {
+                Ok(bytes) => reply.data(&bytes),
+                Err(e) => {
+                    let path = path_of(&index, ino.0);
+                    warn!(%image, %path, offset, len, error = %e, "read failed");
+                    reply.error(read_errno(&e));
+                }
+            }
+        });
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.index.node(Inode(ino.0)) {
+            Some(n) if n.kind == NodeKind::Directory => reply.opened(
+                FileHandle(0),
+                FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
+            ),
+            Some(_) => reply.error(Errno::ENOTDIR),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        if self.index.node(Inode(ino.0)).is_none() {
+            return reply.error(Errno::ENOENT);
+        }
+        let parent = self.parents.get(ino.0 as usize).copied().unwrap_or(1);
+        let children = self.index.children(Inode(ino.0));
+        let total = children.len() as u64 + 2;
+        for i in offset..total {
+            let full = match i {
+                0 => reply.add(ino, 1, FileType::Directory, "."),
+                1 => reply.add(INodeNo(parent), 2, FileType::Directory, ".."),
+                _ => {
+                    let d = &children[(i - 2) as usize];
+                    let kind = self
+                        .index
+                        .node(d.inode)
+                        .map_or(FileType::RegularFile, |n| file_type(n.kind));
+                    reply.add(INodeNo(d.inode.0), i + 1, kind, OsStr::from_bytes(&d.name))
+                }
+            };
+            if full {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let Some(dir_attr) = self.attr_of(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let parent = self.parents.get(ino.0 as usize).copied().unwrap_or(1);
+        let parent_attr = self.attr_of(parent).unwrap_or(dir_attr);
+        let children = self.index.children(Inode(ino.0));
+        let total = children.len() as u64 + 2;
+        for i in offset..total {
+            let full = match i {
+                0 => reply.add(ino, 1, ".", &TTL, &dir_attr, Generation(0)),
+                1 => reply.add(INodeNo(parent), 2, "..", &TTL, &parent_attr, Generation(0)),
+                _ => {
+                    let d = &children[(i - 2) as usize];
+                    let Some(a) = self.attr_of(d.inode.0) else {
+                        continue;
+                    };
+                    reply.add(
+                        INodeNo(d.inode.0),
+                        i + 1,
+                        OsStr::from_bytes(&d.name),
+                        &TTL,
+                        &a,
+                        Generation(0),
+                    )
+                }
+            };
+            if full {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let s = self.index.stats();
+        reply.statfs(
+            s.file_bytes.div_ceil(4096),
+            0,
+            0,
+            s.inodes as u64,
+            0,
+            4096,
+            255,
+            4096,
+        );
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let Some(node) = self.index.node(Inode(ino.0)) else {
+            return reply.error(Errno::ENOENT);
+        };
+        match node.xattrs.iter().find(|x| &*x.name == name.as_bytes()) {
+            Some(x) => Self::xattr_reply(&x.value, size, reply),
+            None => reply.error(Errno::ENODATA),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let Some(node) = self.index.node(Inode(ino.0)) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let mut names = Vec::new();
+        for x in &node.xattrs {
+            names.extend_from_slice(&x.name);
+            names.push(0);
+        }
+        Self::xattr_reply(&names, size, reply);
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        if self.index.node(Inode(ino.0)).is_none() {
+            return reply.error(Errno::ENOENT);
+        }
+        if mask.contains(AccessFlags::W_OK) {
+            return reply.error(Errno::EROFS);
+        }
+        // default_permissions has the kernel check mode bits itself.
+        reply.ok();
+    }
+}

@@ -1,0 +1,148 @@
+//! The read-only FUSE filesystem over an image index and a chunk store.
+//!
+//! fuser is used only inside this module: the rest of the driver sees [`MountOptions`] and
+//! [`Mount`]. Inode numbers are the index's, and file handles carry no state, so a later
+//! server process can take over a live `/dev/fuse` session without a translation table.
+
+mod attr;
+mod error;
+mod filesystem;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use clip_storage::{BlobSource, ChunkStore};
+
+pub use filesystem::ClipFs;
+
+/// How to mount.
+#[derive(Debug, Clone)]
+pub struct MountOptions {
+    /// Shown as the mount source, e.g. `clip:registry/app@sha256:...`.
+    pub fsname: String,
+    /// FUSE worker threads (each with its own /dev/fuse descriptor).
+    pub threads: usize,
+    /// Let other users (a pod's user) use the mount.
+    pub allow_other: bool,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        Self {
+            fsname: "clip".into(),
+            threads: 8,
+            allow_other: true,
+        }
+    }
+}
+
+/// A mounted filesystem; unmounted on [`Mount::unmount`] or drop.
+pub struct Mount {
+    session: Option<fuser::BackgroundSession>,
+    dir: PathBuf,
+}
+
+impl std::fmt::Debug for Mount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Mount({})", self.dir.display())
+    }
+}
+
+impl Mount {
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Unmounts and waits for the session to end.
+    pub fn unmount(mut self) -> std::io::Result<()> {
+        match self.session.take() {
+            Some(s) => s.umount_and_join(),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits until the filesystem is unmounted from outside (`umount`, `clip umount`).
+    pub fn join(mut self) -> std::io::Result<()> {
+        match self.session.take() {
+            Some(s) => s.join(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if let Some(s) = self.session.take() {
+            let _ = s.umount_and_join();
+        }
+    }
+}
+
+/// Mounts the image of `store` read-only at `dir`. Reads are served on `runtime`.
+pub fn mount<S: BlobSource>(
+    store: Arc<ChunkStore<S>>,
+    dir: &Path,
+    options: &MountOptions,
+    runtime: tokio::runtime::Handle,
+) -> std::io::Result<Mount> {
+    use fuser::MountOption as O;
+    let fs = ClipFs::new(store, runtime, options.fsname.clone());
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        O::RO,
+        O::NoSuid,
+        O::NoDev,
+        O::DefaultPermissions,
+        O::FSName(options.fsname.clone()),
+        O::Subtype("clip".into()),
+    ];
+    if options.allow_other {
+        config.acl = fuser::SessionACL::All;
+    }
+    config.n_threads = Some(options.threads.max(1));
+    config.clone_fd = options.threads > 1;
+    let session = fuser::spawn_mount(fs, dir, &config)?;
+    Ok(Mount {
+        session: Some(session),
+        dir: dir.to_owned(),
+    })
+}
+
+/// Detaches whatever is mounted at `dir`, also a dead FUSE mount whose server is gone
+/// (readers of a dead mount get ENOTCONN until it is detached).
+pub fn unmount_path(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: c is a valid NUL-terminated path.
+    let r = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    if r == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EPERM) {
+        // Not root: the setuid helper may unmount what this user mounted.
+        let status = std::process::Command::new("fusermount3")
+            .args(["-u", "-z"])
+            .arg(dir)
+            .status()?;
+        if status.success() {
+            return Ok(());
+        }
+    }
+    Err(err)
+}
+
+/// Whether `dir` is a mount point (per /proc/self/mountinfo).
+pub fn is_mounted(dir: &Path) -> bool {
+    let Ok(canon) = std::fs::canonicalize(dir).or_else(|_| Ok::<_, ()>(dir.to_owned())) else {
+        return false;
+    };
+    let want = canon.to_string_lossy().replace(' ', "\\040");
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+        })
+        .unwrap_or(false)
+}

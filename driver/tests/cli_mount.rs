@@ -1,0 +1,187 @@
+//! `clip mount` and `clip umount` as processes: clean unmounts on signals, dead mounts
+//! detached by `clip umount`, statistics and metrics.
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clip_driver::fs::is_mounted;
+use clip_e2e::fixtures;
+use clip_e2e::image::{Pusher, build_image};
+use clip_e2e::registry::Registry;
+
+fn clip() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_clip"))
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if f() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    anyhow::bail!("timed out waiting for {what}")
+}
+
+struct Fixture {
+    _registry: Registry,
+    index_file: std::path::PathBuf,
+    _work: tempfile::TempDir,
+    cache: std::path::PathBuf,
+}
+
+fn fixture() -> anyhow::Result<Fixture> {
+    let registry = Registry::start()?;
+    let image = build_image(&fixtures::complex_layers(), "linux", "amd64")?;
+    let reference = Pusher::new(&registry.host(), None).push_image("cli/mount", "v1", &image)?;
+    let work = tempfile::tempdir()?;
+    let index_file = work.path().join("image.clipidx");
+    let out = clip()
+        .args(["index", &reference, "-o"])
+        .arg(&index_file)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cache = work.path().join("cache");
+    Ok(Fixture {
+        _registry: registry,
+        index_file,
+        cache,
+        _work: work,
+    })
+}
+
+fn spawn_mount(f: &Fixture, dir: &Path, extra: &[&str]) -> anyhow::Result<Child> {
+    let child = clip()
+        .arg("mount")
+        .arg(&f.index_file)
+        .arg(dir)
+        .arg("--cache-dir")
+        .arg(&f.cache)
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    wait_until("the mount", || is_mounted(dir))?;
+    Ok(child)
+}
+
+fn signal(child: &Child, sig: i32) {
+    // SAFETY: sending a signal to our own child process.
+    unsafe {
+        libc::kill(child.id() as i32, sig);
+    }
+}
+
+#[test]
+fn sigterm_unmounts_cleanly_and_prints_statistics() -> anyhow::Result<()> {
+    let f = fixture()?;
+    let dir = tempfile::tempdir()?;
+    let mut child = spawn_mount(&f, dir.path(), &["--stats"])?;
+    let passwd = std::fs::read_to_string(dir.path().join("etc/passwd"))?;
+    assert!(passwd.starts_with("root:x:0:0:root:/root:/bin/ash"));
+    signal(&child, libc::SIGTERM);
+    let status = child.wait()?;
+    assert!(status.success(), "{status}");
+    assert!(!is_mounted(dir.path()), "nothing stays mounted");
+    let mut err = String::new();
+    child.stderr.take().map(|mut s| s.read_to_string(&mut err));
+    assert!(
+        err.contains("mounted ") && err.contains("source requests"),
+        "{err}"
+    );
+    Ok(())
+}
+
+#[test]
+fn sigint_unmounts_and_clip_umount_ends_the_process() -> anyhow::Result<()> {
+    let f = fixture()?;
+    let dir = tempfile::tempdir()?;
+    let mut child = spawn_mount(&f, dir.path(), &[])?;
+    signal(&child, libc::SIGINT);
+    assert!(child.wait()?.success());
+    assert!(!is_mounted(dir.path()));
+
+    // An unmount from outside ends the serving process too.
+    let mut child = spawn_mount(&f, dir.path(), &[])?;
+    let out = clip().arg("umount").arg(dir.path()).output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            assert!(status.success());
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "clip mount did not exit after umount"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!is_mounted(dir.path()));
+    Ok(())
+}
+
+#[test]
+fn a_killed_mount_is_detached_by_clip_umount() -> anyhow::Result<()> {
+    let f = fixture()?;
+    let dir = tempfile::tempdir()?;
+    let mut child = spawn_mount(&f, dir.path(), &[])?;
+    signal(&child, libc::SIGKILL);
+    child.wait()?;
+    assert!(
+        is_mounted(dir.path()),
+        "a killed server leaves a dead mount"
+    );
+    let err = std::fs::metadata(dir.path().join("etc")).err();
+    assert_eq!(err.and_then(|e| e.raw_os_error()), Some(libc::ENOTCONN));
+    let out = clip().arg("umount").arg(dir.path()).output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!is_mounted(dir.path()));
+    assert!(
+        std::fs::read_dir(dir.path())?.next().is_none(),
+        "the directory is usable again"
+    );
+    let out = clip().arg("umount").arg(dir.path()).output()?;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not mounted"));
+    Ok(())
+}
+
+#[test]
+fn metrics_show_bytes_served_per_tier() -> anyhow::Result<()> {
+    let f = fixture()?;
+    let dir = tempfile::tempdir()?;
+    let port = clip_e2e::free_port()?;
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = spawn_mount(&f, dir.path(), &["--metrics-addr", &addr])?;
+    std::fs::read(dir.path().join("usr/bin/ping"))?;
+    let r = clip_e2e::http::request("GET", &format!("http://{addr}/metrics"), &[], &[])?;
+    let body = String::from_utf8_lossy(&r.body);
+    assert_eq!(r.status, 200);
+    let source_bytes: u64 = body
+        .lines()
+        .find(|l| l.starts_with("clip_tier_bytes_total{tier=\"source\""))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(source_bytes > 0, "{body}");
+    assert!(body.contains("clip_read_latency_seconds_count"), "{body}");
+    signal(&child, libc::SIGTERM);
+    assert!(child.wait()?.success());
+    Ok(())
+}

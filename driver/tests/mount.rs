@@ -1,0 +1,392 @@
+//! Real FUSE mounts of test images served from a real registry.
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clip_driver::fs::{Mount, MountOptions, is_mounted, mount};
+use clip_e2e::Rng;
+use clip_e2e::check::assert_dir_matches;
+use clip_e2e::fixtures;
+use clip_e2e::image::{Entry, Layer, Meta, Pusher, build_image};
+use clip_e2e::model::{Kind, expected_tree};
+use clip_e2e::proxy::Proxy;
+use clip_e2e::registry::Registry;
+use clip_index::{ImageIndex, IndexOptions};
+use clip_storage::cache::disk::DiskCache;
+use clip_storage::{ChunkStore, RegistryBlobs, RegistryClient, RegistryConfig, StoreConfig};
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()?)
+}
+
+struct Served {
+    store: Arc<ChunkStore<RegistryBlobs>>,
+    mount: Option<Mount>,
+    dir: tempfile::TempDir,
+}
+
+impl Served {
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// Indexes `reference` and returns the index and a client.
+fn index(
+    rt: &tokio::runtime::Runtime,
+    reference: &str,
+) -> anyhow::Result<(Arc<ImageIndex>, RegistryClient)> {
+    let client = RegistryClient::new(RegistryConfig::default());
+    let index = rt.block_on(async {
+        let resolved = client.resolve(reference, None).await?;
+        clip_storage::build_index(
+            &client,
+            &resolved,
+            IndexOptions::default(),
+            4,
+            Arc::default(),
+        )
+        .await
+    })?;
+    Ok((Arc::new(index), client))
+}
+
+/// Mounts an indexed image with a disk cache at `cache`.
+fn serve(
+    rt: &tokio::runtime::Runtime,
+    index: &Arc<ImageIndex>,
+    client: &RegistryClient,
+    cache: &Path,
+    cache_bytes: u64,
+) -> anyhow::Result<Served> {
+    let source = client.repository(&index.source.repository, &index.source.manifest_digest)?;
+    let disk = DiskCache::open(cache, cache_bytes)?;
+    let store = ChunkStore::new(
+        index.clone(),
+        Arc::new(source),
+        vec![Arc::new(disk)],
+        StoreConfig::default(),
+    );
+    let dir = tempfile::tempdir()?;
+    let m = mount(
+        store.clone(),
+        dir.path(),
+        &MountOptions {
+            fsname: "clip:test".into(),
+            ..MountOptions::default()
+        },
+        rt.handle().clone(),
+    )?;
+    Ok(Served {
+        store,
+        mount: Some(m),
+        dir,
+    })
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Some(m) = self.mount.take() {
+            let _ = m.unmount();
+        }
+    }
+}
+
+#[test]
+fn every_entry_of_the_mounted_images_matches_the_reference() -> anyhow::Result<()> {
+    let rt = runtime()?;
+    let registry = Registry::start()?;
+    for (name, layers) in [
+        ("complex", fixtures::complex_layers()),
+        ("formats", fixtures::format_layers()),
+    ] {
+        let image = build_image(&layers, "linux", "amd64")?;
+        let reference =
+            Pusher::new(&registry.host(), None).push_image(&format!("fs/{name}"), "v1", &image)?;
+        let (index, client) = index(&rt, &reference)?;
+        let cache = tempfile::tempdir()?;
+        let served = serve(&rt, &index, &client, cache.path(), 1 << 30)?;
+        assert_dir_matches(served.path(), &expected_tree(&layers))
+            .map_err(|e| e.context(format!("image {name}")))?;
+        // The mount is read-only.
+        let err = std::fs::write(served.path().join("new-file"), b"x").err();
+        assert_eq!(err.and_then(|e| e.raw_os_error()), Some(libc::EROFS));
+        let stat = nix_statfs(served.path())?;
+        assert!(stat.f_flag & libc::ST_RDONLY != 0, "mounted read-only");
+    }
+    Ok(())
+}
+
+fn nix_statfs(p: &Path) -> anyhow::Result<libc::statvfs> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes())?;
+    // SAFETY: zeroed statvfs is valid; c is a valid path.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::statvfs(c.as_ptr(), &mut s) };
+    anyhow::ensure!(r == 0, "statvfs: {}", std::io::Error::last_os_error());
+    Ok(s)
+}
+
+#[test]
+fn busybox_runs_from_the_mount() -> anyhow::Result<()> {
+    let rt = runtime()?;
+    let registry = Registry::start()?;
+    let busybox = std::fs::read("/bin/busybox")?;
+    let layers = vec![Layer::gzip(vec![
+        Entry::File {
+            path: "bin/busybox".into(),
+            meta: Meta::new(0o755),
+            data: busybox,
+        },
+        Entry::symlink("bin/sh", "busybox"),
+        Entry::file("etc/greeting", b"hello from the image\n".to_vec()),
+    ])];
+    let image = build_image(&layers, "linux", "amd64")?;
+    let reference = Pusher::new(&registry.host(), None).push_image("fs/busybox", "v1", &image)?;
+    let (index, client) = index(&rt, &reference)?;
+    let cache = tempfile::tempdir()?;
+    let served = serve(&rt, &index, &client, cache.path(), 1 << 30)?;
+    let out = std::process::Command::new("chroot")
+        .arg(served.path())
+        .args([
+            "/bin/sh",
+            "-c",
+            "busybox cat /etc/greeting; echo $((6 * 7)); busybox ls /bin",
+        ])
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello from the image\n42\nbusybox\nsh\n"
+    );
+    Ok(())
+}
+
+/// An image of several large files for read tests.
+fn data_layers(files: usize, size: usize) -> Vec<Layer> {
+    let mut entries = Vec::new();
+    for i in 0..files {
+        let data = if i % 2 == 0 {
+            clip_e2e::text_bytes(size, 100 + i as u64)
+        } else {
+            Rng(200 + i as u64).bytes(size)
+        };
+        entries.push(Entry::file(&format!("data/f{i}"), data));
+    }
+    vec![Layer::gzip(entries)]
+}
+
+#[test]
+fn concurrent_random_reads_are_exact_and_fetch_each_span_once() -> anyhow::Result<()> {
+    let rt = runtime()?;
+    let registry = Registry::start()?;
+    let proxy = Proxy::start(&registry.host())?;
+    let layers = data_layers(8, 6 << 20);
+    let image = build_image(&layers, "linux", "amd64")?;
+    Pusher::new(&registry.host(), None).push_image("fs/data", "v1", &image)?;
+    let (index, client) = index(&rt, &format!("{}/fs/data:v1", proxy.host()))?;
+    let cache = tempfile::tempdir()?;
+    proxy.clear_log();
+    let served = serve(&rt, &index, &client, cache.path(), 1 << 30)?;
+    let expected = Arc::new(expected_tree(&layers));
+    let root = served.path().to_owned();
+    std::thread::scope(|s| {
+        for t in 0..32u64 {
+            let expected = expected.clone();
+            let root = root.clone();
+            s.spawn(move || {
+                let mut rng = Rng(1000 + t);
+                for _ in 0..20 {
+                    let i = rng.below(8);
+                    let path = format!("/data/f{i}");
+                    let Some(Kind::File(data)) = expected.get(&path).map(|e| e.kind.clone()) else {
+                        panic!("no {path} in the model");
+                    };
+                    let len = 1 + rng.below(300_000) as usize;
+                    let off = rng.below((data.len() - len) as u64) as usize;
+                    let f = std::fs::File::open(root.join(&path[1..])).expect("open");
+                    let mut buf = vec![0u8; len];
+                    f.read_exact_at(&mut buf, off as u64).expect("read");
+                    assert!(
+                        buf == data[off..off + len],
+                        "{path} {off}+{len}: wrong bytes"
+                    );
+                }
+            });
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let reads = proxy.blob_reads();
+    let mut ranges: Vec<String> = reads.iter().filter_map(|l| l.range.clone()).collect();
+    let total = ranges.len();
+    ranges.sort();
+    ranges.dedup();
+    assert_eq!(ranges.len(), total, "a range was fetched twice: {reads:?}");
+    let runs = index.layers[0].checkpoints.len() + 1;
+    assert!(total <= runs, "{total} requests for {runs} spans");
+    let stats = served.store.stats().snapshot();
+    let layer_chunks = index.layers[0].chunks.len() as u64;
+    let fetched: u64 = stats
+        .tiers
+        .iter()
+        .find(|t| t.tier == "source")
+        .map_or(0, |t| t.chunks);
+    assert!(
+        fetched + stats.prefetched_chunks <= layer_chunks,
+        "{stats:?}"
+    );
+    Ok(())
+}
+
+fn du(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut todo = vec![dir.to_owned()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => todo.push(e.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
+
+#[test]
+fn a_cache_smaller_than_the_image_stays_under_its_cap() -> anyhow::Result<()> {
+    let rt = runtime()?;
+    let registry = Registry::start()?;
+    let layers = data_layers(6, 5 << 20);
+    let image = build_image(&layers, "linux", "amd64")?;
+    let reference = Pusher::new(&registry.host(), None).push_image("fs/capped", "v1", &image)?;
+    let (index, client) = index(&rt, &reference)?;
+    let cache = tempfile::tempdir()?;
+    let cap = 8 << 20;
+    let served = serve(&rt, &index, &client, cache.path(), cap)?;
+    let expected = expected_tree(&layers);
+    for _round in 0..2 {
+        for (path, e) in &expected {
+            if let Kind::File(data) = &e.kind {
+                let got = std::fs::read(served.path().join(&path[1..]))?;
+                assert!(got == *data, "{path}");
+                assert!(
+                    du(cache.path()) <= cap,
+                    "cache holds {} > {cap}",
+                    du(cache.path())
+                );
+            }
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(du(cache.path()) <= cap);
+    assert!(du(cache.path()) > 0, "the cache was used");
+    Ok(())
+}
+
+#[test]
+fn cached_files_survive_a_registry_outage_and_uncached_ones_recover() -> anyhow::Result<()> {
+    let rt = runtime()?;
+    let registry = Registry::start()?;
+    let proxy = Proxy::start(&registry.host())?;
+    let layers = vec![Layer::gzip(vec![
+        Entry::file("warm", clip_e2e::text_bytes(3 << 20, 1)),
+        Entry::file("cold", Rng(2).bytes(9 << 20)),
+    ])];
+    let image = build_image(&layers, "linux", "amd64")?;
+    Pusher::new(&registry.host(), None).push_image("fs/outage", "v1", &image)?;
+    let (index, client) = index(&rt, &format!("{}/fs/outage:v1", proxy.host()))?;
+    let expected = expected_tree(&layers);
+    let Some(Kind::File(warm)) = expected.get("/warm").map(|e| e.kind.clone()) else {
+        anyhow::bail!("model");
+    };
+    let Some(Kind::File(cold)) = expected.get("/cold").map(|e| e.kind.clone()) else {
+        anyhow::bail!("model");
+    };
+    let cache = tempfile::tempdir()?;
+    {
+        let served = serve(&rt, &index, &client, cache.path(), 1 << 30)?;
+        assert!(std::fs::read(served.path().join("warm"))? == warm);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // A new mount over the same disk cache, registry gone: no page cache, no memory tier.
+    proxy.set_refuse(true);
+    let served = serve(&rt, &index, &client, cache.path(), 1 << 30)?;
+    assert!(
+        std::fs::read(served.path().join("warm"))? == warm,
+        "warm file from disk"
+    );
+    let f = std::fs::File::open(served.path().join("cold"))?;
+    let mut buf = vec![0u8; 4096];
+    let err = f.read_exact_at(&mut buf, 8 << 20).err();
+    assert_eq!(err.and_then(|e| e.raw_os_error()), Some(libc::EIO));
+    assert!(
+        is_mounted(served.path()),
+        "the mount survives a failed read"
+    );
+    proxy.set_refuse(false);
+    f.read_exact_at(&mut buf, 8 << 20)?;
+    assert!(buf == cold[8 << 20..(8 << 20) + 4096]);
+    assert!(std::fs::read(served.path().join("cold"))? == cold);
+    Ok(())
+}
+
+#[test]
+fn a_corrupt_chunk_in_the_disk_cache_is_discarded_and_refetched() -> anyhow::Result<()> {
+    let rt = runtime()?;
+    let registry = Registry::start()?;
+    let layers = vec![Layer::gzip(vec![Entry::file(
+        "file",
+        clip_e2e::text_bytes(3 << 20, 9),
+    )])];
+    let image = build_image(&layers, "linux", "amd64")?;
+    let reference = Pusher::new(&registry.host(), None).push_image("fs/corrupt", "v1", &image)?;
+    let (index, client) = index(&rt, &reference)?;
+    let Some(Kind::File(data)) = expected_tree(&layers).get("/file").map(|e| e.kind.clone()) else {
+        anyhow::bail!("model");
+    };
+    let cache = tempfile::tempdir()?;
+    {
+        let served = serve(&rt, &index, &client, cache.path(), 1 << 30)?;
+        assert!(std::fs::read(served.path().join("file"))? == data);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // Flip bytes in every chunk file.
+    let mut damaged = 0;
+    let mut todo = vec![cache.path().to_owned()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d)?.flatten() {
+            if e.file_type()?.is_dir() {
+                todo.push(e.path());
+            } else {
+                let mut bytes = std::fs::read(e.path())?;
+                bytes[100] ^= 0xff;
+                std::fs::write(e.path(), bytes)?;
+                damaged += 1;
+            }
+        }
+    }
+    assert!(damaged > 0);
+    let served = serve(&rt, &index, &client, cache.path(), 1 << 30)?;
+    assert!(
+        std::fs::read(served.path().join("file"))? == data,
+        "no wrong byte"
+    );
+    let stats = served.store.stats().snapshot();
+    let from_source = stats
+        .tiers
+        .iter()
+        .find(|t| t.tier == "source")
+        .map_or(0, |t| t.chunks);
+    assert!(from_source > 0, "refetched: {stats:?}");
+    Ok(())
+}

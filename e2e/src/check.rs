@@ -1,0 +1,159 @@
+//! Compares a real directory tree (a mount) with the model, the way a user's tools see it:
+//! lstat, readlink, listxattr/getxattr, read.
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::Path;
+
+use anyhow::{Context, bail, ensure};
+
+use crate::model::{Kind, Tree};
+
+/// Extended attributes of `path` (not following symlinks).
+pub fn xattrs(path: &Path) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    let c = CString::new(path.as_os_str().as_bytes())?;
+    let mut names = vec![0u8; 64 * 1024];
+    // SAFETY: c is a valid path; names is a writable buffer of the given length.
+    let n = unsafe { libc::llistxattr(c.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
+    ensure!(
+        n >= 0,
+        "listxattr {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+    names.truncate(n as usize);
+    let mut out = Vec::new();
+    for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+        let cname = CString::new(name)?;
+        let mut value = vec![0u8; 64 * 1024];
+        // SAFETY: as above.
+        let len = unsafe {
+            libc::lgetxattr(
+                c.as_ptr(),
+                cname.as_ptr(),
+                value.as_mut_ptr().cast(),
+                value.len(),
+            )
+        };
+        ensure!(
+            len >= 0,
+            "getxattr {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+        value.truncate(len as usize);
+        out.push((String::from_utf8_lossy(name).into_owned(), value));
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Every path under `root`, relative, as "/a/b".
+pub fn list(root: &Path) -> anyhow::Result<Vec<String>> {
+    let mut out = vec!["/".to_owned()];
+    let mut todo = vec![(root.to_owned(), String::new())];
+    while let Some((dir, rel)) = todo.pop() {
+        for e in std::fs::read_dir(&dir).with_context(|| dir.display().to_string())? {
+            let e = e?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let p = format!("{rel}/{name}");
+            if e.file_type()?.is_dir() {
+                todo.push((e.path(), p.clone()));
+            }
+            out.push(p);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Asserts that the tree at `root` is exactly the model: the same paths, and for each its
+/// type, mode, owner, mtime (with nanoseconds), link count, size, symlink target, device
+/// numbers, xattrs and bytes.
+pub fn assert_dir_matches(root: &Path, expected: &Tree) -> anyhow::Result<()> {
+    let got = list(root)?;
+    let want: Vec<String> = expected.keys().cloned().collect();
+    if got != want {
+        let extra: Vec<_> = got.iter().filter(|p| !expected.contains_key(*p)).collect();
+        let missing: Vec<_> = want.iter().filter(|p| !got.contains(p)).collect();
+        bail!("paths differ: extra {extra:?}, missing {missing:?}");
+    }
+    let mut inodes: BTreeMap<usize, u64> = BTreeMap::new();
+    for (rel, e) in expected {
+        let path = root.join(rel.trim_start_matches('/'));
+        let m = std::fs::symlink_metadata(&path).with_context(|| rel.clone())?;
+        let ft = m.file_type();
+        let kind_ok = match &e.kind {
+            Kind::Dir => ft.is_dir(),
+            Kind::File(data) => {
+                ensure!(ft.is_file(), "{rel}: not a file");
+                ensure!(
+                    m.len() == data.len() as u64,
+                    "{rel}: size {} != {}",
+                    m.len(),
+                    data.len()
+                );
+                let bytes = std::fs::read(&path).with_context(|| rel.clone())?;
+                ensure!(bytes == *data, "{rel}: bytes differ");
+                true
+            }
+            Kind::Symlink(t) => {
+                ensure!(ft.is_symlink(), "{rel}: not a symlink");
+                let target = std::fs::read_link(&path)?;
+                ensure!(
+                    target.as_os_str().as_bytes() == t.as_bytes(),
+                    "{rel}: target {target:?}"
+                );
+                true
+            }
+            Kind::CharDevice(ma, mi) | Kind::BlockDevice(ma, mi) => {
+                let dev = m.rdev();
+                let (gma, gmi) = (libc::major(dev), libc::minor(dev));
+                ensure!((gma, gmi) == (*ma, *mi), "{rel}: rdev {gma}:{gmi}");
+                match e.kind {
+                    Kind::CharDevice(..) => ft.is_char_device(),
+                    _ => ft.is_block_device(),
+                }
+            }
+            Kind::Fifo => ft.is_fifo(),
+        };
+        ensure!(kind_ok, "{rel}: wrong file type {ft:?}");
+        ensure!(
+            m.mode() & 0o7777 == e.meta.mode,
+            "{rel}: mode {:o} != {:o}",
+            m.mode() & 0o7777,
+            e.meta.mode
+        );
+        ensure!(
+            (m.uid(), m.gid()) == (e.meta.uid, e.meta.gid),
+            "{rel}: owner {}:{}",
+            m.uid(),
+            m.gid()
+        );
+        ensure!(
+            (m.mtime(), m.mtime_nsec()) == (e.meta.mtime, i64::from(e.meta.mtime_nsec)),
+            "{rel}: mtime {}.{:09}",
+            m.mtime(),
+            m.mtime_nsec()
+        );
+        ensure!(
+            m.nlink() == u64::from(e.nlink),
+            "{rel}: nlink {} != {}",
+            m.nlink(),
+            e.nlink
+        );
+        let mut want_x = e.meta.xattrs.clone();
+        want_x.sort();
+        ensure!(xattrs(&path)? == want_x, "{rel}: xattrs differ");
+        if e.kind != Kind::Dir {
+            let prev = inodes.insert(e.identity, m.ino());
+            ensure!(
+                prev.is_none_or(|i| i == m.ino()),
+                "{rel}: hard link on another inode"
+            );
+        }
+    }
+    Ok(())
+}
