@@ -1,5 +1,7 @@
 //! The `clip` command as a user runs it, against a real registry.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on broken fixtures
+
 use std::process::{Command, Output};
 
 use clip_e2e::fixtures;

@@ -1,6 +1,8 @@
 //! `clip mount` and `clip umount` as processes: clean unmounts on signals, dead mounts
 //! detached by `clip umount`, statistics and metrics.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on broken fixtures
+
 use std::io::Read;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};

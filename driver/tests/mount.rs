@@ -1,5 +1,7 @@
 //! Real FUSE mounts of test images served from a real registry.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on broken fixtures
+
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;

@@ -1,6 +1,8 @@
 //! Malformed and hostile layers give clear errors (never a panic), and the odd-but-legal
 //! ones merge the way a container runtime extracts them.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on broken fixtures
+
 use clip_e2e::image::{Entry, Layer, layer_tar, raw_entry};
 use clip_index::{Error, ImageIndex, ImageSource, IndexOptions, LayerSpec, assemble, index_layer};
 

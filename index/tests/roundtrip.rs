@@ -1,6 +1,8 @@
 //! Index a layer, then decode chunk runs from the compressed bytes a plan names, and compare
 //! with the tar stream itself.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on broken fixtures
+
 use std::io::Write;
 
 use clip_index::{

@@ -1,6 +1,8 @@
 //! The registry source, the indexer and the range reader against a real registry holding
 //! images built from known content.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on broken fixtures
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 

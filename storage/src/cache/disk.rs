@@ -310,3 +310,93 @@ impl ChunkCache for DiskCache {
         "disk"
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(i: u8, len: usize) -> (ChunkKey, Bytes) {
+        let data = Bytes::from(vec![i; len]);
+        (
+            ChunkKey {
+                digest: Digest::of(&data),
+                len: len as u32,
+            },
+            data,
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stores_verifies_and_reopens() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let (k, d) = chunk(1, 1000);
+        {
+            let c = DiskCache::open(dir.path(), 10_000)?;
+            assert!(c.get(&k).await?.is_none());
+            c.put(&k, d.clone()).await?;
+            assert_eq!(c.get(&k).await?, Some(d.clone()));
+        }
+        let c = DiskCache::open(dir.path(), 10_000)?;
+        assert_eq!(c.bytes(), 1000, "a reopened cache knows what it holds");
+        assert_eq!(c.get(&k).await?, Some(d));
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn evicts_least_recently_used_but_never_a_pinned_chunk() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let c = DiskCache::open(dir.path(), 3000)?;
+        let chunks: Vec<_> = (0..3).map(|i| chunk(i, 1000)).collect();
+        for (k, d) in &chunks {
+            c.put(k, d.clone()).await?;
+        }
+        // Chunk 0 is being read (pinned) and chunk 1 was used recently.
+        assert!(c.pin(&chunks[0].0.digest));
+        assert!(c.get(&chunks[1].0).await?.is_some());
+        let (k3, d3) = chunk(3, 1000);
+        c.put(&k3, d3).await?;
+        assert!(c.bytes() <= 3000);
+        assert!(c.contains(&chunks[0].0.digest), "pinned chunk kept");
+        assert!(c.contains(&chunks[1].0.digest), "recently used chunk kept");
+        assert!(
+            !c.contains(&chunks[2].0.digest),
+            "least recently used chunk evicted"
+        );
+        assert!(c.contains(&k3.digest));
+        c.unpin(&chunks[0].0.digest);
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_damaged_or_truncated_file_is_a_miss_and_is_removed() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let c = DiskCache::open(dir.path(), 1 << 20)?;
+        let (k, d) = chunk(7, 4096);
+        c.put(&k, d.clone()).await?;
+        let path = c.path(&k.digest);
+        let mut bytes = std::fs::read(&path)?;
+        bytes[10] ^= 1;
+        std::fs::write(&path, &bytes)?;
+        assert!(c.get(&k).await?.is_none());
+        assert!(!path.exists(), "corrupt file removed");
+        assert_eq!(c.stats.corrupt.load(Ordering::Relaxed), 1);
+        c.put(&k, d.clone()).await?;
+        std::fs::write(&path, &d[..100])?;
+        assert!(c.get(&k).await?.is_none(), "a short file is not served");
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn leftover_temporary_files_are_cleared_on_open() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        std::fs::create_dir_all(dir.path().join("tmp"))?;
+        std::fs::write(dir.path().join("tmp/half-written"), b"partial")?;
+        std::fs::create_dir_all(dir.path().join("chunks/zz"))?;
+        std::fs::write(dir.path().join("chunks/zz/not-a-digest"), b"x")?;
+        let c = DiskCache::open(dir.path(), 1 << 20)?;
+        assert!(!dir.path().join("tmp/half-written").exists());
+        assert!(!dir.path().join("chunks/zz/not-a-digest").exists());
+        assert_eq!(c.bytes(), 0);
+        Ok(())
+    }
+}
