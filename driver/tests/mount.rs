@@ -72,6 +72,7 @@ fn serve(
         index.clone(),
         Arc::new(source),
         vec![Arc::new(disk)],
+        None,
         StoreConfig::default(),
     );
     let dir = tempfile::tempdir()?;

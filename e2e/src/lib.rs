@@ -12,6 +12,7 @@
 //! - [`model`]: the expected merged tree of a test image, computed independently of clip.
 //! - [`check`]: compares a mounted tree with the model, field by field and byte by byte.
 //! - [`fixtures`]: the standard test images.
+//! - [`redis`]: a 6-process Redis Cluster (and a plain Redis) on loopback.
 //! - [`http`]: the tiny blocking HTTP/1.1 client behind the above.
 
 pub mod check;
@@ -20,6 +21,7 @@ pub mod http;
 pub mod image;
 pub mod model;
 pub mod proxy;
+pub mod redis;
 pub mod registry;
 
 use std::net::TcpListener;

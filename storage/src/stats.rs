@@ -96,6 +96,11 @@ impl StoreStats {
     }
 
     pub fn snapshot(&self) -> StatsSnapshot {
+        self.snapshot_with(Vec::new())
+    }
+
+    /// A snapshot that also carries tier event counters (tier, event, value).
+    pub fn snapshot_with(&self, events: Vec<(String, String, u64)>) -> StatsSnapshot {
         let mut tiers = vec![self.memory.snapshot("memory")];
         tiers.extend(self.tiers.iter().map(|(n, c)| c.snapshot(n)));
         tiers.push(self.source.snapshot("source"));
@@ -106,6 +111,7 @@ impl StoreStats {
             prefetched_chunks: self.prefetched_chunks.load(Ordering::Relaxed),
             read_errors: self.read_errors.load(Ordering::Relaxed),
             read_latency: self.read_latency.snapshot(),
+            events,
         }
     }
 }
@@ -134,6 +140,8 @@ pub struct StatsSnapshot {
     pub prefetched_chunks: u64,
     pub read_errors: u64,
     pub read_latency: HistogramSnapshot,
+    /// Tier events: (tier, event, count), e.g. ("redis", "lease_wait", 3).
+    pub events: Vec<(String, String, u64)>,
 }
 
 impl StatsSnapshot {
@@ -180,6 +188,14 @@ impl StatsSnapshot {
             s.push_str(&format!(
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{{labels}}} {v}\n"
             ));
+        }
+        if !self.events.is_empty() {
+            s.push_str("# HELP clip_tier_events_total Tier events: misses, errors, leases, verification failures.\n# TYPE clip_tier_events_total counter\n");
+            for (tier, event, v) in &self.events {
+                s.push_str(&format!(
+                    "clip_tier_events_total{{tier=\"{tier}\",event=\"{event}\"{sep}{labels}}} {v}\n"
+                ));
+            }
         }
         s.push_str("# HELP clip_read_latency_seconds Latency of reads through the store.\n# TYPE clip_read_latency_seconds histogram\n");
         let mut cumulative = 0;

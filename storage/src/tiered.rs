@@ -15,6 +15,7 @@ use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
 use crate::cache::memory::MemoryCache;
+use crate::cache::redis::{Lease, RedisCache};
 use crate::cache::{ChunkCache, ChunkKey};
 use crate::error::{Error, Result};
 use crate::reader::RangeReader;
@@ -67,6 +68,8 @@ pub struct ChunkStore<S> {
     inflight: Mutex<HashMap<(usize, u32), RunFuture>>,
     permits: Arc<Semaphore>,
     last_chunk: Mutex<HashMap<usize, u32>>,
+    /// Cluster-wide single-flight of registry fetches, when Redis is configured.
+    lease: Option<Arc<RedisCache>>,
     config: StoreConfig,
     stats: Arc<StoreStats>,
 }
@@ -84,10 +87,13 @@ impl<S> std::fmt::Debug for ChunkStore<S> {
 }
 
 impl<S: BlobSource> ChunkStore<S> {
+    /// A store over `tiers` (fastest first) and `source`. With `lease`, registry fetches are
+    /// coordinated across nodes through that Redis cluster.
     pub fn new(
         index: Arc<ImageIndex>,
         source: Arc<S>,
         tiers: Vec<Arc<dyn ChunkCache>>,
+        lease: Option<Arc<RedisCache>>,
         config: StoreConfig,
     ) -> Arc<Self> {
         let names: Vec<&'static str> = tiers.iter().map(|t| t.name()).collect();
@@ -99,6 +105,7 @@ impl<S: BlobSource> ChunkStore<S> {
             inflight: Mutex::new(HashMap::new()),
             permits: Arc::new(Semaphore::new(config.fetch_concurrency.max(1))),
             last_chunk: Mutex::new(HashMap::new()),
+            lease,
             stats: Arc::new(StoreStats::new(&names)),
             config,
         })
@@ -110,6 +117,17 @@ impl<S: BlobSource> ChunkStore<S> {
 
     pub fn stats(&self) -> &Arc<StoreStats> {
         &self.stats
+    }
+
+    /// Counters of the store and every tier's events.
+    pub fn snapshot(&self) -> crate::stats::StatsSnapshot {
+        let mut events = Vec::new();
+        for t in &self.tiers {
+            for (event, v) in t.counters() {
+                events.push((t.name().to_owned(), event.to_owned(), v));
+            }
+        }
+        self.stats.snapshot_with(events)
     }
 
     fn layer(&self, layer: usize) -> Result<&LayerIndex> {
@@ -240,6 +258,111 @@ impl<S: BlobSource> ChunkStore<S> {
         chunks: Range<u32>,
         prefetch: bool,
     ) -> Result<Arc<Run>> {
+        let Some(redis) = self.lease.clone() else {
+            let data = self
+                .fetch_from_source(layer, chunks.clone(), prefetch)
+                .await?;
+            self.populate(layer, &chunks, &data, None);
+            return Ok(Arc::new(Run { chunks, data }));
+        };
+        let first = self.key(layer, chunks.start)?;
+        let name = format!("{}-{}", first.digest.hex(), chunks.len());
+        match redis.try_lease(&name).await {
+            Lease::HeldElsewhere => {
+                if let Some(data) = self.wait_for_peer(layer, chunks.clone(), &redis).await {
+                    self.populate(layer, &chunks, &data, Some("redis"));
+                    return Ok(Arc::new(Run { chunks, data }));
+                }
+                let data = self
+                    .fetch_from_source(layer, chunks.clone(), prefetch)
+                    .await?;
+                self.populate(layer, &chunks, &data, None);
+                Ok(Arc::new(Run { chunks, data }))
+            }
+            Lease::Acquired(token) => {
+                let fetched = self
+                    .fetch_from_source(layer, chunks.clone(), prefetch)
+                    .await;
+                let data = match fetched {
+                    Ok(d) => d,
+                    Err(e) => {
+                        redis.release_lease(&name, &token).await;
+                        return Err(e);
+                    }
+                };
+                self.populate(layer, &chunks, &data, Some("redis"));
+                // Publish to Redis off the reader's path, then let waiting nodes go.
+                let keys: Vec<ChunkKey> = chunks
+                    .clone()
+                    .filter_map(|c| self.key(layer, c).ok())
+                    .collect();
+                let items: Vec<(ChunkKey, Bytes)> =
+                    keys.into_iter().zip(data.iter().cloned()).collect();
+                tokio::spawn(async move {
+                    for (k, b) in items {
+                        if let Err(e) = redis.put(&k, b).await {
+                            warn!(error = %e, "storing a chunk in redis failed");
+                        }
+                    }
+                    redis.release_lease(&name, &token).await;
+                });
+                Ok(Arc::new(Run { chunks, data }))
+            }
+            Lease::Unavailable => {
+                let data = self
+                    .fetch_from_source(layer, chunks.clone(), prefetch)
+                    .await?;
+                self.populate(layer, &chunks, &data, None);
+                Ok(Arc::new(Run { chunks, data }))
+            }
+        }
+    }
+
+    /// Another node holds the lease: poll Redis for the run's chunks for a bounded time.
+    async fn wait_for_peer(
+        &self,
+        layer: usize,
+        chunks: Range<u32>,
+        redis: &Arc<RedisCache>,
+    ) -> Option<Vec<Bytes>> {
+        let deadline = Instant::now() + redis.lease_wait();
+        let last = self.key(layer, chunks.end - 1).ok()?;
+        while Instant::now() < deadline && !redis.is_degraded() {
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+            if !redis.contains(&last).await {
+                continue;
+            }
+            let mut data = Vec::with_capacity(chunks.len());
+            for c in chunks.clone() {
+                let key = self.key(layer, c).ok()?;
+                match redis.get(&key).await {
+                    Ok(Some(b)) => data.push(b),
+                    _ => break,
+                }
+            }
+            if data.len() == chunks.len() {
+                redis
+                    .stats
+                    .lease_wait_hits
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if let Some(i) = self.stats.tiers.iter().position(|(n, _)| *n == "redis") {
+                    for b in &data {
+                        self.stats.tiers[i].1.add(b.len());
+                    }
+                }
+                return Some(data);
+            }
+        }
+        None
+    }
+
+    /// One bounded registry fetch of a run, decoded and verified.
+    async fn fetch_from_source(
+        &self,
+        layer: usize,
+        chunks: Range<u32>,
+        prefetch: bool,
+    ) -> Result<Vec<Bytes>> {
         let _permit = self
             .permits
             .clone()
@@ -257,7 +380,7 @@ impl<S: BlobSource> ChunkStore<S> {
             bytes_after.saturating_sub(bytes_before),
             std::sync::atomic::Ordering::Relaxed,
         );
-        for (c, b) in chunks.clone().zip(&data) {
+        for b in &data {
             if prefetch {
                 self.stats
                     .prefetched_chunks
@@ -265,14 +388,29 @@ impl<S: BlobSource> ChunkStore<S> {
             } else {
                 self.stats.source.add(b.len());
             }
-            let key = self.key(layer, c)?;
+        }
+        debug!(
+            layer,
+            ?chunks,
+            prefetch,
+            "fetched a run of chunks from the source"
+        );
+        Ok(data)
+    }
+
+    /// Puts fetched chunks into memory and (in the background) every tier but `skip`.
+    fn populate(&self, layer: usize, chunks: &Range<u32>, data: &[Bytes], skip: Option<&str>) {
+        for (c, b) in chunks.clone().zip(data) {
+            let Ok(key) = self.key(layer, c) else {
+                continue;
+            };
             self.memory.put(key.digest, b.clone());
             for tier in &self.tiers {
-                self.spawn_put(tier.clone(), key, b.clone());
+                if Some(tier.name()) != skip {
+                    self.spawn_put(tier.clone(), key, b.clone());
+                }
             }
         }
-        debug!(layer, ?chunks, prefetch, "fetched a run of chunks");
-        Ok(Arc::new(Run { chunks, data }))
     }
 
     fn spawn_put(&self, tier: Arc<dyn ChunkCache>, key: ChunkKey, data: Bytes) {

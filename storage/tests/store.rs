@@ -76,6 +76,7 @@ async fn setup(config: StoreConfig) -> anyhow::Result<Setup> {
         Arc::new(index),
         source.clone(),
         vec![Arc::new(disk)],
+        None,
         config,
     );
     Ok(Setup {

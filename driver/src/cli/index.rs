@@ -38,8 +38,15 @@ pub struct IndexArgs {
     #[arg(long, env = "CLIP_PARALLEL_LAYERS")]
     pub parallel: Option<usize>,
 
+    /// Also publish the index to the Redis Cluster under its digest (needs --redis).
+    #[arg(long, env = "CLIP_PUBLISH")]
+    pub publish: bool,
+
     #[command(flatten)]
     pub registry: RegistryArgs,
+
+    #[command(flatten)]
+    pub redis: super::RedisArgs,
 }
 
 pub async fn run(args: IndexArgs) -> Result<()> {
@@ -51,7 +58,13 @@ pub async fn run(args: IndexArgs) -> Result<()> {
             "--checkpoint-span must be at least 65536".into(),
         ));
     }
+    if args.publish && args.redis.seeds.is_empty() {
+        return Err(Error::Config(
+            "--publish needs --redis (or CLIP_REDIS_SEEDS)".into(),
+        ));
+    }
     let started = Instant::now();
+    let redis = args.redis.connect().await?;
     let client = args.registry.client()?;
     let resolved = client
         .resolve(&args.image, args.registry.platform()?.as_ref())
@@ -141,6 +154,17 @@ pub async fn run(args: IndexArgs) -> Result<()> {
         s.chunks
     );
     println!("  index digest: {}", clip_index::index_digest(&encoded));
+    if args.publish {
+        match &redis {
+            Some(r) => {
+                let d = r
+                    .publish_index(&encoded, Some(&resolved.manifest_digest))
+                    .await?;
+                println!("  published:    {d} to redis");
+            }
+            None => println!("  published:    no (redis unavailable)"),
+        }
+    }
     println!("  time:         {:.2}s", started.elapsed().as_secs_f64());
     println!("  written to:   {}", args.output.display());
     Ok(())

@@ -130,6 +130,79 @@ impl RegistryArgs {
     }
 }
 
+/// The shared Redis Cluster content cache.
+#[derive(Debug, Clone, Args)]
+pub struct RedisArgs {
+    /// Redis Cluster seed nodes, host:port (comma-separated). Unset: no Redis tier.
+    #[arg(long = "redis", env = "CLIP_REDIS_SEEDS", value_delimiter = ',')]
+    pub seeds: Vec<String>,
+
+    /// Redis ACL user.
+    #[arg(long, env = "CLIP_REDIS_USERNAME")]
+    pub redis_username: Option<String>,
+
+    /// Redis password. Prefer the environment variable over the flag.
+    #[arg(long, env = "CLIP_REDIS_PASSWORD", hide_env_values = true)]
+    pub redis_password: Option<String>,
+
+    /// Connect with TLS (rediss://).
+    #[arg(long, env = "CLIP_REDIS_TLS")]
+    pub redis_tls: bool,
+
+    /// Accept any TLS certificate (testing only).
+    #[arg(long, env = "CLIP_REDIS_TLS_INSECURE")]
+    pub redis_tls_insecure: bool,
+
+    /// Expiry of cached chunks in seconds (0: no expiry); lets `volatile-lru` evict them.
+    #[arg(long, default_value_t = 7 * 24 * 3600, env = "CLIP_REDIS_TTL")]
+    pub redis_ttl: u64,
+
+    /// Bound on each Redis command, in milliseconds; past it reads go to the registry.
+    #[arg(long, default_value_t = 1500, env = "CLIP_REDIS_TIMEOUT_MS")]
+    pub redis_timeout_ms: u64,
+
+    /// Prefix of every key clip writes.
+    #[arg(long, default_value = "clip", env = "CLIP_REDIS_PREFIX")]
+    pub redis_prefix: String,
+
+    /// Start without Redis (logging why) when it cannot be reached, instead of failing.
+    #[arg(long, env = "CLIP_REDIS_OPTIONAL")]
+    pub redis_optional: bool,
+}
+
+impl RedisArgs {
+    pub fn config(&self) -> clip_storage::cache::redis::RedisConfig {
+        use std::time::Duration;
+        clip_storage::cache::redis::RedisConfig {
+            seeds: self.seeds.clone(),
+            username: self.redis_username.clone(),
+            password: self.redis_password.clone(),
+            tls: self.redis_tls,
+            tls_insecure: self.redis_tls_insecure,
+            op_timeout: Duration::from_millis(self.redis_timeout_ms.max(1)),
+            ttl: (self.redis_ttl > 0).then(|| Duration::from_secs(self.redis_ttl)),
+            key_prefix: self.redis_prefix.clone(),
+            ..Default::default()
+        }
+    }
+
+    /// Connects when seeds are configured; with `--redis-optional` a failure is logged.
+    pub async fn connect(&self) -> Result<Option<Arc<clip_storage::cache::redis::RedisCache>>> {
+        if self.seeds.is_empty() {
+            return Ok(None);
+        }
+        match clip_storage::cache::redis::RedisCache::connect(self.config()).await {
+            Ok(r) => Ok(Some(Arc::new(r))),
+            Err(e) if self.redis_optional => {
+                tracing::warn!(error = %e, "redis unavailable; continuing without the shared cache");
+                eprintln!("clip: warning: {e}; continuing without the shared cache");
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
 fn default_docker_config() -> Option<PathBuf> {
     if let Some(dir) = std::env::var_os("DOCKER_CONFIG") {
         return Some(PathBuf::from(dir).join("config.json"));

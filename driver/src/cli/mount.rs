@@ -6,7 +6,9 @@ use std::time::Instant;
 
 use clap::Args;
 use clip_index::ImageIndex;
+use clip_storage::cache::ChunkCache;
 use clip_storage::cache::disk::DiskCache;
+use clip_storage::cache::redis::RedisCache;
 use clip_storage::{ChunkStore, RegistryClient, StoreConfig};
 use tracing::info;
 
@@ -56,6 +58,9 @@ pub struct MountArgs {
 
     #[command(flatten)]
     pub registry: RegistryArgs,
+
+    #[command(flatten)]
+    pub redis: super::RedisArgs,
 }
 
 #[derive(Debug, Args)]
@@ -74,18 +79,36 @@ fn default_cache_dir() -> PathBuf {
     }
 }
 
-/// The index for `image`: a file, or a reference whose index is cached under `cache_dir`.
+/// The index for `image`: a file; `sha256:...`, an index digest published in Redis; or a
+/// reference, whose index comes from Redis (when published there), the local index cache,
+/// or is built once (then kept locally and published to Redis).
 async fn index_for_mount(
     image: &str,
     cache_dir: &Path,
     registry: &RegistryArgs,
     client: &RegistryClient,
+    redis: Option<&Arc<RedisCache>>,
 ) -> Result<Arc<ImageIndex>> {
     let path = Path::new(image);
     if path.is_file() {
         return Ok(Arc::new(load_index(path)?));
     }
+    if image.starts_with("sha256:") {
+        let digest: clip_index::Digest = image.parse()?;
+        let redis = redis.ok_or_else(|| {
+            Error::Config(format!("{image}: mounting by index digest needs --redis"))
+        })?;
+        let bytes = redis.fetch_index(&digest).await?;
+        return Ok(Arc::new(clip_index::decode(&bytes)?));
+    }
     let resolved = client.resolve(image, registry.platform()?.as_ref()).await?;
+    if let Some(r) = redis
+        && let Ok(Some(d)) = r.index_for_manifest(&resolved.manifest_digest).await
+        && let Ok(bytes) = r.fetch_index(&d).await
+        && let Ok(index) = clip_index::decode(&bytes)
+    {
+        return Ok(Arc::new(index));
+    }
     let dir = cache_dir.join("indexes");
     let file = dir.join(format!("{}.clipidx", resolved.manifest_digest.hex()));
     if file.is_file()
@@ -109,8 +132,16 @@ async fn index_for_mount(
         path: dir.clone(),
         source,
     })?;
+    let encoded = clip_index::encode(&index)?;
+    if let Some(r) = redis
+        && let Err(e) = r
+            .publish_index(&encoded, Some(&resolved.manifest_digest))
+            .await
+    {
+        tracing::warn!(error = %e, "publishing the index to redis failed");
+    }
     let tmp = file.with_extension("tmp");
-    std::fs::write(&tmp, clip_index::encode(&index)?)
+    std::fs::write(&tmp, &encoded)
         .and_then(|()| std::fs::rename(&tmp, &file))
         .map_err(|source| Error::File {
             path: file.clone(),
@@ -131,13 +162,26 @@ pub async fn run(args: MountArgs) -> Result<()> {
         )));
     }
     let client = args.registry.client()?;
-    let index = index_for_mount(&args.image, &cache_dir, &args.registry, &client).await?;
+    let redis = args.redis.connect().await?;
+    let index = index_for_mount(
+        &args.image,
+        &cache_dir,
+        &args.registry,
+        &client,
+        redis.as_ref(),
+    )
+    .await?;
     let source = client.repository(&index.source.repository, &index.source.manifest_digest)?;
     let disk = DiskCache::open(&cache_dir.join("chunks"), cache_size)?;
+    let mut tiers: Vec<Arc<dyn ChunkCache>> = vec![Arc::new(disk)];
+    if let Some(r) = &redis {
+        tiers.push(r.clone());
+    }
     let store = ChunkStore::new(
         index.clone(),
         Arc::new(source),
-        vec![Arc::new(disk)],
+        tiers,
+        redis.clone(),
         StoreConfig {
             memory_bytes: memory,
             fetch_concurrency: args.fetch_concurrency,
@@ -177,10 +221,10 @@ pub async fn run(args: MountArgs) -> Result<()> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| Error::Config(format!("--metrics-addr {addr}: {e}")))?;
-        let stats = store.stats().clone();
+        let metrics_store = store.clone();
         let labels = format!("image=\"{}\"", fsname.replace('"', ""));
         let render: Arc<dyn Fn() -> String + Send + Sync> =
-            Arc::new(move || stats.snapshot().to_prometheus(&labels));
+            Arc::new(move || metrics_store.snapshot().to_prometheus(&labels));
         let mut rx = stop_rx.clone();
         tokio::spawn(crate::metrics::serve(listener, render, async move {
             let _ = rx.changed().await;
@@ -213,7 +257,7 @@ pub async fn run(args: MountArgs) -> Result<()> {
     }
     let _ = stop_tx.send(true);
     if args.stats {
-        print_stats(&store.stats().snapshot());
+        print_stats(&store.snapshot());
     }
     Ok(())
 }
@@ -235,6 +279,9 @@ fn print_stats(s: &clip_storage::stats::StatsSnapshot) {
         s.prefetched_chunks,
         s.read_errors
     );
+    for (tier, event, v) in &s.events {
+        eprintln!("clip: {tier} {event}: {v}");
+    }
     if s.read_latency.count > 0 {
         eprintln!(
             "clip: reads {}, mean latency {:.2} ms",

@@ -3,6 +3,7 @@
 
 pub mod disk;
 pub mod memory;
+pub mod redis;
 
 use bytes::Bytes;
 use clip_index::Digest;
@@ -34,4 +35,9 @@ pub trait ChunkCache: Send + Sync + 'static {
 
     /// The tier's name in metrics and logs (`disk`, `redis`).
     fn name(&self) -> &'static str;
+
+    /// Tier-specific event counters for metrics (name, value).
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
 }

@@ -1,0 +1,577 @@
+//! The shared content cache on a Redis Cluster: one node's registry fetch serves every node.
+//!
+//! - Chunk keys are `PREFIX:c:<digest hex>`: no `{hash tag}`, so a layer's chunks spread over
+//!   every slot and shard. Values are whole chunks (just under 1 MiB by default, never an exact
+//!   power of two), with a TTL so `volatile-lru` can evict them.
+//! - Cluster-wide single-flight: before a registry fetch a node takes a lease
+//!   (`SET PREFIX:l:<run> token NX PX lease`); others wait a bounded time for the chunks to
+//!   appear, then fetch themselves. A crashed holder delays others by at most the lease.
+//! - Failure: every operation has a timeout; a circuit breaker stops calling a dead cluster
+//!   and probes it again after a cool-down. Redis trouble is a cache miss, never a failed read.
+//! - Every chunk read is verified; a mismatch deletes the key and reports a miss.
+//! - Indexes are stored under their digest in parts of under 1 MiB, with no TTL.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clip_index::Digest;
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use redis::AsyncCommands;
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use tracing::{info, warn};
+
+use super::{ChunkCache, ChunkKey};
+use crate::error::{Error, Result};
+
+/// Largest value we write: index parts are cut to this size.
+const PART: usize = 1024 * 1024 - 4096;
+
+/// How to reach and use the cluster.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    /// Seed nodes, `host:port`.
+    pub seeds: Vec<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// `rediss://`: TLS to every node.
+    pub tls: bool,
+    /// Accept any certificate (testing only).
+    pub tls_insecure: bool,
+    pub connect_timeout: Duration,
+    /// Bound on every command; past it the read falls back to the next tier.
+    pub op_timeout: Duration,
+    /// Expiry of chunk keys (`None`: keep until evicted).
+    pub ttl: Option<Duration>,
+    pub key_prefix: String,
+    /// How long a registry-fetch lease lasts.
+    pub lease: Duration,
+    /// How long a node waits for another node's lease before fetching itself.
+    pub lease_wait: Duration,
+    /// Consecutive failures that open the circuit breaker.
+    pub breaker_threshold: u32,
+    /// How long the breaker stays open before one probe is let through.
+    pub breaker_cooldown: Duration,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            seeds: Vec::new(),
+            username: None,
+            password: None,
+            tls: false,
+            tls_insecure: false,
+            connect_timeout: Duration::from_secs(2),
+            op_timeout: Duration::from_millis(1500),
+            ttl: Some(Duration::from_secs(7 * 24 * 3600)),
+            key_prefix: "clip".into(),
+            lease: Duration::from_secs(10),
+            lease_wait: Duration::from_secs(5),
+            breaker_threshold: 3,
+            breaker_cooldown: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Counters for metrics.
+#[derive(Debug, Default)]
+pub struct RedisStats {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub errors: AtomicU64,
+    pub skipped_open_breaker: AtomicU64,
+    pub verify_failures: AtomicU64,
+    pub writes: AtomicU64,
+    pub leases_taken: AtomicU64,
+    pub lease_waits: AtomicU64,
+    pub lease_wait_hits: AtomicU64,
+    pub latency_us: AtomicU64,
+    pub ops: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct BreakerState {
+    failures: u32,
+    open_until: Option<Instant>,
+}
+
+/// Stops calling a failing cluster for a while; lets one call through after the cool-down.
+#[derive(Debug)]
+struct Breaker {
+    state: Mutex<BreakerState>,
+    threshold: u32,
+    cooldown: Duration,
+}
+
+impl Breaker {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BreakerState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn allow(&self) -> bool {
+        let mut s = self.lock();
+        match s.open_until {
+            Some(t) if Instant::now() < t => false,
+            Some(_) => {
+                // Half-open: this call is the probe; others wait for its verdict.
+                s.open_until = Some(Instant::now() + self.cooldown);
+                true
+            }
+            None => true,
+        }
+    }
+
+    fn success(&self) {
+        let mut s = self.lock();
+        if s.open_until.is_some() {
+            info!("redis is answering again; closing the circuit breaker");
+        }
+        s.failures = 0;
+        s.open_until = None;
+    }
+
+    fn failure(&self) {
+        let mut s = self.lock();
+        s.failures += 1;
+        if s.failures >= self.threshold && s.open_until.is_none() {
+            warn!(
+                failures = s.failures,
+                cooldown_ms = self.cooldown.as_millis() as u64,
+                "redis keeps failing; opening the circuit breaker and reading from the registry"
+            );
+        }
+        if s.failures >= self.threshold {
+            s.open_until = Some(Instant::now() + self.cooldown);
+        }
+    }
+
+    fn is_open(&self) -> bool {
+        self.lock().open_until.is_some_and(|t| Instant::now() < t)
+    }
+}
+
+/// What a lease attempt found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lease {
+    /// We hold it: fetch from the registry, then release.
+    Acquired(String),
+    /// Another node is fetching; wait for its chunks.
+    HeldElsewhere,
+    /// Redis cannot say (down, breaker open): go to the registry.
+    Unavailable,
+}
+
+/// The Redis Cluster tier.
+pub struct RedisCache {
+    conn: ClusterConnection,
+    config: RedisConfig,
+    breaker: Breaker,
+    pub stats: RedisStats,
+    token_seq: AtomicU64,
+}
+
+impl std::fmt::Debug for RedisCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisCache")
+            .field("seeds", &self.config.seeds)
+            .finish_non_exhaustive()
+    }
+}
+
+fn redis_error(config: &RedisConfig, e: &redis::RedisError) -> Error {
+    let text = e.to_string();
+    let hint = if text.contains("cluster support disabled") || text.contains("unknown command") {
+        " (is this a Redis Cluster? clip needs cluster mode)"
+    } else if text.contains("WRONGPASS")
+        || text.contains("NOAUTH")
+        || text.to_ascii_lowercase().contains("authentication")
+        || text.contains("invalid username-password")
+    {
+        " (check the Redis user and password)"
+    } else if e.is_connection_refusal() || e.is_io_error() || e.is_timeout() {
+        " (are the seed addresses right and reachable?)"
+    } else {
+        ""
+    };
+    Error::Cache {
+        tier: "redis",
+        detail: format!("cluster {}: {text}{hint}", config.seeds.join(",")),
+    }
+}
+
+impl RedisCache {
+    /// Connects to the cluster and checks it answers, so bad settings fail at start.
+    pub async fn connect(config: RedisConfig) -> Result<Self> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        if config.seeds.is_empty() {
+            return Err(Error::Cache {
+                tier: "redis",
+                detail: "no seed nodes configured".into(),
+            });
+        }
+        let scheme = if config.tls { "rediss" } else { "redis" };
+        let mut urls = Vec::new();
+        for s in &config.seeds {
+            let mut url = format!("{scheme}://{s}");
+            if config.tls && config.tls_insecure {
+                url.push('#');
+                url.push_str("insecure");
+            }
+            urls.push(url);
+        }
+        let mut builder = ClusterClientBuilder::new(urls)
+            .connection_timeout(config.connect_timeout)
+            .response_timeout(config.op_timeout)
+            .retries(1);
+        if let Some(p) = &config.password {
+            builder = builder.password(p);
+        }
+        if let Some(u) = &config.username {
+            builder = builder.username(u);
+        }
+        let client = builder.build().map_err(|e| redis_error(&config, &e))?;
+        let connect = client.get_async_connection();
+        let mut conn = match tokio::time::timeout(config.connect_timeout * 3, connect).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Err(redis_error(&config, &e)),
+            Err(_) => {
+                return Err(Error::Cache {
+                    tier: "redis",
+                    detail: format!(
+                        "cluster {}: no answer within {:?} (are the seed addresses right and reachable?)",
+                        config.seeds.join(","),
+                        config.connect_timeout * 3
+                    ),
+                });
+            }
+        };
+        let probe: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut conn).await;
+        probe.map_err(|e| redis_error(&config, &e))?;
+        Ok(Self {
+            conn,
+            breaker: Breaker {
+                state: Mutex::new(BreakerState::default()),
+                threshold: config.breaker_threshold.max(1),
+                cooldown: config.breaker_cooldown,
+            },
+            config,
+            stats: RedisStats::default(),
+            token_seq: AtomicU64::new(0),
+        })
+    }
+
+    fn chunk_key(&self, d: &Digest) -> String {
+        format!("{}:c:{}", self.config.key_prefix, d.hex())
+    }
+
+    /// Runs one command with the timeout and the breaker; `None` when skipped or failed.
+    async fn run<T, F>(&self, what: &str, op: impl FnOnce(ClusterConnection) -> F) -> Option<T>
+    where
+        F: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        if !self.breaker.allow() {
+            self.stats
+                .skipped_open_breaker
+                .fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        let started = Instant::now();
+        let result = tokio::time::timeout(self.config.op_timeout, op(self.conn.clone())).await;
+        self.stats.ops.fetch_add(1, Ordering::Relaxed);
+        self.stats.latency_us.fetch_add(
+            u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        match result {
+            Ok(Ok(v)) => {
+                self.breaker.success();
+                Some(v)
+            }
+            Ok(Err(e)) => {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                self.breaker.failure();
+                warn!(op = what, error = %e, "redis operation failed; falling back");
+                None
+            }
+            Err(_) => {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                self.breaker.failure();
+                warn!(
+                    op = what,
+                    timeout_ms = self.config.op_timeout.as_millis() as u64,
+                    "redis operation timed out; falling back"
+                );
+                None
+            }
+        }
+    }
+
+    /// Whether the breaker currently keeps clip away from the cluster.
+    pub fn is_degraded(&self) -> bool {
+        self.breaker.is_open()
+    }
+
+    /// Tries to take the registry-fetch lease for `name` (a run of chunks).
+    pub async fn try_lease(&self, name: &str) -> Lease {
+        let key = format!("{}:l:{name}", self.config.key_prefix);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let token = format!(
+            "{}-{}-{nanos}",
+            std::process::id(),
+            self.token_seq.fetch_add(1, Ordering::Relaxed),
+        );
+        let ms = self.config.lease.as_millis() as u64;
+        let t = token.clone();
+        let got: Option<Option<String>> = self
+            .run("lease", |mut c| async move {
+                redis::cmd("SET")
+                    .arg(&key)
+                    .arg(&t)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ms)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await;
+        match got {
+            Some(Some(_)) => {
+                self.stats.leases_taken.fetch_add(1, Ordering::Relaxed);
+                Lease::Acquired(token)
+            }
+            Some(None) => {
+                self.stats.lease_waits.fetch_add(1, Ordering::Relaxed);
+                Lease::HeldElsewhere
+            }
+            None => Lease::Unavailable,
+        }
+    }
+
+    /// Releases a lease we hold (only if it is still ours).
+    pub async fn release_lease(&self, name: &str, token: &str) {
+        let key = format!("{}:l:{name}", self.config.key_prefix);
+        let token = token.to_owned();
+        let _: Option<i64> = self
+            .run("release", |mut c| async move {
+                redis::Script::new(
+                    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end",
+                )
+                .key(&key)
+                .arg(&token)
+                .invoke_async(&mut c)
+                .await
+            })
+            .await;
+    }
+
+    /// How long to wait for another node's lease.
+    pub fn lease_wait(&self) -> Duration {
+        self.config.lease_wait
+    }
+
+    fn index_key(&self, d: &Digest) -> String {
+        format!("{}:i:{}", self.config.key_prefix, d.hex())
+    }
+
+    /// The index published for an image manifest, if any.
+    pub async fn index_for_manifest(&self, manifest: &Digest) -> Result<Option<Digest>> {
+        let mut c = self.conn.clone();
+        let key = format!("{}:m:{}", self.config.key_prefix, manifest.hex());
+        let v: redis::RedisResult<Option<String>> = c.get(&key).await;
+        match v.map_err(|e| redis_error(&self.config, &e))? {
+            Some(d) => Ok(d.parse().ok()),
+            None => Ok(None),
+        }
+    }
+
+    /// Stores an encoded index under its digest (no expiry), in parts of under 1 MiB, and
+    /// points the image's manifest digest at it.
+    pub async fn publish_index(&self, encoded: &[u8], manifest: Option<&Digest>) -> Result<Digest> {
+        let digest = clip_index::index_digest(encoded);
+        let base = self.index_key(&digest);
+        let parts: Vec<&[u8]> = encoded.chunks(PART).collect();
+        let timeout = self.config.op_timeout * 4;
+        for (i, p) in parts.iter().enumerate() {
+            let key = format!("{base}:{i}");
+            let mut c = self.conn.clone();
+            let set: redis::RedisResult<()> =
+                match tokio::time::timeout(timeout, c.set(&key, *p)).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        return Err(Error::Cache {
+                            tier: "redis",
+                            detail: format!("storing {key}: timed out"),
+                        });
+                    }
+                };
+            set.map_err(|e| redis_error(&self.config, &e))?;
+        }
+        let head = format!("{} {}", parts.len(), encoded.len());
+        let mut c = self.conn.clone();
+        let set: redis::RedisResult<()> = c.set(&base, head).await;
+        set.map_err(|e| redis_error(&self.config, &e))?;
+        if let Some(m) = manifest {
+            let key = format!("{}:m:{}", self.config.key_prefix, m.hex());
+            let set: redis::RedisResult<()> = c.set(&key, digest.to_string()).await;
+            set.map_err(|e| redis_error(&self.config, &e))?;
+        }
+        Ok(digest)
+    }
+
+    /// Fetches and verifies an index published under `digest`.
+    pub async fn fetch_index(&self, digest: &Digest) -> Result<Vec<u8>> {
+        let base = self.index_key(digest);
+        let mut c = self.conn.clone();
+        let head: redis::RedisResult<Option<String>> = c.get(&base).await;
+        let head = head
+            .map_err(|e| redis_error(&self.config, &e))?
+            .ok_or_else(|| Error::NotFound {
+                reference: digest.to_string(),
+                detail: "no index with this digest in Redis".into(),
+            })?;
+        let bad = || Error::Cache {
+            tier: "redis",
+            detail: format!("malformed index header {head:?} for {digest}"),
+        };
+        let (parts, size) = head.split_once(' ').ok_or_else(bad)?;
+        let parts: usize = parts.parse().map_err(|_| bad())?;
+        let size: usize = size.parse().map_err(|_| bad())?;
+        if parts > (size / PART) + 1 || size > 4 << 30 {
+            return Err(bad());
+        }
+        let mut out = Vec::with_capacity(size);
+        for i in 0..parts {
+            let part: redis::RedisResult<Option<Vec<u8>>> = c.get(format!("{base}:{i}")).await;
+            let part = part
+                .map_err(|e| redis_error(&self.config, &e))?
+                .ok_or_else(|| Error::Cache {
+                    tier: "redis",
+                    detail: format!("index {digest} is missing part {i}"),
+                })?;
+            out.extend_from_slice(&part);
+        }
+        if clip_index::index_digest(&out) != *digest {
+            return Err(Error::Cache {
+                tier: "redis",
+                detail: format!("index stored under {digest} does not match its digest"),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Whether an index with this digest is in Redis.
+    pub async fn has_index(&self, digest: &Digest) -> Result<bool> {
+        let mut c = self.conn.clone();
+        let n: redis::RedisResult<i64> = c.exists(self.index_key(digest)).await;
+        n.map(|n| n > 0).map_err(|e| redis_error(&self.config, &e))
+    }
+
+    /// Partial read of a stored chunk (GETRANGE), for latency measurements and tools. Not
+    /// verified on its own: the read path verifies whole chunks.
+    pub async fn get_range_unverified(
+        &self,
+        key: &ChunkKey,
+        start: usize,
+        end_inclusive: usize,
+    ) -> Option<Vec<u8>> {
+        let k = self.chunk_key(&key.digest);
+        self.run("getrange", |mut c| async move {
+            c.getrange(&k, start as isize, end_inclusive as isize).await
+        })
+        .await
+    }
+
+    /// Event counters for metrics, as (name, value).
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        let s = &self.stats;
+        vec![
+            ("hit", s.hits.load(Ordering::Relaxed)),
+            ("miss", s.misses.load(Ordering::Relaxed)),
+            ("error", s.errors.load(Ordering::Relaxed)),
+            (
+                "breaker_skip",
+                s.skipped_open_breaker.load(Ordering::Relaxed),
+            ),
+            ("verify_failure", s.verify_failures.load(Ordering::Relaxed)),
+            ("write", s.writes.load(Ordering::Relaxed)),
+            ("lease_taken", s.leases_taken.load(Ordering::Relaxed)),
+            ("lease_wait", s.lease_waits.load(Ordering::Relaxed)),
+            ("lease_wait_hit", s.lease_wait_hits.load(Ordering::Relaxed)),
+        ]
+    }
+}
+
+impl ChunkCache for RedisCache {
+    fn get<'a>(&'a self, key: &'a ChunkKey) -> BoxFuture<'a, Result<Option<Bytes>>> {
+        async move {
+            let k = self.chunk_key(&key.digest);
+            let k2 = k.clone();
+            let got: Option<Option<Vec<u8>>> = self
+                .run("get", |mut c| async move { c.get(&k2).await })
+                .await;
+            let Some(found) = got else {
+                return Ok(None);
+            };
+            let Some(data) = found else {
+                self.stats.misses.fetch_add(1, Ordering::Relaxed);
+                return Ok(None);
+            };
+            if data.len() != key.len as usize || Digest::of(&data) != key.digest {
+                self.stats.verify_failures.fetch_add(1, Ordering::Relaxed);
+                warn!(key = %k, "chunk in redis does not match its digest; deleting it");
+                let _: Option<i64> = self
+                    .run("del", |mut c| async move { c.del(&k).await })
+                    .await;
+                return Ok(None);
+            }
+            self.stats.hits.fetch_add(1, Ordering::Relaxed);
+            Ok(Some(Bytes::from(data)))
+        }
+        .boxed()
+    }
+
+    fn put<'a>(&'a self, key: &'a ChunkKey, data: Bytes) -> BoxFuture<'a, Result<()>> {
+        async move {
+            let k = self.chunk_key(&key.digest);
+            let ttl = self.config.ttl;
+            let stored: Option<()> = self
+                .run("set", |mut c| async move {
+                    match ttl {
+                        Some(t) => c.set_ex(&k, data.as_ref(), t.as_secs().max(1)).await,
+                        None => c.set(&k, data.as_ref()).await,
+                    }
+                })
+                .await;
+            if stored.is_some() {
+                self.stats.writes.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn contains<'a>(&'a self, key: &'a ChunkKey) -> BoxFuture<'a, bool> {
+        async move {
+            let k = self.chunk_key(&key.digest);
+            let n: Option<i64> = self
+                .run("exists", |mut c| async move { c.exists(&k).await })
+                .await;
+            n.is_some_and(|n| n > 0)
+        }
+        .boxed()
+    }
+
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        RedisCache::counters(self)
+    }
+}
