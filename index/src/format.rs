@@ -127,6 +127,12 @@ pub fn decode(bytes: &[u8]) -> Result<ImageIndex> {
             supported: VERSION,
         });
     }
+    let flags = u32::from_le_bytes(word(12..16));
+    if flags != 0 {
+        return Err(Error::CorruptIndex(format!(
+            "unknown header flags {flags:#x}"
+        )));
+    }
     let mut len = [0u8; 8];
     len.copy_from_slice(&bytes[16..24]);
     let body_len = u64::from_le_bytes(len);

@@ -182,7 +182,7 @@ impl ImageIndex {
             match n.kind {
                 NodeKind::Regular => {
                     s.files += 1;
-                    s.file_bytes += n.size;
+                    s.file_bytes = s.file_bytes.saturating_add(n.size);
                 }
                 NodeKind::Directory => s.directories += 1,
                 NodeKind::Symlink => s.symlinks += 1,
@@ -190,8 +190,9 @@ impl ImageIndex {
             }
         }
         for l in &self.layers {
-            s.compressed_size += l.compressed_size;
-            s.uncompressed_size += l.uncompressed_size;
+            // Sizes come from (validated, but possibly hostile) index files: never overflow.
+            s.compressed_size = s.compressed_size.saturating_add(l.compressed_size);
+            s.uncompressed_size = s.uncompressed_size.saturating_add(l.uncompressed_size);
             s.checkpoints += l.checkpoints.len();
             s.chunks += l.chunks.len();
         }

@@ -622,7 +622,24 @@ struct Sink<'a> {
     filled: usize,
 }
 
-impl Sink<'_> {
+impl<'a> Sink<'a> {
+    /// Decoding resumes at uncompressed offset `start`.
+    fn new(start: u64, first: u64, out: &'a mut [u8]) -> Result<Self> {
+        // A checkpoint past the first wanted byte cannot produce it, and its offset could
+        // overflow `pos`: only an index that lies about its checkpoints gets here.
+        if start > first {
+            return Err(Error::ShortInput(format!(
+                "decoding would start at uncompressed offset {start}, after the chunks at {first}"
+            )));
+        }
+        Ok(Self {
+            pos: start,
+            first,
+            out,
+            filled: 0,
+        })
+    }
+
     fn done(&self) -> bool {
         self.filled == self.out.len()
     }
@@ -688,12 +705,7 @@ fn inflate_range(
         ),
         None => (Inflater::new(Wrapper::Gzip).map_err(err)?, false, 0),
     };
-    let mut sink = Sink {
-        pos: start,
-        first,
-        out,
-        filled: 0,
-    };
+    let mut sink = Sink::new(start, first, out)?;
     let mut scratch = vec![0u8; 64 * 1024];
     let mut member_open = true;
     while !sink.done() {
@@ -740,12 +752,7 @@ fn unzstd_range(
         .and_then(|i| layer.checkpoints.get(i))
         .map_or(0, |cp| cp.uncompressed_offset);
     let mut decoder = ZstdDecoder::new().map_err(err)?;
-    let mut sink = Sink {
-        pos: start,
-        first,
-        out,
-        filled: 0,
-    };
+    let mut sink = Sink::new(start, first, out)?;
     let mut scratch = vec![0u8; 64 * 1024];
     let mut input = InBuffer::around(compressed);
     while !sink.done() {
@@ -775,6 +782,53 @@ mod tests {
                 b"abcdefgh \n"[(x >> 16) as usize % 10]
             })
             .collect()
+    }
+
+    #[test]
+    fn a_checkpoint_after_the_wanted_chunks_is_an_error() -> Result<()> {
+        // Found by the decode_chunks fuzz target: a checkpoint claiming uncompressed offset
+        // u64::MAX made the output position overflow.
+        let data = text(100);
+        for (compression, blob) in [
+            (Compression::Gzip, gzip(&data)?),
+            (Compression::Zstd, zstd::bulk::compress(&data, 3)?),
+        ] {
+            let layer = LayerIndex {
+                media_type: String::new(),
+                compression,
+                digest: Digest::of(&blob),
+                compressed_size: blob.len() as u64,
+                diff_id: Digest::of(&data),
+                uncompressed_size: 100,
+                chunk_size: 100,
+                checkpoints: vec![Checkpoint {
+                    compressed_offset: 0,
+                    bits: 0,
+                    uncompressed_offset: u64::MAX,
+                    raw_deflate: false,
+                    window: Vec::new(),
+                }],
+                chunks: vec![Chunk {
+                    digest: Digest::of(&data),
+                    compressed_end: blob.len() as u64,
+                }],
+            };
+            let plan = ReadPlan {
+                chunks: 0..1,
+                checkpoint: Some(0),
+                compressed: 0..blob.len() as u64,
+            };
+            let r = decode_chunks(&layer, &plan, &blob);
+            assert!(matches!(r, Err(Error::ShortInput(_))), "{r:?}");
+        }
+        Ok(())
+    }
+
+    fn gzip(data: &[u8]) -> Result<Vec<u8>> {
+        use std::io::Write;
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(data)?;
+        Ok(e.finish()?)
     }
 
     #[test]

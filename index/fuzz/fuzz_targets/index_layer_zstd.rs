@@ -1,0 +1,8 @@
+//! Arbitrary bytes as a zstd layer (one or more frames): index it, decode every chunk it planned, merge it.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|blob: &[u8]| {
+    clip_index_fuzz::check_layer(blob, clip_index_fuzz::ZSTD);
+});
