@@ -28,6 +28,7 @@ struct State {
     refuse: AtomicBool,
     ignore_range: AtomicBool,
     redirect_blobs: AtomicBool,
+    delay_ms: std::sync::atomic::AtomicU64,
     stop: AtomicBool,
 }
 
@@ -75,6 +76,13 @@ impl Proxy {
 
     pub fn set_ignore_range(&self, on: bool) {
         self.state.ignore_range.store(on, Ordering::SeqCst);
+    }
+
+    /// Holds every request this long before forwarding it (a slow registry).
+    pub fn set_delay(&self, delay: std::time::Duration) {
+        self.state
+            .delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 
     pub fn set_redirect_blobs(&self, on: bool) {
@@ -157,6 +165,10 @@ fn handle(client: TcpStream, upstream: &str, own_port: u16, st: &State) -> anyho
             });
         }
     };
+    let delay = st.delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        thread::sleep(std::time::Duration::from_millis(delay));
+    }
     if st.refuse.load(Ordering::SeqCst) {
         client.write_all(
             b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",

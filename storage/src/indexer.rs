@@ -82,8 +82,11 @@ pub async fn build_index(
         "{}@{}",
         image.repository, image.manifest_digest
     ))?);
-    let builds: Vec<LayerBuild> = futures::stream::iter(image.layers.iter().enumerate())
-        .map(|(i, layer)| {
+    // Owned items and a `move` closure: the future stays `Send` for any caller that spawns it.
+    let layers: Vec<(usize, crate::LayerDescriptor)> =
+        image.layers.iter().cloned().enumerate().collect();
+    let builds: Vec<LayerBuild> = futures::stream::iter(layers)
+        .map(move |(i, layer)| {
             let blobs = blobs.clone();
             let progress = progress.clone();
             async move {

@@ -4,6 +4,7 @@ mod cat;
 mod index;
 mod inspect;
 mod mount;
+mod node;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -60,6 +61,8 @@ pub enum Command {
     Mount(mount::MountArgs),
     /// Unmount a clip mount (also one whose process died).
     Umount(mount::UmountArgs),
+    /// Run the CSI node plugin (kubelet talks to it over a unix socket).
+    Node(node::NodeArgs),
 }
 
 /// How to reach registries; shared by every command that talks to one.
@@ -100,6 +103,11 @@ impl RegistryArgs {
     }
 
     pub fn client(&self) -> Result<RegistryClient> {
+        Ok(RegistryClient::new(self.client_config()?))
+    }
+
+    /// The registry settings these flags describe.
+    pub fn client_config(&self) -> Result<RegistryConfig> {
         let credentials = match (&self.username, &self.password) {
             (Some(u), Some(p)) => Some(Credentials::Basic {
                 username: u.clone(),
@@ -121,12 +129,12 @@ impl RegistryArgs {
                 .transpose()?
                 .unwrap_or_default(),
         };
-        Ok(RegistryClient::new(RegistryConfig {
+        Ok(RegistryConfig {
             insecure: self.insecure.clone(),
             docker_config,
             credentials,
             ..RegistryConfig::default()
-        }))
+        })
     }
 }
 
@@ -236,6 +244,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Cat(args) => cat::run(args).await?,
             Command::Mount(args) => mount::run(args).await?,
             Command::Umount(args) => mount::umount(args)?,
+            Command::Node(args) => node::run(args).await?,
         }
         Ok(ExitCode::SUCCESS)
     })

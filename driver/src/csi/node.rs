@@ -1,0 +1,1021 @@
+//! The CSI Node service: publish images as read-only FUSE volumes at kubelet's target paths.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clip_index::{Digest, ImageIndex};
+use clip_storage::cache::ChunkCache;
+use clip_storage::cache::disk::DiskCache;
+use clip_storage::cache::redis::RedisCache;
+use clip_storage::{
+    ChunkStore, Credentials, DockerConfig, Platform, Progress, RegistryBlobs, RegistryClient,
+    RegistryConfig, StoreConfig,
+};
+use tonic::{Request, Response, Status};
+use tracing::{Instrument, info, info_span, warn};
+
+use super::error::CsiError;
+use super::lookup::ClipImageLookup;
+use super::proto::node_server::Node;
+use super::proto::node_service_capability::{Rpc, rpc};
+use super::proto::volume_capability::AccessType;
+use super::proto::volume_capability::access_mode::Mode;
+use super::proto::volume_usage::Unit;
+use super::proto::*;
+use crate::fs::{Mount, MountOptions, is_mounted, mount, unmount_path};
+use crate::mounts::{MountTable, VolumeRecord};
+
+/// volume_context keys kubelet adds with `podInfoOnMount: true`.
+pub const POD_NAMESPACE: &str = "csi.storage.k8s.io/pod.namespace";
+pub const POD_NAME: &str = "csi.storage.k8s.io/pod.name";
+pub const EPHEMERAL: &str = "csi.storage.k8s.io/ephemeral";
+/// Attributes a pod sets on its volume.
+pub const ATTR_CLIP_IMAGE: &str = "clipImage";
+pub const ATTR_IMAGE: &str = "image";
+
+/// How the node plugin runs.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub node_id: String,
+    pub max_volumes: i64,
+    /// Mount table and local indexes.
+    pub state_dir: PathBuf,
+    pub cache_dir: PathBuf,
+    pub cache_bytes: u64,
+    pub store: StoreConfig,
+    pub fuse_threads: usize,
+    /// Refuse `image:` attributes; only ClipImages may be mounted.
+    pub require_clip_images: bool,
+    /// Mount again, at start, the volumes of the table whose mounts died with the last process.
+    pub reserve_on_start: bool,
+    pub registry: RegistryConfig,
+    pub platform: Option<Platform>,
+    /// How long a publish waits for a direct image being indexed before asking kubelet to retry.
+    pub publish_wait: Duration,
+}
+
+struct ImageEntry {
+    store: Arc<ChunkStore<RegistryBlobs>>,
+    refs: usize,
+}
+
+struct Active {
+    mount: Option<Mount>,
+    index_digest: Digest,
+}
+
+/// A background index build of a directly referenced image.
+struct IndexJob {
+    progress: Arc<Progress>,
+    result: tokio::sync::watch::Receiver<Option<Result<Digest, String>>>,
+}
+
+/// Everything the node services share.
+pub struct NodeContext {
+    pub config: NodeConfig,
+    disk: Arc<DiskCache>,
+    redis: Option<Arc<RedisCache>>,
+    lookup: Option<Arc<dyn ClipImageLookup>>,
+    runtime: tokio::runtime::Handle,
+    table: Mutex<MountTable>,
+    active: Mutex<HashMap<String, Active>>,
+    images: Mutex<HashMap<Digest, ImageEntry>>,
+    busy: Mutex<HashSet<String>>,
+    jobs: Mutex<HashMap<Digest, Arc<IndexJob>>>,
+}
+
+impl std::fmt::Debug for NodeContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeContext")
+            .field("node_id", &self.config.node_id)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Holds a volume's "operation in progress" mark; released on drop.
+struct OpGuard<'a> {
+    ctx: &'a NodeContext,
+    volume: String,
+}
+
+impl Drop for OpGuard<'_> {
+    fn drop(&mut self) {
+        lock(&self.ctx.busy).remove(&self.volume);
+    }
+}
+
+/// Whether the FUSE mount at `dir` still answers (a dead server gives ENOTCONN).
+fn mount_alive(dir: &Path) -> bool {
+    std::fs::metadata(dir).is_ok()
+}
+
+impl NodeContext {
+    /// Opens the caches and the mount table. Volumes of the table are re-served (when
+    /// configured) by [`NodeContext::restore`].
+    pub fn new(
+        config: NodeConfig,
+        redis: Option<Arc<RedisCache>>,
+        lookup: Option<Arc<dyn ClipImageLookup>>,
+        runtime: tokio::runtime::Handle,
+    ) -> crate::Result<Arc<Self>> {
+        let disk = DiskCache::open(&config.cache_dir, config.cache_bytes)?;
+        let table = MountTable::load(&config.state_dir.join("volumes.json"))?;
+        Ok(Arc::new(Self {
+            config,
+            disk: Arc::new(disk),
+            redis,
+            lookup,
+            runtime,
+            table: Mutex::new(table),
+            active: Mutex::new(HashMap::new()),
+            images: Mutex::new(HashMap::new()),
+            busy: Mutex::new(HashSet::new()),
+            jobs: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// Ready to serve: FUSE is available and the configured caches answer.
+    pub async fn ready(&self) -> Result<(), String> {
+        if !Path::new("/dev/fuse").exists() {
+            return Err("/dev/fuse is missing".into());
+        }
+        if let Some(r) = &self.redis
+            && r.is_degraded()
+        {
+            // Redis trouble degrades speed, not correctness: still ready.
+            warn!("redis is degraded; serving through the registry");
+        }
+        Ok(())
+    }
+
+    fn begin(&self, volume: &str) -> Result<OpGuard<'_>, CsiError> {
+        if !lock(&self.busy).insert(volume.to_owned()) {
+            return Err(CsiError::Busy(volume.to_owned()));
+        }
+        Ok(OpGuard {
+            ctx: self,
+            volume: volume.to_owned(),
+        })
+    }
+
+    fn index_path(&self, digest: &Digest) -> PathBuf {
+        self.config
+            .state_dir
+            .join("indexes")
+            .join(format!("{}.clipidx", digest.hex()))
+    }
+
+    fn manifest_pointer(&self, manifest: &Digest) -> PathBuf {
+        self.config
+            .state_dir
+            .join("indexes")
+            .join(format!("manifest-{}", manifest.hex()))
+    }
+
+    fn save_index(&self, digest: &Digest, encoded: &[u8]) {
+        let path = self.index_path(digest);
+        let tmp = path.with_extension("tmp");
+        let r = std::fs::create_dir_all(path.parent().unwrap_or(Path::new("/")))
+            .and_then(|()| std::fs::write(&tmp, encoded))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = r {
+            warn!(path = %path.display(), error = %e, "keeping the index locally failed");
+        }
+    }
+
+    /// The index with this digest: local copy first, then Redis. Verified either way.
+    async fn load_index(&self, digest: &Digest, volume: &str) -> Result<Arc<ImageIndex>, CsiError> {
+        let path = self.index_path(digest);
+        if let Ok(bytes) = std::fs::read(&path)
+            && clip_index::index_digest(&bytes) == *digest
+            && let Ok(index) = clip_index::decode(&bytes)
+        {
+            return Ok(Arc::new(index));
+        }
+        let redis = self.redis.as_ref().ok_or_else(|| {
+            CsiError::FailedPrecondition(format!(
+                "volume {volume}: index {digest} is not on this node and no Redis is configured"
+            ))
+        })?;
+        let bytes = redis
+            .fetch_index(digest)
+            .await
+            .map_err(|e| CsiError::from_storage(volume, &e))?;
+        let index = clip_index::decode(&bytes).map_err(|e| {
+            CsiError::FailedPrecondition(format!("volume {volume}: index {digest} is corrupt: {e}"))
+        })?;
+        self.save_index(digest, &bytes);
+        Ok(Arc::new(index))
+    }
+
+    /// The shared store of an image (one index and one chunk cache per image per node).
+    fn store_for(
+        &self,
+        digest: Digest,
+        index: Arc<ImageIndex>,
+        registry: &RegistryClient,
+        volume: &str,
+    ) -> Result<Arc<ChunkStore<RegistryBlobs>>, CsiError> {
+        let mut images = lock(&self.images);
+        if let Some(e) = images.get_mut(&digest) {
+            e.refs += 1;
+            return Ok(e.store.clone());
+        }
+        let source = registry
+            .repository(&index.source.repository, &index.source.manifest_digest)
+            .map_err(|e| CsiError::from_storage(volume, &e))?;
+        let mut tiers: Vec<Arc<dyn ChunkCache>> = vec![self.disk.clone()];
+        if let Some(r) = &self.redis {
+            tiers.push(r.clone());
+        }
+        let store = ChunkStore::new(
+            index,
+            Arc::new(source),
+            tiers,
+            self.redis.clone(),
+            self.config.store.clone(),
+        );
+        images.insert(
+            digest,
+            ImageEntry {
+                store: store.clone(),
+                refs: 1,
+            },
+        );
+        Ok(store)
+    }
+
+    fn release_image(&self, digest: &Digest) {
+        let mut images = lock(&self.images);
+        if let Some(e) = images.get_mut(digest) {
+            e.refs = e.refs.saturating_sub(1);
+            if e.refs == 0 {
+                images.remove(digest);
+            }
+        }
+    }
+
+    /// Registry access with the pod's pull secret, if it gave one.
+    fn registry_for(
+        &self,
+        secrets: &HashMap<String, String>,
+        volume: &str,
+    ) -> Result<RegistryClient, CsiError> {
+        let mut config = self.config.registry.clone();
+        if let Some(json) = secrets
+            .get(".dockerconfigjson")
+            .or_else(|| secrets.get(".dockercfg"))
+        {
+            let parsed = DockerConfig::parse(json.as_bytes(), "the volume's nodePublishSecretRef")
+                .map_err(|e| CsiError::InvalidArgument(format!("volume {volume}: {e}")))?;
+            config.docker_config.merge(parsed);
+        } else if let (Some(u), Some(p)) = (secrets.get("username"), secrets.get("password")) {
+            config.credentials = Some(Credentials::Basic {
+                username: u.clone(),
+                password: p.clone(),
+            });
+        }
+        Ok(RegistryClient::new(config))
+    }
+
+    /// Resolves what a volume asks for to an index digest (and the index).
+    async fn resolve_volume(
+        &self,
+        volume: &str,
+        ctx: &HashMap<String, String>,
+        registry: &RegistryClient,
+    ) -> Result<(Digest, Arc<ImageIndex>), CsiError> {
+        match (ctx.get(ATTR_CLIP_IMAGE), ctx.get(ATTR_IMAGE)) {
+            (Some(_), Some(_)) => Err(CsiError::InvalidArgument(format!(
+                "volume {volume}: set either volumeAttributes.clipImage or volumeAttributes.image, not both"
+            ))),
+            (None, None) => Err(CsiError::InvalidArgument(format!(
+                "volume {volume}: volumeAttributes must name a clipImage (a ClipImage in the pod's namespace) or an image"
+            ))),
+            (Some(name), None) => self.resolve_clip_image(volume, ctx, name).await,
+            (None, Some(image)) => {
+                if self.config.require_clip_images {
+                    return Err(CsiError::FailedPrecondition(format!(
+                        "volume {volume}: this driver only mounts ClipImages (direct image references are disabled); create a ClipImage for {image}"
+                    )));
+                }
+                self.resolve_direct(volume, image, registry).await
+            }
+        }
+    }
+
+    async fn resolve_clip_image(
+        &self,
+        volume: &str,
+        ctx: &HashMap<String, String>,
+        name: &str,
+    ) -> Result<(Digest, Arc<ImageIndex>), CsiError> {
+        let namespace = ctx
+            .get(POD_NAMESPACE)
+            .map(String::as_str)
+            .unwrap_or("default");
+        let lookup = self.lookup.as_ref().ok_or_else(|| {
+            CsiError::FailedPrecondition(format!(
+                "volume {volume}: ClipImage {namespace}/{name} cannot be looked up: the plugin runs without Kubernetes access"
+            ))
+        })?;
+        let ci = lookup
+            .get(namespace, name)
+            .await
+            .map_err(|e| {
+                CsiError::Unavailable(format!(
+                    "volume {volume}: reading ClipImage {namespace}/{name}: {e}"
+                ))
+            })?
+            .ok_or_else(|| {
+                CsiError::NotFound(format!(
+                    "volume {volume}: ClipImage {namespace}/{name} not found"
+                ))
+            })?;
+        let status = ci.status.clone().unwrap_or_default();
+        if status.phase != Some(clip_api::Phase::Ready) {
+            let why = ci
+                .ready_condition()
+                .map(|c| format!("{}: {}", c.reason, c.message))
+                .unwrap_or_else(|| "not indexed yet".into());
+            let phase = status.phase.map_or("Pending".to_owned(), |p| p.to_string());
+            return Err(CsiError::FailedPrecondition(format!(
+                "volume {volume}: ClipImage {namespace}/{name} is {phase}, not Ready ({why})"
+            )));
+        }
+        let digest: Digest = status
+            .index_digest
+            .as_deref()
+            .unwrap_or_default()
+            .parse()
+            .map_err(|_| {
+                CsiError::FailedPrecondition(format!(
+                    "volume {volume}: ClipImage {namespace}/{name} is Ready but has no valid index digest"
+                ))
+            })?;
+        let index = self.load_index(&digest, volume).await?;
+        Ok((digest, index))
+    }
+
+    /// A direct image: its index comes from this node, from Redis, or is built once in the
+    /// background (publish asks kubelet to retry meanwhile rather than blocking it).
+    async fn resolve_direct(
+        &self,
+        volume: &str,
+        image: &str,
+        registry: &RegistryClient,
+    ) -> Result<(Digest, Arc<ImageIndex>), CsiError> {
+        let resolved = registry
+            .resolve(image, self.config.platform.as_ref())
+            .await
+            .map_err(|e| CsiError::from_storage(volume, &e))?;
+        let manifest = resolved.manifest_digest;
+        if let Ok(text) = std::fs::read_to_string(self.manifest_pointer(&manifest))
+            && let Ok(d) = text.trim().parse::<Digest>()
+            && let Ok(index) = self.load_index(&d, volume).await
+        {
+            return Ok((d, index));
+        }
+        if let Some(r) = &self.redis
+            && let Ok(Some(d)) = r.index_for_manifest(&manifest).await
+            && let Ok(index) = self.load_index(&d, volume).await
+        {
+            self.remember_manifest(&manifest, &d);
+            return Ok((d, index));
+        }
+        let job = {
+            let mut jobs = lock(&self.jobs);
+            match jobs.get(&manifest) {
+                Some(j) => j.clone(),
+                None => {
+                    let j = self.start_index_job(resolved, registry.clone());
+                    jobs.insert(manifest, j.clone());
+                    j
+                }
+            }
+        };
+        let mut rx = job.result.clone();
+        let outcome = {
+            let waited =
+                tokio::time::timeout(self.config.publish_wait, rx.wait_for(Option::is_some)).await;
+            match waited {
+                Ok(Ok(v)) => v.clone(),
+                _ => None,
+            }
+        };
+        match outcome {
+            Some(Ok(d)) => {
+                lock(&self.jobs).remove(&manifest);
+                let index = self.load_index(&d, volume).await?;
+                Ok((d, index))
+            }
+            Some(Err(e)) => {
+                lock(&self.jobs).remove(&manifest);
+                Err(CsiError::FailedPrecondition(format!(
+                    "volume {volume}: indexing {image} failed: {e}"
+                )))
+            }
+            None => {
+                let (done, total) = job.progress.bytes();
+                Err(CsiError::Unavailable(format!(
+                    "volume {volume}: indexing {image} ({} of {} MB); kubelet will retry",
+                    done / 1_000_000,
+                    total / 1_000_000
+                )))
+            }
+        }
+    }
+
+    fn remember_manifest(&self, manifest: &Digest, index: &Digest) {
+        let p = self.manifest_pointer(manifest);
+        if let Some(dir) = p.parent() {
+            std::fs::create_dir_all(dir).ok();
+        }
+        std::fs::write(p, index.to_string()).ok();
+    }
+
+    fn start_index_job(
+        &self,
+        resolved: clip_storage::ResolvedImage,
+        registry: RegistryClient,
+    ) -> Arc<IndexJob> {
+        let progress = Arc::new(Progress::default());
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        let job = Arc::new(IndexJob {
+            progress: progress.clone(),
+            result: rx,
+        });
+        let redis = self.redis.clone();
+        let state_indexes = self.config.state_dir.join("indexes");
+        let span = info_span!("index", image = %resolved.requested);
+        self.runtime.spawn(
+            async move {
+                info!("indexing a directly referenced image");
+                let built = clip_storage::build_index(
+                    &registry,
+                    &resolved,
+                    clip_index::IndexOptions::default(),
+                    std::thread::available_parallelism().map_or(2, |n| n.get()),
+                    progress,
+                )
+                .await;
+                let result =
+                    match built.and_then(|index| clip_index::encode(&index).map_err(Into::into)) {
+                        Ok(encoded) => {
+                            let digest = clip_index::index_digest(&encoded);
+                            std::fs::create_dir_all(&state_indexes).ok();
+                            let path = state_indexes.join(format!("{}.clipidx", digest.hex()));
+                            std::fs::write(&path, &encoded).ok();
+                            std::fs::write(
+                                state_indexes
+                                    .join(format!("manifest-{}", resolved.manifest_digest.hex())),
+                                digest.to_string(),
+                            )
+                            .ok();
+                            if let Some(r) = &redis
+                                && let Err(e) = r
+                                    .publish_index(&encoded, Some(&resolved.manifest_digest))
+                                    .await
+                            {
+                                warn!(error = %e, "sharing the index through redis failed");
+                            }
+                            info!(index = %digest, "indexed");
+                            Ok(digest)
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "indexing failed");
+                            Err(e.to_string())
+                        }
+                    };
+                let _ = tx.send(Some(result));
+            }
+            .instrument(span),
+        );
+        job
+    }
+
+    fn fingerprint(req: &NodePublishVolumeRequest) -> String {
+        let mut attrs: Vec<(&String, &String)> = req
+            .volume_context
+            .iter()
+            .filter(|(k, _)| k.as_str() == ATTR_CLIP_IMAGE || k.as_str() == ATTR_IMAGE)
+            .collect();
+        attrs.sort();
+        let text = format!("{}|{}|{attrs:?}", req.target_path, req.readonly);
+        Digest::of(text.as_bytes()).to_string()
+    }
+
+    fn mount_at(
+        &self,
+        store: Arc<ChunkStore<RegistryBlobs>>,
+        target: &Path,
+        volume: &str,
+    ) -> Result<Mount, CsiError> {
+        std::fs::create_dir_all(target).map_err(|e| {
+            CsiError::Internal(format!(
+                "volume {volume}: creating {}: {e}",
+                target.display()
+            ))
+        })?;
+        let index = store.index().clone();
+        let options = MountOptions {
+            fsname: format!(
+                "clip:{}@{}",
+                index.source.repository, index.source.manifest_digest
+            ),
+            threads: self.config.fuse_threads,
+            allow_other: true,
+        };
+        mount(store, target, &options, self.runtime.clone()).map_err(|e| {
+            CsiError::Internal(format!(
+                "volume {volume}: mounting at {}: {e}",
+                target.display()
+            ))
+        })
+    }
+
+    /// Publishes a volume.
+    pub async fn publish(&self, req: NodePublishVolumeRequest) -> Result<(), CsiError> {
+        let volume = req.volume_id.clone();
+        if volume.is_empty() {
+            return Err(CsiError::InvalidArgument("volume_id is required".into()));
+        }
+        if req.target_path.is_empty() {
+            return Err(CsiError::InvalidArgument(format!(
+                "volume {volume}: target_path is required"
+            )));
+        }
+        let target = PathBuf::from(&req.target_path);
+        if !target.is_absolute() {
+            return Err(CsiError::InvalidArgument(format!(
+                "volume {volume}: target_path {} is not absolute",
+                target.display()
+            )));
+        }
+        let cap = req.volume_capability.as_ref().ok_or_else(|| {
+            CsiError::InvalidArgument(format!("volume {volume}: volume_capability is required"))
+        })?;
+        match cap.access_type {
+            Some(AccessType::Mount(_)) => {}
+            Some(AccessType::Block(_)) => {
+                return Err(CsiError::InvalidArgument(format!(
+                    "volume {volume}: block access is not supported; clip volumes are filesystems"
+                )));
+            }
+            None => {
+                return Err(CsiError::InvalidArgument(format!(
+                    "volume {volume}: volume_capability needs an access type (mount)"
+                )));
+            }
+        }
+        let mode = cap.access_mode.as_ref().map(|m| m.mode());
+        let read_only_mode = matches!(
+            mode,
+            Some(Mode::SingleNodeReaderOnly | Mode::MultiNodeReaderOnly)
+        );
+        if !req.readonly && !read_only_mode {
+            return Err(CsiError::InvalidArgument(format!(
+                "volume {volume}: clip volumes are read-only; set readOnly: true on the pod's csi volume"
+            )));
+        }
+        let _guard = self.begin(&volume)?;
+        let fingerprint = Self::fingerprint(&req);
+        // Idempotency: the same publish again is fine; different arguments are a conflict.
+        let existing = lock(&self.table).get(&volume).cloned();
+        if let Some(rec) = &existing {
+            if rec.fingerprint != fingerprint {
+                return Err(CsiError::AlreadyExists(format!(
+                    "volume {volume} is already published at {} with other arguments",
+                    rec.target_path.display()
+                )));
+            }
+            if lock(&self.active)
+                .get(&volume)
+                .is_some_and(|a| a.mount.is_some())
+                && mount_alive(&target)
+            {
+                return Ok(());
+            }
+        }
+        if let Some(other) = lock(&self.table).by_target(&target)
+            && other.volume_id != volume
+        {
+            return Err(CsiError::AlreadyExists(format!(
+                "volume {volume}: target {} is used by volume {}",
+                target.display(),
+                other.volume_id
+            )));
+        }
+        if existing.is_none() && lock(&self.table).len() as i64 >= self.config.max_volumes {
+            return Err(CsiError::ResourceExhausted(format!(
+                "volume {volume}: this node already serves {} volumes (the maximum)",
+                self.config.max_volumes
+            )));
+        }
+        let registry = self.registry_for(&req.secrets, &volume)?;
+        let (digest, index) = self
+            .resolve_volume(&volume, &req.volume_context, &registry)
+            .await?;
+        // A dead mount from an earlier life is detached before mounting again.
+        if is_mounted(&target) {
+            let _ = unmount_path(&target);
+        }
+        let store = self.store_for(digest, index, &registry, &volume)?;
+        let mounted = match self.mount_at(store, &target, &volume) {
+            Ok(m) => m,
+            Err(e) => {
+                self.release_image(&digest);
+                return Err(e);
+            }
+        };
+        let record = VolumeRecord {
+            volume_id: volume.clone(),
+            target_path: target.clone(),
+            source: match (
+                req.volume_context.get(ATTR_CLIP_IMAGE),
+                req.volume_context.get(ATTR_IMAGE),
+            ) {
+                (Some(n), _) => format!(
+                    "clipImage {}/{n}",
+                    req.volume_context
+                        .get(POD_NAMESPACE)
+                        .map_or("default", String::as_str)
+                ),
+                (_, Some(i)) => format!("image {i}"),
+                _ => String::new(),
+            },
+            fingerprint,
+            index_digest: digest.to_string(),
+            pod_namespace: req
+                .volume_context
+                .get(POD_NAMESPACE)
+                .cloned()
+                .unwrap_or_default(),
+            pod_name: req
+                .volume_context
+                .get(POD_NAME)
+                .cloned()
+                .unwrap_or_default(),
+        };
+        if let Err(e) = lock(&self.table).insert(record) {
+            let _ = mounted.unmount();
+            self.release_image(&digest);
+            return Err(CsiError::Internal(format!(
+                "volume {volume}: saving the mount table: {e}"
+            )));
+        }
+        let previous = lock(&self.active).insert(
+            volume.clone(),
+            Active {
+                mount: Some(mounted),
+                index_digest: digest,
+            },
+        );
+        if let Some(p) = previous {
+            self.release_image(&p.index_digest);
+        }
+        info!(target = %target.display(), index = %digest, "published");
+        Ok(())
+    }
+
+    /// Unpublishes a volume; unknown volumes and unmounted targets succeed.
+    pub async fn unpublish(&self, req: NodeUnpublishVolumeRequest) -> Result<(), CsiError> {
+        let volume = req.volume_id.clone();
+        if volume.is_empty() {
+            return Err(CsiError::InvalidArgument("volume_id is required".into()));
+        }
+        if req.target_path.is_empty() {
+            return Err(CsiError::InvalidArgument(format!(
+                "volume {volume}: target_path is required"
+            )));
+        }
+        let target = PathBuf::from(&req.target_path);
+        let _guard = self.begin(&volume)?;
+        let active = lock(&self.active).remove(&volume);
+        if let Some(a) = active {
+            if let Some(m) = a.mount {
+                // A live session ends cleanly; a wedged one is detached below.
+                let handle = tokio::task::spawn_blocking(move || m.unmount());
+                if tokio::time::timeout(Duration::from_secs(10), handle)
+                    .await
+                    .is_err()
+                {
+                    warn!("unmount did not finish; detaching");
+                }
+            }
+            self.release_image(&a.index_digest);
+        }
+        if is_mounted(&target) {
+            unmount_path(&target).map_err(|e| {
+                CsiError::Internal(format!(
+                    "volume {volume}: unmounting {}: {e}",
+                    target.display()
+                ))
+            })?;
+        }
+        // The target directory is ours to remove (kubelet created its parent).
+        match std::fs::remove_dir(&target) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                warn!(target = %target.display(), error = %e, "removing the target directory failed")
+            }
+        }
+        lock(&self.table).remove(&volume).map_err(|e| {
+            CsiError::Internal(format!("volume {volume}: saving the mount table: {e}"))
+        })?;
+        info!(target = %target.display(), "unpublished");
+        Ok(())
+    }
+
+    /// Usage of a published volume and whether its mount is healthy.
+    pub async fn volume_stats(
+        &self,
+        req: NodeGetVolumeStatsRequest,
+    ) -> Result<NodeGetVolumeStatsResponse, CsiError> {
+        let volume = req.volume_id.clone();
+        if volume.is_empty() || req.volume_path.is_empty() {
+            return Err(CsiError::InvalidArgument(
+                "volume_id and volume_path are required".into(),
+            ));
+        }
+        let record = lock(&self.table).get(&volume).cloned().ok_or_else(|| {
+            CsiError::NotFound(format!("volume {volume} is not published on this node"))
+        })?;
+        let path = PathBuf::from(&req.volume_path);
+        if path != record.target_path {
+            return Err(CsiError::NotFound(format!(
+                "volume {volume} is not published at {}",
+                path.display()
+            )));
+        }
+        let served = lock(&self.active)
+            .get(&volume)
+            .is_some_and(|a| a.mount.is_some());
+        let condition = match std::fs::metadata(&path) {
+            Ok(_) if served && is_mounted(&path) => VolumeCondition {
+                abnormal: false,
+                message: "mounted and serving".into(),
+            },
+            Ok(_) => VolumeCondition {
+                abnormal: true,
+                message: format!("{} is not mounted by this plugin", path.display()),
+            },
+            Err(e) => VolumeCondition {
+                abnormal: true,
+                message: format!("{} is not usable: {e}", path.display()),
+            },
+        };
+        let digest: Option<Digest> = record.index_digest.parse().ok();
+        let stats =
+            digest.and_then(|d| lock(&self.images).get(&d).map(|e| e.store.index().stats()));
+        let (bytes, inodes) = stats.map_or((0, 0), |s| (s.file_bytes as i64, s.inodes as i64));
+        Ok(NodeGetVolumeStatsResponse {
+            usage: vec![
+                VolumeUsage {
+                    available: 0,
+                    total: bytes,
+                    used: bytes,
+                    unit: Unit::Bytes as i32,
+                },
+                VolumeUsage {
+                    available: 0,
+                    total: inodes,
+                    used: inodes,
+                    unit: Unit::Inodes as i32,
+                },
+            ],
+            volume_condition: Some(condition),
+        })
+    }
+
+    /// Mounts again the volumes whose mounts died with the previous process.
+    pub async fn restore(&self) {
+        let records = lock(&self.table).records();
+        for rec in records {
+            let span = info_span!("restore", volume_id = %rec.volume_id, pod = %format!("{}/{}", rec.pod_namespace, rec.pod_name));
+            async {
+                if !self.config.reserve_on_start {
+                    info!("volume from the previous process left as is (re-serving is off)");
+                    return;
+                }
+                let Ok(digest) = rec.index_digest.parse::<Digest>() else {
+                    warn!("bad index digest in the mount table");
+                    return;
+                };
+                let _guard = match self.begin(&rec.volume_id) {
+                    Ok(g) => g,
+                    Err(_) => return,
+                };
+                let index = match self.load_index(&digest, &rec.volume_id).await {
+                    Ok(i) => i,
+                    Err(e) => {
+                        warn!(error = %e, "cannot re-serve: index unavailable");
+                        return;
+                    }
+                };
+                if is_mounted(&rec.target_path) {
+                    let _ = unmount_path(&rec.target_path);
+                }
+                let registry = RegistryClient::new(self.config.registry.clone());
+                let store = match self.store_for(digest, index, &registry, &rec.volume_id) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        warn!(error = %e, "cannot re-serve");
+                        return;
+                    }
+                };
+                match self.mount_at(store, &rec.target_path, &rec.volume_id) {
+                    Ok(m) => {
+                        lock(&self.active).insert(
+                            rec.volume_id.clone(),
+                            Active {
+                                mount: Some(m),
+                                index_digest: digest,
+                            },
+                        );
+                        info!(target = %rec.target_path.display(), "re-served after restart");
+                    }
+                    Err(e) => {
+                        self.release_image(&digest);
+                        warn!(error = %e, "cannot re-serve");
+                    }
+                }
+            }
+            .instrument(span)
+            .await;
+        }
+    }
+
+    /// Prometheus text for every image served and every volume.
+    pub fn metrics(&self) -> String {
+        let mut out = String::new();
+        let images: Vec<(Digest, Arc<ChunkStore<RegistryBlobs>>, usize)> = lock(&self.images)
+            .iter()
+            .map(|(d, e)| (*d, e.store.clone(), e.refs))
+            .collect();
+        for (d, store, refs) in images {
+            let src = &store.index().source;
+            let labels = format!(
+                "index=\"{d}\",image=\"{}@{}\"",
+                src.repository, src.manifest_digest
+            );
+            out.push_str(&store.snapshot().to_prometheus(&labels));
+            out.push_str(&format!("clip_image_volumes{{{labels}}} {refs}\n"));
+        }
+        out.push_str(
+            "# HELP clip_volume_info A published volume.\n# TYPE clip_volume_info gauge\n",
+        );
+        for r in lock(&self.table).records() {
+            let alive = lock(&self.active)
+                .get(&r.volume_id)
+                .is_some_and(|a| a.mount.is_some());
+            out.push_str(&format!(
+                "clip_volume_info{{volume_id=\"{}\",pod_namespace=\"{}\",pod_name=\"{}\",index=\"{}\",serving=\"{alive}\"}} 1\n",
+                r.volume_id, r.pod_namespace, r.pod_name, r.index_digest
+            ));
+        }
+        out
+    }
+
+    /// Unmounts every served volume (on shutdown), keeping the table for the next start.
+    pub fn shutdown(&self) {
+        let active: Vec<(String, Active)> = lock(&self.active).drain().collect();
+        for (_, a) in active {
+            if let Some(m) = a.mount {
+                let _ = m.unmount();
+            }
+        }
+    }
+}
+
+/// The gRPC face of the node context.
+#[derive(Debug, Clone)]
+pub struct NodeService {
+    ctx: Arc<NodeContext>,
+}
+
+impl NodeService {
+    pub fn new(ctx: Arc<NodeContext>) -> Self {
+        Self { ctx }
+    }
+}
+
+fn pod_of(ctx: &HashMap<String, String>) -> String {
+    match (ctx.get(POD_NAMESPACE), ctx.get(POD_NAME)) {
+        (Some(ns), Some(n)) => format!("{ns}/{n}"),
+        _ => String::new(),
+    }
+}
+
+#[tonic::async_trait]
+impl Node for NodeService {
+    async fn node_stage_volume(
+        &self,
+        _req: Request<NodeStageVolumeRequest>,
+    ) -> Result<Response<NodeStageVolumeResponse>, Status> {
+        Err(Status::unimplemented(
+            "clip does not stage volumes (no STAGE_UNSTAGE_VOLUME capability)",
+        ))
+    }
+
+    async fn node_unstage_volume(
+        &self,
+        _req: Request<NodeUnstageVolumeRequest>,
+    ) -> Result<Response<NodeUnstageVolumeResponse>, Status> {
+        Err(Status::unimplemented(
+            "clip does not stage volumes (no STAGE_UNSTAGE_VOLUME capability)",
+        ))
+    }
+
+    async fn node_publish_volume(
+        &self,
+        req: Request<NodePublishVolumeRequest>,
+    ) -> Result<Response<NodePublishVolumeResponse>, Status> {
+        let req = req.into_inner();
+        let image = req
+            .volume_context
+            .get(ATTR_CLIP_IMAGE)
+            .or_else(|| req.volume_context.get(ATTR_IMAGE))
+            .cloned()
+            .unwrap_or_default();
+        let span = info_span!("NodePublishVolume", volume_id = %req.volume_id, pod = %pod_of(&req.volume_context), image = %image);
+        let result = self.ctx.publish(req).instrument(span.clone()).await;
+        if let Err(e) = &result {
+            span.in_scope(|| warn!(code = ?e.code(), error = %e, "publish failed"));
+        }
+        result
+            .map(|()| Response::new(NodePublishVolumeResponse {}))
+            .map_err(Into::into)
+    }
+
+    async fn node_unpublish_volume(
+        &self,
+        req: Request<NodeUnpublishVolumeRequest>,
+    ) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
+        let req = req.into_inner();
+        let span = info_span!("NodeUnpublishVolume", volume_id = %req.volume_id);
+        let result = self.ctx.unpublish(req).instrument(span.clone()).await;
+        if let Err(e) = &result {
+            span.in_scope(|| warn!(code = ?e.code(), error = %e, "unpublish failed"));
+        }
+        result
+            .map(|()| Response::new(NodeUnpublishVolumeResponse {}))
+            .map_err(Into::into)
+    }
+
+    async fn node_get_volume_stats(
+        &self,
+        req: Request<NodeGetVolumeStatsRequest>,
+    ) -> Result<Response<NodeGetVolumeStatsResponse>, Status> {
+        let req = req.into_inner();
+        let span = info_span!("NodeGetVolumeStats", volume_id = %req.volume_id);
+        self.ctx
+            .volume_stats(req)
+            .instrument(span)
+            .await
+            .map(Response::new)
+            .map_err(Into::into)
+    }
+
+    async fn node_expand_volume(
+        &self,
+        _req: Request<NodeExpandVolumeRequest>,
+    ) -> Result<Response<NodeExpandVolumeResponse>, Status> {
+        Err(Status::unimplemented(
+            "clip volumes are read-only images and cannot be expanded",
+        ))
+    }
+
+    async fn node_get_capabilities(
+        &self,
+        _req: Request<NodeGetCapabilitiesRequest>,
+    ) -> Result<Response<NodeGetCapabilitiesResponse>, Status> {
+        let cap = |t: rpc::Type| NodeServiceCapability {
+            r#type: Some(node_service_capability::Type::Rpc(Rpc { r#type: t as i32 })),
+        };
+        Ok(Response::new(NodeGetCapabilitiesResponse {
+            capabilities: vec![
+                cap(rpc::Type::GetVolumeStats),
+                cap(rpc::Type::VolumeCondition),
+            ],
+        }))
+    }
+
+    async fn node_get_info(
+        &self,
+        _req: Request<NodeGetInfoRequest>,
+    ) -> Result<Response<NodeGetInfoResponse>, Status> {
+        Ok(Response::new(NodeGetInfoResponse {
+            node_id: self.ctx.config.node_id.clone(),
+            max_volumes_per_node: self.ctx.config.max_volumes,
+            accessible_topology: None,
+        }))
+    }
+}

@@ -1,0 +1,39 @@
+//! Serving the CSI services on a unix socket, as kubelet expects.
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+
+use super::identity::IdentityService;
+use super::node::{NodeContext, NodeService};
+use super::proto::identity_server::IdentityServer;
+use super::proto::node_server::NodeServer;
+
+/// Binds the plugin socket, replacing a stale socket file from an earlier run.
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    UnixListener::bind(path)
+}
+
+/// Serves Identity and Node on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: UnixListener,
+    ctx: Arc<NodeContext>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .add_service(IdentityServer::new(IdentityService::new(ctx.clone())))
+        .add_service(NodeServer::new(NodeService::new(ctx)))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await
+}
