@@ -112,7 +112,7 @@ impl Drop for OpGuard<'_> {
 
 /// Whether the FUSE mount at `dir` still answers (a dead server gives ENOTCONN).
 fn mount_alive(dir: &Path) -> bool {
-    std::fs::metadata(dir).is_ok()
+    crate::fs::mount_responds(dir).is_ok()
 }
 
 impl NodeContext {
@@ -758,8 +758,8 @@ impl NodeContext {
         let served = lock(&self.active)
             .get(&volume)
             .is_some_and(|a| a.mount.is_some());
-        let condition = match std::fs::metadata(&path) {
-            Ok(_) if served && is_mounted(&path) => VolumeCondition {
+        let condition = match crate::fs::mount_responds(&path) {
+            Ok(()) if served && is_mounted(&path) => VolumeCondition {
                 abnormal: false,
                 message: "mounted and serving".into(),
             },

@@ -146,3 +146,19 @@ pub fn is_mounted(dir: &Path) -> bool {
         })
         .unwrap_or(false)
 }
+
+/// Whether the filesystem at `dir` answers. `statfs` always reaches the FUSE server (unlike
+/// `stat`, which the kernel may answer from its caches), so a dead mount shows ENOTCONN.
+pub fn mount_responds(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: a zeroed statvfs is a valid out-parameter; c is NUL-terminated.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::statvfs(c.as_ptr(), &mut s) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}

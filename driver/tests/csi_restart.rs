@@ -1,0 +1,179 @@
+//! `clip node` as a process: after it dies, a new one reloads the mount table, reports dead
+//! mounts, cleans them up on unpublish, and re-serves what it can.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on broken fixtures
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clip_driver::csi::proto::node_client::NodeClient;
+use clip_driver::csi::proto::volume_capability::access_mode::Mode;
+use clip_driver::csi::proto::volume_capability::{AccessMode, AccessType, MountVolume};
+use clip_driver::csi::proto::*;
+use clip_driver::fs::is_mounted;
+use clip_e2e::fixtures;
+use clip_e2e::image::{Pusher, build_image};
+use clip_e2e::registry::Registry;
+use tonic::transport::{Channel, Endpoint};
+
+struct Node {
+    child: Child,
+}
+
+impl Node {
+    fn start(dir: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+        let socket = dir.join("csi.sock");
+        let _ = std::fs::remove_file(&socket);
+        let child = Command::new(env!("CARGO_BIN_EXE_clip"))
+            .args([
+                "--log-format",
+                "json",
+                "--log",
+                "info",
+                "node",
+                "--kube",
+                "off",
+                "--node-id",
+                "n1",
+            ])
+            .arg("--endpoint")
+            .arg(format!("unix://{}", socket.display()))
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--cache-dir")
+            .arg(dir.join("cache"))
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !socket.exists() {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the plugin socket did not appear"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Self { child })
+    }
+
+    fn signal(&mut self, sig: i32) {
+        // SAFETY: signalling our own child.
+        unsafe {
+            libc::kill(self.child.id() as i32, sig);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.signal(libc::SIGKILL);
+    }
+}
+
+async fn client(dir: &Path) -> anyhow::Result<NodeClient<Channel>> {
+    let socket = dir.join("csi.sock");
+    let ch = Endpoint::try_from("http://[::1]:50051")?
+        .connect_with_connector(tower::service_fn(move |_| {
+            let socket = socket.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(socket).await?,
+                ))
+            }
+        }))
+        .await?;
+    Ok(NodeClient::new(ch))
+}
+
+fn publish(volume: &str, target: &Path, image: &str) -> NodePublishVolumeRequest {
+    NodePublishVolumeRequest {
+        volume_id: volume.into(),
+        target_path: target.to_string_lossy().into_owned(),
+        volume_capability: Some(VolumeCapability {
+            access_type: Some(AccessType::Mount(MountVolume::default())),
+            access_mode: Some(AccessMode {
+                mode: Mode::MultiNodeReaderOnly as i32,
+            }),
+        }),
+        readonly: true,
+        volume_context: HashMap::from([("image".to_owned(), image.to_owned())]),
+        ..Default::default()
+    }
+}
+
+async fn condition(
+    node: &mut NodeClient<Channel>,
+    volume: &str,
+    target: &Path,
+) -> anyhow::Result<VolumeCondition> {
+    let r = node
+        .node_get_volume_stats(NodeGetVolumeStatsRequest {
+            volume_id: volume.into(),
+            volume_path: target.to_string_lossy().into_owned(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    Ok(r.volume_condition.unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_plugin_knows_its_volumes() -> anyhow::Result<()> {
+    let registry = Registry::start()?;
+    let image = build_image(&fixtures::complex_layers(), "linux", "amd64")?;
+    let reference = Pusher::new(&registry.host(), None).push_image("restart/app", "v1", &image)?;
+    let dir = tempfile::tempdir()?;
+    let t1: PathBuf = dir.path().join("pods/one/mount");
+    let t2: PathBuf = dir.path().join("pods/two/mount");
+
+    let mut first = Node::start(dir.path(), &[])?;
+    let mut node = client(dir.path()).await?;
+    node.node_publish_volume(publish("vol-1", &t1, &reference))
+        .await?;
+    node.node_publish_volume(publish("vol-2", &t2, &reference))
+        .await?;
+    assert!(std::fs::read(t1.join("etc/passwd"))?.len() > 10);
+    first.signal(libc::SIGKILL);
+    let dead = clip_driver::fs::mount_responds(&t1)
+        .err()
+        .and_then(|e| e.raw_os_error());
+    assert_eq!(dead, Some(libc::ENOTCONN), "the mount died with its server");
+
+    // A plugin that does not re-serve reports the dead mounts and cleans them up.
+    let mut second = Node::start(dir.path(), &["--no-reserve-on-start"])?;
+    let mut node = client(dir.path()).await?;
+    let c = condition(&mut node, "vol-1", &t1).await?;
+    assert!(c.abnormal, "dead mount reported abnormal: {c:?}");
+    assert!(!c.message.is_empty());
+    node.node_unpublish_volume(NodeUnpublishVolumeRequest {
+        volume_id: "vol-1".into(),
+        target_path: t1.to_string_lossy().into_owned(),
+    })
+    .await?;
+    assert!(!is_mounted(&t1), "the dead mount was detached");
+    assert!(!t1.exists());
+    second.signal(libc::SIGTERM);
+
+    // A plugin that re-serves brings the other volume back.
+    let _third = Node::start(dir.path(), &[])?;
+    let mut node = client(dir.path()).await?;
+    let c = condition(&mut node, "vol-2", &t2).await?;
+    assert!(!c.abnormal, "re-served: {c:?}");
+    let passwd = tokio::task::spawn_blocking({
+        let t2 = t2.clone();
+        move || std::fs::read(t2.join("etc/passwd"))
+    })
+    .await??;
+    assert!(passwd.starts_with(b"root:x:0:0"));
+    node.node_unpublish_volume(NodeUnpublishVolumeRequest {
+        volume_id: "vol-2".into(),
+        target_path: t2.to_string_lossy().into_owned(),
+    })
+    .await?;
+    assert!(!is_mounted(&t2));
+    Ok(())
+}
