@@ -180,3 +180,21 @@ mod tests {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod manifest_tests {
+    #[test]
+    fn the_committed_crd_is_not_stale() -> Result<(), Box<dyn std::error::Error>> {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../manifests/crds/clipimage.yaml"
+        );
+        let committed = std::fs::read_to_string(path)?;
+        let fresh = super::crd_yaml()?;
+        assert!(
+            committed.ends_with(&fresh),
+            "manifests/crds/clipimage.yaml is stale: run `cargo run -p clip-api --bin crdgen manifests/crds/clipimage.yaml`"
+        );
+        Ok(())
+    }
+}

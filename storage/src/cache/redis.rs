@@ -465,6 +465,52 @@ impl RedisCache {
         Ok(out)
     }
 
+    /// Records `owner` (e.g. a ClipImage `namespace/name`) as a user of an index.
+    pub async fn add_index_owner(&self, digest: &Digest, owner: &str) -> Result<()> {
+        let mut c = self.conn.clone();
+        let key = format!("{}:o:{}", self.config.key_prefix, digest.hex());
+        let r: redis::RedisResult<i64> = c.sadd(&key, owner).await;
+        r.map(|_| ()).map_err(|e| redis_error(&self.config, &e))
+    }
+
+    /// Drops `owner` from an index; when no owner is left the index and its manifest pointer
+    /// are deleted. Returns how many owners remain.
+    pub async fn release_index(
+        &self,
+        digest: &Digest,
+        owner: &str,
+        manifest: Option<&Digest>,
+    ) -> Result<u64> {
+        let mut c = self.conn.clone();
+        let key = format!("{}:o:{}", self.config.key_prefix, digest.hex());
+        let _: redis::RedisResult<i64> = c.srem(&key, owner).await;
+        let left: redis::RedisResult<u64> = c.scard(&key).await;
+        let left = left.map_err(|e| redis_error(&self.config, &e))?;
+        if left > 0 {
+            return Ok(left);
+        }
+        let base = self.index_key(digest);
+        let head: redis::RedisResult<Option<String>> = c.get(&base).await;
+        if let Ok(Some(head)) = head
+            && let Some(parts) = head
+                .split_once(' ')
+                .and_then(|(p, _)| p.parse::<usize>().ok())
+        {
+            for i in 0..parts.min(1 << 16) {
+                let _: redis::RedisResult<i64> = c.del(format!("{base}:{i}")).await;
+            }
+        }
+        let _: redis::RedisResult<i64> = c.del(&base).await;
+        if let Some(m) = manifest {
+            let pointer = format!("{}:m:{}", self.config.key_prefix, m.hex());
+            let current: redis::RedisResult<Option<String>> = c.get(&pointer).await;
+            if current.ok().flatten().as_deref() == Some(digest.to_string().as_str()) {
+                let _: redis::RedisResult<i64> = c.del(&pointer).await;
+            }
+        }
+        Ok(0)
+    }
+
     /// Whether an index with this digest is in Redis.
     pub async fn has_index(&self, digest: &Digest) -> Result<bool> {
         let mut c = self.conn.clone();

@@ -1,0 +1,499 @@
+//! Reconcile scenarios against a mocked API server (tower-test), with the indexing path run
+//! for real against a registry and a Redis Cluster started by the test.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on broken fixtures
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clip_api::{ClipImage, ClipImageSpec, Phase};
+use clip_controller::reconcile::FINALIZER;
+use clip_controller::{Context, reconcile};
+use clip_e2e::fixtures;
+use clip_e2e::image::{Pusher, build_image};
+use clip_e2e::proxy::Proxy;
+use clip_e2e::redis::RedisCluster;
+use clip_e2e::registry::Registry;
+use clip_storage::RegistryConfig;
+use clip_storage::cache::redis::{RedisCache, RedisConfig};
+use http::{Request, Response};
+use kube::client::Body;
+use serde_json::{Value, json};
+
+/// What the fake API server holds and saw.
+#[derive(Default)]
+struct ApiState {
+    objects: HashMap<String, Value>,
+    secrets: HashMap<String, Value>,
+    events: Vec<Value>,
+    /// Every status written, in order.
+    statuses: Vec<Value>,
+    finalizer_removed: bool,
+}
+
+type Shared = Arc<Mutex<ApiState>>;
+
+fn respond(status: u16, body: &Value) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Body::from(serde_json::to_vec(body).unwrap()))
+        .unwrap()
+}
+
+fn not_found(what: &str) -> Response<Body> {
+    respond(
+        404,
+        &json!({"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":format!("{what} not found"),"reason":"NotFound","code":404}),
+    )
+}
+
+async fn handle(state: &Shared, req: Request<Body>) -> Response<Body> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let body = req.into_body().collect_bytes().await.unwrap_or_default();
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let mut s = state.lock().unwrap();
+    match (method.as_str(), parts.as_slice()) {
+        (
+            "PATCH",
+            [
+                "apis",
+                "clip.dev",
+                "v1alpha1",
+                "namespaces",
+                ns,
+                "clipimages",
+                name,
+                "status",
+            ],
+        ) => {
+            let key = format!("{ns}/{name}");
+            let patch: Value = serde_json::from_slice(&body).unwrap();
+            s.statuses.push(patch["status"].clone());
+            match s.objects.get_mut(&key) {
+                Some(obj) => {
+                    obj["status"] = patch["status"].clone();
+                    let out = obj.clone();
+                    respond(200, &out)
+                }
+                None => not_found(&key),
+            }
+        }
+        (
+            "PATCH",
+            [
+                "apis",
+                "clip.dev",
+                "v1alpha1",
+                "namespaces",
+                ns,
+                "clipimages",
+                name,
+            ],
+        ) => {
+            let key = format!("{ns}/{name}");
+            let ops: Vec<Value> = serde_json::from_slice(&body).unwrap();
+            let Some(obj) = s.objects.get_mut(&key) else {
+                return not_found(&key);
+            };
+            let mut removed = false;
+            for op in ops {
+                let p = op["path"].as_str().unwrap_or_default();
+                match op["op"].as_str() {
+                    Some("add") if p == "/metadata/finalizers" => {
+                        obj["metadata"]["finalizers"] = op["value"].clone()
+                    }
+                    Some("add") if p == "/metadata/finalizers/-" => obj["metadata"]["finalizers"]
+                        .as_array_mut()
+                        .unwrap()
+                        .push(op["value"].clone()),
+                    Some("remove") if p.starts_with("/metadata/finalizers/") => {
+                        let i: usize = p.rsplit('/').next().unwrap().parse().unwrap();
+                        obj["metadata"]["finalizers"]
+                            .as_array_mut()
+                            .unwrap()
+                            .remove(i);
+                        removed = true;
+                    }
+                    _ => {}
+                }
+            }
+            let out = obj.clone();
+            if removed {
+                s.finalizer_removed = true;
+            }
+            respond(200, &out)
+        }
+        ("GET", ["api", "v1", "namespaces", ns, "secrets", name]) => {
+            match s.secrets.get(&format!("{ns}/{name}")) {
+                Some(v) => respond(200, v),
+                None => not_found(&format!("secret {ns}/{name}")),
+            }
+        }
+        ("POST", ["apis", "events.k8s.io", "v1", "namespaces", _, "events"]) => {
+            let ev: Value = serde_json::from_slice(&body).unwrap();
+            s.events.push(ev.clone());
+            respond(201, &ev)
+        }
+        _ => not_found(&format!("{method} {path}")),
+    }
+}
+
+struct World {
+    _registry: Registry,
+    proxy: Proxy,
+    cluster: RedisCluster,
+    redis: Arc<RedisCache>,
+    state: Shared,
+    ctx: Arc<Context>,
+    host: String,
+}
+
+async fn world() -> anyhow::Result<World> {
+    let registry = Registry::start()?;
+    let proxy = Proxy::start(&registry.host())?;
+    let cluster = RedisCluster::start()?;
+    let redis = Arc::new(
+        RedisCache::connect(RedisConfig {
+            seeds: cluster.seeds(),
+            ..RedisConfig::default()
+        })
+        .await?,
+    );
+    let (mock, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let state: Shared = Arc::default();
+    let s = state.clone();
+    tokio::spawn(async move {
+        while let Some((req, send)) = handle.next_request().await {
+            send.send_response(handle_req(&s, req).await);
+        }
+    });
+    let client = kube::Client::new(mock, "default");
+    let mut ctx = Context::new(
+        client,
+        redis.clone(),
+        RegistryConfig::default(),
+        2,
+        Duration::from_secs(600),
+    );
+    Arc::get_mut(&mut ctx).unwrap().progress_interval = Duration::from_millis(200);
+    let host = proxy.host();
+    Ok(World {
+        host,
+        _registry: registry,
+        proxy,
+        cluster,
+        redis,
+        state,
+        ctx,
+    })
+}
+
+async fn handle_req(s: &Shared, req: Request<Body>) -> Response<Body> {
+    handle(s, req).await
+}
+
+fn create(w: &World, name: &str, image: &str, pull_secrets: Vec<String>) {
+    let mut ci = ClipImage::new(
+        name,
+        ClipImageSpec {
+            image: image.into(),
+            pull_secrets,
+            platform: None,
+            warm: false,
+        },
+    );
+    ci.metadata.namespace = Some("team".into());
+    ci.metadata.generation = Some(1);
+    ci.metadata.uid = Some(format!("uid-{name}"));
+    let v = serde_json::to_value(&ci).unwrap();
+    w.state
+        .lock()
+        .unwrap()
+        .objects
+        .insert(format!("team/{name}"), v);
+}
+
+fn current(w: &World, name: &str) -> ClipImage {
+    serde_json::from_value(w.state.lock().unwrap().objects[&format!("team/{name}")].clone())
+        .unwrap()
+}
+
+/// Reconciles (as the runtime would on requeue) until the phase settles.
+async fn drive(w: &World, name: &str) -> anyhow::Result<ClipImage> {
+    for _ in 0..300 {
+        let ci = current(w, name);
+        reconcile(Arc::new(ci), w.ctx.clone()).await?;
+        let ci = current(w, name);
+        if matches!(
+            ci.status.as_ref().and_then(|s| s.phase),
+            Some(Phase::Ready | Phase::Failed)
+        ) {
+            return Ok(ci);
+        }
+    }
+    anyhow::bail!("{name} never settled")
+}
+
+fn phases(w: &World) -> Vec<String> {
+    let mut out: Vec<String> = w
+        .state
+        .lock()
+        .unwrap()
+        .statuses
+        .iter()
+        .filter_map(|s| s["phase"].as_str().map(String::from))
+        .collect();
+    out.dedup();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_clip_image_goes_resolving_indexing_ready_and_a_node_mounts_it() -> anyhow::Result<()>
+{
+    let w = world().await?;
+    let layers = fixtures::big_layers(24 << 20);
+    let image = build_image(&layers, "linux", "amd64")?;
+    Pusher::new(&w._registry.host(), None).push_image("ctl/app", "v1", &image)?;
+    let reference = format!("{}/ctl/app:v1", w.host);
+    // A slow registry makes the Indexing phase long enough to be reported.
+    w.proxy.set_delay(Duration::from_millis(300));
+    create(&w, "app", &reference, vec![]);
+    let ci = drive(&w, "app").await?;
+    w.proxy.set_delay(Duration::ZERO);
+    assert_eq!(
+        current(&w, "app").metadata.finalizers,
+        Some(vec![FINALIZER.to_owned()])
+    );
+    let st = ci.status.clone().unwrap();
+    assert_eq!(st.phase, Some(Phase::Ready));
+    assert_eq!(
+        st.resolved_digest.as_deref(),
+        Some(image.manifest.digest.as_str())
+    );
+    assert_eq!(st.layers, Some(1));
+    assert_eq!(st.files, Some(2));
+    assert_eq!(st.compressed_size, Some(image.layers[0].data.len() as u64));
+    assert_eq!(st.uncompressed_size, Some(image.tars[0].len() as u64));
+    assert_eq!(st.observed_generation, Some(1));
+    assert!(st.last_indexed.is_some());
+    let cond = ci.ready_condition().unwrap();
+    assert_eq!(
+        (cond.status.as_str(), cond.reason.as_str()),
+        ("True", "Indexed")
+    );
+    let p = phases(&w);
+    assert_eq!(p.first().map(String::as_str), Some("Resolving"), "{p:?}");
+    assert!(p.contains(&"Indexing".to_owned()), "{p:?}");
+    assert_eq!(p.last().map(String::as_str), Some("Ready"));
+    let index_digest: clip_index::Digest = st.index_digest.unwrap().parse()?;
+    assert!(w.redis.has_index(&index_digest).await?);
+    assert!(
+        w.state
+            .lock()
+            .unwrap()
+            .events
+            .iter()
+            .any(|e| e["reason"] == "Indexed")
+    );
+
+    // The node side mounts the index the controller published.
+    let dir = tempfile::tempdir()?;
+    let node = clip_driver::csi::node::NodeContext::new(
+        clip_driver::csi::node::NodeConfig {
+            node_id: "n".into(),
+            max_volumes: 8,
+            state_dir: dir.path().join("state"),
+            cache_dir: dir.path().join("cache"),
+            cache_bytes: 1 << 30,
+            store: clip_storage::StoreConfig::default(),
+            fuse_threads: 2,
+            require_clip_images: true,
+            reserve_on_start: false,
+            registry: RegistryConfig::default(),
+            platform: None,
+            publish_wait: Duration::from_secs(5),
+        },
+        Some(w.redis.clone()),
+        Some(Arc::new(OneImage(current(&w, "app")))),
+        tokio::runtime::Handle::current(),
+    )?;
+    let target = dir.path().join("target");
+    node.publish(clip_driver::csi::proto::NodePublishVolumeRequest {
+        volume_id: "v".into(),
+        target_path: target.to_string_lossy().into_owned(),
+        volume_capability: Some(clip_driver::csi::proto::VolumeCapability {
+            access_type: Some(
+                clip_driver::csi::proto::volume_capability::AccessType::Mount(Default::default()),
+            ),
+            access_mode: None,
+        }),
+        readonly: true,
+        volume_context: HashMap::from([
+            ("clipImage".to_owned(), "app".to_owned()),
+            (
+                "csi.storage.k8s.io/pod.namespace".to_owned(),
+                "team".to_owned(),
+            ),
+        ]),
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let t = target.clone();
+    let got = tokio::task::spawn_blocking(move || std::fs::read(t.join("data/small-at-end.txt")))
+        .await??;
+    assert_eq!(got, b"the last file of the layer\n");
+    node.shutdown();
+    Ok(())
+}
+
+struct OneImage(ClipImage);
+
+impl clip_driver::csi::lookup::ClipImageLookup for OneImage {
+    fn get<'a>(
+        &'a self,
+        _ns: &'a str,
+        _name: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<Option<ClipImage>, String>> {
+        Box::pin(futures::future::ready(Ok(Some(self.0.clone()))))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_bad_reference_and_a_missing_pull_secret_fail_with_an_event() -> anyhow::Result<()> {
+    let w = world().await?;
+    create(&w, "ghost", &format!("{}/no/such:image", w.host), vec![]);
+    let ci = drive(&w, "ghost").await?;
+    assert_eq!(
+        ci.status.as_ref().and_then(|s| s.phase),
+        Some(Phase::Failed)
+    );
+    let cond = ci.ready_condition().unwrap();
+    assert_eq!(cond.reason, "ImageNotFound");
+    assert!(cond.message.contains("no/such"), "{}", cond.message);
+    assert!(
+        w.state
+            .lock()
+            .unwrap()
+            .events
+            .iter()
+            .any(|e| e["reason"] == "ImageNotFound" && e["type"] == "Warning")
+    );
+    // Permanent: a second reconcile writes the same status and no new event.
+    let events_before = w.state.lock().unwrap().events.len();
+    reconcile(Arc::new(current(&w, "ghost")), w.ctx.clone()).await?;
+    assert_eq!(w.state.lock().unwrap().events.len(), events_before);
+
+    create(
+        &w,
+        "private",
+        &format!("{}/x/y:z", w.host),
+        vec!["regcred".into()],
+    );
+    let ci = drive(&w, "private").await?;
+    let cond = ci.ready_condition().unwrap();
+    assert_eq!(
+        ci.status.as_ref().and_then(|s| s.phase),
+        Some(Phase::Failed)
+    );
+    assert!(
+        cond.message.contains("pull secret team/regcred not found"),
+        "{}",
+        cond.message
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deleting_during_indexing_cancels_the_build_and_removes_the_finalizer() -> anyhow::Result<()>
+{
+    let w = world().await?;
+    let image = build_image(&fixtures::big_layers(24 << 20), "linux", "amd64")?;
+    Pusher::new(&w._registry.host(), None).push_image("ctl/slow", "v1", &image)?;
+    w.proxy.set_delay(Duration::from_millis(400));
+    create(&w, "slow", &format!("{}/ctl/slow:v1", w.host), vec![]);
+    // Drive until Indexing.
+    for _ in 0..50 {
+        reconcile(Arc::new(current(&w, "slow")), w.ctx.clone()).await?;
+        if current(&w, "slow").status.and_then(|s| s.phase) == Some(Phase::Indexing) {
+            break;
+        }
+    }
+    assert_eq!(
+        current(&w, "slow").status.and_then(|s| s.phase),
+        Some(Phase::Indexing)
+    );
+    assert_eq!(w.ctx.running_builds(), 1);
+    // The API server marks it for deletion; the next reconcile cleans up.
+    {
+        let mut s = w.state.lock().unwrap();
+        s.objects.get_mut("team/slow").unwrap()["metadata"]["deletionTimestamp"] =
+            json!("2026-11-21T00:00:00Z");
+    }
+    reconcile(Arc::new(current(&w, "slow")), w.ctx.clone()).await?;
+    assert_eq!(w.ctx.running_builds(), 0, "the build was cancelled");
+    assert!(w.state.lock().unwrap().finalizer_removed);
+    assert_eq!(current(&w, "slow").metadata.finalizers, Some(vec![]));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_moved_tag_and_a_flushed_redis_are_reindexed_and_two_images_share_a_build()
+-> anyhow::Result<()> {
+    let w = world().await?;
+    let pusher = Pusher::new(&w._registry.host(), None);
+    let v1 = build_image(&fixtures::platform_layers("first"), "linux", "amd64")?;
+    pusher.push_image("ctl/tag", "latest", &v1)?;
+    let reference = format!("{}/ctl/tag:latest", w.host);
+    w.proxy.clear_log();
+    create(&w, "a", &reference, vec![]);
+    create(&w, "b", &reference, vec![]);
+    let (a, b) = tokio::join!(drive(&w, "a"), drive(&w, "b"));
+    let (a, b) = (a?, b?);
+    let sa = a.status.unwrap();
+    assert_eq!(
+        sa.index_digest,
+        b.status.unwrap().index_digest,
+        "one index for one digest"
+    );
+    let streams = w
+        .proxy
+        .blob_reads()
+        .iter()
+        .filter(|l| l.range.is_none())
+        .count();
+    assert_eq!(
+        streams, 1,
+        "the layer was streamed once for both ClipImages"
+    );
+
+    // The tag moves: the next resync re-resolves and re-indexes.
+    let v2 = build_image(&fixtures::platform_layers("second"), "linux", "amd64")?;
+    pusher.push_image("ctl/tag", "latest", &v2)?;
+    reconcile(Arc::new(current(&w, "a")), w.ctx.clone()).await?;
+    let a2 = drive(&w, "a").await?.status.unwrap();
+    assert_eq!(
+        a2.resolved_digest.as_deref(),
+        Some(v2.manifest.digest.as_str())
+    );
+    assert_ne!(a2.index_digest, sa.index_digest);
+
+    // Redis flushed: the index is noticed missing on resync and rebuilt.
+    w.cluster.cli(&["FLUSHALL"])?;
+    for port in w.cluster.masters()? {
+        let _ = std::process::Command::new("redis-cli")
+            .args(["-p", &port.to_string(), "FLUSHALL"])
+            .output();
+    }
+    let d: clip_index::Digest = a2.index_digest.clone().unwrap().parse()?;
+    assert!(!w.redis.has_index(&d).await?);
+    reconcile(Arc::new(current(&w, "a")), w.ctx.clone()).await?;
+    let a3 = drive(&w, "a").await?.status.unwrap();
+    assert_eq!(a3.phase, Some(Phase::Ready));
+    let d3: clip_index::Digest = a3.index_digest.unwrap().parse()?;
+    assert!(w.redis.has_index(&d3).await?, "rebuilt and republished");
+    Ok(())
+}
