@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on broken fixtures
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use clip_api::{ClipImage, ClipImageSpec, Phase};
@@ -12,141 +12,19 @@ use clip_controller::reconcile::FINALIZER;
 use clip_controller::{Context, reconcile};
 use clip_e2e::fixtures;
 use clip_e2e::image::{Pusher, build_image};
+use clip_e2e::kube_api::FakeApi;
 use clip_e2e::proxy::Proxy;
 use clip_e2e::redis::RedisCluster;
 use clip_e2e::registry::Registry;
 use clip_storage::RegistryConfig;
 use clip_storage::cache::redis::{RedisCache, RedisConfig};
-use http::{Request, Response};
-use kube::client::Body;
-use serde_json::{Value, json};
-
-/// What the fake API server holds and saw.
-#[derive(Default)]
-struct ApiState {
-    objects: HashMap<String, Value>,
-    secrets: HashMap<String, Value>,
-    events: Vec<Value>,
-    /// Every status written, in order.
-    statuses: Vec<Value>,
-    finalizer_removed: bool,
-}
-
-type Shared = Arc<Mutex<ApiState>>;
-
-fn respond(status: u16, body: &Value) -> Response<Body> {
-    Response::builder()
-        .status(status)
-        .header("content-type", "application/json")
-        .body(Body::from(serde_json::to_vec(body).unwrap()))
-        .unwrap()
-}
-
-fn not_found(what: &str) -> Response<Body> {
-    respond(
-        404,
-        &json!({"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":format!("{what} not found"),"reason":"NotFound","code":404}),
-    )
-}
-
-async fn handle(state: &Shared, req: Request<Body>) -> Response<Body> {
-    let method = req.method().clone();
-    let path = req.uri().path().to_owned();
-    let body = req.into_body().collect_bytes().await.unwrap_or_default();
-    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    let mut s = state.lock().unwrap();
-    match (method.as_str(), parts.as_slice()) {
-        (
-            "PATCH",
-            [
-                "apis",
-                "clip.dev",
-                "v1alpha1",
-                "namespaces",
-                ns,
-                "clipimages",
-                name,
-                "status",
-            ],
-        ) => {
-            let key = format!("{ns}/{name}");
-            let patch: Value = serde_json::from_slice(&body).unwrap();
-            s.statuses.push(patch["status"].clone());
-            match s.objects.get_mut(&key) {
-                Some(obj) => {
-                    obj["status"] = patch["status"].clone();
-                    let out = obj.clone();
-                    respond(200, &out)
-                }
-                None => not_found(&key),
-            }
-        }
-        (
-            "PATCH",
-            [
-                "apis",
-                "clip.dev",
-                "v1alpha1",
-                "namespaces",
-                ns,
-                "clipimages",
-                name,
-            ],
-        ) => {
-            let key = format!("{ns}/{name}");
-            let ops: Vec<Value> = serde_json::from_slice(&body).unwrap();
-            let Some(obj) = s.objects.get_mut(&key) else {
-                return not_found(&key);
-            };
-            let mut removed = false;
-            for op in ops {
-                let p = op["path"].as_str().unwrap_or_default();
-                match op["op"].as_str() {
-                    Some("add") if p == "/metadata/finalizers" => {
-                        obj["metadata"]["finalizers"] = op["value"].clone()
-                    }
-                    Some("add") if p == "/metadata/finalizers/-" => obj["metadata"]["finalizers"]
-                        .as_array_mut()
-                        .unwrap()
-                        .push(op["value"].clone()),
-                    Some("remove") if p.starts_with("/metadata/finalizers/") => {
-                        let i: usize = p.rsplit('/').next().unwrap().parse().unwrap();
-                        obj["metadata"]["finalizers"]
-                            .as_array_mut()
-                            .unwrap()
-                            .remove(i);
-                        removed = true;
-                    }
-                    _ => {}
-                }
-            }
-            let out = obj.clone();
-            if removed {
-                s.finalizer_removed = true;
-            }
-            respond(200, &out)
-        }
-        ("GET", ["api", "v1", "namespaces", ns, "secrets", name]) => {
-            match s.secrets.get(&format!("{ns}/{name}")) {
-                Some(v) => respond(200, v),
-                None => not_found(&format!("secret {ns}/{name}")),
-            }
-        }
-        ("POST", ["apis", "events.k8s.io", "v1", "namespaces", _, "events"]) => {
-            let ev: Value = serde_json::from_slice(&body).unwrap();
-            s.events.push(ev.clone());
-            respond(201, &ev)
-        }
-        _ => not_found(&format!("{method} {path}")),
-    }
-}
 
 struct World {
     _registry: Registry,
     proxy: Proxy,
     cluster: RedisCluster,
     redis: Arc<RedisCache>,
-    state: Shared,
+    api: FakeApi,
     ctx: Arc<Context>,
     host: String,
 }
@@ -162,17 +40,9 @@ async fn world() -> anyhow::Result<World> {
         })
         .await?,
     );
-    let (mock, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let state: Shared = Arc::default();
-    let s = state.clone();
-    tokio::spawn(async move {
-        while let Some((req, send)) = handle.next_request().await {
-            send.send_response(handle_req(&s, req).await);
-        }
-    });
-    let client = kube::Client::new(mock, "default");
+    let api = FakeApi::start();
     let mut ctx = Context::new(
-        client,
+        api.client.clone(),
         redis.clone(),
         RegistryConfig::default(),
         2,
@@ -186,13 +56,9 @@ async fn world() -> anyhow::Result<World> {
         proxy,
         cluster,
         redis,
-        state,
+        api,
         ctx,
     })
-}
-
-async fn handle_req(s: &Shared, req: Request<Body>) -> Response<Body> {
-    handle(s, req).await
 }
 
 fn create(w: &World, name: &str, image: &str, pull_secrets: Vec<String>) {
@@ -208,17 +74,12 @@ fn create(w: &World, name: &str, image: &str, pull_secrets: Vec<String>) {
     ci.metadata.namespace = Some("team".into());
     ci.metadata.generation = Some(1);
     ci.metadata.uid = Some(format!("uid-{name}"));
-    let v = serde_json::to_value(&ci).unwrap();
-    w.state
-        .lock()
-        .unwrap()
-        .objects
-        .insert(format!("team/{name}"), v);
+    w.api
+        .put_object("team", name, serde_json::to_value(&ci).unwrap());
 }
 
 fn current(w: &World, name: &str) -> ClipImage {
-    serde_json::from_value(w.state.lock().unwrap().objects[&format!("team/{name}")].clone())
-        .unwrap()
+    serde_json::from_value(w.api.object("team", name).unwrap()).unwrap()
 }
 
 /// Reconciles (as the runtime would on requeue) until the phase settles.
@@ -239,10 +100,8 @@ async fn drive(w: &World, name: &str) -> anyhow::Result<ClipImage> {
 
 fn phases(w: &World) -> Vec<String> {
     let mut out: Vec<String> = w
-        .state
-        .lock()
-        .unwrap()
-        .statuses
+        .api
+        .statuses()
         .iter()
         .filter_map(|s| s["phase"].as_str().map(String::from))
         .collect();
@@ -290,14 +149,7 @@ async fn a_new_clip_image_goes_resolving_indexing_ready_and_a_node_mounts_it() -
     assert_eq!(p.last().map(String::as_str), Some("Ready"));
     let index_digest: clip_index::Digest = st.index_digest.unwrap().parse()?;
     assert!(w.redis.has_index(&index_digest).await?);
-    assert!(
-        w.state
-            .lock()
-            .unwrap()
-            .events
-            .iter()
-            .any(|e| e["reason"] == "Indexed")
-    );
+    assert!(w.api.events().iter().any(|e| e["reason"] == "Indexed"));
 
     // The node side mounts the index the controller published.
     let dir = tempfile::tempdir()?;
@@ -375,17 +227,15 @@ async fn a_bad_reference_and_a_missing_pull_secret_fail_with_an_event() -> anyho
     assert_eq!(cond.reason, "ImageNotFound");
     assert!(cond.message.contains("no/such"), "{}", cond.message);
     assert!(
-        w.state
-            .lock()
-            .unwrap()
-            .events
+        w.api
+            .events()
             .iter()
             .any(|e| e["reason"] == "ImageNotFound" && e["type"] == "Warning")
     );
     // Permanent: a second reconcile writes the same status and no new event.
-    let events_before = w.state.lock().unwrap().events.len();
+    let events_before = w.api.events().len();
     reconcile(Arc::new(current(&w, "ghost")), w.ctx.clone()).await?;
-    assert_eq!(w.state.lock().unwrap().events.len(), events_before);
+    assert_eq!(w.api.events().len(), events_before);
 
     create(
         &w,
@@ -428,14 +278,10 @@ async fn deleting_during_indexing_cancels_the_build_and_removes_the_finalizer() 
     );
     assert_eq!(w.ctx.running_builds(), 1);
     // The API server marks it for deletion; the next reconcile cleans up.
-    {
-        let mut s = w.state.lock().unwrap();
-        s.objects.get_mut("team/slow").unwrap()["metadata"]["deletionTimestamp"] =
-            json!("2026-11-21T00:00:00Z");
-    }
+    w.api.mark_deleted("team", "slow");
     reconcile(Arc::new(current(&w, "slow")), w.ctx.clone()).await?;
     assert_eq!(w.ctx.running_builds(), 0, "the build was cancelled");
-    assert!(w.state.lock().unwrap().finalizer_removed);
+    assert!(w.api.finalizer_removed());
     assert_eq!(current(&w, "slow").metadata.finalizers, Some(vec![]));
     Ok(())
 }

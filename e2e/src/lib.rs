@@ -9,6 +9,7 @@
 //!   refuse requests, ignore `Range` or redirect blob reads.
 //! - [`image`]: declarative test images (layers of files, links, devices, whiteouts) built
 //!   into tar/gzip/zstd blobs and pushed with a minimal registry client.
+//! - [`kube_api`]: a fake Kubernetes API server (tower-test) for controller and node tests.
 //! - [`model`]: the expected merged tree of a test image, computed independently of clip.
 //! - [`check`]: compares a mounted tree with the model, field by field and byte by byte.
 //! - [`fixtures`]: the standard test images.
@@ -19,6 +20,7 @@ pub mod check;
 pub mod fixtures;
 pub mod http;
 pub mod image;
+pub mod kube_api;
 pub mod model;
 pub mod proxy;
 pub mod redis;
