@@ -84,6 +84,9 @@ pub struct NodeContext {
     images: Mutex<HashMap<Digest, ImageEntry>>,
     busy: Mutex<HashSet<String>>,
     jobs: Mutex<HashMap<Digest, Arc<IndexJob>>>,
+    /// Registry clients by credentials (a digest of the secret), so tokens and connections
+    /// are reused across publishes.
+    registries: Mutex<HashMap<Digest, RegistryClient>>,
 }
 
 impl std::fmt::Debug for NodeContext {
@@ -137,6 +140,7 @@ impl NodeContext {
             images: Mutex::new(HashMap::new()),
             busy: Mutex::new(HashSet::new()),
             jobs: Mutex::new(HashMap::new()),
+            registries: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -261,8 +265,25 @@ impl NodeContext {
         }
     }
 
-    /// Registry access with the pod's pull secret, if it gave one.
+    /// Registry access with the pod's pull secret, if it gave one. Clients are reused per
+    /// distinct secret, so tokens and connections survive across publishes.
     fn registry_for(
+        &self,
+        secrets: &HashMap<String, String>,
+        volume: &str,
+    ) -> Result<RegistryClient, CsiError> {
+        let mut canonical: Vec<(&String, &String)> = secrets.iter().collect();
+        canonical.sort();
+        let key = Digest::of(format!("{canonical:?}").as_bytes());
+        if let Some(c) = lock(&self.registries).get(&key) {
+            return Ok(c.clone());
+        }
+        let client = self.new_registry(secrets, volume)?;
+        lock(&self.registries).insert(key, client.clone());
+        Ok(client)
+    }
+
+    fn new_registry(
         &self,
         secrets: &HashMap<String, String>,
         volume: &str,
