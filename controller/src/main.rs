@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use clip_api::ClipImage;
+use clip_controller::args::Args;
 use clip_controller::leader::LeaderElection;
 use clip_controller::{Context, error_policy, reconcile};
 use clip_storage::RegistryConfig;
@@ -16,63 +17,6 @@ use kube::runtime::{Controller, watcher};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
-
-#[derive(Debug, Parser)]
-#[command(
-    name = "clip-controller",
-    version,
-    about = "Indexes ClipImages once and publishes the indexes to Redis"
-)]
-struct Args {
-    /// Redis Cluster seed nodes (host:port, comma-separated).
-    #[arg(
-        long = "redis",
-        env = "CLIP_REDIS_SEEDS",
-        value_delimiter = ',',
-        required = true
-    )]
-    redis: Vec<String>,
-    #[arg(long, env = "CLIP_REDIS_USERNAME")]
-    redis_username: Option<String>,
-    #[arg(long, env = "CLIP_REDIS_PASSWORD", hide_env_values = true)]
-    redis_password: Option<String>,
-    #[arg(long, env = "CLIP_REDIS_TLS")]
-    redis_tls: bool,
-    /// Expiry of warmed chunks in seconds (0: none).
-    #[arg(long, default_value_t = 7 * 24 * 3600, env = "CLIP_REDIS_TTL")]
-    redis_ttl: u64,
-    /// Registry hosts spoken to over plain HTTP.
-    #[arg(
-        long = "insecure-registry",
-        env = "CLIP_INSECURE_REGISTRIES",
-        value_delimiter = ','
-    )]
-    insecure: Vec<String>,
-    /// Default platform for multi-platform images (os/arch[/variant]).
-    #[arg(long, env = "CLIP_PLATFORM")]
-    platform: Option<String>,
-    /// Index builds running at once across all ClipImages.
-    #[arg(long, default_value_t = 2, env = "CLIP_MAX_BUILDS")]
-    max_builds: usize,
-    /// Seconds between checks of Ready ClipImages (moved tags, indexes missing from Redis).
-    #[arg(long, default_value_t = 600, env = "CLIP_RESYNC_SECONDS")]
-    resync_seconds: u64,
-    /// Elect a leader on a Lease, so several replicas can run.
-    #[arg(long, default_value_t = true, env = "CLIP_LEADER_ELECT", action = clap::ArgAction::Set)]
-    leader_elect: bool,
-    #[arg(long, default_value = "clip-controller", env = "CLIP_LEASE_NAME")]
-    lease_name: String,
-    /// Namespace of the Lease (default: the pod's namespace, then "default").
-    #[arg(long, env = "CLIP_LEASE_NAMESPACE")]
-    lease_namespace: Option<String>,
-    /// Serve Prometheus metrics (and /healthz) here.
-    #[arg(long, default_value = "0.0.0.0:9090", env = "CLIP_METRICS_ADDR")]
-    metrics_addr: String,
-    #[arg(long, default_value = "json", env = "CLIP_LOG_FORMAT")]
-    log_format: String,
-    #[arg(long, default_value = "info", env = "CLIP_LOG")]
-    log: String,
-}
 
 async fn serve_metrics(addr: String, ctx: Arc<Context>) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&addr).await?;
