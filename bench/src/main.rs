@@ -3,9 +3,24 @@
 //!
 //! - `index`: index build throughput against `gzip -dc`, parallel layers, index size per
 //!   checkpoint span, and the peak RSS of `clip index` on a large layer.
+//! - `mount`: the lazy mount through a registry behind an emulated link: a start-up command
+//!   against a full pull, squashfuse and local disk; a 1 GiB sequential read cold, warm and
+//!   hot against local disk; the mount's peak memory.
+//!
+//! Modules: [`data`] and [`image`] build benchmark data from this machine's files; [`link`]
+//! puts a registry behind a shaped veth pair and a [`delay`] proxy; [`host`] drops caches and
+//! reads the mount table and process memory; [`reads`] measures what a command reads and
+//! what that costs per the index; [`teardown`] undoes setup on every exit path.
 
 mod data;
+mod delay;
+mod host;
+mod image;
 mod index;
+mod link;
+mod mount;
+mod reads;
+mod teardown;
 
 use clap::{Parser, Subcommand};
 
@@ -20,10 +35,13 @@ struct Cli {
 enum Command {
     /// Index build speed, memory and index size.
     Index(index::IndexBench),
+    /// Lazy mount against full pull, warm cache, squashfuse and local disk (root only).
+    Mount(mount::MountBench),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Index(b) => b.run(),
+        Command::Mount(b) => b.run(),
     }
 }

@@ -434,6 +434,14 @@ impl Pusher {
         }
     }
 
+    /// A pusher that sends this Authorization header (e.g. `Bearer TOKEN`).
+    pub fn with_authorization(host: &str, header: &str) -> Self {
+        Self {
+            host: host.to_owned(),
+            auth: Some(header.to_owned()),
+        }
+    }
+
     fn headers<'a>(&'a self, extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
         let mut h = extra.to_vec();
         if let Some(a) = &self.auth {

@@ -14,6 +14,7 @@
 //! - [`check`]: compares a mounted tree with the model, field by field and byte by byte.
 //! - [`fixtures`]: the standard test images.
 //! - [`redis`]: a 6-process Redis Cluster (and a plain Redis) on loopback.
+//! - [`token`]: a registry token server (Bearer flow) with a self-signed signing certificate.
 //! - [`http`]: the tiny blocking HTTP/1.1 client behind the above.
 
 pub mod check;
@@ -25,6 +26,7 @@ pub mod model;
 pub mod proxy;
 pub mod redis;
 pub mod registry;
+pub mod token;
 
 use std::net::TcpListener;
 

@@ -15,6 +15,7 @@ pub struct Registry {
     child: Child,
     port: u16,
     auth: Option<(String, String)>,
+    extra: Option<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -29,17 +30,37 @@ impl Registry {
         Self::start_with(Some((user.to_owned(), password.to_owned())))
     }
 
+    /// A registry that requires Bearer tokens from `tokens` (the distribution token flow).
+    pub fn start_with_token_auth(tokens: &crate::token::TokenServer) -> anyhow::Result<Self> {
+        let section = format!(
+            "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
+            tokens.realm(),
+            crate::token::SERVICE,
+            crate::token::ISSUER,
+            tokens.cert_path().display()
+        );
+        Self::start_with_config(None, Some(section))
+    }
+
     fn start_with(auth: Option<(String, String)>) -> anyhow::Result<Self> {
+        Self::start_with_config(auth, None)
+    }
+
+    fn start_with_config(
+        auth: Option<(String, String)>,
+        extra: Option<String>,
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let mut last_err = None;
         for _ in 0..5 {
             let port = free_port()?;
-            match Self::spawn(dir.path(), port, auth.as_ref()) {
+            match Self::spawn(dir.path(), port, auth.as_ref(), extra.as_deref()) {
                 Ok(child) => {
                     let mut reg = Self {
                         child,
                         port,
                         auth: auth.clone(),
+                        extra: extra.clone(),
                         _dir: dir,
                     };
                     reg.wait_ready()?;
@@ -51,7 +72,12 @@ impl Registry {
         Err(last_err.unwrap_or_else(|| anyhow::anyhow!("registry did not start")))
     }
 
-    fn spawn(dir: &Path, port: u16, auth: Option<&(String, String)>) -> anyhow::Result<Child> {
+    fn spawn(
+        dir: &Path,
+        port: u16,
+        auth: Option<&(String, String)>,
+        extra: Option<&str>,
+    ) -> anyhow::Result<Child> {
         let storage = dir.join("storage");
         std::fs::create_dir_all(&storage)?;
         let mut config = format!(
@@ -72,6 +98,9 @@ impl Registry {
                 "auth:\n  htpasswd:\n    realm: clip-test\n    path: {}\n",
                 file.display()
             ));
+        }
+        if let Some(extra) = extra {
+            config.push_str(extra);
         }
         let config_path = dir.join("config.yml");
         std::fs::write(&config_path, config)?;
@@ -129,7 +158,12 @@ impl Registry {
     /// Starts the registry again on the same port with the same data.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.stop();
-        self.child = Self::spawn(self._dir.path(), self.port, self.auth.as_ref())?;
+        self.child = Self::spawn(
+            self._dir.path(),
+            self.port,
+            self.auth.as_ref(),
+            self.extra.as_deref(),
+        )?;
         self.wait_ready()
     }
 }

@@ -453,3 +453,64 @@ async fn unsupported_layer_media_types_and_corrupt_blobs_are_refused() -> anyhow
     assert!(err.contains("escapes the image root"), "{err}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bearer_token_flow_works_and_an_expired_token_is_renewed() -> anyhow::Result<()> {
+    use clip_e2e::token::TokenServer;
+    let tokens = TokenServer::start("carol", "tok3n")?;
+    let registry = Registry::start_with_token_auth(&tokens)?;
+    let layers = fixtures::format_layers();
+    let image = build_image(&layers, "linux", "amd64")?;
+    let push = tokens.mint("tok/app", &["pull", "push"])?;
+    let reference = Pusher::with_authorization(&registry.host(), &format!("Bearer {push}"))
+        .push_image("tok/app", "v1", &image)?;
+    let creds = |password: &str| RegistryConfig {
+        credentials: Some(Credentials::Basic {
+            username: "carol".into(),
+            password: password.into(),
+        }),
+        ..RegistryConfig::default()
+    };
+
+    // Basic credentials are exchanged for a token at the realm the registry names.
+    let client = RegistryClient::new(creds("tok3n"));
+    let index = index_of(&client, &reference).await?;
+    assert!(tokens.issued() >= 2, "tokens were requested");
+
+    // Tokens now die after a second although clients are told five minutes: the registry's
+    // 401 must make clip fetch a new token, as a long-lived mount must.
+    tokens.set_lifetime(1, 300);
+    let client = RegistryClient::new(creds("tok3n"));
+    let source = client.repository(&index.source.repository, &index.source.manifest_digest)?;
+    let reader = RangeReader::new(Arc::new(index.clone()), Arc::new(source));
+    let expected = expected_tree(&layers);
+    let Some(Kind::File(first)) = expected.get("/multi/f0").map(|e| e.kind.clone()) else {
+        anyhow::bail!("model");
+    };
+    let got = reader
+        .read_file(index.resolve(b"/multi/f0", false)?, 0, 1 << 20)
+        .await?;
+    assert!(got[..] == first[..]);
+    let issued = tokens.issued();
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let Some(Kind::File(later)) = expected.get("/zstd/f7").map(|e| e.kind.clone()) else {
+        anyhow::bail!("model");
+    };
+    let got = reader
+        .read_file(index.resolve(b"/zstd/f7", false)?, 0, 1 << 20)
+        .await?;
+    assert!(got[..] == later[..], "read after the token expired");
+    assert!(
+        tokens.issued() > issued,
+        "a new token was fetched after the 401"
+    );
+
+    match RegistryClient::new(creds("wrong"))
+        .resolve(&reference, None)
+        .await
+    {
+        Err(Error::Unauthorized { .. }) => {}
+        other => panic!("expected Unauthorized, got {other:?}"),
+    }
+    Ok(())
+}
