@@ -303,7 +303,8 @@ fn cached_files_survive_a_registry_outage_and_uncached_ones_recover() -> anyhow:
     let proxy = Proxy::start(&registry.host())?;
     let layers = vec![Layer::gzip(vec![
         Entry::file("warm", clip_e2e::text_bytes(3 << 20, 1)),
-        Entry::file("cold", Rng(2).bytes(9 << 20)),
+        // Large enough that read-ahead after the warm file cannot reach its end.
+        Entry::file("cold", Rng(2).bytes(48 << 20)),
     ])];
     let image = build_image(&layers, "linux", "amd64")?;
     Pusher::new(&registry.host(), None).push_image("fs/outage", "v1", &image)?;
@@ -330,15 +331,15 @@ fn cached_files_survive_a_registry_outage_and_uncached_ones_recover() -> anyhow:
     );
     let f = std::fs::File::open(served.path().join("cold"))?;
     let mut buf = vec![0u8; 4096];
-    let err = f.read_exact_at(&mut buf, 8 << 20).err();
+    let err = f.read_exact_at(&mut buf, 44 << 20).err();
     assert_eq!(err.and_then(|e| e.raw_os_error()), Some(libc::EIO));
     assert!(
         is_mounted(served.path()),
         "the mount survives a failed read"
     );
     proxy.set_refuse(false);
-    f.read_exact_at(&mut buf, 8 << 20)?;
-    assert!(buf == cold[8 << 20..(8 << 20) + 4096]);
+    f.read_exact_at(&mut buf, 44 << 20)?;
+    assert!(buf == cold[44 << 20..(44 << 20) + 4096]);
     assert!(std::fs::read(served.path().join("cold"))? == cold);
     Ok(())
 }

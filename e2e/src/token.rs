@@ -20,10 +20,39 @@ fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
-#[derive(Debug)]
-struct Inner {
+struct Signer {
     key: EcdsaKeyPair,
     cert_der: Vec<u8>,
+    cert_pem: String,
+}
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Signer")
+    }
+}
+
+fn new_signer() -> anyhow::Result<Signer> {
+    let key_pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let params = rcgen::CertificateParams::new(vec!["clip-test-token-issuer".to_owned()])?;
+    let cert = params.self_signed(&key_pair)?;
+    let rng = ring::rand::SystemRandom::new();
+    let key = EcdsaKeyPair::from_pkcs8(
+        &ECDSA_P256_SHA256_FIXED_SIGNING,
+        &key_pair.serialize_der(),
+        &rng,
+    )
+    .map_err(|e| anyhow::anyhow!("loading the signing key: {e}"))?;
+    Ok(Signer {
+        key,
+        cert_der: cert.der().to_vec(),
+        cert_pem: cert.pem(),
+    })
+}
+
+#[derive(Debug)]
+struct Inner {
+    signer: std::sync::Mutex<Signer>,
     user: String,
     password: String,
     /// Lifetime written into tokens (the `exp` claim).
@@ -46,21 +75,11 @@ impl TokenServer {
     /// Serves tokens to `user`/`password` on a random loopback port.
     pub fn start(user: &str, password: &str) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
-        let key_pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let params = rcgen::CertificateParams::new(vec!["clip-test-token-issuer".to_owned()])?;
-        let cert = params.self_signed(&key_pair)?;
+        let signer = new_signer()?;
         let cert_path = dir.path().join("token-cert.pem");
-        std::fs::write(&cert_path, cert.pem())?;
-        let rng = ring::rand::SystemRandom::new();
-        let key = EcdsaKeyPair::from_pkcs8(
-            &ECDSA_P256_SHA256_FIXED_SIGNING,
-            &key_pair.serialize_der(),
-            &rng,
-        )
-        .map_err(|e| anyhow::anyhow!("loading the signing key: {e}"))?;
+        std::fs::write(&cert_path, &signer.cert_pem)?;
         let inner = Arc::new(Inner {
-            key,
-            cert_der: cert.der().to_vec(),
+            signer: std::sync::Mutex::new(signer),
             user: user.to_owned(),
             password: password.to_owned(),
             ttl_secs: AtomicU64::new(300),
@@ -100,6 +119,16 @@ impl TokenServer {
         self.inner.announced_secs.store(announced, Ordering::SeqCst);
     }
 
+    /// Signs with a new key from now on and writes its certificate where the registry reads
+    /// it: after a registry restart every earlier token is refused (401), as when tokens are
+    /// revoked or the issuer rotates keys.
+    pub fn rotate_key(&self) -> anyhow::Result<()> {
+        let signer = new_signer()?;
+        std::fs::write(&self.cert_path, &signer.cert_pem)?;
+        *self.inner.signer.lock().unwrap_or_else(|p| p.into_inner()) = signer;
+        Ok(())
+    }
+
     /// Tokens handed out so far.
     pub fn issued(&self) -> u64 {
         self.inner.issued.load(Ordering::SeqCst)
@@ -121,10 +150,11 @@ fn now() -> u64 {
 }
 
 fn sign(inner: &Inner, scope: &str) -> anyhow::Result<String> {
+    let signer = inner.signer.lock().unwrap_or_else(|p| p.into_inner());
     let header = serde_json::json!({
         "typ": "JWT",
         "alg": "ES256",
-        "x5c": [base64::engine::general_purpose::STANDARD.encode(&inner.cert_der)],
+        "x5c": [base64::engine::general_purpose::STANDARD.encode(&signer.cert_der)],
     });
     let mut access = Vec::new();
     for s in scope.split(' ').filter(|s| !s.is_empty()) {
@@ -147,7 +177,7 @@ fn sign(inner: &Inner, scope: &str) -> anyhow::Result<String> {
         b64(&serde_json::to_vec(&claims)?)
     );
     let rng = ring::rand::SystemRandom::new();
-    let sig = inner
+    let sig = signer
         .key
         .sign(&rng, signing_input.as_bytes())
         .map_err(|e| anyhow::anyhow!("signing: {e}"))?;

@@ -564,6 +564,22 @@ pub fn decode_chunks(
     plan: &ReadPlan,
     compressed: &[u8],
 ) -> Result<Vec<Vec<u8>>> {
+    let run = decode_run(layer, plan, compressed)?;
+    let mut chunks = Vec::with_capacity(plan.chunks.len());
+    let mut pos = 0usize;
+    for i in plan.chunks.clone() {
+        let r = layer.chunk_range(i);
+        let len = (r.end - r.start) as usize;
+        chunks.push(run[pos..pos + len].to_vec());
+        pos += len;
+    }
+    Ok(chunks)
+}
+
+/// Like [`decode_chunks`], but returns the run's chunks as one verified buffer (chunk `i` of
+/// the plan starts at `chunk_range(i).start - chunk_range(plan.chunks.start).start`), so
+/// callers can hand out slices without copying.
+pub fn decode_run(layer: &LayerIndex, plan: &ReadPlan, compressed: &[u8]) -> Result<Vec<u8>> {
     if plan.chunks.is_empty() {
         return Ok(Vec::new());
     }
@@ -594,7 +610,6 @@ pub fn decode_chunks(
         Compression::Gzip => inflate_range(layer, plan, compressed, first, &mut out)?,
         Compression::Zstd => unzstd_range(layer, plan, compressed, first, &mut out)?,
     }
-    let mut chunks = Vec::with_capacity(plan.chunks.len());
     let mut rest = out.as_slice();
     for i in plan.chunks.clone() {
         let len = layer.chunk_range(i).end - layer.chunk_range(i).start;
@@ -609,9 +624,8 @@ pub fn decode_chunks(
                 actual: actual.to_string(),
             });
         }
-        chunks.push(bytes.to_vec());
     }
-    Ok(chunks)
+    Ok(out)
 }
 
 /// Feeds decoded output into `out`, dropping what precedes `first`.

@@ -75,13 +75,24 @@ impl<S: BlobSource> RangeReader<S> {
         self.stats
             .bytes
             .fetch_add(compressed.len() as u64, Ordering::Relaxed);
-        let decoded = tokio::task::spawn_blocking(move || {
+        let chunks = plan.chunks.clone();
+        let (run, offsets) = tokio::task::spawn_blocking(move || {
             let l = &index.layers[layer];
-            clip_index::decode_chunks(l, &plan, &compressed)
+            let base = l.chunk_range(chunks.start).start;
+            let offsets: Vec<std::ops::Range<usize>> = chunks
+                .clone()
+                .map(|i| {
+                    let r = l.chunk_range(i);
+                    (r.start - base) as usize..(r.end - base) as usize
+                })
+                .collect();
+            clip_index::decode_run(l, &plan, &compressed).map(|run| (run, offsets))
         })
         .await
         .map_err(|e| Error::Task(e.to_string()))??;
-        Ok(decoded.into_iter().map(Bytes::from).collect())
+        // One buffer for the run; chunks are slices of it (no copy).
+        let run = Bytes::from(run);
+        Ok(offsets.into_iter().map(|r| run.slice(r)).collect())
     }
 
     /// Exactly `len` bytes at uncompressed `offset` of `layer`, verified.

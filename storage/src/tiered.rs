@@ -38,7 +38,7 @@ impl Default for StoreConfig {
         Self {
             memory_bytes: 32 << 20,
             fetch_concurrency: 8,
-            readahead_runs: 2,
+            readahead_runs: 4,
         }
     }
 }
@@ -65,7 +65,11 @@ pub struct ChunkStore<S> {
     reader: RangeReader<S>,
     memory: MemoryCache,
     tiers: Vec<Arc<dyn ChunkCache>>,
+    /// Source fetches in flight, registered for each chunk of their run.
     inflight: Mutex<HashMap<(usize, u32), RunFuture>>,
+    /// Chunk loads in flight (tiers, then the source): concurrent readers of one chunk
+    /// share one disk read and one verification.
+    loading: Mutex<HashMap<(usize, u32), RunFuture>>,
     permits: Arc<Semaphore>,
     last_chunk: Mutex<HashMap<usize, u32>>,
     /// Cluster-wide single-flight of registry fetches, when Redis is configured.
@@ -103,6 +107,7 @@ impl<S: BlobSource> ChunkStore<S> {
             memory: MemoryCache::new(config.memory_bytes),
             tiers,
             inflight: Mutex::new(HashMap::new()),
+            loading: Mutex::new(HashMap::new()),
             permits: Arc::new(Semaphore::new(config.fetch_concurrency.max(1))),
             last_chunk: Mutex::new(HashMap::new()),
             lease,
@@ -195,11 +200,39 @@ impl<S: BlobSource> ChunkStore<S> {
             self.stats.memory.add(b.len());
             return Ok(b);
         }
+        let load = {
+            let mut loading = self.loading.lock().unwrap_or_else(|p| p.into_inner());
+            match loading.get(&(layer, c)) {
+                Some(f) => f.clone(),
+                None => {
+                    let this = self.clone();
+                    let f = async move {
+                        let r = this.load(layer, c, key).await;
+                        this.loading
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(&(layer, c));
+                        r.map_err(Arc::new)
+                    }
+                    .boxed()
+                    .shared();
+                    loading.insert((layer, c), f.clone());
+                    f
+                }
+            }
+        };
+        let run = load.await.map_err(Error::Shared)?;
+        run.get(c)
+            .ok_or_else(|| Error::Task(format!("chunk {c} missing from its run")))
+    }
+
+    /// One chunk from a source fetch already under way, the cache tiers, or a new fetch.
+    async fn load(self: &Arc<Self>, layer: usize, c: u32, key: ChunkKey) -> Result<Arc<Run>> {
         let pending = self.lock_inflight().get(&(layer, c)).cloned();
         if let Some(run) = pending {
             let run = run.await.map_err(Error::Shared)?;
-            if let Some(b) = run.get(c) {
-                return Ok(b);
+            if run.get(c).is_some() {
+                return Ok(run);
             }
         }
         for (i, tier) in self.tiers.iter().enumerate() {
@@ -210,7 +243,10 @@ impl<S: BlobSource> ChunkStore<S> {
                     for upper in &self.tiers[..i] {
                         self.spawn_put(upper.clone(), key, b.clone());
                     }
-                    return Ok(b);
+                    return Ok(Arc::new(Run {
+                        chunks: c..c + 1,
+                        data: vec![b],
+                    }));
                 }
                 Ok(None) => {}
                 Err(e) => {
@@ -218,10 +254,9 @@ impl<S: BlobSource> ChunkStore<S> {
                 }
             }
         }
-        let run = self.fetch(layer, self.miss_run(layer, c)?, false);
-        let run = run.await.map_err(Error::Shared)?;
-        run.get(c)
-            .ok_or_else(|| Error::Task(format!("chunk {c} missing from its run")))
+        self.fetch(layer, self.miss_run(layer, c)?, false)
+            .await
+            .map_err(Error::Shared)
     }
 
     fn lock_inflight(&self) -> std::sync::MutexGuard<'_, HashMap<(usize, u32), RunFuture>> {
@@ -262,7 +297,7 @@ impl<S: BlobSource> ChunkStore<S> {
             let data = self
                 .fetch_from_source(layer, chunks.clone(), prefetch)
                 .await?;
-            self.populate(layer, &chunks, &data, None);
+            self.populate(layer, &chunks, &data, None).await;
             return Ok(Arc::new(Run { chunks, data }));
         };
         let first = self.key(layer, chunks.start)?;
@@ -270,13 +305,13 @@ impl<S: BlobSource> ChunkStore<S> {
         match redis.try_lease(&name).await {
             Lease::HeldElsewhere => {
                 if let Some(data) = self.wait_for_peer(layer, chunks.clone(), &redis).await {
-                    self.populate(layer, &chunks, &data, Some("redis"));
+                    self.populate(layer, &chunks, &data, Some("redis")).await;
                     return Ok(Arc::new(Run { chunks, data }));
                 }
                 let data = self
                     .fetch_from_source(layer, chunks.clone(), prefetch)
                     .await?;
-                self.populate(layer, &chunks, &data, None);
+                self.populate(layer, &chunks, &data, None).await;
                 Ok(Arc::new(Run { chunks, data }))
             }
             Lease::Acquired(token) => {
@@ -290,7 +325,7 @@ impl<S: BlobSource> ChunkStore<S> {
                         return Err(e);
                     }
                 };
-                self.populate(layer, &chunks, &data, Some("redis"));
+                self.populate(layer, &chunks, &data, Some("redis")).await;
                 // Publish to Redis off the reader's path, then let waiting nodes go.
                 let keys: Vec<ChunkKey> = chunks
                     .clone()
@@ -312,7 +347,7 @@ impl<S: BlobSource> ChunkStore<S> {
                 let data = self
                     .fetch_from_source(layer, chunks.clone(), prefetch)
                     .await?;
-                self.populate(layer, &chunks, &data, None);
+                self.populate(layer, &chunks, &data, None).await;
                 Ok(Arc::new(Run { chunks, data }))
             }
         }
@@ -369,15 +404,14 @@ impl<S: BlobSource> ChunkStore<S> {
             .acquire_owned()
             .await
             .map_err(|e| Error::Task(e.to_string()))?;
-        let (requests_before, bytes_before) = self.reader.stats().snapshot();
+        // Count this fetch's own bytes: the reader's totals are shared by concurrent fetches.
+        let planned = self.layer(layer)?.plan(chunks.clone()).compressed;
         let data = self.reader.read_chunks(layer, chunks.clone()).await?;
-        let (requests_after, bytes_after) = self.reader.stats().snapshot();
-        self.stats.source_requests.fetch_add(
-            requests_after.saturating_sub(requests_before),
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        self.stats
+            .source_requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.stats.source_bytes.fetch_add(
-            bytes_after.saturating_sub(bytes_before),
+            planned.end.saturating_sub(planned.start),
             std::sync::atomic::Ordering::Relaxed,
         );
         for b in &data {
@@ -398,15 +432,30 @@ impl<S: BlobSource> ChunkStore<S> {
         Ok(data)
     }
 
-    /// Puts fetched chunks into memory and (in the background) every tier but `skip`.
-    fn populate(&self, layer: usize, chunks: &Range<u32>, data: &[Bytes], skip: Option<&str>) {
+    /// Puts fetched chunks into memory and every tier but `skip`: local tiers before the
+    /// fetch completes (so no reader finds a chunk in no tier and fetches it again), remote
+    /// ones in the background (so they never delay the reader).
+    async fn populate(
+        &self,
+        layer: usize,
+        chunks: &Range<u32>,
+        data: &[Bytes],
+        skip: Option<&str>,
+    ) {
         for (c, b) in chunks.clone().zip(data) {
             let Ok(key) = self.key(layer, c) else {
                 continue;
             };
             self.memory.put(key.digest, b.clone());
             for tier in &self.tiers {
-                if Some(tier.name()) != skip {
+                if Some(tier.name()) == skip {
+                    continue;
+                }
+                if tier.is_local() {
+                    if let Err(e) = tier.put(&key, b.clone()).await {
+                        warn!(tier = tier.name(), error = %e, "storing a chunk failed");
+                    }
+                } else {
                     self.spawn_put(tier.clone(), key, b.clone());
                 }
             }
@@ -462,7 +511,8 @@ impl<S: BlobSource> ChunkStore<S> {
             let mut last = self.last_chunk.lock().unwrap_or_else(|p| p.into_inner());
             last.insert(layer, c)
         };
-        let sequential = prev.is_some_and(|p| p + 1 == c || p == c);
+        // Only on entering the next chunk: the kernel asks for a chunk in several reads.
+        let sequential = prev.is_some_and(|p| p + 1 == c);
         if !sequential || self.config.readahead_runs == 0 {
             return;
         }
@@ -471,6 +521,7 @@ impl<S: BlobSource> ChunkStore<S> {
             let Ok(l) = this.layer(layer) else { return };
             let n = l.chunks.len() as u32;
             let mut next = c + 1;
+            let mut runs = Vec::new();
             for _ in 0..this.config.readahead_runs {
                 if next >= n {
                     break;
@@ -480,12 +531,15 @@ impl<S: BlobSource> ChunkStore<S> {
                 };
                 let run = next.max(run.start)..run.end;
                 next = run.end;
-                if this.cached(layer, run.clone()).await {
-                    continue;
+                if !this.cached(layer, run.clone()).await {
+                    runs.push(run);
                 }
-                if let Err(e) = this.fetch(layer, run, true).await {
+            }
+            // All at once: over a long round trip only parallel requests fill the link.
+            let fetches = runs.into_iter().map(|run| this.fetch(layer, run, true));
+            for r in futures::future::join_all(fetches).await {
+                if let Err(e) = r {
                     debug!(layer, error = %e, "read-ahead failed");
-                    return;
                 }
             }
         });

@@ -16,6 +16,11 @@ use clip_storage::cache::disk::DiskCache;
 use clip_storage::cache::redis::{RedisCache, RedisConfig};
 use clip_storage::{ChunkStore, RegistryBlobs, RegistryClient, RegistryConfig, StoreConfig};
 
+/// The tests of this file each start a 6-process cluster and a registry: run them one at a
+/// time, so timing-sensitive assertions (single-flight across nodes) do not depend on how
+/// many clusters share the two cores.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 struct World {
     _registry: Registry,
     proxy: Proxy,
@@ -237,6 +242,7 @@ async fn eight_nodes_starting_together_fetch_each_span_from_the_registry_once() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killing_a_master_never_fails_a_read() -> anyhow::Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let mut w = world().await?;
     // No disk and no memory tier: every read goes to Redis (or past it).
     let warm = node(&w, false, 0).await?;
@@ -300,6 +306,7 @@ async fn with_the_whole_cluster_down_reads_use_the_registry_then_return_to_redis
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_corrupt_chunk_in_redis_is_deleted_and_refetched() -> anyhow::Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let w = world().await?;
     let a = node(&w, false, 0).await?;
     read_all(&w, &a.store).await?;
@@ -321,6 +328,7 @@ async fn a_corrupt_chunk_in_redis_is_deleted_and_refetched() -> anyhow::Result<(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn indexes_are_published_and_fetched_by_digest() -> anyhow::Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let w = world().await?;
     let redis = RedisCache::connect(redis_config(w.cluster.seeds())).await?;
     let encoded = clip_index::encode(&w.index)?;
@@ -341,6 +349,7 @@ async fn indexes_are_published_and_fetched_by_digest() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_redis_settings_fail_at_start_with_a_clear_reason() -> anyhow::Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let closed = clip_e2e::free_port()?;
     let e = RedisCache::connect(RedisConfig {
         connect_timeout: Duration::from_millis(500),

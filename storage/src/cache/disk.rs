@@ -276,27 +276,33 @@ impl ChunkCache for DiskCache {
             if u64::from(key.len) > self.capacity {
                 return Ok(());
             }
-            if self.pin(&key.digest) {
-                self.unpin(&key.digest);
-                return Ok(());
-            }
-            blocking(|| self.write(key, &data))?;
+            // Reserve the space (pinned) and evict first, so the directory never holds more
+            // than the cap, not even while this chunk is being written.
             {
                 let mut s = self.lock();
+                if s.entries.contains_key(&key.digest) {
+                    return Ok(());
+                }
                 s.tick += 1;
                 let tick = s.tick;
-                if let std::collections::hash_map::Entry::Vacant(slot) = s.entries.entry(key.digest)
-                {
-                    slot.insert(Entry {
+                s.entries.insert(
+                    key.digest,
+                    Entry {
                         size: data.len() as u64,
                         tick,
-                        pins: 0,
-                    });
-                    s.order.insert(tick, key.digest);
-                    s.bytes += data.len() as u64;
-                }
+                        pins: 1,
+                    },
+                );
+                s.order.insert(tick, key.digest);
+                s.bytes += data.len() as u64;
             }
             self.evict();
+            let written = blocking(|| self.write(key, &data));
+            if let Err(e) = written {
+                self.forget(&key.digest);
+                return Err(e);
+            }
+            self.unpin(&key.digest);
             Ok(())
         }
         .boxed()
@@ -308,6 +314,10 @@ impl ChunkCache for DiskCache {
 
     fn name(&self) -> &'static str {
         "disk"
+    }
+
+    fn is_local(&self) -> bool {
+        true
     }
 }
 

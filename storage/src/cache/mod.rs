@@ -36,6 +36,11 @@ pub trait ChunkCache: Send + Sync + 'static {
     /// The tier's name in metrics and logs (`disk`, `redis`).
     fn name(&self) -> &'static str;
 
+    /// Whether the tier is on this machine (fast, written before a fetch completes).
+    fn is_local(&self) -> bool {
+        false
+    }
+
     /// Tier-specific event counters for metrics (name, value).
     fn counters(&self) -> Vec<(&'static str, u64)> {
         Vec::new()

@@ -15,7 +15,7 @@ use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::{Client, Reference, RegistryOperation};
 use serde::Deserialize;
-use tracing::{debug, warn};
+use tracing::warn;
 
 use crate::auth::{Credentials, DockerConfig};
 use crate::error::{Error, Result};
@@ -217,6 +217,8 @@ fn is_loopback(host: &str) -> bool {
 pub struct RegistryClient {
     config: Arc<RegistryConfig>,
     clients: Arc<Mutex<HashMap<String, Arc<Client>>>>,
+    /// Plain HTTP clients for range reads, one per registry host (connection pools).
+    http: Arc<Mutex<HashMap<String, reqwest::Client>>>,
 }
 
 impl fmt::Debug for RegistryClient {
@@ -234,6 +236,7 @@ impl RegistryClient {
         Self {
             config: Arc::new(config),
             clients: Arc::new(Mutex::new(HashMap::new())),
+            http: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
@@ -244,6 +247,28 @@ impl RegistryClient {
             .unwrap_or_else(|| self.config.docker_config.credentials_for(registry))
     }
 
+    fn insecure(&self, registry: &str) -> bool {
+        is_loopback(registry) || self.config.insecure.iter().any(|h| h == registry)
+    }
+
+    fn http_for(&self, registry: &str) -> reqwest::Client {
+        let mut map = match self.http.lock() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        map.entry(registry.to_owned())
+            .or_insert_with(|| {
+                reqwest::Client::builder()
+                    .connect_timeout(self.config.connect_timeout)
+                    .read_timeout(self.config.read_timeout)
+                    .pool_max_idle_per_host(32)
+                    .user_agent(concat!("clip/", env!("CARGO_PKG_VERSION")))
+                    .build()
+                    .unwrap_or_default()
+            })
+            .clone()
+    }
+
     fn client_for(&self, registry: &str) -> Arc<Client> {
         let mut map = match self.clients.lock() {
             Ok(m) => m,
@@ -251,8 +276,7 @@ impl RegistryClient {
         };
         map.entry(registry.to_owned())
             .or_insert_with(|| {
-                let insecure =
-                    is_loopback(registry) || self.config.insecure.iter().any(|h| h == registry);
+                let insecure = self.insecure(registry);
                 let protocol = if insecure {
                     ClientProtocol::Http
                 } else {
@@ -520,8 +544,23 @@ impl RegistryClient {
     /// A blob source bound to one repository.
     pub fn blob(&self, repository: Reference) -> RegistryBlobs {
         let registry = repository.resolve_registry().to_owned();
+        let scheme = if self.insecure(&registry) {
+            "http"
+        } else {
+            "https"
+        };
+        let mut base = format!(
+            "{scheme}://{registry}/v2/{}/blobs/",
+            repository.repository()
+        );
+        if let Some(ns) = repository.namespace() {
+            base = format!("{base}{{digest}}?ns={ns}");
+        }
         RegistryBlobs {
             client: self.client_for(&registry),
+            http: self.http_for(&registry),
+            base,
+            authorization: Arc::new(Mutex::new(None)),
             credentials: self.credentials_for(&registry),
             registry: self.clone(),
             repository,
@@ -538,6 +577,11 @@ impl RegistryClient {
 #[derive(Clone)]
 pub struct RegistryBlobs {
     client: Arc<Client>,
+    /// Range reads go straight over HTTP: no auth round trip unless the registry asks.
+    http: reqwest::Client,
+    base: String,
+    /// The Authorization header that last worked (None: anonymous so far).
+    authorization: Arc<Mutex<Option<String>>>,
     credentials: Credentials,
     registry: RegistryClient,
     repository: Reference,
@@ -604,34 +648,78 @@ impl RegistryBlobs {
         }
     }
 
-    async fn fetch_once(
-        &self,
-        digest: &str,
-        range: &Range<u64>,
-    ) -> Result<Bytes, OciDistributionError> {
-        use oci_client::client::BlobResponse;
-        let len = range.end - range.start;
-        let response = self
+    fn blob_url(&self, digest: &str) -> String {
+        if self.base.contains("{digest}") {
+            self.base.replace("{digest}", digest)
+        } else {
+            format!("{}{digest}", self.base)
+        }
+    }
+
+    /// Gets an Authorization header after a 401: a Bearer token from the realm the registry
+    /// names (oci-client runs the token flow), or Basic credentials.
+    async fn authorize(&self) -> Result<()> {
+        let token = self
             .client
-            .pull_blob_stream_partial(&self.repository, digest, range.start, Some(len))
-            .await?;
-        let (mut stream, mut skip) = match response {
-            BlobResponse::Partial(s) => (s.stream, 0),
-            BlobResponse::Full(s) => {
-                // The registry ignored Range: read past the prefix ourselves.
-                debug!(
-                    digest,
-                    "registry ignored Range; skipping {} bytes", range.start
-                );
-                (s.stream, range.start)
+            .auth(
+                &self.repository,
+                &self.credentials.to_oci(),
+                RegistryOperation::Pull,
+            )
+            .await
+            .map_err(|e| {
+                self.registry
+                    .classify(e, &self.repository, "authenticating")
+            })?;
+        let header = match (token, &self.credentials) {
+            (Some(t), _) => Some(format!("Bearer {t}")),
+            (None, Credentials::Basic { username, password }) => {
+                use base64::Engine as _;
+                Some(format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD
+                        .encode(format!("{username}:{password}"))
+                ))
+            }
+            (None, Credentials::Bearer(t)) => Some(format!("Bearer {t}")),
+            (None, Credentials::Anonymous) => None,
+        };
+        *self.authorization.lock().unwrap_or_else(|p| p.into_inner()) = header;
+        Ok(())
+    }
+
+    async fn fetch_once(&self, digest: &str, range: &Range<u64>) -> Result<Bytes, FetchError> {
+        let len = range.end - range.start;
+        let mut req = self.http.get(self.blob_url(digest)).header(
+            reqwest::header::RANGE,
+            format!("bytes={}-{}", range.start, range.end - 1),
+        );
+        let auth = self
+            .authorization
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(h) = auth {
+            req = req.header(reqwest::header::AUTHORIZATION, h);
+        }
+        let resp = req.send().await.map_err(FetchError::Http)?;
+        let mut skip = match resp.status().as_u16() {
+            206 => 0,
+            // The registry ignored Range: read past the prefix ourselves.
+            200 => range.start,
+            401 => return Err(FetchError::Unauthorized),
+            code => {
+                let body = resp.text().await.unwrap_or_default();
+                return Err(FetchError::Status(code, body.chars().take(300).collect()));
             }
         };
+        let mut stream = resp.bytes_stream();
         let mut out = BytesMut::with_capacity(len as usize);
         while (out.len() as u64) < len {
             let Some(piece) = stream.next().await else {
                 break;
             };
-            let mut piece = piece?;
+            let mut piece = piece.map_err(FetchError::Http)?;
             if skip > 0 {
                 let n = skip.min(piece.len() as u64);
                 skip -= n;
@@ -641,13 +729,19 @@ impl RegistryBlobs {
             out.extend_from_slice(&piece[..want.min(piece.len())]);
         }
         if (out.len() as u64) != len {
-            return Err(OciDistributionError::GenericError(Some(format!(
-                "short read: got {} of {len} bytes",
-                out.len()
-            ))));
+            return Err(FetchError::Short(out.len() as u64, len));
         }
         Ok(out.freeze())
     }
+}
+
+/// Why one range request failed.
+#[derive(Debug)]
+enum FetchError {
+    Http(reqwest::Error),
+    Unauthorized,
+    Status(u16, String),
+    Short(u64, u64),
 }
 
 impl BlobSource for RegistryBlobs {
@@ -655,22 +749,50 @@ impl BlobSource for RegistryBlobs {
         if range.is_empty() {
             return Ok(Bytes::new());
         }
-        self.ensure_auth().await;
         let d = digest.to_string();
+        let registry = self.repository.resolve_registry().to_owned();
         let mut reauthed = false;
         let mut attempt = 0;
         loop {
             attempt += 1;
             let err = match self.fetch_once(&d, &range).await {
                 Ok(b) => return Ok(b),
-                Err(OciDistributionError::UnauthorizedError { .. }) if !reauthed => {
+                Err(FetchError::Unauthorized) if !reauthed => {
+                    // First contact with an auth registry, or an expired token.
                     reauthed = true;
-                    self.reauthenticate().await?;
+                    self.authorize().await?;
                     continue;
                 }
-                Err(e) => self
-                    .registry
-                    .classify(e, &self.repository, "reading a blob range"),
+                Err(FetchError::Unauthorized) => Error::Unauthorized {
+                    registry: registry.clone(),
+                    reference: self.repository.whole(),
+                    detail: format!("401 Unauthorized reading blob {d}"),
+                },
+                Err(FetchError::Status(404, body)) => Error::NotFound {
+                    reference: format!("{}@{d}", self.describe()),
+                    detail: body,
+                },
+                Err(FetchError::Status(code, body)) => Error::Registry {
+                    registry: registry.clone(),
+                    operation: "reading a blob range".into(),
+                    detail: format!("HTTP {code}: {body}"),
+                },
+                Err(FetchError::Http(e)) if e.is_connect() || e.is_timeout() => {
+                    Error::Unreachable {
+                        registry: registry.clone(),
+                        detail: error_chain(&e),
+                    }
+                }
+                Err(FetchError::Http(e)) => Error::Registry {
+                    registry: registry.clone(),
+                    operation: "reading a blob range".into(),
+                    detail: error_chain(&e),
+                },
+                Err(FetchError::Short(got, want)) => Error::Registry {
+                    registry: registry.clone(),
+                    operation: "reading a blob range".into(),
+                    detail: format!("short read: {got} of {want} bytes"),
+                },
             };
             if !err.is_transient() || attempt >= RANGE_ATTEMPTS {
                 return Err(match err {
