@@ -73,6 +73,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub reporter: Reporter,
     jobs: Mutex<HashMap<Digest, Job>>,
+    /// Consecutive transient failures per ClipImage, for exponential backoff.
+    failures: Mutex<HashMap<String, u32>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -103,6 +105,7 @@ impl Context {
                 instance: std::env::var("POD_NAME").ok(),
             },
             jobs: Mutex::new(HashMap::new()),
+            failures: Mutex::new(HashMap::new()),
         })
     }
 
@@ -160,11 +163,29 @@ pub async fn reconcile(ci: Arc<ClipImage>, ctx: Arc<Context>) -> Result<Action> 
     })
 }
 
-/// Retries transient failures with a delay that grows with the error kind's cost.
-pub fn error_policy(_ci: Arc<ClipImage>, e: &Error, ctx: Arc<Context>) -> Action {
-    warn!(error = %e, "reconcile failed; retrying");
+/// Retries transient failures with exponential backoff per object: 5 s, 10 s, 20 s ... up
+/// to 5 minutes; a successful reconcile resets it.
+pub fn error_policy(ci: Arc<ClipImage>, e: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.failure(e.metric_label());
-    Action::requeue(Duration::from_secs(15))
+    let delay = backoff(&ctx, &ci.name_any(), ci.namespace().as_deref());
+    warn!(error = %e, retry_in_s = delay.as_secs(), "reconcile failed; retrying");
+    Action::requeue(delay)
+}
+
+/// The next retry delay for an object, doubling with each consecutive failure.
+pub fn backoff(ctx: &Context, name: &str, namespace: Option<&str>) -> Duration {
+    let key = format!("{}/{name}", namespace.unwrap_or_default());
+    let mut f = ctx.failures.lock().unwrap_or_else(|p| p.into_inner());
+    let n = f.entry(key).or_default();
+    *n = n.saturating_add(1);
+    Duration::from_secs(5u64.saturating_mul(1 << (*n - 1).min(6)).min(300))
+}
+
+fn reset_backoff(ctx: &Context, key: &str) {
+    ctx.failures
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(key);
 }
 
 async fn event(ctx: &Context, ci: &ClipImage, type_: EventType, reason: &str, note: String) {
@@ -259,6 +280,21 @@ fn permanent(e: &clip_storage::Error) -> Option<&'static str> {
 async fn apply(ci: Arc<ClipImage>, ctx: Arc<Context>) -> Result<Action> {
     let (ns, name) = key_of(&ci)?;
     let key = format!("{ns}/{name}");
+    let action = apply_inner(&ci, &ctx, &ns, &name, &key).await?;
+    reset_backoff(&ctx, &key);
+    Ok(action)
+}
+
+async fn apply_inner(
+    ci: &Arc<ClipImage>,
+    ctx: &Arc<Context>,
+    ns: &str,
+    name: &str,
+    key: &str,
+) -> Result<Action> {
+    let (ns, name, key) = (ns.to_owned(), name.to_owned(), key.to_owned());
+    let ci = ci.clone();
+    let ctx = ctx.clone();
     let api: Api<ClipImage> = Api::namespaced(ctx.client.clone(), &ns);
     let generation = ci.metadata.generation;
     let mut st = ci.status.clone().unwrap_or_default();
@@ -390,8 +426,9 @@ async fn apply(ci: Arc<ClipImage>, ctx: Arc<Context>) -> Result<Action> {
                 BuildOutcome::Permanent(m) => fail(&ctx, &ci, &api, "IndexFailed", m).await,
                 BuildOutcome::Transient(m) => {
                     ctx.metrics.failure("build_transient");
-                    warn!(message = %m, "index build failed; will retry");
-                    Ok(Action::requeue(Duration::from_secs(15)))
+                    let delay = backoff(&ctx, &name, Some(&ns));
+                    warn!(message = %m, retry_in_s = delay.as_secs(), "index build failed; will retry");
+                    Ok(Action::requeue(delay))
                 }
                 BuildOutcome::Cancelled => Ok(Action::requeue(Duration::from_secs(1))),
             }

@@ -514,3 +514,40 @@ async fn the_bearer_token_flow_works_and_an_expired_token_is_renewed() -> anyhow
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn digest_references_and_the_host_platform_resolve() -> anyhow::Result<()> {
+    let registry = Registry::start()?;
+    let amd = build_image(&fixtures::platform_layers("linux/amd64"), "linux", "amd64")?;
+    let arm = build_image(&fixtures::platform_layers("linux/arm64"), "linux", "arm64")?;
+    let pusher = Pusher::new(&registry.host(), None);
+    let index_ref = pusher.push_index("test/pinned", "v1", &[arm.clone(), amd.clone()])?;
+    let client = client();
+
+    // No platform given: the host's is picked from the index.
+    let host = Platform::host();
+    let resolved = client.resolve(&index_ref, None).await?;
+    assert_eq!(resolved.platform.architecture, host.architecture);
+    let want = if host.architecture == "arm64" {
+        &arm
+    } else {
+        &amd
+    };
+    assert_eq!(resolved.manifest_digest.to_string(), want.manifest.digest);
+
+    // A manifest pinned by digest resolves to exactly that manifest, with no tag.
+    let pinned = format!("{}/test/pinned@{}", registry.host(), amd.manifest.digest);
+    let resolved = client.resolve(&pinned, None).await?;
+    assert_eq!(resolved.manifest_digest.to_string(), amd.manifest.digest);
+    // A digest that is not in the repository is not found.
+    let missing = format!(
+        "{}/test/pinned@{}",
+        registry.host(),
+        clip_index::Digest::of(b"other")
+    );
+    assert!(matches!(
+        client.resolve(&missing, None).await,
+        Err(Error::NotFound { .. })
+    ));
+    Ok(())
+}

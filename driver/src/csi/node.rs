@@ -905,6 +905,18 @@ impl NodeContext {
         out
     }
 
+    /// The pod and image of a published volume, for log lines.
+    pub fn describe(&self, volume: &str) -> (String, String) {
+        lock(&self.table)
+            .get(volume)
+            .map_or_else(Default::default, |r| {
+                (
+                    format!("{}/{}", r.pod_namespace, r.pod_name),
+                    r.source.clone(),
+                )
+            })
+    }
+
     /// Unmounts every served volume (on shutdown), keeping the table for the next start.
     pub fn shutdown(&self) {
         let active: Vec<(String, Active)> = lock(&self.active).drain().collect();
@@ -981,7 +993,8 @@ impl Node for NodeService {
         req: Request<NodeUnpublishVolumeRequest>,
     ) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
         let req = req.into_inner();
-        let span = info_span!("NodeUnpublishVolume", volume_id = %req.volume_id);
+        let (pod, image) = self.ctx.describe(&req.volume_id);
+        let span = info_span!("NodeUnpublishVolume", volume_id = %req.volume_id, pod = %pod, image = %image);
         let result = self.ctx.unpublish(req).instrument(span.clone()).await;
         if let Err(e) = &result {
             span.in_scope(|| warn!(code = ?e.code(), error = %e, "unpublish failed"));
@@ -996,7 +1009,8 @@ impl Node for NodeService {
         req: Request<NodeGetVolumeStatsRequest>,
     ) -> Result<Response<NodeGetVolumeStatsResponse>, Status> {
         let req = req.into_inner();
-        let span = info_span!("NodeGetVolumeStats", volume_id = %req.volume_id);
+        let (pod, image) = self.ctx.describe(&req.volume_id);
+        let span = info_span!("NodeGetVolumeStats", volume_id = %req.volume_id, pod = %pod, image = %image);
         self.ctx
             .volume_stats(req)
             .instrument(span)
