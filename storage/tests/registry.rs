@@ -212,6 +212,23 @@ async fn large_layer_random_ranges_are_exact_and_a_tail_read_fetches_one_span() 
     );
     assert!(fetched < layer.compressed_size / 20);
 
+    // Every entry's metadata matches the model, and the whole 200 MB file reads back exactly.
+    let expected = expected_tree(&layers);
+    assert_tree_matches(&index, &expected);
+    let Some(Kind::File(big)) = expected.get("/data/big.bin").map(|e| e.kind.clone()) else {
+        anyhow::bail!("model");
+    };
+    let ino = index.resolve(b"/data/big.bin", false)?;
+    let mut offset = 0u64;
+    while offset < big.len() as u64 {
+        let piece = reader.read_file(ino, offset, 16 << 20).await?;
+        assert!(
+            piece[..] == big[offset as usize..offset as usize + piece.len()],
+            "big.bin at {offset}"
+        );
+        offset += piece.len() as u64;
+    }
+
     // Random ranges anywhere in the layer are exact.
     let tar = &image.tars[0];
     let mut rng = Rng(42);
