@@ -394,3 +394,85 @@ fn a_corrupt_chunk_in_the_disk_cache_is_discarded_and_refetched() -> anyhow::Res
     assert!(from_source > 0, "refetched: {stats:?}");
     Ok(())
 }
+
+#[test]
+fn missing_paths_are_cached_by_the_kernel_and_the_mount_refuses_writes() -> anyhow::Result<()> {
+    let rt = runtime()?;
+    let registry = Registry::start()?;
+    let layers = fixtures::format_layers();
+    let image = build_image(&layers, "linux", "amd64")?;
+    let reference = Pusher::new(&registry.host(), None).push_image("fs/neg", "v1", &image)?;
+    let (index, client) = index(&rt, &reference)?;
+    let cache = tempfile::tempdir()?;
+    let served = serve(&rt, &index, &client, cache.path(), 1 << 30)?;
+    let counters = served.mount.as_ref().unwrap().counters().clone();
+    use std::sync::atomic::Ordering::Relaxed;
+    // An interpreter probing the same missing module path again and again.
+    for _ in 0..50 {
+        assert!(std::fs::metadata(served.path().join("multi/no_such_module.py")).is_err());
+    }
+    assert_eq!(
+        counters.negative_lookups.load(Relaxed),
+        1,
+        "the miss was cached"
+    );
+
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(served.path().join("multi/f1").as_os_str().as_bytes())?;
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::access(path.as_ptr(), libc::R_OK) }, 0);
+    // SAFETY: as above.
+    let w = unsafe { libc::access(path.as_ptr(), libc::W_OK) };
+    assert_eq!(
+        (w, std::io::Error::last_os_error().raw_os_error()),
+        (-1, Some(libc::EROFS))
+    );
+    Ok(())
+}
+
+#[test]
+fn a_slow_fetch_does_not_block_readers_of_cached_files() -> anyhow::Result<()> {
+    let rt = runtime()?;
+    let registry = Registry::start()?;
+    let proxy = Proxy::start(&registry.host())?;
+    let small: Vec<Entry> = (0..30)
+        .map(|i| Entry::file(&format!("small/f{i}"), clip_e2e::text_bytes(3000, 10 + i)))
+        .collect();
+    let layers = vec![
+        Layer::gzip(small),
+        Layer::gzip(vec![Entry::file("slow", Rng(4).bytes(2 << 20))]),
+    ];
+    let expected = expected_tree(&layers);
+    let image = build_image(&layers, "linux", "amd64")?;
+    Pusher::new(&registry.host(), None).push_image("fs/slow", "v1", &image)?;
+    let (index, client) = index(&rt, &format!("{}/fs/slow:v1", proxy.host()))?;
+    let cache = tempfile::tempdir()?;
+    let served = serve(&rt, &index, &client, cache.path(), 1 << 30)?;
+    // Reading one small file brings their (shared) chunk into the caches.
+    std::fs::read(served.path().join("small/f0"))?;
+    // From now on every registry request hangs for a long time.
+    proxy.set_delay(Duration::from_secs(6));
+    let slow_path = served.path().join("slow");
+    let slow = std::thread::spawn(move || std::fs::read(slow_path));
+    std::thread::sleep(Duration::from_millis(300));
+    // Other files, never opened before (so each needs a FUSE lookup, open and read), are
+    // served while the slow read waits for the registry.
+    for i in 1..30 {
+        let path = format!("/small/f{i}");
+        let got = std::fs::read(served.path().join(&path[1..]))?;
+        let Some(Kind::File(want)) = expected.get(&path).map(|e| e.kind.clone()) else {
+            anyhow::bail!("model");
+        };
+        assert!(got == want, "{path}");
+    }
+    assert!(
+        !slow.is_finished(),
+        "the slow read was still waiting while others were served"
+    );
+    proxy.set_delay(Duration::ZERO);
+    let got = slow
+        .join()
+        .map_err(|_| anyhow::anyhow!("reader thread"))??;
+    assert_eq!(got.len(), 2 << 20);
+    Ok(())
+}

@@ -29,6 +29,15 @@ pub struct ClipFs<S> {
     /// Parent of each directory inode (for ".."), computed once at mount.
     parents: Vec<u64>,
     name: String,
+    counters: Arc<FsCounters>,
+}
+
+/// What the kernel asked of the filesystem (for metrics and tests).
+#[derive(Debug, Default)]
+pub struct FsCounters {
+    pub lookups: std::sync::atomic::AtomicU64,
+    pub negative_lookups: std::sync::atomic::AtomicU64,
+    pub reads: std::sync::atomic::AtomicU64,
 }
 
 impl<S> std::fmt::Debug for ClipFs<S> {
@@ -54,7 +63,12 @@ impl<S: BlobSource> ClipFs<S> {
             runtime,
             parents,
             name,
+            counters: Arc::default(),
         }
+    }
+
+    pub fn counters(&self) -> Arc<FsCounters> {
+        self.counters.clone()
     }
 
     fn attr_of(&self, ino: u64) -> Option<FileAttr> {
@@ -107,6 +121,8 @@ fn path_of(index: &ImageIndex, ino: u64) -> String {
 
 impl<S: BlobSource> Filesystem for ClipFs<S> {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.counters.lookups.fetch_add(1, Relaxed);
         match self.index.node(Inode(parent.0)) {
             Some(n) if n.kind == NodeKind::Directory => {}
             Some(_) => return reply.error(Errno::ENOTDIR),
@@ -118,7 +134,10 @@ impl<S: BlobSource> Filesystem for ClipFs<S> {
                 None => reply.error(Errno::EIO),
             },
             // Inode 0 with a timeout: the kernel caches the miss.
-            None => reply.entry(&TTL, &Self::negative_entry(), Generation(0)),
+            None => {
+                self.counters.negative_lookups.fetch_add(1, Relaxed);
+                reply.entry(&TTL, &Self::negative_entry(), Generation(0))
+            }
         }
     }
 
@@ -160,6 +179,9 @@ impl<S: BlobSource> Filesystem for ClipFs<S> {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        self.counters
+            .reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let Some(node) = self.index.node(Inode(ino.0)) else {
             return reply.error(Errno::ENOENT);
         };

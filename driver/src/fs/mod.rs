@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use clip_storage::{BlobSource, ChunkStore};
 
-pub use filesystem::ClipFs;
+pub use filesystem::{ClipFs, FsCounters};
 
 /// How to mount.
 #[derive(Debug, Clone)]
@@ -40,6 +40,7 @@ impl Default for MountOptions {
 pub struct Mount {
     session: Option<fuser::BackgroundSession>,
     dir: PathBuf,
+    counters: Arc<FsCounters>,
 }
 
 impl std::fmt::Debug for Mount {
@@ -51,6 +52,11 @@ impl std::fmt::Debug for Mount {
 impl Mount {
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// What the kernel has asked of this mount so far.
+    pub fn counters(&self) -> &Arc<FsCounters> {
+        &self.counters
     }
 
     /// Unmounts and waits for the session to end.
@@ -87,6 +93,7 @@ pub fn mount<S: BlobSource>(
 ) -> std::io::Result<Mount> {
     use fuser::MountOption as O;
     let fs = ClipFs::new(store, runtime, options.fsname.clone());
+    let counters = fs.counters();
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         O::RO,
@@ -105,6 +112,7 @@ pub fn mount<S: BlobSource>(
     Ok(Mount {
         session: Some(session),
         dir: dir.to_owned(),
+        counters,
     })
 }
 
