@@ -187,3 +187,53 @@ fn metrics_show_bytes_served_per_tier() -> anyhow::Result<()> {
     assert!(child.wait()?.success());
     Ok(())
 }
+
+#[test]
+fn prefetch_fills_the_cache_so_the_image_reads_without_the_registry() -> anyhow::Result<()> {
+    let registry = Registry::start()?;
+    let proxy = clip_e2e::proxy::Proxy::start(&registry.host())?;
+    let layers = fixtures::format_layers();
+    let image = build_image(&layers, "linux", "amd64")?;
+    Pusher::new(&registry.host(), None).push_image("cli/prefetch", "v1", &image)?;
+    let work = tempfile::tempdir()?;
+    let index_file = work.path().join("p.clipidx");
+    let reference = format!("{}/cli/prefetch:v1", proxy.host());
+    let out = clip()
+        .args(["index", &reference, "-o"])
+        .arg(&index_file)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let f = Fixture {
+        _registry: registry,
+        index_file,
+        cache: work.path().join("cache"),
+        _work: work,
+    };
+    let compressed: u64 = image.layers.iter().map(|l| l.data.len() as u64).sum();
+    proxy.clear_log();
+    let dir = tempfile::tempdir()?;
+    let mut child = spawn_mount(&f, dir.path(), &["--prefetch"])?;
+    // Wait until the whole image has been fetched in the background, nothing read yet.
+    // Every layer up to its last data byte (gzip trailers are never needed).
+    let waited = wait_until("the prefetch", || proxy.blob_bytes() + 64 >= compressed);
+    anyhow::ensure!(
+        waited.is_ok(),
+        "prefetch fetched {} of {compressed} bytes: {:?}",
+        proxy.blob_bytes(),
+        proxy.log()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    proxy.set_refuse(true);
+    clip_e2e::check::assert_dir_matches(dir.path(), &clip_e2e::model::expected_tree(&layers))?;
+    assert!(
+        proxy.log().iter().all(|l| l.status != 503),
+        "no read needed the registry"
+    );
+    signal(&child, libc::SIGTERM);
+    assert!(child.wait()?.success());
+    Ok(())
+}
