@@ -6,6 +6,8 @@
 //! - `mount`: the lazy mount through a registry behind an emulated link: a start-up command
 //!   against a full pull, squashfuse and local disk; a 1 GiB sequential read cold, warm and
 //!   hot against local disk; the mount's peak memory.
+//! - `redis`: the shared Redis Cluster tier: GETRANGE latency, a cold read served from
+//!   Redis, a second node's start-up, registry bytes when many nodes start together.
 //!
 //! Modules: [`data`] and [`image`] build benchmark data from this machine's files; [`link`]
 //! puts a registry behind a shaped veth pair and a [`delay`] proxy; [`host`] drops caches and
@@ -20,6 +22,7 @@ mod index;
 mod link;
 mod mount;
 mod reads;
+mod redis_tier;
 mod teardown;
 
 use clap::{Parser, Subcommand};
@@ -37,11 +40,15 @@ enum Command {
     Index(index::IndexBench),
     /// Lazy mount against full pull, warm cache, squashfuse and local disk (root only).
     Mount(mount::MountBench),
+    /// The shared Redis Cluster tier: latency, reads from Redis, a second node's start-up,
+    /// many nodes starting together (root only).
+    Redis(redis_tier::RedisBench),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Index(b) => b.run(),
         Command::Mount(b) => b.run(),
+        Command::Redis(b) => b.run(),
     }
 }

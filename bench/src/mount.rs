@@ -80,20 +80,20 @@ const TOOLS: &[(&str, &str)] = &[
 /// The command's PATH (also where `chroot` itself is looked up).
 pub const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-fn mb(bytes: u64) -> f64 {
+pub(crate) fn mb(bytes: u64) -> f64 {
     bytes as f64 / 1e6
 }
 
-fn mbps(bytes: u64, d: Duration) -> f64 {
+pub(crate) fn mbps(bytes: u64, d: Duration) -> f64 {
     mb(bytes) / d.as_secs_f64()
 }
 
-fn secs(d: Duration) -> f64 {
+pub(crate) fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
 }
 
 /// Runs `root`'s `cmd` chrooted, with a clean environment; fails with its stderr.
-fn run_in_root(root: &Path, cmd: &[String]) -> anyhow::Result<()> {
+pub(crate) fn run_in_root(root: &Path, cmd: &[String]) -> anyhow::Result<()> {
     let out = Command::new("chroot")
         .arg(root)
         .args(cmd)
@@ -118,7 +118,7 @@ fn run_in_root(root: &Path, cmd: &[String]) -> anyhow::Result<()> {
 }
 
 /// `cat FILE > /dev/null`, timed.
-fn time_cat(path: &Path) -> anyhow::Result<Duration> {
+pub(crate) fn time_cat(path: &Path) -> anyhow::Result<Duration> {
     let t = Instant::now();
     let st = Command::new("cat")
         .arg(path)
@@ -163,14 +163,19 @@ fn random_reads(path: &Path, threads: usize, reads: u64) -> anyhow::Result<u64> 
 
 /// Counters scraped from `clip mount --metrics-addr`.
 #[derive(Debug, Default, Clone, Copy)]
-struct Metrics {
-    source_requests: u64,
+pub(crate) struct Metrics {
+    pub(crate) source_requests: u64,
     /// Compressed bytes fetched from the registry.
-    source_bytes: u64,
+    pub(crate) source_bytes: u64,
     /// Uncompressed bytes served by each tier.
-    from_source: u64,
-    from_disk: u64,
-    from_memory: u64,
+    pub(crate) from_source: u64,
+    pub(crate) from_disk: u64,
+    pub(crate) from_memory: u64,
+    pub(crate) from_redis: u64,
+    /// Redis tier events: chunks written, hits, misses.
+    pub(crate) redis_writes: u64,
+    pub(crate) redis_hits: u64,
+    pub(crate) redis_misses: u64,
     prefetched_chunks: u64,
     /// Reads through the chunk store (FUSE reads that reached clip) and their total time.
     reads: u64,
@@ -200,12 +205,26 @@ impl Metrics {
                 .split("tier=\"")
                 .nth(1)
                 .and_then(|r| r.split('"').next());
+            if name == "clip_tier_events_total" && tier == Some("redis") {
+                let event = key
+                    .split("event=\"")
+                    .nth(1)
+                    .and_then(|r| r.split('"').next());
+                match event {
+                    Some("write") => m.redis_writes = v,
+                    Some("hit") => m.redis_hits = v,
+                    Some("miss") => m.redis_misses = v,
+                    _ => {}
+                }
+                continue;
+            }
             match (name, tier) {
                 ("clip_source_requests_total", _) => m.source_requests = v,
                 ("clip_source_bytes_total", _) => m.source_bytes = v,
                 ("clip_tier_bytes_total", Some("source")) => m.from_source = v,
                 ("clip_tier_bytes_total", Some("disk")) => m.from_disk = v,
                 ("clip_tier_bytes_total", Some("memory")) => m.from_memory = v,
+                ("clip_tier_bytes_total", Some("redis")) => m.from_redis = v,
                 ("clip_prefetched_chunks_total", _) => m.prefetched_chunks = v,
                 ("clip_read_latency_seconds_count", _) => m.reads = v,
                 _ => {}
@@ -216,7 +235,7 @@ impl Metrics {
 }
 
 /// A `clip mount` process serving `dir`; unmounted (and the process ended) on drop.
-struct ClipMount {
+pub(crate) struct ClipMount {
     child: Arc<Mutex<Child>>,
     pid: u32,
     dir: PathBuf,
@@ -232,6 +251,7 @@ impl ClipMount {
         dir: &Path,
         cache: &Path,
         log: &Path,
+        extra: &[String],
         teardown: &Arc<Teardown>,
     ) -> anyhow::Result<Self> {
         let metrics_port = clip_e2e::free_port()?;
@@ -244,6 +264,7 @@ impl ClipMount {
             .arg(cache)
             .arg("--metrics-addr")
             .arg(format!("127.0.0.1:{metrics_port}"))
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -278,7 +299,7 @@ impl ClipMount {
         })
     }
 
-    fn metrics(&self) -> anyhow::Result<Metrics> {
+    pub(crate) fn metrics(&self) -> anyhow::Result<Metrics> {
         let url = format!("http://127.0.0.1:{}/metrics", self.metrics_port);
         let mut last = None;
         // The endpoint starts just after the mount.
@@ -309,7 +330,7 @@ impl ClipMount {
     }
 
     /// SIGTERM: clip unmounts and exits; fails if it did not exit cleanly.
-    fn stop(self) -> anyhow::Result<()> {
+    pub(crate) fn stop(self) -> anyhow::Result<()> {
         {
             let mut c = self.child.lock().unwrap_or_else(|p| p.into_inner());
             stop_child(&mut c, Duration::from_secs(10));
@@ -344,38 +365,40 @@ impl CpuSplit {
 }
 
 /// Best (lowest) of a series of timings, with what came with it.
-struct Best<T> {
+pub(crate) struct Best<T> {
     best: Option<(Duration, T)>,
 }
 
 impl<T> Best<T> {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self { best: None }
     }
 
-    fn offer(&mut self, d: Duration, v: T) {
+    pub(crate) fn offer(&mut self, d: Duration, v: T) {
         if self.best.as_ref().is_none_or(|(b, _)| d < *b) {
             self.best = Some((d, v));
         }
     }
 
-    fn get(self) -> anyhow::Result<(Duration, T)> {
+    pub(crate) fn get(self) -> anyhow::Result<(Duration, T)> {
         self.best.context("no runs")
     }
 }
 
 /// Everything one invocation shares.
-struct Bench {
-    clip: PathBuf,
-    link: Link,
-    teardown: Arc<Teardown>,
-    work: PathBuf,
-    mnt: PathBuf,
-    runs: usize,
-    threads: usize,
-    reads_per_thread: u64,
-    warned: bool,
-    mounts: u32,
+pub(crate) struct Bench {
+    pub(crate) clip: PathBuf,
+    pub(crate) link: Link,
+    pub(crate) teardown: Arc<Teardown>,
+    pub(crate) work: PathBuf,
+    pub(crate) mnt: PathBuf,
+    pub(crate) runs: usize,
+    pub(crate) threads: usize,
+    pub(crate) reads_per_thread: u64,
+    pub(crate) warned: bool,
+    pub(crate) mounts: u32,
+    /// Extra arguments to every `clip mount` (e.g. `--redis SEEDS`).
+    pub(crate) mount_args: Vec<String>,
 }
 
 impl MountBench {
@@ -449,6 +472,7 @@ impl MountBench {
             reads_per_thread: self.reads_per_thread.max(1),
             warned: false,
             mounts: 0,
+            mount_args: Vec::new(),
         };
         let result = (|| {
             if let Some(image) = &numpy {
@@ -476,7 +500,7 @@ impl MountBench {
 impl Bench {
     /// Bytes the registry has sent through the link so far (bodies and headers), counted
     /// by the proxy.
-    fn link_bytes(&self) -> u64 {
+    pub(crate) fn link_bytes(&self) -> u64 {
         self.link
             .proxy()
             .stats()
@@ -493,7 +517,7 @@ impl Bench {
         )
     }
 
-    fn drop_caches(&mut self) {
+    pub(crate) fn drop_caches(&mut self) {
         drop_page_cache(&mut self.warned);
     }
 
@@ -505,13 +529,21 @@ impl Bench {
         }
     }
 
-    fn mount(&mut self, index: &Path, cache: &Path) -> anyhow::Result<ClipMount> {
+    pub(crate) fn mount(&mut self, index: &Path, cache: &Path) -> anyhow::Result<ClipMount> {
         self.mounts += 1;
         let log = self.work.join(format!("clip-mount-{}.log", self.mounts));
-        ClipMount::start(&self.clip, index, &self.mnt, cache, &log, &self.teardown)
+        ClipMount::start(
+            &self.clip,
+            index,
+            &self.mnt,
+            cache,
+            &log,
+            &self.mount_args,
+            &self.teardown,
+        )
     }
 
-    fn fresh_cache(&self, name: &str) -> anyhow::Result<PathBuf> {
+    pub(crate) fn fresh_cache(&self, name: &str) -> anyhow::Result<PathBuf> {
         let cache = self.work.join(name);
         if cache.exists() {
             std::fs::remove_dir_all(&cache)?;
@@ -521,7 +553,7 @@ impl Bench {
 
     /// Pushes `image` (once; the registry keeps it between runs) and indexes it through the
     /// link; returns (reference through the link, index file).
-    fn index(&self, image: &ImageFiles) -> anyhow::Result<(String, PathBuf)> {
+    pub(crate) fn index(&self, image: &ImageFiles) -> anyhow::Result<(String, PathBuf)> {
         let reference = image.push(&self.link.direct_host())?;
         let through = format!("{}/{reference}", self.link.registry_host());
         let out = self
@@ -984,14 +1016,14 @@ impl Bench {
 }
 
 /// The 1-minute load average: other work on this machine disturbs the figures.
-fn load_average() -> String {
+pub(crate) fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .ok()
         .and_then(|s| s.split_whitespace().next().map(str::to_owned))
         .unwrap_or_else(|| "?".into())
 }
 
-fn shell_words(cmd: &[String]) -> String {
+pub(crate) fn shell_words(cmd: &[String]) -> String {
     cmd.iter()
         .map(|w| {
             if w.contains(' ') {

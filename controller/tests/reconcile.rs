@@ -305,6 +305,14 @@ async fn a_moved_tag_and_a_flushed_redis_are_reindexed_and_two_images_share_a_bu
         b.status.unwrap().index_digest,
         "one index for one digest"
     );
+    // The proxy logs a request once its response is fully relayed: give it a moment.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while w.proxy.blob_reads().iter().all(|l| l.range.is_some())
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let streams = w
         .proxy
         .blob_reads()

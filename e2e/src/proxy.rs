@@ -215,6 +215,7 @@ fn handle(client: TcpStream, upstream: &str, own_port: u16, st: &State) -> anyho
     // Copy the response head, noting status and length, then the body.
     let mut status = 0u16;
     let mut first = true;
+    let mut length: Option<u64> = None;
     loop {
         let mut line = String::new();
         if up_reader.read_line(&mut line)? == 0 {
@@ -227,16 +228,27 @@ fn handle(client: TcpStream, upstream: &str, own_port: u16, st: &State) -> anyho
                 .and_then(|s| s.parse().ok())
                 .unwrap_or(0);
             first = false;
+        } else if let Some((k, v)) = line.split_once(':')
+            && k.trim().eq_ignore_ascii_case("content-length")
+        {
+            length = v.trim().parse().ok();
         }
         client.write_all(line.as_bytes())?;
         if line == "\r\n" {
             break;
         }
     }
+    // Relay the body; with a Content-Length, stop (and log) as soon as it has all gone
+    // through rather than when the upstream closes, so tests see the log at once.
     let mut body_bytes = 0u64;
     let mut buf = [0u8; 64 * 1024];
     loop {
-        let n = up_reader.read(&mut buf)?;
+        let want = match length {
+            Some(l) if body_bytes >= l => break,
+            Some(l) => buf.len().min((l - body_bytes) as usize),
+            None => buf.len(),
+        };
+        let n = up_reader.read(&mut buf[..want])?;
         if n == 0 {
             break;
         }
@@ -245,6 +257,7 @@ fn handle(client: TcpStream, upstream: &str, own_port: u16, st: &State) -> anyho
             break;
         }
     }
+    client.flush().ok();
     log(status, body_bytes);
     client.shutdown(Shutdown::Both).ok();
     Ok(())

@@ -300,8 +300,10 @@ impl<S: BlobSource> ChunkStore<S> {
             self.populate(layer, &chunks, &data, None).await;
             return Ok(Arc::new(Run { chunks, data }));
         };
-        let first = self.key(layer, chunks.start)?;
-        let name = format!("{}-{}", first.digest.hex(), chunks.len());
+        // One lease per checkpoint span: every fetch that decodes from the same checkpoint
+        // (a miss, a read-ahead) on any node asks for the same lease.
+        let span = self.span_run(layer, chunks.start)?;
+        let name = format!("{}-{}", self.layer(layer)?.digest.hex(), span.start);
         match redis.try_lease(&name).await {
             Lease::HeldElsewhere => {
                 if let Some(data) = self.wait_for_peer(layer, chunks.clone(), &redis).await {
@@ -526,10 +528,11 @@ impl<S: BlobSource> ChunkStore<S> {
                 if next >= n {
                     break;
                 }
+                // Whole spans, like a miss fetches: the same fetch on every node, so the
+                // in-flight map and the cluster-wide lease recognise it.
                 let Ok(run) = this.span_run(layer, next) else {
                     return;
                 };
-                let run = next.max(run.start)..run.end;
                 next = run.end;
                 if !this.cached(layer, run.clone()).await {
                     runs.push(run);
