@@ -238,7 +238,29 @@ async fn two_nodes_serve_a_clip_image_and_the_second_never_touches_the_registry(
     );
     assert!(out_a.contains(&expected_md5), "{out_a}");
     eprintln!("node A: publish {publish_a:?}");
-    tokio::time::sleep(Duration::from_millis(800)).await; // background writes to Redis
+    // Node A publishes what it fetched to Redis in the background: wait until every chunk
+    // it took from the registry has been written there.
+    let metric = |text: &str, prefix: &str| -> u64 {
+        text.lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = a.ctx.metrics();
+        let fetched = metric(&m, "clip_tier_chunks_total{tier=\"source\"")
+            + metric(&m, "clip_prefetched_chunks_total");
+        let written = metric(&m, "clip_tier_events_total{tier=\"redis\",event=\"write\"");
+        if fetched > 0 && written >= fetched {
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "node A never published its chunks: {m}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // Node B: the registry refuses everything; the same pod runs from Redis alone.
     proxy.set_refuse(true);

@@ -43,6 +43,22 @@ impl Default for StoreConfig {
     }
 }
 
+/// Counts a background write while it lives.
+struct PendingPut(Arc<std::sync::atomic::AtomicUsize>);
+
+impl PendingPut {
+    fn new(counter: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Self(counter.clone())
+    }
+}
+
+impl Drop for PendingPut {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 type RunFuture = Shared<BoxFuture<'static, Result<Arc<Run>, Arc<Error>>>>;
 
 /// Decoded chunks of one source fetch.
@@ -74,6 +90,8 @@ pub struct ChunkStore<S> {
     last_chunk: Mutex<HashMap<usize, u32>>,
     /// Cluster-wide single-flight of registry fetches, when Redis is configured.
     lease: Option<Arc<RedisCache>>,
+    /// Background writes to the tiers not finished yet.
+    pending_puts: Arc<std::sync::atomic::AtomicUsize>,
     config: StoreConfig,
     stats: Arc<StoreStats>,
 }
@@ -111,6 +129,7 @@ impl<S: BlobSource> ChunkStore<S> {
             permits: Arc::new(Semaphore::new(config.fetch_concurrency.max(1))),
             last_chunk: Mutex::new(HashMap::new()),
             lease,
+            pending_puts: Arc::default(),
             stats: Arc::new(StoreStats::new(&names)),
             config,
         })
@@ -335,6 +354,7 @@ impl<S: BlobSource> ChunkStore<S> {
                     .collect();
                 let items: Vec<(ChunkKey, Bytes)> =
                     keys.into_iter().zip(data.iter().cloned()).collect();
+                let pending = PendingPut::new(&self.pending_puts);
                 tokio::spawn(async move {
                     for (k, b) in items {
                         if let Err(e) = redis.put(&k, b).await {
@@ -342,6 +362,7 @@ impl<S: BlobSource> ChunkStore<S> {
                         }
                     }
                     redis.release_lease(&name, &token).await;
+                    drop(pending);
                 });
                 Ok(Arc::new(Run { chunks, data }))
             }
@@ -465,11 +486,26 @@ impl<S: BlobSource> ChunkStore<S> {
     }
 
     fn spawn_put(&self, tier: Arc<dyn ChunkCache>, key: ChunkKey, data: Bytes) {
+        let pending = PendingPut::new(&self.pending_puts);
         tokio::spawn(async move {
             if let Err(e) = tier.put(&key, data).await {
                 warn!(tier = tier.name(), error = %e, "storing a chunk failed");
             }
+            drop(pending);
         });
+    }
+
+    /// Waits (at most `limit`) for background writes to the tiers to finish, so a process
+    /// that stops leaves what it fetched in the shared cache.
+    pub async fn flush(&self, limit: std::time::Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while self.pending_puts.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        true
     }
 
     /// The chunks that share chunk `c`'s checkpoint: decoding them costs one fetch.

@@ -256,6 +256,10 @@ pub async fn run(args: MountArgs) -> Result<()> {
         let _ = waiter.await;
     }
     let _ = stop_tx.send(true);
+    // Leave what this mount fetched in the shared cache for the next node.
+    if !store.flush(std::time::Duration::from_secs(10)).await {
+        tracing::warn!("some chunks were not written to the caches before exit");
+    }
     if args.stats {
         print_stats(&store.snapshot());
     }
