@@ -27,7 +27,7 @@ use clip_storage::{RegistryConfig, StoreConfig};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use tonic::Code;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// ClipImages served from a map, as the API server would.
 #[derive(Default)]
@@ -125,17 +125,7 @@ impl Drop for Plugin {
 
 /// A gRPC channel over the plugin's unix socket, as kubelet opens it.
 async fn channel(socket: &Path) -> anyhow::Result<Channel> {
-    let socket = socket.to_owned();
-    Ok(Endpoint::try_from("http://[::1]:50051")?
-        .connect_with_connector(tower::service_fn(move |_| {
-            let socket = socket.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(socket).await?,
-                ))
-            }
-        }))
-        .await?)
+    Ok(clip_driver::csi::server::connect(socket).await?)
 }
 
 fn mount_capability() -> VolumeCapability {

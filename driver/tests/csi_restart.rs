@@ -16,7 +16,7 @@ use clip_driver::fs::is_mounted;
 use clip_e2e::fixtures;
 use clip_e2e::image::{Pusher, build_image};
 use clip_e2e::registry::Registry;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 struct Node {
     child: Child,
@@ -75,18 +75,9 @@ impl Drop for Node {
 }
 
 async fn client(dir: &Path) -> anyhow::Result<NodeClient<Channel>> {
-    let socket = dir.join("csi.sock");
-    let ch = Endpoint::try_from("http://[::1]:50051")?
-        .connect_with_connector(tower::service_fn(move |_| {
-            let socket = socket.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(socket).await?,
-                ))
-            }
-        }))
-        .await?;
-    Ok(NodeClient::new(ch))
+    Ok(NodeClient::new(
+        clip_driver::csi::server::connect(&dir.join("csi.sock")).await?,
+    ))
 }
 
 fn publish(volume: &str, target: &Path, image: &str) -> NodePublishVolumeRequest {

@@ -24,7 +24,7 @@ use clip_e2e::redis::RedisCluster;
 use clip_e2e::registry::Registry;
 use clip_storage::cache::redis::{RedisCache, RedisConfig};
 use clip_storage::{RegistryConfig, StoreConfig};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 struct SimNode {
     ctx: Arc<NodeContext>,
@@ -80,18 +80,9 @@ async fn start_node(name: &str, cluster: &RedisCluster, api: &FakeApi) -> anyhow
 }
 
 async fn kubelet(socket: &Path) -> anyhow::Result<NodeClient<Channel>> {
-    let socket = socket.to_owned();
-    let ch = Endpoint::try_from("http://[::1]:50051")?
-        .connect_with_connector(tower::service_fn(move |_| {
-            let socket = socket.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(socket).await?,
-                ))
-            }
-        }))
-        .await?;
-    Ok(NodeClient::new(ch))
+    Ok(NodeClient::new(
+        clip_driver::csi::server::connect(socket).await?,
+    ))
 }
 
 fn pod_volume(volume: &str, target: &Path, clip_image: &str) -> NodePublishVolumeRequest {

@@ -37,3 +37,18 @@ pub async fn serve(
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await
 }
+
+/// A gRPC channel to a plugin socket, opened the way kubelet does (for tools and tests).
+pub async fn connect(socket: &Path) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    let socket = socket.to_owned();
+    tonic::transport::Endpoint::from_static("http://[::1]:50051")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let socket = socket.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(socket).await?,
+                ))
+            }
+        }))
+        .await
+}
