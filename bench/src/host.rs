@@ -131,3 +131,30 @@ pub fn stop_child(child: &mut Child, grace: Duration) {
     child.kill().ok();
     child.wait().ok();
 }
+
+/// Checks the benchmark runs as root and finds the `clip` binary to measure (by default the
+/// one built beside this benchmark).
+pub fn root_and_clip(
+    bench: &str,
+    clip: Option<&std::path::Path>,
+) -> anyhow::Result<std::path::PathBuf> {
+    use anyhow::Context as _;
+    // SAFETY: geteuid has no arguments and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        anyhow::bail!("clip-bench {bench} needs root (network namespaces, tc, chroot, FUSE)");
+    }
+    let clip = match clip {
+        Some(p) => p.to_owned(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("exe dir")?
+            .join("clip"),
+    };
+    if !clip.is_file() {
+        anyhow::bail!(
+            "{} not found: cargo build --release -p clip-driver",
+            clip.display()
+        );
+    }
+    Ok(clip)
+}

@@ -403,24 +403,8 @@ pub(crate) struct Bench {
 
 impl MountBench {
     pub fn run(self) -> anyhow::Result<()> {
-        // SAFETY: geteuid has no arguments and cannot fail.
-        if unsafe { libc::geteuid() } != 0 {
-            bail!("clip-bench mount needs root (network namespaces, tc, chroot, FUSE)");
-        }
+        let clip = crate::host::root_and_clip("mount", self.clip.as_deref())?;
         require_tools(TOOLS)?;
-        let clip = match &self.clip {
-            Some(p) => p.clone(),
-            None => std::env::current_exe()?
-                .parent()
-                .context("exe dir")?
-                .join("clip"),
-        };
-        if !clip.is_file() {
-            bail!(
-                "{} not found: cargo build --release -p clip-driver",
-                clip.display()
-            );
-        }
         let command = if self.command.is_empty() {
             ["/usr/bin/python3", "-c", "import numpy"]
                 .map(String::from)

@@ -112,7 +112,7 @@ pub fn fetch_floor(index: &clip_index::ImageIndex, paths: &[PathBuf]) -> FetchFl
         };
         for c in chunks {
             chunk_ranges.push((layer, l.plan(c..c + 1).compressed));
-            span_ranges.push((layer, l.plan(span_run(l, c)).compressed));
+            span_ranges.push((layer, l.plan(l.span_run(c)).compressed));
         }
     }
     FetchFloor {
@@ -121,32 +121,13 @@ pub fn fetch_floor(index: &clip_index::ImageIndex, paths: &[PathBuf]) -> FetchFl
     }
 }
 
-/// The chunks sharing chunk `c`'s checkpoint span, as `ChunkStore::span_run` computes them.
-fn span_run(l: &clip_index::LayerIndex, c: u32) -> std::ops::Range<u32> {
-    let n = l.chunks.len() as u32;
-    let size = u64::from(l.chunk_size);
-    let start = l.chunk_range(c).start;
-    let i = l
-        .checkpoints
-        .partition_point(|cp| cp.uncompressed_offset <= start);
-    let from = match i.checked_sub(1) {
-        Some(k) => l.checkpoints[k].uncompressed_offset.div_ceil(size) as u32,
-        None => 0,
-    };
-    let to = match l.checkpoints.get(i) {
-        Some(next) => (next.uncompressed_offset.div_ceil(size) as u32).min(n),
-        None => n,
-    };
-    from.min(c)..to.max(c + 1)
-}
-
 /// Requests and compressed bytes to fetch a whole layer as consecutive span runs, as
 /// read-ahead and `ChunkStore::prefetch_all` do.
 pub fn whole_layer_runs(l: &clip_index::LayerIndex) -> (u64, u64) {
     let n = l.chunks.len() as u32;
     let (mut c, mut requests, mut bytes) = (0, 0, 0);
     while c < n {
-        let run = span_run(l, c);
+        let run = l.span_run(c);
         let run = c.max(run.start)..run.end;
         c = run.end;
         let plan = l.plan(run);

@@ -108,24 +108,8 @@ fn ms(d: Duration) -> f64 {
 
 impl RedisBench {
     pub fn run(self) -> anyhow::Result<()> {
-        // SAFETY: geteuid has no arguments and cannot fail.
-        if unsafe { libc::geteuid() } != 0 {
-            bail!("clip-bench redis needs root (network namespaces, tc, chroot, FUSE)");
-        }
+        let clip = crate::host::root_and_clip("redis", self.clip.as_deref())?;
         require_tools(TOOLS)?;
-        let clip = match &self.clip {
-            Some(p) => p.clone(),
-            None => std::env::current_exe()?
-                .parent()
-                .context("exe dir")?
-                .join("clip"),
-        };
-        if !clip.is_file() {
-            bail!(
-                "{} not found: cargo build --release -p clip-driver",
-                clip.display()
-            );
-        }
         let want = |p: Part| self.only.is_none_or(|o| o == p);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .enable_all()

@@ -292,10 +292,7 @@ async fn apply_inner(
     name: &str,
     key: &str,
 ) -> Result<Action> {
-    let (ns, name, key) = (ns.to_owned(), name.to_owned(), key.to_owned());
-    let ci = ci.clone();
-    let ctx = ctx.clone();
-    let api: Api<ClipImage> = Api::namespaced(ctx.client.clone(), &ns);
+    let api: Api<ClipImage> = Api::namespaced(ctx.client.clone(), ns);
     let generation = ci.metadata.generation;
     let mut st = ci.status.clone().unwrap_or_default();
     let ready_now = st.phase == Some(Phase::Ready) && st.observed_generation == generation;
@@ -309,12 +306,12 @@ async fn apply_inner(
             "resolving the image reference",
             generation,
         )];
-        status::apply(&api, &name, &st).await?;
+        status::apply(&api, name, &st).await?;
     }
 
-    let docker = match pull_credentials(&ctx, &ns, &ci.spec.pull_secrets).await {
+    let docker = match pull_credentials(ctx, ns, &ci.spec.pull_secrets).await {
         Ok(d) => d,
-        Err(message) => return fail(&ctx, &ci, &api, "PullSecret", message).await,
+        Err(message) => return fail(ctx, ci, &api, "PullSecret", message).await,
     };
     let mut registry_config = ctx.registry.clone();
     registry_config.docker_config.merge(docker);
@@ -327,12 +324,12 @@ async fn apply_inner(
         .transpose()
     {
         Ok(p) => p.or_else(|| ctx.default_platform.clone()),
-        Err(e) => return fail(&ctx, &ci, &api, "InvalidPlatform", e.to_string()).await,
+        Err(e) => return fail(ctx, ci, &api, "InvalidPlatform", e.to_string()).await,
     };
     let resolved = match registry.resolve(&ci.spec.image, platform.as_ref()).await {
         Ok(r) => r,
         Err(e) => match permanent(&e) {
-            Some(reason) => return fail(&ctx, &ci, &api, reason, e.to_string()).await,
+            Some(reason) => return fail(ctx, ci, &api, reason, e.to_string()).await,
             None => return Err(e.into()),
         },
     };
@@ -361,7 +358,7 @@ async fn apply_inner(
             size: bytes.len() as u64,
             stats: index.stats(),
         };
-        return ready(&ctx, &ci, &api, &resolved, &built, &key).await;
+        return ready(ctx, ci, &api, &resolved, &built, key).await;
     }
 
     // Start or join the build of this digest.
@@ -370,7 +367,7 @@ async fn apply_inner(
         // A spec change away from a digest we were building drops our interest in it.
         for (d, j) in jobs.iter_mut() {
             if *d != manifest {
-                j.interested.remove(&key);
+                j.interested.remove(key);
             }
         }
         jobs.retain(|_, j| {
@@ -383,8 +380,8 @@ async fn apply_inner(
         });
         let job = jobs
             .entry(manifest)
-            .or_insert_with(|| start_build(&ctx, resolved.clone(), registry.clone(), ci.spec.warm));
-        job.interested.insert(key.clone());
+            .or_insert_with(|| start_build(ctx, resolved.clone(), registry.clone(), ci.spec.warm));
+        job.interested.insert(key.to_owned());
         (job.progress.clone(), job.result.clone())
     };
     let outcome = {
@@ -416,17 +413,17 @@ async fn apply_inner(
                 &format!("indexing {manifest}: {pct}%"),
                 generation,
             )];
-            status::apply(&api, &name, &st).await?;
+            status::apply(&api, name, &st).await?;
             Ok(Action::requeue(Duration::from_millis(100)))
         }
         Some(outcome) => {
             ctx.jobs().remove(&manifest);
             match outcome {
-                BuildOutcome::Done(built) => ready(&ctx, &ci, &api, &resolved, &built, &key).await,
-                BuildOutcome::Permanent(m) => fail(&ctx, &ci, &api, "IndexFailed", m).await,
+                BuildOutcome::Done(built) => ready(ctx, ci, &api, &resolved, &built, key).await,
+                BuildOutcome::Permanent(m) => fail(ctx, ci, &api, "IndexFailed", m).await,
                 BuildOutcome::Transient(m) => {
                     ctx.metrics.failure("build_transient");
-                    let delay = backoff(&ctx, &name, Some(&ns));
+                    let delay = backoff(ctx, name, Some(ns));
                     warn!(message = %m, retry_in_s = delay.as_secs(), "index build failed; will retry");
                     Ok(Action::requeue(delay))
                 }

@@ -145,6 +145,29 @@ impl LayerIndex {
         Ok(first..last + 1)
     }
 
+    /// The chunks decoded from the same checkpoint as chunk `c` (its *span run*): one fetch
+    /// produces them all. Plain tar layers need no checkpoint: a chunk is its own run.
+    pub fn span_run(&self, c: u32) -> Range<u32> {
+        let n = self.chunks.len() as u32;
+        if self.compression == Compression::None {
+            return c..(c + 1).min(n);
+        }
+        let size = u64::from(self.chunk_size);
+        let start = self.chunk_range(c).start;
+        let i = self
+            .checkpoints
+            .partition_point(|cp| cp.uncompressed_offset <= start);
+        let from = match i.checked_sub(1) {
+            Some(k) => self.checkpoints[k].uncompressed_offset.div_ceil(size) as u32,
+            None => 0,
+        };
+        let to = match self.checkpoints.get(i) {
+            Some(next) => (next.uncompressed_offset.div_ceil(size) as u32).min(n),
+            None => n,
+        };
+        from.min(c)..to.max(c + 1)
+    }
+
     /// How to produce `chunks` (a non-empty run of this layer's chunks).
     pub fn plan(&self, chunks: Range<u32>) -> ReadPlan {
         let last = chunks.end.saturating_sub(1) as usize;

@@ -108,18 +108,7 @@ impl<S: BlobSource> RangeReader<S> {
         }
         let start = l.chunk_range(chunks.start).start;
         let pieces = self.read_chunks(layer, chunks).await?;
-        let mut out = BytesMut::with_capacity(len as usize);
-        let mut pos = start;
-        for p in pieces {
-            let piece_end = pos + p.len() as u64;
-            let from = offset.max(pos);
-            let to = (offset + len).min(piece_end);
-            if from < to {
-                out.extend_from_slice(&p[(from - pos) as usize..(to - pos) as usize]);
-            }
-            pos = piece_end;
-        }
-        Ok(out.freeze())
+        Ok(splice(&pieces, start, offset, len))
     }
 
     /// Reads `len` bytes at `offset` of the file `ino` (clamped to its size).
@@ -138,4 +127,25 @@ impl<S: BlobSource> RangeReader<S> {
         let len = len.min(node.size - offset);
         self.read(layer, base + offset, len).await
     }
+}
+
+/// The `len` bytes at layer offset `offset` out of consecutive chunks whose first byte is at
+/// layer offset `first`: a slice when one chunk holds them all, a copy otherwise.
+pub(crate) fn splice(pieces: &[Bytes], first: u64, offset: u64, len: u64) -> Bytes {
+    if let [only] = pieces {
+        let from = (offset - first) as usize;
+        return only.slice(from..from + len as usize);
+    }
+    let mut out = BytesMut::with_capacity(len as usize);
+    let mut pos = first;
+    for p in pieces {
+        let end = pos + p.len() as u64;
+        let from = offset.max(pos);
+        let to = (offset + len).min(end);
+        if from < to {
+            out.extend_from_slice(&p[(from - pos) as usize..(to - pos) as usize]);
+        }
+        pos = end;
+    }
+    out.freeze()
 }

@@ -7,7 +7,7 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use clip_index::{Compression, ImageIndex, LayerIndex};
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
@@ -194,22 +194,7 @@ impl<S: BlobSource> ChunkStore<S> {
         let first_start = l.chunk_range(chunks.start).start;
         let pieces =
             futures::future::try_join_all(chunks.clone().map(|c| self.chunk(layer, c))).await?;
-        if pieces.len() == 1 {
-            let from = (offset - first_start) as usize;
-            return Ok(pieces[0].slice(from..from + len as usize));
-        }
-        let mut out = BytesMut::with_capacity(len as usize);
-        let mut pos = first_start;
-        for p in pieces {
-            let end = pos + p.len() as u64;
-            let from = offset.max(pos);
-            let to = (offset + len).min(end);
-            if from < to {
-                out.extend_from_slice(&p[(from - pos) as usize..(to - pos) as usize]);
-            }
-            pos = end;
-        }
-        Ok(out.freeze())
+        Ok(crate::reader::splice(&pieces, first_start, offset, len))
     }
 
     /// One verified chunk, from the fastest tier that has it.
@@ -510,25 +495,7 @@ impl<S: BlobSource> ChunkStore<S> {
 
     /// The chunks that share chunk `c`'s checkpoint: decoding them costs one fetch.
     pub fn span_run(&self, layer: usize, c: u32) -> Result<Range<u32>> {
-        let l = self.layer(layer)?;
-        let n = l.chunks.len() as u32;
-        let size = u64::from(l.chunk_size);
-        if l.compression == Compression::None {
-            return Ok(c..(c + 1).min(n));
-        }
-        let start = l.chunk_range(c).start;
-        let i = l
-            .checkpoints
-            .partition_point(|cp| cp.uncompressed_offset <= start);
-        let from = match i.checked_sub(1) {
-            Some(k) => l.checkpoints[k].uncompressed_offset.div_ceil(size) as u32,
-            None => 0,
-        };
-        let to = match l.checkpoints.get(i) {
-            Some(next) => (next.uncompressed_offset.div_ceil(size) as u32).min(n),
-            None => n,
-        };
-        Ok(from.min(c)..to.max(c + 1))
+        Ok(self.layer(layer)?.span_run(c))
     }
 
     /// What a miss on chunk `c` fetches. gzip: the whole span run, so every compressed byte
