@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clip_driver::fs::is_mounted;
+use clip_e2e::cleanup::MountProcess;
 use clip_e2e::fixtures;
 use clip_e2e::image::{Pusher, build_image};
 use clip_e2e::registry::Registry;
@@ -59,7 +60,7 @@ fn fixture() -> anyhow::Result<Fixture> {
     })
 }
 
-fn spawn_mount(f: &Fixture, dir: &Path, extra: &[&str]) -> anyhow::Result<Child> {
+fn spawn_mount(f: &Fixture, dir: &Path, extra: &[&str]) -> anyhow::Result<MountProcess> {
     let child = clip()
         .arg("mount")
         .arg(&f.index_file)
@@ -70,6 +71,10 @@ fn spawn_mount(f: &Fixture, dir: &Path, extra: &[&str]) -> anyhow::Result<Child>
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()?;
+    let child = MountProcess {
+        child,
+        dir: dir.to_owned(),
+    };
     wait_until("the mount", || is_mounted(dir))?;
     Ok(child)
 }

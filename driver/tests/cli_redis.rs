@@ -3,10 +3,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on broken fixtures
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clip_driver::fs::is_mounted;
+use clip_e2e::cleanup::MountProcess;
 use clip_e2e::fixtures;
 use clip_e2e::image::{Pusher, build_image};
 use clip_e2e::proxy::Proxy;
@@ -17,13 +18,17 @@ fn clip() -> Command {
     Command::new(env!("CARGO_BIN_EXE_clip"))
 }
 
-fn mount(args: &[&str], dir: &Path) -> anyhow::Result<Child> {
-    let mut child = clip()
+fn mount(args: &[&str], dir: &Path) -> anyhow::Result<MountProcess> {
+    let child = clip()
         .arg("mount")
         .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()?;
+    let mut child = MountProcess {
+        child,
+        dir: dir.to_owned(),
+    };
     let deadline = Instant::now() + Duration::from_secs(30);
     while !is_mounted(dir) {
         if let Some(status) = child.try_wait()? {
@@ -37,7 +42,7 @@ fn mount(args: &[&str], dir: &Path) -> anyhow::Result<Child> {
     Ok(child)
 }
 
-fn stop(mut child: Child) -> anyhow::Result<String> {
+fn stop(mut child: MountProcess) -> anyhow::Result<String> {
     // SAFETY: signalling our own child.
     unsafe {
         libc::kill(child.id() as i32, libc::SIGTERM);

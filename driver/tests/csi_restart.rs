@@ -18,6 +18,16 @@ use clip_e2e::image::{Pusher, build_image};
 use clip_e2e::registry::Registry;
 use tonic::transport::Channel;
 
+struct DetachOnDrop(Vec<PathBuf>);
+
+impl Drop for DetachOnDrop {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            clip_e2e::cleanup::detach(p);
+        }
+    }
+}
+
 struct Node {
     child: Child,
 }
@@ -121,6 +131,8 @@ async fn a_restarted_plugin_knows_its_volumes() -> anyhow::Result<()> {
     let t1: PathBuf = dir.path().join("pods/one/mount");
     let t2: PathBuf = dir.path().join("pods/two/mount");
 
+    // Whatever happens, no mount of this test outlives it.
+    let _detach = DetachOnDrop(vec![t1.clone(), t2.clone()]);
     let mut first = Node::start(dir.path(), &[])?;
     let mut node = client(dir.path()).await?;
     node.node_publish_volume(publish("vol-1", &t1, &reference))

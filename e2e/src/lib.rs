@@ -11,6 +11,7 @@
 //!   into tar/gzip/zstd blobs and pushed with a minimal registry client.
 //! - [`kube_api`]: a fake Kubernetes API server (tower-test) for controller and node tests.
 //! - [`model`]: the expected merged tree of a test image, computed independently of clip.
+//! - [`cleanup`]: guards that stop mount processes and detach mounts when a test fails.
 //! - [`check`]: compares a mounted tree with the model, field by field and byte by byte.
 //! - [`fixtures`]: the standard test images.
 //! - [`redis`]: a 6-process Redis Cluster (and a plain Redis) on loopback.
@@ -18,6 +19,7 @@
 //! - [`http`]: the tiny blocking HTTP/1.1 client behind the above.
 
 pub mod check;
+pub mod cleanup;
 pub mod fixtures;
 pub mod http;
 pub mod image;
