@@ -121,6 +121,14 @@ fn every_entry_of_the_mounted_images_matches_the_reference() -> anyhow::Result<(
         assert_eq!(err.and_then(|e| e.raw_os_error()), Some(libc::EROFS));
         let stat = nix_statfs(served.path())?;
         assert!(stat.f_flag & libc::ST_RDONLY != 0, "mounted read-only");
+        // The kernel reads ahead 1 MiB (not its 128 KiB default) on the mount.
+        let dev = std::os::unix::fs::MetadataExt::dev(&std::fs::metadata(served.path())?);
+        let knob = format!(
+            "/sys/class/bdi/{}:{}/read_ahead_kb",
+            libc::major(dev),
+            libc::minor(dev)
+        );
+        assert_eq!(std::fs::read_to_string(&knob)?.trim(), "1024", "{knob}");
     }
     Ok(())
 }

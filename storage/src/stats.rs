@@ -77,6 +77,8 @@ pub struct StoreStats {
     /// Compressed bytes fetched from the source.
     pub source_bytes: AtomicU64,
     pub prefetched_chunks: AtomicU64,
+    /// Chunks read from a cache tier into memory ahead of a reader.
+    pub preloaded_chunks: AtomicU64,
     pub read_errors: AtomicU64,
     pub read_latency: Histogram,
 }
@@ -90,6 +92,7 @@ impl StoreStats {
             source_requests: AtomicU64::new(0),
             source_bytes: AtomicU64::new(0),
             prefetched_chunks: AtomicU64::new(0),
+            preloaded_chunks: AtomicU64::new(0),
             read_errors: AtomicU64::new(0),
             read_latency: Histogram::default(),
         }
@@ -109,6 +112,7 @@ impl StoreStats {
             source_requests: self.source_requests.load(Ordering::Relaxed),
             source_bytes: self.source_bytes.load(Ordering::Relaxed),
             prefetched_chunks: self.prefetched_chunks.load(Ordering::Relaxed),
+            preloaded_chunks: self.preloaded_chunks.load(Ordering::Relaxed),
             read_errors: self.read_errors.load(Ordering::Relaxed),
             read_latency: self.read_latency.snapshot(),
             events,
@@ -138,6 +142,7 @@ pub struct StatsSnapshot {
     pub source_requests: u64,
     pub source_bytes: u64,
     pub prefetched_chunks: u64,
+    pub preloaded_chunks: u64,
     pub read_errors: u64,
     pub read_latency: HistogramSnapshot,
     /// Tier events: (tier, event, count), e.g. ("redis", "lease_wait", 3).
@@ -178,6 +183,11 @@ impl StatsSnapshot {
                 "clip_prefetched_chunks_total",
                 "Chunks fetched ahead of readers.",
                 self.prefetched_chunks,
+            ),
+            (
+                "clip_preloaded_chunks_total",
+                "Chunks read from a cache tier into memory ahead of readers.",
+                self.preloaded_chunks,
             ),
             (
                 "clip_read_errors_total",

@@ -31,6 +31,11 @@ pub struct StoreConfig {
     pub fetch_concurrency: usize,
     /// Checkpoint spans fetched ahead of a sequential reader.
     pub readahead_runs: usize,
+    /// Chunks already on local disk read into memory ahead of a sequential reader, so disk
+    /// reads and verification overlap with serving.
+    pub preload_chunks: u32,
+    /// Uncompressed bytes from the start of a file fetched when it is opened (0: none).
+    pub open_prefetch_bytes: u64,
 }
 
 impl Default for StoreConfig {
@@ -39,6 +44,8 @@ impl Default for StoreConfig {
             memory_bytes: 32 << 20,
             fetch_concurrency: 8,
             readahead_runs: 4,
+            preload_chunks: 8,
+            open_prefetch_bytes: 16 << 20,
         }
     }
 }
@@ -57,6 +64,17 @@ impl Drop for PendingPut {
     fn drop(&mut self) {
         self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
+}
+
+/// Where a chunk is, for read-ahead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Whereabouts {
+    /// In memory or being loaded: nothing to do.
+    Near,
+    /// In a local tier.
+    Local,
+    /// Only in the shared tier or the source.
+    Far,
 }
 
 type RunFuture = Shared<BoxFuture<'static, Result<Arc<Run>, Arc<Error>>>>;
@@ -171,10 +189,23 @@ impl<S: BlobSource> ChunkStore<S> {
         })
     }
 
-    /// Exactly `len` bytes at uncompressed `offset` of `layer`.
+    /// Exactly `len` bytes at uncompressed `offset` of `layer`; read-ahead follows the layer.
     pub async fn read(self: &Arc<Self>, layer: usize, offset: u64, len: u64) -> Result<Bytes> {
+        self.read_in_file(layer, offset, len, u64::MAX).await
+    }
+
+    /// Exactly `len` bytes at uncompressed `offset` of `layer`, for a reader of a file that
+    /// ends at layer offset `file_end`: read-ahead stops at the file's end, since the next
+    /// file in the layer is rarely the next one a program reads.
+    pub async fn read_in_file(
+        self: &Arc<Self>,
+        layer: usize,
+        offset: u64,
+        len: u64,
+        file_end: u64,
+    ) -> Result<Bytes> {
         let started = Instant::now();
-        let result = self.read_inner(layer, offset, len).await;
+        let result = self.read_inner(layer, offset, len, file_end).await;
         self.stats.read_latency.observe(started.elapsed());
         if result.is_err() {
             self.stats
@@ -184,13 +215,21 @@ impl<S: BlobSource> ChunkStore<S> {
         result
     }
 
-    async fn read_inner(self: &Arc<Self>, layer: usize, offset: u64, len: u64) -> Result<Bytes> {
+    async fn read_inner(
+        self: &Arc<Self>,
+        layer: usize,
+        offset: u64,
+        len: u64,
+        file_end: u64,
+    ) -> Result<Bytes> {
         let l = self.layer(layer)?;
         let chunks = l.chunks_covering(offset, len)?;
         if chunks.is_empty() {
             return Ok(Bytes::new());
         }
-        self.note_access(layer, chunks.end - 1);
+        let end = file_end.min(l.uncompressed_size).max(offset + len);
+        let last = l.chunks_covering(end - 1, 1)?.start;
+        self.note_access(layer, chunks.end - 1, last);
         let first_start = l.chunk_range(chunks.start).start;
         let pieces =
             futures::future::try_join_all(chunks.clone().map(|c| self.chunk(layer, c))).await?;
@@ -199,6 +238,11 @@ impl<S: BlobSource> ChunkStore<S> {
 
     /// One verified chunk, from the fastest tier that has it.
     pub async fn chunk(self: &Arc<Self>, layer: usize, c: u32) -> Result<Bytes> {
+        self.chunk_for(layer, c, false).await
+    }
+
+    /// [`Self::chunk`], for a reader (`ahead` false) or ahead of one (counted as prefetched).
+    async fn chunk_for(self: &Arc<Self>, layer: usize, c: u32, ahead: bool) -> Result<Bytes> {
         let key = self.key(layer, c)?;
         if let Some(b) = self.memory.get(&key.digest) {
             self.stats.memory.add(b.len());
@@ -211,7 +255,7 @@ impl<S: BlobSource> ChunkStore<S> {
                 None => {
                     let this = self.clone();
                     let f = async move {
-                        let r = this.load(layer, c, key).await;
+                        let r = this.load(layer, c, key, ahead).await;
                         this.loading
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())
@@ -231,7 +275,13 @@ impl<S: BlobSource> ChunkStore<S> {
     }
 
     /// One chunk from a source fetch already under way, the cache tiers, or a new fetch.
-    async fn load(self: &Arc<Self>, layer: usize, c: u32, key: ChunkKey) -> Result<Arc<Run>> {
+    async fn load(
+        self: &Arc<Self>,
+        layer: usize,
+        c: u32,
+        key: ChunkKey,
+        ahead: bool,
+    ) -> Result<Arc<Run>> {
         let pending = self.lock_inflight().get(&(layer, c)).cloned();
         if let Some(run) = pending {
             let run = run.await.map_err(Error::Shared)?;
@@ -243,6 +293,11 @@ impl<S: BlobSource> ChunkStore<S> {
             match tier.get(&key).await {
                 Ok(Some(b)) => {
                     self.stats.tiers[i].1.add(b.len());
+                    if ahead {
+                        self.stats
+                            .preloaded_chunks
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                     self.memory.put(key.digest, b.clone());
                     for upper in &self.tiers[..i] {
                         self.spawn_put(upper.clone(), key, b.clone());
@@ -258,7 +313,7 @@ impl<S: BlobSource> ChunkStore<S> {
                 }
             }
         }
-        self.fetch(layer, self.miss_run(layer, c)?, false)
+        self.fetch(layer, self.miss_run(layer, c)?, ahead)
             .await
             .map_err(Error::Shared)
     }
@@ -510,45 +565,133 @@ impl<S: BlobSource> ChunkStore<S> {
         }
     }
 
-    /// Sequential readers get the next spans fetched ahead of them.
-    fn note_access(self: &Arc<Self>, layer: usize, c: u32) {
+    /// Sequential readers get the next spans fetched ahead of them, up to chunk `last` (the
+    /// end of the file they read), and the next chunks on local disk read into memory.
+    fn note_access(self: &Arc<Self>, layer: usize, c: u32, last: u32) {
         let prev = {
             let mut last = self.last_chunk.lock().unwrap_or_else(|p| p.into_inner());
             last.insert(layer, c)
         };
         // Only on entering the next chunk: the kernel asks for a chunk in several reads.
         let sequential = prev.is_some_and(|p| p + 1 == c);
-        if !sequential || self.config.readahead_runs == 0 {
+        if !sequential || c >= last {
             return;
         }
         let this = self.clone();
         tokio::spawn(async move {
             let Ok(l) = this.layer(layer) else { return };
-            let n = l.chunks.len() as u32;
+            let end = (last + 1).min(l.chunks.len() as u32);
+            // Whole spans, like a miss fetches: the same fetch on every node, so the in-flight
+            // map and the cluster-wide lease recognise it.
+            let mut spans = Vec::new();
             let mut next = c + 1;
-            let mut runs = Vec::new();
-            for _ in 0..this.config.readahead_runs {
-                if next >= n {
-                    break;
-                }
-                // Whole spans, like a miss fetches: the same fetch on every node, so the
-                // in-flight map and the cluster-wide lease recognise it.
-                let Ok(run) = this.span_run(layer, next) else {
-                    return;
-                };
+            while spans.len() < this.config.readahead_runs && next < end {
+                let run = l.span_run(next);
+                spans.push(next..run.end.min(end));
                 next = run.end;
-                if !this.cached(layer, run.clone()).await {
-                    runs.push(run);
-                }
             }
-            // All at once: over a long round trip only parallel requests fill the link.
-            let fetches = runs.into_iter().map(|run| this.fetch(layer, run, true));
-            for r in futures::future::join_all(fetches).await {
-                if let Err(e) = r {
-                    debug!(layer, error = %e, "read-ahead failed");
-                }
-            }
+            let preload = c + 1..(c + 1 + this.config.preload_chunks).min(end);
+            this.bring(layer, spans, preload).await;
         });
+    }
+
+    /// A file occupying `extent` of `layer` was opened: fetch the spans of its first
+    /// `open_prefetch_bytes` that no local tier holds, all at once, before its reads ask.
+    /// A program that opens a file almost always reads it, and over a long round trip one
+    /// parallel fetch at open beats a miss per read.
+    pub fn opened(self: &Arc<Self>, layer: usize, extent: Range<u64>) {
+        let Ok(l) = self.layer(layer) else { return };
+        let len = (extent.end.saturating_sub(extent.start)).min(self.config.open_prefetch_bytes);
+        let Ok(chunks) = l.chunks_covering(extent.start, len) else {
+            return;
+        };
+        if chunks.is_empty() {
+            return;
+        }
+        let mut spans = Vec::new();
+        let mut next = chunks.start;
+        while next < chunks.end {
+            let run = l.span_run(next);
+            spans.push(next..run.end.min(chunks.end));
+            next = run.end;
+        }
+        let this = self.clone();
+        tokio::spawn(async move { this.bring(layer, spans, 0..0).await });
+    }
+
+    /// Brings chunks closer ahead of a reader: the chunks of `spans` that no local tier holds
+    /// from the shared tier or the source (the spans concurrently, `readahead_runs` at a
+    /// time; a miss fetches its whole span), and the chunks of `preload` that are on local
+    /// disk into memory.
+    async fn bring(self: &Arc<Self>, layer: usize, spans: Vec<Range<u32>>, preload: Range<u32>) {
+        use futures::StreamExt;
+        let mut remote: Vec<Vec<u32>> = Vec::new();
+        let mut local = Vec::new();
+        for span in spans {
+            let mut missing = Vec::new();
+            for c in span {
+                match self.whereabouts(layer, c).await {
+                    Whereabouts::Near => {}
+                    Whereabouts::Local if preload.contains(&c) => local.push(c),
+                    Whereabouts::Local => {}
+                    Whereabouts::Far => missing.push(c),
+                }
+            }
+            if !missing.is_empty() {
+                remote.push(missing);
+            }
+        }
+        for c in preload {
+            if !local.contains(&c) && self.whereabouts(layer, c).await == Whereabouts::Local {
+                local.push(c);
+            }
+        }
+        let width = self.config.readahead_runs.max(1);
+        let remote = futures::stream::iter(remote)
+            .map(|chunks| async move {
+                // One after the other within a span: the first miss fetches the whole span,
+                // the rest find it in memory.
+                for c in chunks {
+                    if let Err(e) = self.chunk_for(layer, c, true).await {
+                        debug!(layer, chunk = c, error = %e, "read-ahead failed");
+                        return;
+                    }
+                }
+            })
+            .buffer_unordered(width)
+            .collect::<Vec<()>>();
+        let local = futures::stream::iter(local)
+            .map(|c| async move {
+                if let Err(e) = self.chunk_for(layer, c, true).await {
+                    debug!(layer, chunk = c, error = %e, "preload failed");
+                }
+            })
+            .buffer_unordered(2)
+            .collect::<Vec<()>>();
+        futures::future::join(remote, local).await;
+    }
+
+    /// Where chunk `c` is now, as far as read-ahead cares.
+    async fn whereabouts(&self, layer: usize, c: u32) -> Whereabouts {
+        let Ok(key) = self.key(layer, c) else {
+            return Whereabouts::Near;
+        };
+        if self.memory.contains(&key.digest)
+            || self.lock_inflight().contains_key(&(layer, c))
+            || self
+                .loading
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(&(layer, c))
+        {
+            return Whereabouts::Near;
+        }
+        for t in self.tiers.iter().filter(|t| t.is_local()) {
+            if t.contains(&key).await {
+                return Whereabouts::Local;
+            }
+        }
+        Whereabouts::Far
     }
 
     /// Whether every chunk of `run` is already in memory, in flight or in a tier.

@@ -45,7 +45,7 @@ struct Setup {
     data: Vec<u8>,
     store: Arc<ChunkStore<Counting>>,
     source: Arc<Counting>,
-    _cache: tempfile::TempDir,
+    cache: tempfile::TempDir,
 }
 
 async fn setup(config: StoreConfig) -> anyhow::Result<Setup> {
@@ -84,8 +84,68 @@ async fn setup(config: StoreConfig) -> anyhow::Result<Setup> {
         data,
         store,
         source,
-        _cache: cache,
+        cache,
     })
+}
+
+impl Setup {
+    /// A second store over the same index, source and disk cache (a new process on the node).
+    fn reopen(&self, config: StoreConfig) -> anyhow::Result<Arc<ChunkStore<Counting>>> {
+        let disk = DiskCache::open(self.cache.path(), 1 << 30)?;
+        Ok(ChunkStore::new(
+            self.store.index().clone(),
+            self.source.clone(),
+            vec![Arc::new(disk)],
+            None,
+            config,
+        ))
+    }
+
+    /// The end of the compressed bytes fetched so far (0 if nothing was).
+    fn fetched_up_to(&self) -> u64 {
+        let fetched = self.source.fetched.lock().unwrap();
+        fetched.keys().map(|r| r.end).max().unwrap_or(0)
+    }
+
+    fn requests(&self) -> u32 {
+        self.source.fetched.lock().unwrap().values().sum()
+    }
+}
+
+/// Reads `len` bytes from `from` of the file in 128 KiB reads, for a reader of a file that
+/// ends at `file_end` bytes, checking every byte; then lets background work finish.
+async fn read_sequentially(
+    s: &Setup,
+    store: &Arc<ChunkStore<Counting>>,
+    from: u64,
+    len: u64,
+    file_end: u64,
+) -> anyhow::Result<()> {
+    let base = file_offset(s);
+    let mut off = from;
+    while off < from + len {
+        let n = (128 * 1024).min(from + len - off);
+        let got = store
+            .read_in_file(0, base + off, n, base + file_end)
+            .await?;
+        assert!(got[..] == s.data[off as usize..(off + n) as usize]);
+        off += n;
+    }
+    settle(s).await;
+    Ok(())
+}
+
+/// Waits until the source has seen no new request for a while.
+async fn settle(s: &Setup) {
+    let mut last = s.requests();
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = s.requests();
+        if now == last {
+            return;
+        }
+        last = now;
+    }
 }
 
 fn file_offset(s: &Setup) -> u64 {
@@ -160,5 +220,103 @@ async fn prefetch_fills_the_cache_so_reads_need_no_source() -> anyhow::Result<()
         0,
         "nothing left to prefetch"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn read_ahead_stops_at_the_end_of_the_file() -> anyhow::Result<()> {
+    // The first 3 MiB of the layer's file, read as if the file ended there.
+    let s = setup(StoreConfig::default()).await?;
+    let layer = &s.store.index().layers[0];
+    let base = file_offset(&s);
+    let last = layer.chunks_covering(base + (3 << 20) - 1, 1)?.start;
+    let bound = layer.plan(layer.span_run(last)).compressed.end;
+    read_sequentially(&s, &s.store, 0, 3 << 20, 3 << 20).await?;
+    assert!(
+        s.fetched_up_to() <= bound,
+        "read-ahead went past the file's last span: fetched up to {}, its span ends at {bound}",
+        s.fetched_up_to()
+    );
+    // The same reads by a reader of the whole layer do read ahead past it.
+    let s = setup(StoreConfig::default()).await?;
+    read_sequentially(&s, &s.store, 0, 3 << 20, u64::MAX / 2).await?;
+    assert!(s.fetched_up_to() > bound, "layer readers read ahead");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn opening_a_file_fetches_its_first_bytes_before_any_read() -> anyhow::Result<()> {
+    let s = setup(StoreConfig {
+        readahead_runs: 0,
+        open_prefetch_bytes: 6 << 20,
+        ..StoreConfig::default()
+    })
+    .await?;
+    let base = file_offset(&s);
+    let size = s.data.len() as u64;
+    s.store.opened(0, base..base + size);
+    settle(&s).await;
+    let fetched = s.requests();
+    assert!(fetched > 0, "opening fetched nothing");
+    let layer = &s.store.index().layers[0];
+    let last = layer.chunks_covering(base + (6 << 20) - 1, 1)?.start;
+    assert!(
+        s.fetched_up_to() <= layer.plan(layer.span_run(last)).compressed.end,
+        "fetched past the first 6 MiB's spans"
+    );
+    // The reads of those bytes find them: no request, right bytes.
+    read_sequentially(&s, &s.store, 0, 6 << 20, size).await?;
+    assert_eq!(
+        s.requests(),
+        fetched,
+        "reads after the open went to the source"
+    );
+    // Opening again costs nothing; with open prefetch off, opening fetches nothing.
+    s.store.opened(0, base..base + size);
+    settle(&s).await;
+    assert_eq!(s.requests(), fetched);
+    let s = setup(StoreConfig {
+        open_prefetch_bytes: 0,
+        ..StoreConfig::default()
+    })
+    .await?;
+    s.store.opened(0, base..base + size);
+    settle(&s).await;
+    assert_eq!(s.requests(), 0, "open prefetch is off");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn warm_sequential_reads_find_the_next_chunks_in_memory() -> anyhow::Result<()> {
+    let s = setup(StoreConfig::default()).await?;
+    let size = s.data.len() as u64;
+    s.store.prefetch_all(2).await?;
+    let chunks = s.store.index().layers[0].chunks.len() as u64;
+    let s = &s;
+    let requests = s.requests();
+    // Chunks a reader had to wait for the disk for.
+    let waited_for_disk = |preload: u32| async move {
+        let store = s.reopen(StoreConfig {
+            preload_chunks: preload,
+            ..StoreConfig::default()
+        })?;
+        read_sequentially(s, &store, 0, size, size).await?;
+        let stats = store.stats().snapshot();
+        let disk = stats.tiers.iter().find(|t| t.tier == "disk").unwrap();
+        assert_eq!(
+            disk.chunks, chunks,
+            "each chunk read from disk once: {stats:?}"
+        );
+        anyhow::Ok(disk.chunks - stats.preloaded_chunks)
+    };
+    // Without preloading, each chunk's first read waits for the disk and the verification.
+    assert_eq!(waited_for_disk(0).await?, chunks);
+    // With it, only the first chunk or two: the rest are in memory before the reader asks.
+    let waited = waited_for_disk(8).await?;
+    assert!(
+        waited <= 2,
+        "{waited} of {chunks} chunks waited for the disk"
+    );
+    assert_eq!(s.requests(), requests, "warm reads went to the source");
     Ok(())
 }

@@ -138,6 +138,39 @@ impl RegistryArgs {
     }
 }
 
+/// How a chunk store reads: memory, parallelism and read-ahead.
+#[derive(Debug, Clone, Args)]
+pub struct StoreArgs {
+    /// Decoded chunks kept in memory.
+    #[arg(long, default_value = "32MiB", env = "CLIP_MEMORY_CACHE")]
+    pub memory_cache: String,
+
+    /// Registry range requests in flight at once, per image.
+    #[arg(long, default_value_t = 8, env = "CLIP_FETCH_CONCURRENCY")]
+    pub fetch_concurrency: usize,
+
+    /// Checkpoint spans (about 4 MiB of compressed layer each) fetched ahead of a
+    /// sequential reader, in parallel; 0 turns read-ahead off.
+    #[arg(long, default_value_t = 4, env = "CLIP_READAHEAD_SPANS")]
+    pub readahead_spans: usize,
+
+    /// Bytes from the start of a file fetched as soon as it is opened (0: none).
+    #[arg(long, default_value = "16MiB", env = "CLIP_OPEN_PREFETCH")]
+    pub open_prefetch: String,
+}
+
+impl StoreArgs {
+    pub fn config(&self) -> Result<clip_storage::StoreConfig> {
+        Ok(clip_storage::StoreConfig {
+            memory_bytes: parse_size(&self.memory_cache)?,
+            fetch_concurrency: self.fetch_concurrency,
+            readahead_runs: self.readahead_spans,
+            open_prefetch_bytes: parse_size(&self.open_prefetch)?,
+            ..clip_storage::StoreConfig::default()
+        })
+    }
+}
+
 /// The shared Redis Cluster content cache.
 #[derive(Debug, Clone, Args)]
 pub struct RedisArgs {

@@ -9,7 +9,7 @@ use clip_index::ImageIndex;
 use clip_storage::cache::ChunkCache;
 use clip_storage::cache::disk::DiskCache;
 use clip_storage::cache::redis::RedisCache;
-use clip_storage::{ChunkStore, RegistryClient, StoreConfig};
+use clip_storage::{ChunkStore, RegistryClient};
 use tracing::info;
 
 use super::{RegistryArgs, default_parallelism, human_bytes, load_index, parse_size};
@@ -32,17 +32,13 @@ pub struct MountArgs {
     #[arg(long, default_value = "10GiB", env = "CLIP_CACHE_SIZE")]
     pub cache_size: String,
 
-    /// Decoded chunks kept in memory.
-    #[arg(long, default_value = "32MiB", env = "CLIP_MEMORY_CACHE")]
-    pub memory_cache: String,
-
     /// FUSE worker threads.
     #[arg(long, default_value_t = 8, env = "CLIP_FUSE_THREADS")]
     pub threads: usize,
 
-    /// Registry range requests in flight at once.
-    #[arg(long, default_value_t = 8, env = "CLIP_FETCH_CONCURRENCY")]
-    pub fetch_concurrency: usize,
+    /// The kernel's read-ahead on the mount (0: the kernel's default of 128KiB).
+    #[arg(long, default_value = "1MiB", env = "CLIP_KERNEL_READAHEAD")]
+    pub kernel_readahead: String,
 
     /// Fetch the whole image into the cache in the background after mounting.
     #[arg(long, env = "CLIP_PREFETCH")]
@@ -55,6 +51,9 @@ pub struct MountArgs {
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9100).
     #[arg(long, env = "CLIP_METRICS_ADDR")]
     pub metrics_addr: Option<String>,
+
+    #[command(flatten)]
+    pub store: super::StoreArgs,
 
     #[command(flatten)]
     pub registry: RegistryArgs,
@@ -154,7 +153,7 @@ pub async fn run(args: MountArgs) -> Result<()> {
     let started = Instant::now();
     let cache_dir = args.cache_dir.clone().unwrap_or_else(default_cache_dir);
     let cache_size = parse_size(&args.cache_size)?;
-    let memory = parse_size(&args.memory_cache)?;
+    let store_config = args.store.config()?;
     if !args.dir.is_dir() {
         return Err(Error::Config(format!(
             "{} is not a directory",
@@ -182,11 +181,7 @@ pub async fn run(args: MountArgs) -> Result<()> {
         Arc::new(source),
         tiers,
         redis.clone(),
-        StoreConfig {
-            memory_bytes: memory,
-            fetch_concurrency: args.fetch_concurrency,
-            ..StoreConfig::default()
-        },
+        store_config,
     );
     let fsname = format!(
         "clip:{}@{}",
@@ -196,6 +191,7 @@ pub async fn run(args: MountArgs) -> Result<()> {
         fsname: fsname.clone(),
         threads: args.threads,
         allow_other: true,
+        readahead_kb: u32::try_from(parse_size(&args.kernel_readahead)? / 1024).unwrap_or(u32::MAX),
     };
     let mounted = mount(
         store.clone(),

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
-use clip_storage::StoreConfig;
 use tracing::{info, warn};
 
 use super::{RedisArgs, RegistryArgs, parse_size};
@@ -51,17 +50,12 @@ pub struct NodeArgs {
     #[arg(long, default_value = "20GiB", env = "CLIP_CACHE_SIZE")]
     pub cache_size: String,
 
-    /// Decoded chunks kept in memory per image.
-    #[arg(long, default_value = "32MiB", env = "CLIP_MEMORY_CACHE")]
-    pub memory_cache: String,
+    #[command(flatten)]
+    pub store: super::StoreArgs,
 
     /// FUSE worker threads per volume.
     #[arg(long, default_value_t = 4, env = "CLIP_FUSE_THREADS")]
     pub fuse_threads: usize,
-
-    /// Registry range requests in flight at once, per image.
-    #[arg(long, default_value_t = 8, env = "CLIP_FETCH_CONCURRENCY")]
-    pub fetch_concurrency: usize,
 
     /// Serve only ClipImages; refuse `image:` volume attributes.
     #[arg(long, env = "CLIP_REQUIRE_CLIP_IMAGES")]
@@ -135,11 +129,7 @@ pub async fn run(args: NodeArgs) -> Result<()> {
         state_dir: args.state_dir.clone(),
         cache_dir: args.cache_dir.clone(),
         cache_bytes: parse_size(&args.cache_size)?,
-        store: StoreConfig {
-            memory_bytes: parse_size(&args.memory_cache)?,
-            fetch_concurrency: args.fetch_concurrency,
-            ..StoreConfig::default()
-        },
+        store: args.store.config()?,
         fuse_threads: args.fuse_threads,
         require_clip_images: args.require_clip_images,
         reserve_on_start: !args.no_reserve_on_start,

@@ -551,7 +551,7 @@ impl NodeContext {
                 index.source.repository, index.source.manifest_digest
             ),
             threads: self.config.fuse_threads,
-            allow_other: true,
+            ..MountOptions::default()
         };
         mount(store, target, &options, self.runtime.clone()).map_err(|e| {
             CsiError::Internal(format!(

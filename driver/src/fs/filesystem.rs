@@ -163,7 +163,13 @@ impl<S: BlobSource> Filesystem for ClipFs<S> {
         match self.index.node(Inode(ino.0)) {
             Some(n) if n.kind == NodeKind::Directory => reply.error(Errno::EISDIR),
             // No per-open state: the handle is always 0, and the page cache survives reopening.
-            Some(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Some(n) => {
+                if let Content::File { layer, offset } = n.content {
+                    let _runtime = self.runtime.enter();
+                    self.store.opened(layer as usize, offset..offset + n.size);
+                }
+                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
+            }
             None => reply.error(Errno::ENOENT),
         }
     }
@@ -194,12 +200,16 @@ impl<S: BlobSource> Filesystem for ClipFs<S> {
             return reply.data(&[]);
         }
         let len = u64::from(size).min(node.size - offset);
+        let node_size = node.size;
         let store = self.store.clone();
         let image = self.name.clone();
         let index = self.index.clone();
         // The worker thread goes back to the kernel at once; a slow fetch blocks only this read.
         self.runtime.spawn(async move {
-            match store.read(layer, base + offset, len).await {
+            match store
+                .read_in_file(layer, base + offset, len, base + node_size)
+                .await
+            {
                 Ok(bytes) => reply.data(&bytes),
                 Err(e) => {
                     let path = path_of(&index, ino.0);

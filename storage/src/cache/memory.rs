@@ -49,6 +49,11 @@ impl MemoryCache {
         Some(bytes)
     }
 
+    /// Whether `digest` is held, without making it more recently used.
+    pub fn contains(&self, digest: &Digest) -> bool {
+        self.lock().entries.contains_key(digest)
+    }
+
     pub fn put(&self, digest: Digest, data: Bytes) {
         if data.len() as u64 > self.capacity {
             return;
