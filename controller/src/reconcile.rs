@@ -6,6 +6,7 @@
 //! joins the job for the resolved digest, writes progress, and asks to be called again.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -73,6 +74,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub reporter: Reporter,
     jobs: Mutex<HashMap<Digest, Job>>,
+    /// Builds whose outcome has been taken out of `jobs` (counted under its lock).
+    finished_builds: AtomicU64,
     /// Consecutive transient failures per ClipImage, for exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -105,6 +108,7 @@ impl Context {
                 instance: std::env::var("POD_NAME").ok(),
             },
             jobs: Mutex::new(HashMap::new()),
+            finished_builds: AtomicU64::new(0),
             failures: Mutex::new(HashMap::new()),
         })
     }
@@ -347,23 +351,29 @@ async fn apply_inner(
         return Ok(Action::requeue(ctx.resync));
     }
 
-    // Indexed before (by another ClipImage, or by us before a restart): reuse it.
-    if let Some(d) = ctx.redis.index_for_manifest(&manifest).await?
-        && ctx.redis.has_index(&d).await?
-    {
-        let bytes = ctx.redis.fetch_index(&d).await?;
-        let index = clip_index::decode(&bytes)?;
-        let built = BuiltIndex {
-            digest: d,
-            size: bytes.len() as u64,
-            stats: index.stats(),
-        };
-        return ready(ctx, ci, &api, &resolved, &built, key).await;
-    }
+    let (progress, mut result) = loop {
+        let finished = ctx.finished_builds.load(Ordering::SeqCst);
+        // Indexed before (by another ClipImage, or by us before a restart): reuse it.
+        if let Some(d) = ctx.redis.index_for_manifest(&manifest).await?
+            && ctx.redis.has_index(&d).await?
+        {
+            let bytes = ctx.redis.fetch_index(&d).await?;
+            let index = clip_index::decode(&bytes)?;
+            let built = BuiltIndex {
+                digest: d,
+                size: bytes.len() as u64,
+                stats: index.stats(),
+            };
+            return ready(ctx, ci, &api, &resolved, &built, key).await;
+        }
 
-    // Start or join the build of this digest.
-    let (progress, mut result) = {
+        // Start or join the build of this digest.
         let mut jobs = ctx.jobs();
+        // A build of it that ended since Redis was asked has published its index but is
+        // gone from `jobs`: ask Redis again rather than build the image twice.
+        if !jobs.contains_key(&manifest) && ctx.finished_builds.load(Ordering::SeqCst) != finished {
+            continue;
+        }
         // A spec change away from a digest we were building drops our interest in it.
         for (d, j) in jobs.iter_mut() {
             if *d != manifest {
@@ -382,7 +392,7 @@ async fn apply_inner(
             .entry(manifest)
             .or_insert_with(|| start_build(ctx, resolved.clone(), registry.clone(), ci.spec.warm));
         job.interested.insert(key.to_owned());
-        (job.progress.clone(), job.result.clone())
+        break (job.progress.clone(), job.result.clone());
     };
     let outcome = {
         let waited =
@@ -417,7 +427,11 @@ async fn apply_inner(
             Ok(Action::requeue(Duration::from_millis(100)))
         }
         Some(outcome) => {
-            ctx.jobs().remove(&manifest);
+            {
+                let mut jobs = ctx.jobs();
+                jobs.remove(&manifest);
+                ctx.finished_builds.fetch_add(1, Ordering::SeqCst);
+            }
             match outcome {
                 BuildOutcome::Done(built) => ready(ctx, ci, &api, &resolved, &built, key).await,
                 BuildOutcome::Permanent(m) => fail(ctx, ci, &api, "IndexFailed", m).await,

@@ -7,7 +7,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
@@ -30,6 +30,24 @@ struct State {
     redirect_blobs: AtomicBool,
     delay_ms: std::sync::atomic::AtomicU64,
     stop: AtomicBool,
+    /// Connections accepted and not yet answered and logged.
+    in_flight: AtomicUsize,
+}
+
+/// Counts a connection in [`State::in_flight`] from its accept until its handler is done.
+struct Handling(Arc<State>);
+
+impl Handling {
+    fn new(state: Arc<State>) -> Self {
+        state.in_flight.fetch_add(1, Ordering::SeqCst);
+        Self(state)
+    }
+}
+
+impl Drop for Handling {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// A running proxy; stops accepting on drop.
@@ -55,10 +73,12 @@ impl Proxy {
                     break;
                 }
                 let Ok(conn) = conn else { continue };
-                let st = st.clone();
+                // Counted before the handler starts: a client holding a response knows its
+                // request is counted or logged.
+                let handling = Handling::new(st.clone());
                 let upstream = upstream.clone();
                 thread::spawn(move || {
-                    handle(conn, &upstream, port, &st).ok();
+                    handle(conn, &upstream, port, &handling.0).ok();
                 });
             }
         });
@@ -97,6 +117,13 @@ impl Proxy {
         if let Ok(mut l) = self.state.log.lock() {
             l.clear();
         }
+    }
+
+    /// Connections accepted and not yet done with. A request is logged once its response
+    /// has gone through, a moment after the client has it: when this is 0, every request
+    /// whose response a client has received is in [`Proxy::log`].
+    pub fn in_flight(&self) -> usize {
+        self.state.in_flight.load(Ordering::SeqCst)
     }
 
     /// Blob GETs that returned data (not redirects).

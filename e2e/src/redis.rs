@@ -1,19 +1,72 @@
 //! A real Redis Cluster (Debian's redis-server in cluster mode) on loopback, started and
 //! torn down by the tests; plus a plain Redis for "not a cluster" cases.
 
+use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
 use crate::free_port;
 
+/// How long a redis-server may take to answer once started (a loaded machine is slow).
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// Ports tried for one server whose port was taken before it could bind it.
+const PORT_ATTEMPTS: usize = 10;
+/// redis-server in cluster mode also binds this much above its port (the cluster bus).
+const BUS_OFFSET: u16 = 10000;
+
 #[derive(Debug)]
 struct Node {
     port: u16,
     dir: PathBuf,
     child: Option<Child>,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().ok();
+            c.wait().ok();
+        }
+    }
+}
+
+impl Node {
+    /// Starts redis-server in `dir` (created) on a free port; see [`Node::wait_started`].
+    fn spawn(dir: PathBuf, cluster: bool, password: Option<&str>) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&dir)?;
+        let port = server_port(cluster)?;
+        let child = spawn_server(port, &dir, cluster, password)?;
+        Ok(Self {
+            port,
+            dir,
+            child: Some(child),
+        })
+    }
+
+    /// Waits until the server answers. A port is only free when [`server_port`] looks, so
+    /// another process can take it (or a cluster node's bus port) before redis-server binds
+    /// it; the server then exits, and this starts it again, afresh, on another port.
+    fn wait_started(&mut self, cluster: bool, password: Option<&str>) -> anyhow::Result<()> {
+        for attempt in 1.. {
+            let child = self.child.as_mut().context("the node is stopped")?;
+            match wait_started(child, self.port, password)? {
+                Started::Answering => break,
+                Started::Exited(status) if attempt == PORT_ATTEMPTS => {
+                    let log =
+                        std::fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default();
+                    bail!("redis-server exited ({status}) on {attempt} ports in a row:\n{log}");
+                }
+                Started::Exited(_) => {
+                    std::fs::remove_dir_all(&self.dir)?;
+                    *self = Self::spawn(self.dir.clone(), cluster, password)?;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A running Redis Cluster; every process is stopped on drop.
@@ -88,15 +141,48 @@ fn cli(port: u16, password: Option<&str>, args: &[&str]) -> anyhow::Result<Strin
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn wait_ping(port: u16, password: Option<&str>) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
+/// A port that is free now and, for a cluster node, whose cluster bus port is free too.
+/// Another process may still take either before redis-server binds them: see
+/// [`Node::wait_started`].
+fn server_port(cluster: bool) -> anyhow::Result<u16> {
+    for _ in 0..100 {
+        let port = free_port()?;
+        if !cluster {
+            return Ok(port);
+        }
+        if let Some(bus) = port.checked_add(BUS_OFFSET)
+            && TcpListener::bind(("127.0.0.1", bus)).is_ok()
+        {
+            return Ok(port);
+        }
+    }
+    bail!("no free port with a free cluster bus port (port + {BUS_OFFSET})")
+}
+
+/// How a started redis-server came up.
+enum Started {
+    /// It answers, as itself (its `process_id`), on its port.
+    Answering,
+    /// It exited, typically because its port or cluster bus port was taken.
+    Exited(ExitStatus),
+}
+
+/// Waits until `child` itself answers on `port`: a PING answered by another process that
+/// holds the port does not count.
+fn wait_started(child: &mut Child, port: u16, password: Option<&str>) -> anyhow::Result<Started> {
+    let me = format!("process_id:{}", child.id());
+    let deadline = Instant::now() + START_TIMEOUT;
     while Instant::now() < deadline {
-        if cli(port, password, &["ping"]).is_ok_and(|s| s.trim() == "PONG") {
-            return Ok(());
+        if let Some(status) = child.try_wait()? {
+            return Ok(Started::Exited(status));
+        }
+        if cli(port, password, &["info", "server"]).is_ok_and(|s| s.lines().any(|l| l.trim() == me))
+        {
+            return Ok(Started::Answering);
         }
         std::thread::sleep(Duration::from_millis(30));
     }
-    bail!("redis-server on port {port} did not answer")
+    bail!("redis-server on port {port} did not answer within {START_TIMEOUT:?}")
 }
 
 impl RedisCluster {
@@ -119,22 +205,15 @@ impl RedisCluster {
         let mut nodes = Vec::new();
         for i in 0..masters * (1 + replicas) {
             let dir = root.path().join(format!("node{i}"));
-            std::fs::create_dir_all(&dir)?;
-            let port = free_port()?;
-            let child = spawn_server(port, &dir, true, password.as_deref())?;
-            nodes.push(Node {
-                port,
-                dir,
-                child: Some(child),
-            });
+            nodes.push(Node::spawn(dir, true, password.as_deref())?);
         }
-        let cluster = Self {
+        let mut cluster = Self {
             nodes,
             password,
             _dir: root,
         };
-        for n in &cluster.nodes {
-            wait_ping(n.port, cluster.password.as_deref())?;
+        for n in &mut cluster.nodes {
+            n.wait_started(true, cluster.password.as_deref())?;
         }
         let addrs: Vec<String> = cluster
             .nodes
@@ -163,7 +242,7 @@ impl RedisCluster {
 
     /// Waits until every running node reports `cluster_state:ok`.
     pub fn wait_healthy(&self) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + START_TIMEOUT;
         while Instant::now() < deadline {
             let ok = self.nodes.iter().filter(|n| n.child.is_some()).all(|n| {
                 cli(n.port, self.password.as_deref(), &["cluster", "info"])
@@ -240,8 +319,17 @@ impl RedisCluster {
                 )?);
             }
         }
-        for n in &self.nodes {
-            wait_ping(n.port, self.password.as_deref())?;
+        // The cluster's configuration names the ports, so a taken port is an error here.
+        for n in &mut self.nodes {
+            if let Some(child) = n.child.as_mut()
+                && let Started::Exited(status) =
+                    wait_started(child, n.port, self.password.as_deref())?
+            {
+                bail!(
+                    "redis-server on port {} exited on restart ({status}): is the port taken?",
+                    n.port
+                );
+            }
         }
         self.wait_healthy()
     }
@@ -253,35 +341,69 @@ impl Drop for RedisCluster {
     }
 }
 
-/// A plain (non-cluster) Redis.
+/// A plain (non-cluster) Redis; stopped on drop.
 #[derive(Debug)]
 pub struct PlainRedis {
-    child: Child,
-    port: u16,
+    node: Node,
     _dir: tempfile::TempDir,
 }
 
 impl PlainRedis {
     pub fn start() -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
-        let port = free_port()?;
-        let child = spawn_server(port, &dir.path().to_owned(), false, None)?;
-        wait_ping(port, None)?;
-        Ok(Self {
-            child,
-            port,
-            _dir: dir,
-        })
+        let node = Node::spawn(dir.path().join("node"), false, None)?;
+        let mut plain = Self { node, _dir: dir };
+        plain.node.wait_started(false, None)?;
+        Ok(plain)
     }
 
     pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("127.0.0.1:{}", self.node.port)
     }
 }
 
-impl Drop for PlainRedis {
-    fn drop(&mut self) {
-        self.child.kill().ok();
-        self.child.wait().ok();
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A node spawned on `port` by hand, as if another process had taken the port (or its
+    /// cluster bus port) after [`server_port`] found it free.
+    fn node_on(port: u16, dir: &tempfile::TempDir, cluster: bool) -> anyhow::Result<Node> {
+        let dir = dir.path().join("node");
+        std::fs::create_dir_all(&dir)?;
+        let child = spawn_server(port, &dir, cluster, None)?;
+        Ok(Node {
+            port,
+            dir,
+            child: Some(child),
+        })
+    }
+
+    #[test]
+    fn a_node_whose_port_another_redis_holds_starts_on_another_port() -> anyhow::Result<()> {
+        let other = PlainRedis::start()?;
+        let dir = tempfile::tempdir()?;
+        let mut node = node_on(other.node.port, &dir, false)?;
+        node.wait_started(false, None)?;
+        assert_ne!(
+            node.port, other.node.port,
+            "the other server's answer counted"
+        );
+        let pid = node.child.as_ref().map(Child::id).unwrap_or_default();
+        let info = cli(node.port, None, &["info", "server"])?;
+        assert!(info.contains(&format!("process_id:{pid}")), "{info}");
+        Ok(())
+    }
+
+    #[test]
+    fn a_cluster_node_whose_bus_port_is_taken_starts_on_another_port() -> anyhow::Result<()> {
+        let port = server_port(true)?;
+        let _bus = TcpListener::bind(("127.0.0.1", port + BUS_OFFSET))?;
+        let dir = tempfile::tempdir()?;
+        let mut node = node_on(port, &dir, true)?;
+        node.wait_started(true, None)?;
+        assert_ne!(node.port, port);
+        assert_eq!(cli(node.port, None, &["ping"])?.trim(), "PONG");
+        Ok(())
     }
 }
