@@ -747,7 +747,7 @@ impl Bench {
             secs(pull_dl) / secs(lazy_secs)
         );
         println!(
-            "clip lazy: {:.1} MB over the link = {:.2}% of the compressed image ({:.0} MB), {} GETs of which {} `GET /v2/`; clip counted {:.1} MB in {} range requests; {:.1} MB of chunks went to readers straight from the registry, {} chunks were read ahead; {} reads, mean {:.2} ms; peak RSS {:.0} MiB",
+            "clip lazy: {:.1} MB over the link = {:.2}% of the compressed image ({:.0} MB), {} GETs of which {} `GET /v2/`; clip counted {:.1} MB in {} range requests; {:.1} MB of chunks came from the registry, {} chunks of them fetched ahead of readers; {} reads, mean {:.2} ms; peak RSS {:.0} MiB",
             mb(lazy_link),
             100.0 * lazy_link as f64 / image.compressed() as f64,
             mb(image.compressed()),

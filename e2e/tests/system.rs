@@ -240,8 +240,7 @@ async fn two_nodes_serve_a_clip_image_and_the_second_never_touches_the_registry(
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let m = a.ctx.metrics();
-        let fetched = metric(&m, "clip_tier_chunks_total{tier=\"source\"")
-            + metric(&m, "clip_prefetched_chunks_total");
+        let fetched = metric(&m, "clip_tier_chunks_total{tier=\"source\"");
         let written = metric(&m, "clip_tier_events_total{tier=\"redis\",event=\"write\"");
         if fetched > 0 && written >= fetched {
             break;

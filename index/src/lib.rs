@@ -36,4 +36,4 @@ pub use format::{decode, encode, index_digest};
 pub use image::{ImageIndex, ImageSource, IndexStats};
 pub use layer::{Checkpoint, Chunk, Compression, LayerIndex, ReadPlan};
 pub use node::{Content, Dirent, Inode, Node, NodeKind, Xattr};
-pub use stream::{decode_chunks, decode_run};
+pub use stream::{decode_chunks, decode_stream};

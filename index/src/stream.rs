@@ -2,7 +2,8 @@
 //! checkpoints, chunk digests and both layer digests; later, decode any run of chunks from
 //! the compressed bytes between a checkpoint and the run's end.
 
-use std::io::{self, Read};
+use std::io::{self, BufRead, Read};
+use std::ops::Range;
 
 use zstd::stream::raw::{Decoder as ZstdDecoder, InBuffer, Operation, OutBuffer};
 
@@ -564,25 +565,6 @@ pub fn decode_chunks(
     plan: &ReadPlan,
     compressed: &[u8],
 ) -> Result<Vec<Vec<u8>>> {
-    let run = decode_run(layer, plan, compressed)?;
-    let mut chunks = Vec::with_capacity(plan.chunks.len());
-    let mut pos = 0usize;
-    for i in plan.chunks.clone() {
-        let r = layer.chunk_range(i);
-        let len = (r.end - r.start) as usize;
-        chunks.push(run[pos..pos + len].to_vec());
-        pos += len;
-    }
-    Ok(chunks)
-}
-
-/// Like [`decode_chunks`], but returns the run's chunks as one verified buffer (chunk `i` of
-/// the plan starts at `chunk_range(i).start - chunk_range(plan.chunks.start).start`), so
-/// callers can hand out slices without copying.
-pub fn decode_run(layer: &LayerIndex, plan: &ReadPlan, compressed: &[u8]) -> Result<Vec<u8>> {
-    if plan.chunks.is_empty() {
-        return Ok(Vec::new());
-    }
     let want = plan.compressed.end.saturating_sub(plan.compressed.start);
     if compressed.len() as u64 != want {
         return Err(Error::ShortInput(format!(
@@ -591,54 +573,81 @@ pub fn decode_run(layer: &LayerIndex, plan: &ReadPlan, compressed: &[u8]) -> Res
             plan.compressed
         )));
     }
-    let first = layer.chunk_range(plan.chunks.start).start;
-    let end = layer.chunk_range(plan.chunks.end - 1).end;
-    if end <= first || plan.chunks.end as usize > layer.chunks.len() {
+    let mut chunks = Vec::with_capacity(plan.chunks.len());
+    let mut input = compressed;
+    decode_stream(layer, plan, &mut input, &mut |_, chunk| {
+        chunks.push(chunk);
+        Ok(())
+    })?;
+    Ok(chunks)
+}
+
+/// Decodes the chunks of `plan` from `input`, which yields the blob bytes of
+/// `plan.compressed` in order (it may block until more arrive), and hands each chunk to
+/// `emit` as soon as it is complete and matches its digest: a reader of the run's first
+/// chunk need not wait for the rest of the fetch. Stops at the first error; the chunks
+/// emitted before it are good.
+pub fn decode_stream(
+    layer: &LayerIndex,
+    plan: &ReadPlan,
+    input: &mut dyn BufRead,
+    emit: &mut dyn FnMut(u32, Vec<u8>) -> Result<()>,
+) -> Result<()> {
+    if plan.chunks.is_empty() {
+        return Ok(());
+    }
+    if plan.chunks.end as usize > layer.chunks.len()
+        || layer.chunk_range(plan.chunks.end - 1).is_empty()
+    {
         return Err(Error::ShortInput(format!(
             "chunks {:?} are not in the layer",
             plan.chunks
         )));
     }
-    let mut out = vec![0u8; (end - first) as usize];
     match layer.compression {
         Compression::None => {
-            if compressed.len() != out.len() {
-                return Err(Error::ShortInput("plain range length mismatch".into()));
+            let mut sink = Sink::new(layer, plan.chunks.clone(), None, emit)?;
+            while !sink.done() {
+                let got = input
+                    .read(sink.room(&mut []))
+                    .map_err(|e| Error::ShortInput(format!("plain range: {e}")))?;
+                if got == 0 {
+                    return Err(Error::ShortInput("plain range ended early".into()));
+                }
+                sink.advance(got)?;
             }
-            out.copy_from_slice(compressed);
+            Ok(())
         }
-        Compression::Gzip => inflate_range(layer, plan, compressed, first, &mut out)?,
-        Compression::Zstd => unzstd_range(layer, plan, compressed, first, &mut out)?,
+        Compression::Gzip => inflate_stream(layer, plan, input, emit),
+        Compression::Zstd => unzstd_stream(layer, plan, input, emit),
     }
-    let mut rest = out.as_slice();
-    for i in plan.chunks.clone() {
-        let len = layer.chunk_range(i).end - layer.chunk_range(i).start;
-        let (bytes, tail) = rest.split_at(len as usize);
-        rest = tail;
-        let expected = layer.chunks[i as usize].digest;
-        let actual = Digest::of(bytes);
-        if actual != expected {
-            return Err(Error::DigestMismatch {
-                what: format!("chunk {i} of layer {}", layer.digest),
-                expected: expected.to_string(),
-                actual: actual.to_string(),
-            });
-        }
-    }
-    Ok(out)
 }
 
-/// Feeds decoded output into `out`, dropping what precedes `first`.
+/// Collects decoded output into chunks, dropping what precedes the first one, and hands
+/// each chunk on once it is whole and verified.
 struct Sink<'a> {
+    layer: &'a LayerIndex,
+    /// Uncompressed offset of the next decoded byte.
     pos: u64,
+    /// Uncompressed offset of the first wanted byte.
     first: u64,
-    out: &'a mut [u8],
+    next: u32,
+    end: u32,
+    chunk: Vec<u8>,
     filled: usize,
+    emit: &'a mut dyn FnMut(u32, Vec<u8>) -> Result<()>,
 }
 
 impl<'a> Sink<'a> {
-    /// Decoding resumes at uncompressed offset `start`.
-    fn new(start: u64, first: u64, out: &'a mut [u8]) -> Result<Self> {
+    /// Decoding resumes at uncompressed offset `start` (the first chunk's start if `None`).
+    fn new(
+        layer: &'a LayerIndex,
+        chunks: Range<u32>,
+        start: Option<u64>,
+        emit: &'a mut dyn FnMut(u32, Vec<u8>) -> Result<()>,
+    ) -> Result<Self> {
+        let first = layer.chunk_range(chunks.start).start;
+        let start = start.unwrap_or(first);
         // A checkpoint past the first wanted byte cannot produce it, and its offset could
         // overflow `pos`: only an index that lies about its checkpoints gets here.
         if start > first {
@@ -646,42 +655,90 @@ impl<'a> Sink<'a> {
                 "decoding would start at uncompressed offset {start}, after the chunks at {first}"
             )));
         }
-        Ok(Self {
+        let mut sink = Self {
+            layer,
             pos: start,
             first,
-            out,
+            next: chunks.start,
+            end: chunks.end,
+            chunk: Vec::new(),
             filled: 0,
-        })
+            emit,
+        };
+        sink.start_chunk();
+        Ok(sink)
+    }
+
+    fn start_chunk(&mut self) {
+        let r = self.layer.chunk_range(self.next);
+        self.chunk = vec![0u8; (r.end - r.start) as usize];
+        self.filled = 0;
     }
 
     fn done(&self) -> bool {
-        self.filled == self.out.len()
+        self.next >= self.end
     }
 
-    /// A buffer to decode into: the output itself once skipping is over.
+    /// A buffer to decode into: the current chunk once skipping is over.
     fn room<'b>(&'b mut self, scratch: &'b mut [u8]) -> &'b mut [u8] {
         if self.pos >= self.first {
-            &mut self.out[self.filled..]
+            &mut self.chunk[self.filled..]
         } else {
             let skip = (self.first - self.pos).min(scratch.len() as u64) as usize;
             &mut scratch[..skip]
         }
     }
 
-    fn advance(&mut self, n: usize) {
+    fn advance(&mut self, n: usize) -> Result<()> {
         if self.pos >= self.first {
             self.filled += n;
         }
         self.pos += n as u64;
+        if self.filled == self.chunk.len() && !self.done() {
+            let i = self.next;
+            let chunk = std::mem::take(&mut self.chunk);
+            let expected = self.layer.chunks[i as usize].digest;
+            let actual = Digest::of(&chunk);
+            if actual != expected {
+                return Err(Error::DigestMismatch {
+                    what: format!("chunk {i} of layer {}", self.layer.digest),
+                    expected: expected.to_string(),
+                    actual: actual.to_string(),
+                });
+            }
+            (self.emit)(i, chunk)?;
+            self.next += 1;
+            if !self.done() {
+                self.start_chunk();
+            }
+        }
+        Ok(())
     }
 }
 
-fn inflate_range(
+fn read_err(e: io::Error) -> Error {
+    Error::ShortInput(format!("reading the compressed range: {e}"))
+}
+
+/// Consumes `n` bytes of `input`, however it is split into buffers.
+fn skip(input: &mut dyn BufRead, mut n: usize, what: &str) -> Result<()> {
+    while n > 0 {
+        let have = input.fill_buf().map_err(read_err)?.len();
+        if have == 0 {
+            return Err(Error::ShortInput(what.to_owned()));
+        }
+        let k = have.min(n);
+        input.consume(k);
+        n -= k;
+    }
+    Ok(())
+}
+
+fn inflate_stream(
     layer: &LayerIndex,
     plan: &ReadPlan,
-    compressed: &[u8],
-    first: u64,
-    out: &mut [u8],
+    input: &mut dyn BufRead,
+    emit: &mut dyn FnMut(u32, Vec<u8>) -> Result<()>,
 ) -> Result<()> {
     let err = |reason: String| Error::Gzip {
         offset: plan.compressed.start,
@@ -696,16 +753,17 @@ fn inflate_range(
         ),
         None => None,
     };
-    let mut input = compressed;
     let (mut inflater, mut raw, start) = match checkpoint {
         Some(cp) if cp.raw_deflate => {
             let mut inf = Inflater::new(Wrapper::Raw).map_err(err)?;
             if cp.bits > 0 {
-                let (&byte, rest) = input
-                    .split_first()
+                let byte = *input
+                    .fill_buf()
+                    .map_err(read_err)?
+                    .first()
                     .ok_or_else(|| Error::ShortInput("no byte to prime".into()))?;
+                input.consume(1);
                 inf.prime(cp.bits, byte).map_err(err)?;
-                input = rest;
             }
             let window = zstd::bulk::decompress(&cp.window, WINDOW)
                 .map_err(|e| err(format!("checkpoint window: {e}")))?;
@@ -719,43 +777,47 @@ fn inflate_range(
         ),
         None => (Inflater::new(Wrapper::Gzip).map_err(err)?, false, 0),
     };
-    let mut sink = Sink::new(start, first, out)?;
+    let mut sink = Sink::new(layer, plan.chunks.clone(), Some(start), emit)?;
     let mut scratch = vec![0u8; 64 * 1024];
     let mut member_open = true;
     while !sink.done() {
         if !member_open {
             // Between gzip members: a raw resume leaves the 8-byte trailer to us.
             if raw {
-                input = input
-                    .get(8..)
-                    .ok_or_else(|| Error::ShortInput("gzip trailer".into()))?;
+                skip(input, 8, "gzip trailer")?;
                 raw = false;
             }
-            if input.len() < 2 || input[..2] != GZIP_MAGIC {
+            let next = input.fill_buf().map_err(read_err)?;
+            if next.is_empty() || (next.len() >= 2 && next[..2] != GZIP_MAGIC) {
                 return Err(Error::ShortInput("input ended before the chunks".into()));
             }
             inflater.reset(Wrapper::Gzip).map_err(err)?;
             member_open = true;
         }
+        let available = input.fill_buf().map_err(read_err)?;
         let room = sink.room(&mut scratch);
-        let step = inflater.inflate(input, room, false).map_err(err)?;
-        input = &input[step.consumed..];
-        sink.advance(step.produced);
+        let step = inflater.inflate(available, room, false).map_err(err)?;
+        let ended = available.is_empty();
+        input.consume(step.consumed);
+        sink.advance(step.produced)?;
         if step.stream_end {
             member_open = false;
         } else if step.consumed == 0 && step.produced == 0 {
-            return Err(Error::ShortInput("input ended before the chunks".into()));
+            return Err(Error::ShortInput(if ended {
+                "input ended before the chunks".into()
+            } else {
+                "the inflater made no progress".into()
+            }));
         }
     }
     Ok(())
 }
 
-fn unzstd_range(
+fn unzstd_stream(
     layer: &LayerIndex,
     plan: &ReadPlan,
-    compressed: &[u8],
-    first: u64,
-    out: &mut [u8],
+    input: &mut dyn BufRead,
+    emit: &mut dyn FnMut(u32, Vec<u8>) -> Result<()>,
 ) -> Result<()> {
     let err = |e: io::Error| Error::Zstd {
         offset: plan.compressed.start,
@@ -766,17 +828,18 @@ fn unzstd_range(
         .and_then(|i| layer.checkpoints.get(i))
         .map_or(0, |cp| cp.uncompressed_offset);
     let mut decoder = ZstdDecoder::new().map_err(err)?;
-    let mut sink = Sink::new(start, first, out)?;
+    let mut sink = Sink::new(layer, plan.chunks.clone(), Some(start), emit)?;
     let mut scratch = vec![0u8; 64 * 1024];
-    let mut input = InBuffer::around(compressed);
     while !sink.done() {
-        let before = input.pos;
+        let available = input.fill_buf().map_err(read_err)?;
+        let mut inbuf = InBuffer::around(available);
         let room = sink.room(&mut scratch);
         let mut output = OutBuffer::around(room);
-        decoder.run(&mut input, &mut output).map_err(err)?;
-        let produced = output.pos();
-        sink.advance(produced);
-        if produced == 0 && input.pos == before {
+        decoder.run(&mut inbuf, &mut output).map_err(err)?;
+        let (consumed, produced) = (inbuf.pos, output.pos());
+        input.consume(consumed);
+        sink.advance(produced)?;
+        if produced == 0 && consumed == 0 {
             return Err(Error::ShortInput("input ended before the chunks".into()));
         }
     }

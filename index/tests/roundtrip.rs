@@ -6,7 +6,8 @@
 use std::io::Write;
 
 use clip_index::{
-    Compression, Error, IndexOptions, LayerSpec, decode_chunks, index_layer, layer::ReadPlan,
+    Compression, Error, IndexOptions, LayerSpec, decode_chunks, decode_stream, index_layer,
+    layer::ReadPlan,
 };
 
 struct Rng(u64);
@@ -113,6 +114,94 @@ fn check_random_ranges(
         let got: Vec<u8> = chunks.concat();
         assert_eq!(got.as_slice(), &tar_bytes[start..start + got.len()]);
         assert_eq!(start + got.len(), layer.chunk_range(last).end as usize);
+        // Streamed in pieces of a few bytes (as a network delivers them, split anywhere:
+        // inside the priming byte, a gzip trailer, a member header), the same chunks come
+        // out one by one, in order.
+        let mut pieces = Trickle {
+            data: comp,
+            pos: 0,
+            step: 1 + rng.below(7) as usize,
+        };
+        let mut streamed = Vec::new();
+        decode_stream(layer, &plan, &mut pieces, &mut |i, chunk| {
+            streamed.push((i, chunk));
+            Ok(())
+        })?;
+        let order: Vec<u32> = streamed.iter().map(|(i, _)| *i).collect();
+        assert_eq!(order, (first..last + 1).collect::<Vec<_>>());
+        assert!(streamed.into_iter().map(|(_, c)| c).eq(chunks));
+    }
+    Ok(())
+}
+
+/// A reader that hands out its data `step` bytes at a time.
+struct Trickle<'a> {
+    data: &'a [u8],
+    pos: usize,
+    step: usize,
+}
+
+impl std::io::Read for Trickle<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = std::io::BufRead::fill_buf(self)?.len().min(buf.len());
+        buf[..n].copy_from_slice(&self.data[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+impl std::io::BufRead for Trickle<'_> {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        let end = (self.pos + self.step).min(self.data.len());
+        Ok(&self.data[self.pos..end])
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.pos += n;
+    }
+}
+
+#[test]
+fn a_stream_that_ends_early_or_lies_is_an_error() -> anyhow::Result<()> {
+    let t = sample_tar(6 << 20, 3);
+    let blob = gzip(&t, 1);
+    let spec = LayerSpec {
+        media_type: MEDIA[1].into(),
+        digest: Some(clip_index::Digest::of(&blob)),
+        diff_id: None,
+    };
+    let opts = IndexOptions {
+        chunk_size: 256 * 1024 - 100,
+        checkpoint_span: 1 << 20,
+        verify_diff_id: false,
+    };
+    let layer = index_layer(blob.as_slice(), &spec, &opts)?.layer;
+    let plan = layer.plan(2..6);
+    let comp = &blob[plan.compressed.start as usize..plan.compressed.end as usize];
+    // Cut short: the chunks before the cut come out, then an error.
+    let mut cut = &comp[..comp.len() / 2];
+    let mut got = 0;
+    let r = decode_stream(&layer, &plan, &mut cut, &mut |_, _| {
+        got += 1;
+        Ok(())
+    });
+    assert!(matches!(r, Err(Error::ShortInput(_))), "{r:?}");
+    assert!(got < 4, "{got} chunks from half the input");
+    // One flipped byte: never a wrong chunk, always an error.
+    let mut bad = comp.to_vec();
+    // Inside what chunk 4 is decoded from (bytes before chunk 2 are decoded and dropped).
+    let at = ((layer.chunks[3].compressed_end + layer.chunks[4].compressed_end) / 2
+        - plan.compressed.start) as usize;
+    bad[at] ^= 0x55;
+    let mut good = Vec::new();
+    let r = decode_stream(&layer, &plan, &mut bad.as_slice(), &mut |i, c| {
+        good.push((i, c));
+        Ok(())
+    });
+    assert!(r.is_err(), "a corrupt stream decoded");
+    for (i, c) in good {
+        let range = layer.chunk_range(i);
+        assert_eq!(c, t[range.start as usize..range.end as usize]);
     }
     Ok(())
 }

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::{Bytes, BytesMut};
 use clip_index::{Content, ImageIndex, Inode};
+use tokio::sync::mpsc;
 
 use crate::error::{Error, Result};
 use crate::source::BlobSource;
@@ -64,35 +65,57 @@ impl<S: BlobSource> RangeReader<S> {
 
     /// Fetches, decodes and verifies a run of chunks of `layer`.
     pub async fn read_chunks(&self, layer: usize, chunks: Range<u32>) -> Result<Vec<Bytes>> {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let decode = self.stream_chunks(layer, chunks, move |_, chunk| {
+            // The receiver lives until the decode ends.
+            let _ = tx.send(chunk);
+        });
+        let collect = async {
+            let mut out = Vec::new();
+            while let Some(chunk) = rx.recv().await {
+                out.push(chunk);
+            }
+            out
+        };
+        let (decoded, out) = tokio::join!(decode, collect);
+        decoded?;
+        Ok(out)
+    }
+
+    /// Fetches a run of chunks of `layer` and hands each to `emit` as soon as it is decoded
+    /// and verified, while the rest of the range is still arriving.
+    pub async fn stream_chunks(
+        &self,
+        layer: usize,
+        chunks: Range<u32>,
+        mut emit: impl FnMut(u32, Bytes) + Send + 'static,
+    ) -> Result<()> {
         let index = self.index.clone();
         let l = index.layers.get(layer).ok_or(Error::NoSuchLayer(layer))?;
         let plan = l.plan(chunks);
-        let compressed = self
-            .source
-            .fetch_range(&l.digest, plan.compressed.clone())
-            .await?;
+        let digest = l.digest;
+        let range = plan.compressed.clone();
+        let (tx, rx) = mpsc::channel::<Bytes>(32);
+        let decode = tokio::task::spawn_blocking(move || {
+            let mut input = ChannelInput::new(rx);
+            clip_index::decode_stream(&index.layers[layer], &plan, &mut input, &mut |i, c| {
+                emit(i, Bytes::from(c));
+                Ok(())
+            })
+        });
+        let fetched = self.source.stream_range(&digest, range.clone(), tx).await;
+        let decoded = decode.await.map_err(|e| Error::Task(e.to_string()))?;
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         self.stats
             .bytes
-            .fetch_add(compressed.len() as u64, Ordering::Relaxed);
-        let chunks = plan.chunks.clone();
-        let (run, offsets) = tokio::task::spawn_blocking(move || {
-            let l = &index.layers[layer];
-            let base = l.chunk_range(chunks.start).start;
-            let offsets: Vec<std::ops::Range<usize>> = chunks
-                .clone()
-                .map(|i| {
-                    let r = l.chunk_range(i);
-                    (r.start - base) as usize..(r.end - base) as usize
-                })
-                .collect();
-            clip_index::decode_run(l, &plan, &compressed).map(|run| (run, offsets))
-        })
-        .await
-        .map_err(|e| Error::Task(e.to_string()))??;
-        // One buffer for the run; chunks are slices of it (no copy).
-        let run = Bytes::from(run);
-        Ok(offsets.into_iter().map(|r| run.slice(r)).collect())
+            .fetch_add(range.end - range.start, Ordering::Relaxed);
+        // A failed fetch starves the decoder, so its error is the cause; a decoder that
+        // failed (a digest mismatch) makes the fetch give up, so its error is.
+        match (fetched, decoded) {
+            (Err(Error::Task(_)), Err(d)) => Err(d.into()),
+            (Err(f), _) => Err(f),
+            (Ok(()), d) => Ok(d?),
+        }
     }
 
     /// Exactly `len` bytes at uncompressed `offset` of `layer`, verified.
@@ -126,6 +149,51 @@ impl<S: BlobSource> RangeReader<S> {
         }
         let len = len.min(node.size - offset);
         self.read(layer, base + offset, len).await
+    }
+}
+
+/// The blocking side of a channel of byte pieces, as the decoder reads it.
+struct ChannelInput {
+    rx: mpsc::Receiver<Bytes>,
+    piece: Bytes,
+}
+
+impl ChannelInput {
+    fn new(rx: mpsc::Receiver<Bytes>) -> Self {
+        Self {
+            rx,
+            piece: Bytes::new(),
+        }
+    }
+}
+
+impl std::io::Read for ChannelInput {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = {
+            let have = std::io::BufRead::fill_buf(self)?;
+            let n = have.len().min(buf.len());
+            buf[..n].copy_from_slice(&have[..n]);
+            n
+        };
+        std::io::BufRead::consume(self, n);
+        Ok(n)
+    }
+}
+
+impl std::io::BufRead for ChannelInput {
+    /// Waits for the next piece; empty at the end of the range (or if the fetch failed).
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        while self.piece.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(p) => self.piece = p,
+                None => break,
+            }
+        }
+        Ok(&self.piece)
+    }
+
+    fn consume(&mut self, n: usize) {
+        let _ = self.piece.split_to(n.min(self.piece.len()));
     }
 }
 

@@ -181,7 +181,7 @@ impl StatsSnapshot {
             ),
             (
                 "clip_prefetched_chunks_total",
-                "Chunks fetched ahead of readers.",
+                "Chunks fetched from the source ahead of readers (also counted in the source tier).",
                 self.prefetched_chunks,
             ),
             (

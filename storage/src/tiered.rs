@@ -77,21 +77,11 @@ enum Whereabouts {
     Far,
 }
 
-type RunFuture = Shared<BoxFuture<'static, Result<Arc<Run>, Arc<Error>>>>;
+/// One chunk, once a load or a fetch produces it; shared by everyone who waits for it.
+type ChunkFuture = Shared<BoxFuture<'static, Result<Bytes, Arc<Error>>>>;
 
-/// Decoded chunks of one source fetch.
-#[derive(Debug)]
-struct Run {
-    chunks: Range<u32>,
-    data: Vec<Bytes>,
-}
-
-impl Run {
-    fn get(&self, c: u32) -> Option<Bytes> {
-        let i = c.checked_sub(self.chunks.start)? as usize;
-        self.data.get(i).cloned()
-    }
-}
+/// Where a fetch hands each decoded chunk: to whoever waits for it.
+type ChunkSender = tokio::sync::oneshot::Sender<Result<Bytes, Arc<Error>>>;
 
 /// Reads chunks of one image through the tiers.
 pub struct ChunkStore<S> {
@@ -99,11 +89,12 @@ pub struct ChunkStore<S> {
     reader: RangeReader<S>,
     memory: MemoryCache,
     tiers: Vec<Arc<dyn ChunkCache>>,
-    /// Source fetches in flight, registered for each chunk of their run.
-    inflight: Mutex<HashMap<(usize, u32), RunFuture>>,
+    /// Source fetches in flight: one future per chunk of their run, resolved as soon as
+    /// that chunk is decoded.
+    inflight: Mutex<HashMap<(usize, u32), ChunkFuture>>,
     /// Chunk loads in flight (tiers, then the source): concurrent readers of one chunk
     /// share one disk read and one verification.
-    loading: Mutex<HashMap<(usize, u32), RunFuture>>,
+    loading: Mutex<HashMap<(usize, u32), ChunkFuture>>,
     permits: Arc<Semaphore>,
     last_chunk: Mutex<HashMap<usize, u32>>,
     /// Cluster-wide single-flight of registry fetches, when Redis is configured.
@@ -269,9 +260,7 @@ impl<S: BlobSource> ChunkStore<S> {
                 }
             }
         };
-        let run = load.await.map_err(Error::Shared)?;
-        run.get(c)
-            .ok_or_else(|| Error::Task(format!("chunk {c} missing from its run")))
+        load.await.map_err(Error::Shared)
     }
 
     /// One chunk from a source fetch already under way, the cache tiers, or a new fetch.
@@ -281,13 +270,10 @@ impl<S: BlobSource> ChunkStore<S> {
         c: u32,
         key: ChunkKey,
         ahead: bool,
-    ) -> Result<Arc<Run>> {
+    ) -> Result<Bytes> {
         let pending = self.lock_inflight().get(&(layer, c)).cloned();
-        if let Some(run) = pending {
-            let run = run.await.map_err(Error::Shared)?;
-            if run.get(c).is_some() {
-                return Ok(run);
-            }
+        if let Some(chunk) = pending {
+            return chunk.await.map_err(Error::Shared);
         }
         for (i, tier) in self.tiers.iter().enumerate() {
             match tier.get(&key).await {
@@ -302,10 +288,7 @@ impl<S: BlobSource> ChunkStore<S> {
                     for upper in &self.tiers[..i] {
                         self.spawn_put(upper.clone(), key, b.clone());
                     }
-                    return Ok(Arc::new(Run {
-                        chunks: c..c + 1,
-                        data: vec![b],
-                    }));
+                    return Ok(b);
                 }
                 Ok(None) => {}
                 Err(e) => {
@@ -313,51 +296,88 @@ impl<S: BlobSource> ChunkStore<S> {
                 }
             }
         }
-        self.fetch(layer, self.miss_run(layer, c)?, ahead)
-            .await
-            .map_err(Error::Shared)
+        let run = self.miss_run(layer, c)?;
+        let chunk = self
+            .fetch(layer, run.clone(), ahead)
+            .into_iter()
+            .nth((c - run.start) as usize)
+            .ok_or_else(|| Error::Task(format!("chunk {c} missing from its run")))?;
+        chunk.await.map_err(Error::Shared)
     }
 
-    fn lock_inflight(&self) -> std::sync::MutexGuard<'_, HashMap<(usize, u32), RunFuture>> {
+    fn lock_inflight(&self) -> std::sync::MutexGuard<'_, HashMap<(usize, u32), ChunkFuture>> {
         self.inflight.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Starts (or joins) the source fetch of `chunks`, registered for each of its chunks.
-    fn fetch(self: &Arc<Self>, layer: usize, chunks: Range<u32>, prefetch: bool) -> RunFuture {
+    /// Starts (or joins) the source fetch of `chunks`; one future per chunk, each resolved
+    /// as soon as its chunk is decoded and verified.
+    fn fetch(self: &Arc<Self>, layer: usize, chunks: Range<u32>, ahead: bool) -> Vec<ChunkFuture> {
         let mut inflight = self.lock_inflight();
-        if let Some(existing) = inflight.get(&(layer, chunks.end - 1)) {
-            return existing.clone();
+        let joined: Option<Vec<ChunkFuture>> = chunks
+            .clone()
+            .map(|c| inflight.get(&(layer, c)).cloned())
+            .collect();
+        if let Some(all) = joined {
+            return all;
         }
+        let mut senders = Vec::with_capacity(chunks.len());
+        let mut mine = Vec::new();
+        let mut futures = Vec::with_capacity(chunks.len());
+        for c in chunks.clone() {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let fut = async move {
+                rx.await.unwrap_or_else(|_| {
+                    Err(Arc::new(Error::Task(
+                        "a fetch ended without its chunk".into(),
+                    )))
+                })
+            }
+            .boxed()
+            .shared();
+            senders.push(Some(tx));
+            // A chunk already in flight in another fetch stays with it.
+            let entry = inflight.entry((layer, c)).or_insert_with(|| {
+                mine.push(c);
+                fut.clone()
+            });
+            futures.push(entry.clone());
+        }
+        drop(inflight);
         let this = self.clone();
-        let run_chunks = chunks.clone();
-        let fut = async move {
-            let result = this.fetch_run(layer, run_chunks.clone(), prefetch).await;
+        // Counted until the chunks are in the local tiers too (after their waiters got them).
+        let pending = PendingPut::new(&self.pending_puts);
+        tokio::spawn(async move {
+            let result = this
+                .fetch_run(layer, chunks.clone(), ahead, &mut senders)
+                .await;
+            if let Err(e) = result {
+                let e = Arc::new(e);
+                for tx in senders.iter_mut().filter_map(Option::take) {
+                    let _ = tx.send(Err(e.clone()));
+                }
+            }
             let mut inflight = this.lock_inflight();
-            for c in run_chunks {
+            for c in mine {
                 inflight.remove(&(layer, c));
             }
-            result.map_err(Arc::new)
-        }
-        .boxed()
-        .shared();
-        for c in chunks {
-            inflight.entry((layer, c)).or_insert_with(|| fut.clone());
-        }
-        fut
+            drop(pending);
+        });
+        futures
     }
 
+    /// Produces a run of chunks for the waiters in `senders` (one per chunk): from Redis if
+    /// another node is fetching it, else from the source under a cluster-wide lease.
     async fn fetch_run(
         self: &Arc<Self>,
         layer: usize,
         chunks: Range<u32>,
-        prefetch: bool,
-    ) -> Result<Arc<Run>> {
+        ahead: bool,
+        senders: &mut [Option<ChunkSender>],
+    ) -> Result<()> {
         let Some(redis) = self.lease.clone() else {
-            let data = self
-                .fetch_from_source(layer, chunks.clone(), prefetch)
+            self.stream_from_source(layer, chunks, ahead, senders, None)
                 .await?;
-            self.populate(layer, &chunks, &data, None).await;
-            return Ok(Arc::new(Run { chunks, data }));
+            return Ok(());
         };
         // One lease per checkpoint span: every fetch that decodes from the same checkpoint
         // (a miss, a read-ahead) on any node asks for the same lease.
@@ -366,18 +386,18 @@ impl<S: BlobSource> ChunkStore<S> {
         match redis.try_lease(&name).await {
             Lease::HeldElsewhere => {
                 if let Some(data) = self.wait_for_peer(layer, chunks.clone(), &redis).await {
-                    self.populate(layer, &chunks, &data, Some("redis")).await;
-                    return Ok(Arc::new(Run { chunks, data }));
+                    for ((c, b), tx) in chunks.zip(data).zip(senders.iter_mut()) {
+                        self.deliver(layer, c, b, tx, Some("redis")).await;
+                    }
+                    return Ok(());
                 }
-                let data = self
-                    .fetch_from_source(layer, chunks.clone(), prefetch)
+                self.stream_from_source(layer, chunks, ahead, senders, None)
                     .await?;
-                self.populate(layer, &chunks, &data, None).await;
-                Ok(Arc::new(Run { chunks, data }))
+                Ok(())
             }
             Lease::Acquired(token) => {
                 let fetched = self
-                    .fetch_from_source(layer, chunks.clone(), prefetch)
+                    .stream_from_source(layer, chunks.clone(), ahead, senders, Some("redis"))
                     .await;
                 let data = match fetched {
                     Ok(d) => d,
@@ -386,14 +406,11 @@ impl<S: BlobSource> ChunkStore<S> {
                         return Err(e);
                     }
                 };
-                self.populate(layer, &chunks, &data, Some("redis")).await;
                 // Publish to Redis off the reader's path, then let waiting nodes go.
-                let keys: Vec<ChunkKey> = chunks
-                    .clone()
+                let items: Vec<(ChunkKey, Bytes)> = chunks
                     .filter_map(|c| self.key(layer, c).ok())
+                    .zip(data)
                     .collect();
-                let items: Vec<(ChunkKey, Bytes)> =
-                    keys.into_iter().zip(data.iter().cloned()).collect();
                 let pending = PendingPut::new(&self.pending_puts);
                 tokio::spawn(async move {
                     for (k, b) in items {
@@ -404,14 +421,12 @@ impl<S: BlobSource> ChunkStore<S> {
                     redis.release_lease(&name, &token).await;
                     drop(pending);
                 });
-                Ok(Arc::new(Run { chunks, data }))
+                Ok(())
             }
             Lease::Unavailable => {
-                let data = self
-                    .fetch_from_source(layer, chunks.clone(), prefetch)
+                self.stream_from_source(layer, chunks, ahead, senders, None)
                     .await?;
-                self.populate(layer, &chunks, &data, None).await;
-                Ok(Arc::new(Run { chunks, data }))
+                Ok(())
             }
         }
     }
@@ -454,12 +469,15 @@ impl<S: BlobSource> ChunkStore<S> {
         None
     }
 
-    /// One bounded registry fetch of a run, decoded and verified.
-    async fn fetch_from_source(
+    /// One bounded source fetch of a run, decoded as it arrives: each chunk goes to its
+    /// waiter, memory and the tiers but `skip` as soon as it is verified. Returns the run.
+    async fn stream_from_source(
         &self,
         layer: usize,
         chunks: Range<u32>,
-        prefetch: bool,
+        ahead: bool,
+        senders: &mut [Option<ChunkSender>],
+        skip: Option<&str>,
     ) -> Result<Vec<Bytes>> {
         let _permit = self
             .permits
@@ -469,7 +487,32 @@ impl<S: BlobSource> ChunkStore<S> {
             .map_err(|e| Error::Task(e.to_string()))?;
         // Count this fetch's own bytes: the reader's totals are shared by concurrent fetches.
         let planned = self.layer(layer)?.plan(chunks.clone()).compressed;
-        let data = self.reader.read_chunks(layer, chunks.clone()).await?;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let decode = self
+            .reader
+            .stream_chunks(layer, chunks.clone(), move |c, b| {
+                // The receiver lives until the decode ends.
+                let _ = tx.send((c, b));
+            });
+        let deliver = async {
+            let mut run = Vec::with_capacity(chunks.len());
+            while let Some((c, b)) = rx.recv().await {
+                self.stats.source.add(b.len());
+                if ahead {
+                    self.stats
+                        .prefetched_chunks
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                let tx = senders.get_mut((c - chunks.start) as usize);
+                match tx {
+                    Some(tx) => self.deliver(layer, c, b.clone(), tx, skip).await,
+                    None => self.deliver(layer, c, b.clone(), &mut None, skip).await,
+                }
+                run.push(b);
+            }
+            run
+        };
+        let (decoded, run) = tokio::join!(decode, deliver);
         self.stats
             .source_requests
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -477,50 +520,45 @@ impl<S: BlobSource> ChunkStore<S> {
             planned.end.saturating_sub(planned.start),
             std::sync::atomic::Ordering::Relaxed,
         );
-        for b in &data {
-            if prefetch {
-                self.stats
-                    .prefetched_chunks
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            } else {
-                self.stats.source.add(b.len());
-            }
-        }
+        decoded?;
         debug!(
             layer,
             ?chunks,
-            prefetch,
+            ahead,
             "fetched a run of chunks from the source"
         );
-        Ok(data)
+        Ok(run)
     }
 
-    /// Puts fetched chunks into memory and every tier but `skip`: local tiers before the
-    /// fetch completes (so no reader finds a chunk in no tier and fetches it again), remote
-    /// ones in the background (so they never delay the reader).
-    async fn populate(
+    /// Hands a verified chunk to its waiter, then keeps it in memory and every tier but
+    /// `skip`: local tiers before the fetch is over (its in-flight entries stay until then,
+    /// so no reader looks for the chunk in a tier too early), remote ones in the background
+    /// (so they never delay the reader).
+    async fn deliver(
         &self,
         layer: usize,
-        chunks: &Range<u32>,
-        data: &[Bytes],
+        c: u32,
+        data: Bytes,
+        waiter: &mut Option<ChunkSender>,
         skip: Option<&str>,
     ) {
-        for (c, b) in chunks.clone().zip(data) {
-            let Ok(key) = self.key(layer, c) else {
+        let Ok(key) = self.key(layer, c) else {
+            return;
+        };
+        self.memory.put(key.digest, data.clone());
+        if let Some(tx) = waiter.take() {
+            let _ = tx.send(Ok(data.clone()));
+        }
+        for tier in &self.tiers {
+            if Some(tier.name()) == skip {
                 continue;
-            };
-            self.memory.put(key.digest, b.clone());
-            for tier in &self.tiers {
-                if Some(tier.name()) == skip {
-                    continue;
+            }
+            if tier.is_local() {
+                if let Err(e) = tier.put(&key, data.clone()).await {
+                    warn!(tier = tier.name(), error = %e, "storing a chunk failed");
                 }
-                if tier.is_local() {
-                    if let Err(e) = tier.put(&key, b.clone()).await {
-                        warn!(tier = tier.name(), error = %e, "storing a chunk failed");
-                    }
-                } else {
-                    self.spawn_put(tier.clone(), key, b.clone());
-                }
+            } else {
+                self.spawn_put(tier.clone(), key, data.clone());
             }
         }
     }
@@ -535,8 +573,8 @@ impl<S: BlobSource> ChunkStore<S> {
         });
     }
 
-    /// Waits (at most `limit`) for background writes to the tiers to finish, so a process
-    /// that stops leaves what it fetched in the shared cache.
+    /// Waits (at most `limit`) for fetches and background writes to the tiers to finish,
+    /// so a process that stops leaves what it fetched in the caches.
     pub async fn flush(&self, limit: std::time::Duration) -> bool {
         let deadline = Instant::now() + limit;
         while self.pending_puts.load(std::sync::atomic::Ordering::SeqCst) > 0 {
@@ -741,13 +779,17 @@ impl<S: BlobSource> ChunkStore<S> {
                     return Ok(0);
                 }
                 let n = run.len() as u64;
-                self.fetch(layer, run, true).await.map_err(Error::Shared)?;
+                futures::future::try_join_all(self.fetch(layer, run, true))
+                    .await
+                    .map_err(Error::Shared)?;
                 Ok::<u64, Error>(n)
             })
             .buffer_unordered(parallel.max(1));
         while let Some(r) = results.next().await {
             fetched += r?;
         }
+        // Readers get chunks before the tiers do: wait until the tiers have them all.
+        while !self.flush(std::time::Duration::from_secs(60)).await {}
         Ok(fetched)
     }
 }

@@ -8,6 +8,7 @@ use std::ops::Range;
 
 use bytes::Bytes;
 use clip_index::Digest;
+use tokio::sync::mpsc;
 
 use crate::error::Result;
 
@@ -19,6 +20,23 @@ pub trait BlobSource: Send + Sync + 'static {
         digest: &Digest,
         range: Range<u64>,
     ) -> impl Future<Output = Result<Bytes>> + Send;
+
+    /// Sends the bytes `range` of blob `digest` to `sink`, in order, piece by piece as they
+    /// arrive, so decoding can start before the last byte is in. The default fetches the
+    /// whole range first.
+    fn stream_range(
+        &self,
+        digest: &Digest,
+        range: Range<u64>,
+        sink: mpsc::Sender<Bytes>,
+    ) -> impl Future<Output = Result<()>> + Send {
+        async move {
+            let bytes = self.fetch_range(digest, range).await?;
+            sink.send(bytes)
+                .await
+                .map_err(|_| crate::error::Error::Task("the reader of a range went away".into()))
+        }
+    }
 
     /// A short name for logs and errors (e.g. the registry host).
     fn describe(&self) -> String;

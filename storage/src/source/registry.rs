@@ -15,6 +15,7 @@ use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::{Client, Reference, RegistryOperation};
 use serde::Deserialize;
+use tokio::sync::mpsc;
 use tracing::warn;
 
 use crate::auth::{Credentials, DockerConfig};
@@ -688,7 +689,15 @@ impl RegistryBlobs {
         Ok(())
     }
 
-    async fn fetch_once(&self, digest: &str, range: &Range<u64>) -> Result<Bytes, FetchError> {
+    /// One range request; its body goes to `sink` piece by piece as it arrives, and `sent`
+    /// counts the bytes that went (so a retry can resume after them).
+    async fn fetch_once(
+        &self,
+        digest: &str,
+        range: &Range<u64>,
+        sink: &mpsc::Sender<Bytes>,
+        sent: &mut u64,
+    ) -> Result<(), FetchError> {
         let len = range.end - range.start;
         let mut req = self.http.get(self.blob_url(digest)).header(
             reqwest::header::RANGE,
@@ -714,8 +723,8 @@ impl RegistryBlobs {
             }
         };
         let mut stream = resp.bytes_stream();
-        let mut out = BytesMut::with_capacity(len as usize);
-        while (out.len() as u64) < len {
+        let mut got = 0u64;
+        while got < len {
             let Some(piece) = stream.next().await else {
                 break;
             };
@@ -725,13 +734,19 @@ impl RegistryBlobs {
                 skip -= n;
                 piece = piece.slice(n as usize..);
             }
-            let want = (len - out.len() as u64) as usize;
-            out.extend_from_slice(&piece[..want.min(piece.len())]);
+            let want = (len - got) as usize;
+            piece.truncate(want);
+            if piece.is_empty() {
+                continue;
+            }
+            got += piece.len() as u64;
+            *sent += piece.len() as u64;
+            sink.send(piece).await.map_err(|_| FetchError::Abandoned)?;
         }
-        if (out.len() as u64) != len {
-            return Err(FetchError::Short(out.len() as u64, len));
+        if got != len {
+            return Err(FetchError::Short(got, len));
         }
-        Ok(out.freeze())
+        Ok(())
     }
 }
 
@@ -742,21 +757,48 @@ enum FetchError {
     Unauthorized,
     Status(u16, String),
     Short(u64, u64),
+    /// The receiver of the bytes went away (its decoder failed or was dropped).
+    Abandoned,
 }
 
 impl BlobSource for RegistryBlobs {
     async fn fetch_range(&self, digest: &Digest, range: Range<u64>) -> Result<Bytes> {
+        let (tx, mut rx) = mpsc::channel(16);
+        let mut out = BytesMut::with_capacity((range.end.saturating_sub(range.start)) as usize);
+        let fetch = self.stream_range(digest, range, tx);
+        let collect = async {
+            while let Some(piece) = rx.recv().await {
+                out.extend_from_slice(&piece);
+            }
+        };
+        let (fetched, ()) = tokio::join!(fetch, collect);
+        fetched?;
+        Ok(out.freeze())
+    }
+
+    async fn stream_range(
+        &self,
+        digest: &Digest,
+        range: Range<u64>,
+        sink: mpsc::Sender<Bytes>,
+    ) -> Result<()> {
         if range.is_empty() {
-            return Ok(Bytes::new());
+            return Ok(());
         }
         let d = digest.to_string();
         let registry = self.repository.resolve_registry().to_owned();
         let mut reauthed = false;
         let mut attempt = 0;
+        let mut sent = 0u64;
         loop {
             attempt += 1;
-            let err = match self.fetch_once(&d, &range).await {
-                Ok(b) => return Ok(b),
+            // A retry resumes after the bytes already handed on.
+            let rest = range.start + sent..range.end;
+            let err = match self.fetch_once(&d, &rest, &sink, &mut sent).await {
+                Ok(()) => return Ok(()),
+                Err(FetchError::Abandoned) => {
+                    return Err(Error::Task("the reader of a range went away".into()));
+                }
                 Err(FetchError::Unauthorized) if !reauthed => {
                     // First contact with an auth registry, or an expired token.
                     reauthed = true;
