@@ -29,6 +29,9 @@ struct State {
     ignore_range: AtomicBool,
     redirect_blobs: AtomicBool,
     delay_ms: std::sync::atomic::AtomicU64,
+    /// Blob responses still to cut short, and after how many body bytes.
+    cuts_left: AtomicUsize,
+    cut_after: std::sync::atomic::AtomicU64,
     stop: AtomicBool,
     /// Connections accepted and not yet answered and logged.
     in_flight: AtomicUsize,
@@ -103,6 +106,13 @@ impl Proxy {
         self.state
             .delay_ms
             .store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// Cuts the next `count` blob responses off after `bytes` bytes of body (the connection
+    /// drops mid-transfer, as a flaky network or a restarting registry does).
+    pub fn cut_blob_bodies(&self, count: usize, bytes: u64) {
+        self.state.cut_after.store(bytes, Ordering::SeqCst);
+        self.state.cuts_left.store(count, Ordering::SeqCst);
     }
 
     pub fn set_redirect_blobs(&self, on: bool) {
@@ -267,6 +277,18 @@ fn handle(client: TcpStream, upstream: &str, own_port: u16, st: &State) -> anyho
     }
     // Relay the body; with a Content-Length, stop (and log) as soon as it has all gone
     // through rather than when the upstream closes, so tests see the log at once.
+    let cut = (path.contains("/blobs/") && status / 100 == 2)
+        .then(|| {
+            st.cuts_left
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .ok()
+                .map(|_| st.cut_after.load(Ordering::SeqCst))
+        })
+        .flatten();
+    let length = match cut {
+        Some(c) => Some(length.map_or(c, |l| l.min(c))),
+        None => length,
+    };
     let mut body_bytes = 0u64;
     let mut buf = [0u8; 64 * 1024];
     loop {

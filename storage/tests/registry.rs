@@ -568,3 +568,48 @@ async fn digest_references_and_the_host_platform_resolve() -> anyhow::Result<()>
     ));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_read_cut_off_mid_body_resumes_where_it_stopped() -> anyhow::Result<()> {
+    let registry = Registry::start()?;
+    let proxy = Proxy::start(&registry.host())?;
+    let data = Rng(11).bytes(3 << 20);
+    let layers = vec![Layer::gzip(vec![clip_e2e::image::Entry::file(
+        "random",
+        data.clone(),
+    )])];
+    let image = build_image(&layers, "linux", "amd64")?;
+    Pusher::new(&registry.host(), None).push_image("test/cut", "v1", &image)?;
+    let client = client();
+    let index = index_of(&client, &format!("{}/test/cut:v1", proxy.host())).await?;
+    let source = client.repository(&index.source.repository, &index.source.manifest_digest)?;
+    let digest = index.layers[0].digest;
+    let reader = RangeReader::new(Arc::new(index), Arc::new(source));
+    proxy.clear_log();
+    proxy.cut_blob_bodies(2, 100_000);
+    let ino = reader.index().resolve(b"/random", false).unwrap();
+    let got = reader.read_file(ino, 0, data.len() as u64).await?;
+    assert!(got[..] == data[..], "the bytes differ after the cuts");
+    // Three requests: each after a cut asks only for what had not arrived.
+    let reads: Vec<_> = proxy
+        .blob_reads()
+        .into_iter()
+        .filter(|l| l.path.contains(&digest.to_string()))
+        .collect();
+    assert_eq!(reads.len(), 3, "{reads:?}");
+    let starts: Vec<u64> = reads
+        .iter()
+        .map(|l| {
+            let r = l.range.as_deref().unwrap_or_default();
+            r.trim_start_matches("bytes=")
+                .split('-')
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(u64::MAX)
+        })
+        .collect();
+    assert_eq!(reads[0].body_bytes, 100_000);
+    assert_eq!(starts[1], starts[0] + 100_000, "{reads:?}");
+    assert_eq!(starts[2], starts[1] + 100_000, "{reads:?}");
+    Ok(())
+}

@@ -17,22 +17,76 @@ use clip_storage::{
     BlobSource, ChunkStore, RegistryBlobs, RegistryClient, RegistryConfig, StoreConfig,
 };
 
-/// The registry, slowed down a little, with every fetched range counted.
+/// The registry, slowed down a little, with every fetched range counted; with a gate, a
+/// streamed range stops after `gate.0` bytes until the gate opens.
 struct Counting {
     inner: RegistryBlobs,
     fetched: Mutex<HashMap<Range<u64>, u32>>,
+    gate: Mutex<Option<(u64, Arc<tokio::sync::Semaphore>)>>,
+    streams_done: std::sync::atomic::AtomicUsize,
 }
 
-impl BlobSource for Counting {
-    async fn fetch_range(&self, digest: &Digest, range: Range<u64>) -> clip_storage::Result<Bytes> {
+impl Counting {
+    fn count(&self, range: &Range<u64>) {
         *self
             .fetched
             .lock()
             .unwrap()
             .entry(range.clone())
             .or_default() += 1;
+    }
+}
+
+impl BlobSource for Counting {
+    async fn fetch_range(&self, digest: &Digest, range: Range<u64>) -> clip_storage::Result<Bytes> {
+        self.count(&range);
         tokio::time::sleep(Duration::from_millis(30)).await;
         self.inner.fetch_range(digest, range).await
+    }
+
+    async fn stream_range(
+        &self,
+        digest: &Digest,
+        range: Range<u64>,
+        sink: tokio::sync::mpsc::Sender<Bytes>,
+    ) -> clip_storage::Result<()> {
+        self.count(&range);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let gate = self.gate.lock().unwrap().clone();
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+        let forward = async {
+            let mut sent = 0u64;
+            let mut held = false;
+            while let Some(piece) = rx.recv().await {
+                if let Some((after, open)) = &gate
+                    && !held
+                    && sent + piece.len() as u64 > *after
+                {
+                    let cut = (*after - sent) as usize;
+                    let first = piece.slice(..cut);
+                    sent += first.len() as u64;
+                    if !first.is_empty() && sink.send(first).await.is_err() {
+                        return;
+                    }
+                    let _ = open.acquire().await;
+                    held = true;
+                    let rest = piece.slice(cut..);
+                    sent += rest.len() as u64;
+                    if sink.send(rest).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                sent += piece.len() as u64;
+                if sink.send(piece).await.is_err() {
+                    return;
+                }
+            }
+        };
+        let (r, ()) = tokio::join!(self.inner.stream_range(digest, range, tx), forward);
+        self.streams_done
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        r
     }
 
     fn describe(&self) -> String {
@@ -69,6 +123,8 @@ async fn setup(config: StoreConfig) -> anyhow::Result<Setup> {
     let source = Arc::new(Counting {
         inner,
         fetched: Mutex::new(HashMap::new()),
+        gate: Mutex::new(None),
+        streams_done: Default::default(),
     });
     let cache = tempfile::tempdir()?;
     let disk = DiskCache::open(cache.path(), 1 << 30)?;
@@ -121,6 +177,18 @@ async fn read_sequentially(
     len: u64,
     file_end: u64,
 ) -> anyhow::Result<()> {
+    read_paced(s, store, from, len, file_end, Duration::ZERO).await
+}
+
+/// [`read_sequentially`] by a reader that spends `pause` on each read's bytes.
+async fn read_paced(
+    s: &Setup,
+    store: &Arc<ChunkStore<Counting>>,
+    from: u64,
+    len: u64,
+    file_end: u64,
+    pause: Duration,
+) -> anyhow::Result<()> {
     let base = file_offset(s);
     let mut off = from;
     while off < from + len {
@@ -130,6 +198,7 @@ async fn read_sequentially(
             .await?;
         assert!(got[..] == s.data[off as usize..(off + n) as usize]);
         off += n;
+        tokio::time::sleep(pause).await;
     }
     settle(s).await;
     Ok(())
@@ -300,7 +369,9 @@ async fn warm_sequential_reads_find_the_next_chunks_in_memory() -> anyhow::Resul
             preload_chunks: preload,
             ..StoreConfig::default()
         })?;
-        read_sequentially(s, &store, 0, size, size).await?;
+        // A reader that works on what it reads (a debug build verifies slowly: without a
+        // pause, reads from memory would outrun any preloading).
+        read_paced(s, &store, 0, size, size, Duration::from_millis(5)).await?;
         let stats = store.stats().snapshot();
         let disk = stats.tiers.iter().find(|t| t.tier == "disk").unwrap();
         assert_eq!(
@@ -318,5 +389,49 @@ async fn warm_sequential_reads_find_the_next_chunks_in_memory() -> anyhow::Resul
         "{waited} of {chunks} chunks waited for the disk"
     );
     assert_eq!(s.requests(), requests, "warm reads went to the source");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reader_gets_its_chunk_before_the_rest_of_its_fetch_arrives() -> anyhow::Result<()> {
+    let s = setup(StoreConfig {
+        readahead_runs: 0,
+        ..StoreConfig::default()
+    })
+    .await?;
+    let layer = &s.store.index().layers[0];
+    let base = file_offset(&s);
+    // A span of several chunks, and the compressed bytes its first chunk needs.
+    let c = layer.chunks_covering(base + (6 << 20), 1)?.start;
+    let span = layer.span_run(c);
+    assert!(span.len() >= 3, "span {span:?}");
+    let plan = layer.plan(span.clone());
+    let first_needs = layer.chunks[span.start as usize].compressed_end - plan.compressed.start;
+    let open = Arc::new(tokio::sync::Semaphore::new(0));
+    *s.source.gate.lock().unwrap() = Some((first_needs + 64 * 1024, open.clone()));
+    // The first chunk arrives while the fetch is held after the bytes it needs.
+    let first = layer.chunk_range(span.start);
+    let off = first.start - base;
+    let got = tokio::time::timeout(
+        Duration::from_secs(20),
+        s.store.read(0, first.start, first.end - first.start),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("the first chunk waited for the whole fetch"))??;
+    assert!(got[..] == s.data[off as usize..(off + first.end - first.start) as usize]);
+    assert_eq!(
+        s.source
+            .streams_done
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the fetch was still held"
+    );
+    // The rest of the span comes from the same fetch once it goes on.
+    open.add_permits(1);
+    let last = layer.chunk_range(span.end - 1);
+    let off = last.start - base;
+    let got = s.store.read(0, last.start, last.end - last.start).await?;
+    assert!(got[..] == s.data[off as usize..(off + last.end - last.start) as usize]);
+    assert_eq!(s.requests(), 1, "one fetch for the span");
     Ok(())
 }
