@@ -41,7 +41,7 @@ pub struct StoreConfig {
 impl Default for StoreConfig {
     fn default() -> Self {
         Self {
-            memory_bytes: 32 << 20,
+            memory_bytes: 16 << 20,
             fetch_concurrency: 8,
             readahead_runs: 4,
             preload_chunks: 8,
@@ -470,7 +470,9 @@ impl<S: BlobSource> ChunkStore<S> {
     }
 
     /// One bounded source fetch of a run, decoded as it arrives: each chunk goes to its
-    /// waiter, memory and the tiers but `skip` as soon as it is verified. Returns the run.
+    /// waiter, memory and the tiers but `skip` as soon as it is verified. Returns the run's
+    /// chunks when a tier was skipped (the caller publishes them there), else nothing: the
+    /// fetch holds no more of the run than its waiters and the memory tier do.
     async fn stream_from_source(
         &self,
         layer: usize,
@@ -508,7 +510,9 @@ impl<S: BlobSource> ChunkStore<S> {
                     Some(tx) => self.deliver(layer, c, b.clone(), tx, skip).await,
                     None => self.deliver(layer, c, b.clone(), &mut None, skip).await,
                 }
-                run.push(b);
+                if skip.is_some() {
+                    run.push(b);
+                }
             }
             run
         };
@@ -612,7 +616,15 @@ impl<S: BlobSource> ChunkStore<S> {
         };
         // Only on entering the next chunk: the kernel asks for a chunk in several reads.
         let sequential = prev.is_some_and(|p| p + 1 == c);
-        if !sequential || c >= last {
+        if !sequential {
+            return;
+        }
+        // Drop-behind: the chunk left behind goes before the chunks read ahead (not the one
+        // just before c: a read that straddles the boundary still wants it).
+        if let Some(Ok(key)) = c.checked_sub(2).map(|b| self.key(layer, b)) {
+            self.memory.demote(&key.digest);
+        }
+        if c >= last {
             return;
         }
         let this = self.clone();

@@ -142,14 +142,14 @@ impl RegistryArgs {
 #[derive(Debug, Clone, Args)]
 pub struct StoreArgs {
     /// Decoded chunks kept in memory.
-    #[arg(long, default_value = "32MiB", env = "CLIP_MEMORY_CACHE")]
+    #[arg(long, default_value = "16MiB", env = "CLIP_MEMORY_CACHE")]
     pub memory_cache: String,
 
     /// Registry range requests in flight at once, per image.
     #[arg(long, default_value_t = 8, env = "CLIP_FETCH_CONCURRENCY")]
     pub fetch_concurrency: usize,
 
-    /// Checkpoint spans (about 4 MiB of compressed layer each) fetched ahead of a
+    /// Checkpoint spans (at least 4 MiB of uncompressed layer each) fetched ahead of a
     /// sequential reader, in parallel; 0 turns read-ahead off.
     #[arg(long, default_value_t = 4, env = "CLIP_READAHEAD_SPANS")]
     pub readahead_spans: usize,

@@ -8,12 +8,29 @@ use std::sync::Mutex;
 use bytes::Bytes;
 use clip_index::Digest;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct State {
     entries: HashMap<Digest, (Bytes, u64)>,
     order: BTreeMap<u64, Digest>,
+    /// Ticks of use count up from `DEMOTED_SPACE`; demoted entries take ticks below it, so
+    /// they go first.
     tick: u64,
+    demoted: u64,
     bytes: u64,
+}
+
+const DEMOTED_SPACE: u64 = 1 << 48;
+
+impl Default for State {
+    fn default() -> Self {
+        Self {
+            entries: HashMap::new(),
+            order: BTreeMap::new(),
+            tick: DEMOTED_SPACE,
+            demoted: 0,
+            bytes: 0,
+        }
+    }
 }
 
 /// Chunks in memory, at most `capacity` bytes.
@@ -47,6 +64,21 @@ impl MemoryCache {
         s.order.remove(&old);
         s.order.insert(tick, *digest);
         Some(bytes)
+    }
+
+    /// Makes `digest` the next to go: a sequential reader that has moved past a chunk will
+    /// not read it again (the kernel's page cache holds it), while the chunks read ahead of
+    /// it must stay.
+    pub fn demote(&self, digest: &Digest) {
+        let mut s = self.lock();
+        let tick = s.demoted;
+        let Some(e) = s.entries.get_mut(digest) else {
+            return;
+        };
+        let old = std::mem::replace(&mut e.1, tick);
+        s.demoted += 1;
+        s.order.remove(&old);
+        s.order.insert(tick, *digest);
     }
 
     /// Whether `digest` is held, without making it more recently used.
@@ -100,5 +132,20 @@ mod tests {
         assert!(m.bytes() <= 30);
         m.put(d(5), Bytes::from(vec![5; 31]));
         assert!(m.get(&d(5)).is_none(), "larger than the whole cache");
+    }
+
+    #[test]
+    fn demoted_chunks_go_before_older_ones() {
+        let m = MemoryCache::new(30);
+        let d = |i: u8| Digest([i; 32]);
+        m.put(d(1), Bytes::from(vec![1; 10]));
+        m.put(d(2), Bytes::from(vec![2; 10]));
+        m.put(d(3), Bytes::from(vec![3; 10]));
+        m.demote(&d(3));
+        m.put(d(4), Bytes::from(vec![4; 10]));
+        assert!(!m.contains(&d(3)), "the demoted chunk went first");
+        assert!(m.contains(&d(1)) && m.contains(&d(2)) && m.contains(&d(4)));
+        m.demote(&d(9));
+        assert!(m.bytes() <= 30);
     }
 }
