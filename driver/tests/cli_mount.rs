@@ -177,8 +177,19 @@ fn metrics_show_bytes_served_per_tier() -> anyhow::Result<()> {
     let addr = format!("127.0.0.1:{port}");
     let mut child = spawn_mount(&f, dir.path(), &["--metrics-addr", &addr])?;
     std::fs::read(dir.path().join("usr/bin/ping"))?;
-    let r = clip_e2e::http::request("GET", &format!("http://{addr}/metrics"), &[], &[])?;
-    let body = String::from_utf8_lossy(&r.body);
+    // A fetch is timed when it is over: a moment after its reader got the chunk it needed.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let (r, body) = loop {
+        let r = clip_e2e::http::request("GET", &format!("http://{addr}/metrics"), &[], &[])?;
+        let body = String::from_utf8_lossy(&r.body).into_owned();
+        let fetched = body.lines().any(|l| {
+            l.starts_with("clip_tier_read_seconds_count{tier=\"source\"") && !l.ends_with(" 0")
+        });
+        if fetched || std::time::Instant::now() > deadline {
+            break (r, body);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
     assert_eq!(r.status, 200);
     let source_bytes: u64 = body
         .lines()
@@ -188,6 +199,15 @@ fn metrics_show_bytes_served_per_tier() -> anyhow::Result<()> {
         .unwrap_or(0);
     assert!(source_bytes > 0, "{body}");
     assert!(body.contains("clip_read_latency_seconds_count"), "{body}");
+    // Per-tier latency: the disk was asked (and missed) and the registry answered.
+    let count = |tier: &str| -> u64 {
+        body.lines()
+            .find(|l| l.starts_with(&format!("clip_tier_read_seconds_count{{tier=\"{tier}\"")))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(count("disk") > 0 && count("source") > 0, "{body}");
     signal(&child, libc::SIGTERM);
     assert!(child.wait()?.success());
     Ok(())

@@ -81,6 +81,9 @@ pub struct StoreStats {
     pub preloaded_chunks: AtomicU64,
     pub read_errors: AtomicU64,
     pub read_latency: Histogram,
+    /// Latency of each cache tier's lookups (hits and misses), in tier order, then of
+    /// source fetches (a whole range request, decoded).
+    pub tier_latency: Vec<(&'static str, Histogram)>,
 }
 
 impl StoreStats {
@@ -95,7 +98,20 @@ impl StoreStats {
             preloaded_chunks: AtomicU64::new(0),
             read_errors: AtomicU64::new(0),
             read_latency: Histogram::default(),
+            tier_latency: tiers
+                .iter()
+                .chain(std::iter::once(&"source"))
+                .map(|&n| (n, Histogram::default()))
+                .collect(),
         }
+    }
+
+    /// The latency histogram of tier `name` ("source" for the blob source).
+    pub fn tier_latency(&self, name: &str) -> Option<&Histogram> {
+        self.tier_latency
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, h)| h)
     }
 
     pub fn snapshot(&self) -> StatsSnapshot {
@@ -115,6 +131,11 @@ impl StoreStats {
             preloaded_chunks: self.preloaded_chunks.load(Ordering::Relaxed),
             read_errors: self.read_errors.load(Ordering::Relaxed),
             read_latency: self.read_latency.snapshot(),
+            tier_latency: self
+                .tier_latency
+                .iter()
+                .map(|(n, h)| ((*n).to_owned(), h.snapshot()))
+                .collect(),
             events,
         }
     }
@@ -145,6 +166,8 @@ pub struct StatsSnapshot {
     pub preloaded_chunks: u64,
     pub read_errors: u64,
     pub read_latency: HistogramSnapshot,
+    /// Per tier ("source" last): latency of its lookups or fetches.
+    pub tier_latency: Vec<(String, HistogramSnapshot)>,
     /// Tier events: (tier, event, count), e.g. ("redis", "lease_wait", 3).
     pub events: Vec<(String, String, u64)>,
 }
@@ -208,21 +231,100 @@ impl StatsSnapshot {
             }
         }
         s.push_str("# HELP clip_read_latency_seconds Latency of reads through the store.\n# TYPE clip_read_latency_seconds histogram\n");
-        let mut cumulative = 0;
-        for (i, c) in self.read_latency.bucket_counts.iter().enumerate() {
-            cumulative += c;
-            let le = LATENCY_BUCKETS_US
-                .get(i)
-                .map_or("+Inf".to_owned(), |us| format!("{}", *us as f64 / 1e6));
-            s.push_str(&format!(
-                "clip_read_latency_seconds_bucket{{le=\"{le}\"{sep}{labels}}} {cumulative}\n"
-            ));
+        histogram(
+            &mut s,
+            "clip_read_latency_seconds",
+            "",
+            labels,
+            &self.read_latency,
+        );
+        s.push_str("# HELP clip_tier_read_seconds Latency of each tier's lookups (hits and misses) and of source fetches.\n# TYPE clip_tier_read_seconds histogram\n");
+        for (tier, h) in &self.tier_latency {
+            let own = format!("tier=\"{tier}\"{sep}{labels}");
+            histogram(&mut s, "clip_tier_read_seconds", &own, "", h);
         }
-        s.push_str(&format!(
-            "clip_read_latency_seconds_sum{{{labels}}} {}\nclip_read_latency_seconds_count{{{labels}}} {}\n",
-            self.read_latency.sum_us as f64 / 1e6,
-            self.read_latency.count
-        ));
         s
+    }
+}
+
+/// Appends the Prometheus lines of histogram `h` named `name` with labels `own` and `labels`
+/// (either may be empty).
+fn histogram(s: &mut String, name: &str, own: &str, labels: &str, h: &HistogramSnapshot) {
+    let all = match (own.is_empty(), labels.is_empty()) {
+        (true, _) => labels.to_owned(),
+        (false, true) => own.to_owned(),
+        (false, false) => format!("{own},{labels}"),
+    };
+    let sep = if all.is_empty() { "" } else { "," };
+    let mut cumulative = 0;
+    for (i, c) in h.bucket_counts.iter().enumerate() {
+        cumulative += c;
+        let le = LATENCY_BUCKETS_US
+            .get(i)
+            .map_or("+Inf".to_owned(), |us| format!("{}", *us as f64 / 1e6));
+        s.push_str(&format!(
+            "{name}_bucket{{le=\"{le}\"{sep}{all}}} {cumulative}\n"
+        ));
+    }
+    s.push_str(&format!(
+        "{name}_sum{{{all}}} {}\n{name}_count{{{all}}} {}\n",
+        h.sum_us as f64 / 1e6,
+        h.count
+    ));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn value(text: &str, line_start: &str) -> Option<f64> {
+        text.lines()
+            .find(|l| l.starts_with(line_start))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    }
+
+    #[test]
+    fn each_tier_has_its_own_latency_histogram() {
+        let stats = StoreStats::new(&["disk", "redis"]);
+        let disk = stats.tier_latency("disk").unwrap();
+        disk.observe(Duration::from_micros(300));
+        disk.observe(Duration::from_millis(3));
+        stats
+            .tier_latency("source")
+            .unwrap()
+            .observe(Duration::from_millis(40));
+        assert!(stats.tier_latency("memory").is_none());
+        let text = stats.snapshot().to_prometheus("image=\"x\"");
+        let b = |tier: &str, le: &str| {
+            value(
+                &text,
+                &format!(
+                    "clip_tier_read_seconds_bucket{{le=\"{le}\",tier=\"{tier}\",image=\"x\"}}"
+                ),
+            )
+        };
+        // Cumulative buckets: one lookup under 0.5 ms, both under 5 ms.
+        assert_eq!(b("disk", "0.0001"), Some(0.0));
+        assert_eq!(b("disk", "0.0005"), Some(1.0));
+        assert_eq!(b("disk", "0.005"), Some(2.0));
+        assert_eq!(b("disk", "+Inf"), Some(2.0));
+        assert_eq!(b("redis", "+Inf"), Some(0.0));
+        assert_eq!(b("source", "0.01"), Some(0.0));
+        assert_eq!(b("source", "0.05"), Some(1.0));
+        let count = value(
+            &text,
+            "clip_tier_read_seconds_count{tier=\"disk\",image=\"x\"}",
+        );
+        assert_eq!(count, Some(2.0));
+        let sum = value(
+            &text,
+            "clip_tier_read_seconds_sum{tier=\"disk\",image=\"x\"}",
+        );
+        assert!((sum.unwrap() - 0.0033).abs() < 1e-9, "{text}");
+        // The overall read latency keeps its name and labels.
+        assert_eq!(
+            value(&text, "clip_read_latency_seconds_count{image=\"x\"}"),
+            Some(0.0)
+        );
     }
 }

@@ -276,7 +276,12 @@ impl<S: BlobSource> ChunkStore<S> {
             return chunk.await.map_err(Error::Shared);
         }
         for (i, tier) in self.tiers.iter().enumerate() {
-            match tier.get(&key).await {
+            let asked = Instant::now();
+            let got = tier.get(&key).await;
+            if let Some(h) = self.stats.tier_latency(tier.name()) {
+                h.observe(asked.elapsed());
+            }
+            match got {
                 Ok(Some(b)) => {
                     self.stats.tiers[i].1.add(b.len());
                     if ahead {
@@ -489,6 +494,7 @@ impl<S: BlobSource> ChunkStore<S> {
             .map_err(|e| Error::Task(e.to_string()))?;
         // Count this fetch's own bytes: the reader's totals are shared by concurrent fetches.
         let planned = self.layer(layer)?.plan(chunks.clone()).compressed;
+        let started = Instant::now();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let decode = self
             .reader
@@ -517,6 +523,9 @@ impl<S: BlobSource> ChunkStore<S> {
             run
         };
         let (decoded, run) = tokio::join!(decode, deliver);
+        if let Some(h) = self.stats.tier_latency("source") {
+            h.observe(started.elapsed());
+        }
         self.stats
             .source_requests
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
