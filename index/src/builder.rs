@@ -100,6 +100,8 @@ pub fn index_layer<R: Read>(blob: R, spec: &LayerSpec, opts: &IndexOptions) -> R
             chunk_size: opts.chunk_size,
             checkpoints: summary.checkpoints,
             chunks: summary.chunks,
+            block_size: crate::layer::BLOCK_SIZE,
+            blocks: summary.blocks,
         },
         entries,
     })

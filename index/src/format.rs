@@ -4,7 +4,14 @@
 //! header (56 bytes): magic "CLIPINDX" | version u32 LE | flags u32 LE (0)
 //!                    | body length u64 LE | sha256 of the body (32 bytes)
 //! body:              zstd frame of the payload
-//! payload:           source | layers (checkpoints, chunks) | nodes | directory entries
+//! payload:           source | layers (checkpoints, chunks, block digests) | nodes
+//!                    | directory entries
+//! ```
+//!
+//! Version 2 added each layer's block size and block digests after its chunks; version 1
+//! files (no block digests) are still read.
+//!
+//! ```text
 //! ```
 //!
 //! Integers in the payload are LEB128 varints. Decoding checks the digest, every bound and
@@ -20,7 +27,9 @@ use crate::layer::{Checkpoint, Chunk, Compression, LayerIndex};
 use crate::node::{Content, Dirent, Inode, Node, NodeKind, Xattr};
 
 pub const MAGIC: &[u8; 8] = b"CLIPINDX";
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
+/// The oldest version [`decode`] reads.
+pub const OLDEST_VERSION: u32 = 1;
 pub const HEADER_LEN: usize = 56;
 /// Largest payload we inflate: far above any real image, far below memory trouble.
 const MAX_PAYLOAD: u64 = 4 << 30;
@@ -28,6 +37,11 @@ const PAYLOAD_LEVEL: i32 = 3;
 
 /// Serialises an index to bytes.
 pub fn encode(index: &ImageIndex) -> Result<Vec<u8>> {
+    encode_version(index, VERSION)
+}
+
+/// Serialises an index in format `version` (1 drops the block digests).
+fn encode_version(index: &ImageIndex, version: u32) -> Result<Vec<u8>> {
     let mut w = Writer::default();
     let s = &index.source;
     w.bytes(s.repository.as_bytes());
@@ -57,6 +71,13 @@ pub fn encode(index: &ImageIndex) -> Result<Vec<u8>> {
             w.digest(&c.digest);
             w.uint(c.compressed_end.saturating_sub(prev));
             prev = c.compressed_end;
+        }
+        if version >= 2 {
+            w.uint(u64::from(l.block_size));
+            w.uint(l.blocks.len() as u64);
+            for b in &l.blocks {
+                w.digest(b);
+            }
         }
     }
     w.uint(index.nodes.len() as u64);
@@ -102,7 +123,7 @@ pub fn encode(index: &ImageIndex) -> Result<Vec<u8>> {
     let body = zstd::bulk::compress(&w.0, PAYLOAD_LEVEL)?;
     let mut out = Vec::with_capacity(HEADER_LEN + body.len());
     out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&0u32.to_le_bytes());
     out.extend_from_slice(&(body.len() as u64).to_le_bytes());
     out.extend_from_slice(&Digest::of(&body).0);
@@ -121,7 +142,7 @@ pub fn decode(bytes: &[u8]) -> Result<ImageIndex> {
         a
     };
     let version = u32::from_le_bytes(word(8..12));
-    if version != VERSION {
+    if !(OLDEST_VERSION..=VERSION).contains(&version) {
         return Err(Error::UnsupportedVersion {
             found: version,
             supported: VERSION,
@@ -161,7 +182,7 @@ pub fn decode(bytes: &[u8]) -> Result<ImageIndex> {
     if payload.len() as u64 > MAX_PAYLOAD {
         return Err(Error::CorruptIndex("payload too large".into()));
     }
-    let index = parse_payload(&payload)?;
+    let index = parse_payload(&payload, version)?;
     validate(&index)?;
     Ok(index)
 }
@@ -171,7 +192,7 @@ pub fn index_digest(encoded: &[u8]) -> Digest {
     Digest::of(encoded)
 }
 
-fn parse_payload(p: &[u8]) -> Result<ImageIndex> {
+fn parse_payload(p: &[u8], version: u32) -> Result<ImageIndex> {
     let mut r = Reader { buf: p, pos: 0 };
     let source = ImageSource {
         repository: r.string()?,
@@ -214,6 +235,18 @@ fn parse_payload(p: &[u8]) -> Result<ImageIndex> {
                 compressed_end: end,
             });
         }
+        let (block_size, blocks) = if version >= 2 {
+            let size = u32::try_from(r.uint()?)
+                .map_err(|_| Error::CorruptIndex("block size too large".into()))?;
+            let n = r.count(32)?;
+            let mut blocks = Vec::with_capacity(n);
+            for _ in 0..n {
+                blocks.push(r.digest()?);
+            }
+            (size, blocks)
+        } else {
+            (0, Vec::new())
+        };
         layers.push(LayerIndex {
             media_type,
             compression,
@@ -224,6 +257,8 @@ fn parse_payload(p: &[u8]) -> Result<ImageIndex> {
             chunk_size,
             checkpoints,
             chunks,
+            block_size,
+            blocks,
         });
     }
     let n_nodes = r.count(12)?;
@@ -309,6 +344,29 @@ pub fn validate(index: &ImageIndex) -> Result<()> {
             .any(|c| c.compressed_end > l.compressed_size)
         {
             return bad(format!("layer {i}: chunk ends beyond the blob"));
+        }
+        if l.block_size == 0 && !l.blocks.is_empty() {
+            return bad(format!("layer {i}: block digests without a block size"));
+        }
+        if l.block_size > 0 {
+            if l.block_size < 512 || l.block_size > l.chunk_size {
+                return bad(format!(
+                    "layer {i}: block size {} out of range",
+                    l.block_size
+                ));
+            }
+            let per_chunk = u64::from(l.chunk_size.div_ceil(l.block_size));
+            let n = l.chunks.len() as u64;
+            let want = match n.checked_sub(1) {
+                Some(full) => full * per_chunk + u64::from(l.blocks_in_chunk(full as u32)),
+                None => 0,
+            };
+            if l.blocks.len() as u64 != want {
+                return bad(format!(
+                    "layer {i}: {} block digests, the chunks have {want} blocks",
+                    l.blocks.len()
+                ));
+            }
         }
         let mut prev: Option<&Checkpoint> = None;
         for c in &l.checkpoints {
@@ -541,5 +599,84 @@ impl<'a> Reader<'a> {
         let mut d = [0u8; 32];
         d.copy_from_slice(b);
         Ok(Digest(d))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{IndexOptions, LayerSpec, assemble, index_layer};
+    use clip_e2e::image::{Compression as TarCompression, Entry, Layer, layer_tar};
+
+    fn sample() -> ImageIndex {
+        let entries = vec![
+            Entry::file("small", b"hello".to_vec()),
+            Entry::file("big", clip_e2e::Rng(5).bytes(700_000)),
+        ];
+        let tar = layer_tar(&Layer::with(entries, TarCompression::Plain)).unwrap();
+        let spec = LayerSpec {
+            media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+            digest: None,
+            diff_id: None,
+        };
+        let opts = IndexOptions {
+            chunk_size: 300_000,
+            ..IndexOptions::default()
+        };
+        let build = index_layer(tar.as_slice(), &spec, &opts).unwrap();
+        assemble(ImageSource::default(), vec![build]).unwrap()
+    }
+
+    #[test]
+    fn block_digests_round_trip_and_version_1_files_still_read() -> Result<()> {
+        let index = sample();
+        let l = &index.layers[0];
+        assert_eq!(l.block_size, crate::BLOCK_SIZE);
+        // 300,000-byte chunks hold 5 blocks; the last chunk holds the rest.
+        assert_eq!(l.chunk_blocks(0).len(), 5);
+        let n = l.chunks.len() as u32;
+        assert_eq!(
+            l.blocks.len(),
+            5 * (n as usize - 1) + l.blocks_in_chunk(n - 1) as usize
+        );
+        assert_eq!(decode(&encode(&index)?)?, index);
+        let old = decode(&encode_version(&index, 1)?)?;
+        assert_eq!(old.layers[0].block_size, 0);
+        assert!(old.layers[0].blocks.is_empty() && old.layers[0].chunk_blocks(0).is_empty());
+        assert_eq!(old.layers[0].chunks, l.chunks);
+        assert_eq!(old.nodes, index.nodes);
+        Ok(())
+    }
+
+    #[test]
+    fn block_digests_that_do_not_fit_the_chunks_are_refused() -> Result<()> {
+        let index = sample();
+        let mut short = index.clone();
+        short.layers[0].blocks.pop();
+        let mut sizeless = index.clone();
+        sizeless.layers[0].block_size = 0;
+        let mut tiny = index;
+        tiny.layers[0].block_size = 1;
+        for bad in [short, sizeless, tiny] {
+            let r = decode(&encode(&bad)?);
+            assert!(matches!(r, Err(Error::CorruptIndex(_))), "{r:?}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn block_spans_cover_a_read_with_whole_blocks() {
+        let index = sample();
+        let l = &index.layers[0];
+        let bs = crate::BLOCK_SIZE;
+        assert_eq!(l.block_span(0, 10..20), Some((0..bs, 0)));
+        assert_eq!(l.block_span(0, bs - 1..bs + 1), Some((0..2 * bs, 0)));
+        // The last block of a chunk is short.
+        assert_eq!(
+            l.block_span(0, 4 * bs + 5..300_000),
+            Some((4 * bs..300_000, 4))
+        );
+        assert_eq!(l.block_span(0, 0..300_001), None, "past the chunk");
+        assert_eq!(l.block_span(0, 7..7), None, "empty");
     }
 }

@@ -102,6 +102,14 @@ pub struct LayerIndex {
     pub chunk_size: u32,
     pub checkpoints: Vec<Checkpoint>,
     pub chunks: Vec<Chunk>,
+    /// Size of the blocks each chunk is cut into for [`Self::blocks`] (0: no block digests,
+    /// an index of format version 1).
+    pub block_size: u32,
+    /// sha256 of every block of every chunk, chunk after chunk: block `j` of chunk `i` is
+    /// bytes `j * block_size..` of that chunk. A reader of a few KiB verifies the blocks it
+    /// read instead of the whole chunk.
+    #[serde(skip)]
+    pub blocks: Vec<Digest>,
 }
 
 /// Which compressed bytes to fetch to produce a run of chunks, and how to start decoding.
@@ -114,7 +122,47 @@ pub struct ReadPlan {
     pub compressed: Range<u64>,
 }
 
+/// Bytes per block digest.
+pub const BLOCK_SIZE: u32 = 64 * 1024;
+
 impl LayerIndex {
+    /// Blocks in chunk `i`.
+    pub fn blocks_in_chunk(&self, i: u32) -> u32 {
+        if self.block_size == 0 {
+            return 0;
+        }
+        let r = self.chunk_range(i);
+        (r.end - r.start).div_ceil(u64::from(self.block_size)) as u32
+    }
+
+    /// The digests of chunk `i`'s blocks (empty without block digests).
+    pub fn chunk_blocks(&self, i: u32) -> &[Digest] {
+        if self.block_size == 0 {
+            return &[];
+        }
+        let per_chunk = self.chunk_size.div_ceil(self.block_size) as usize;
+        let start = i as usize * per_chunk;
+        let n = self.blocks_in_chunk(i) as usize;
+        self.blocks.get(start..start + n).unwrap_or(&[])
+    }
+
+    /// The block-aligned byte range of chunk `i` that holds `want` (offsets within the
+    /// chunk), and the index of its first block; `None` without block digests.
+    pub fn block_span(&self, i: u32, want: Range<u32>) -> Option<(Range<u32>, usize)> {
+        if self.block_size == 0 || want.is_empty() {
+            return None;
+        }
+        let r = self.chunk_range(i);
+        let len = u32::try_from(r.end - r.start).ok()?;
+        if want.end > len {
+            return None;
+        }
+        let bs = self.block_size;
+        let first = want.start / bs;
+        let end = (want.end.div_ceil(bs) * bs).min(len);
+        Some((first * bs..end, first as usize))
+    }
+
     /// Uncompressed byte range of chunk `i`.
     pub fn chunk_range(&self, i: u32) -> Range<u64> {
         let size = u64::from(self.chunk_size);
@@ -215,6 +263,8 @@ mod tests {
             diff_id: Digest::default(),
             uncompressed_size: size,
             chunk_size: chunk,
+            block_size: 0,
+            blocks: vec![],
             checkpoints: vec![Checkpoint {
                 compressed_offset: 100,
                 bits: 3,

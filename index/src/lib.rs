@@ -34,6 +34,6 @@ pub use digest::Digest;
 pub use error::{Error, Result};
 pub use format::{decode, encode, index_digest};
 pub use image::{ImageIndex, ImageSource, IndexStats};
-pub use layer::{Checkpoint, Chunk, Compression, LayerIndex, ReadPlan};
+pub use layer::{BLOCK_SIZE, Checkpoint, Chunk, Compression, LayerIndex, ReadPlan};
 pub use node::{Content, Dirent, Inode, Node, NodeKind, Xattr};
 pub use stream::{decode_chunks, decode_stream};

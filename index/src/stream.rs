@@ -9,7 +9,7 @@ use zstd::stream::raw::{Decoder as ZstdDecoder, InBuffer, Operation, OutBuffer};
 
 use crate::digest::{Digest, Hasher};
 use crate::error::{Error, Result};
-use crate::layer::{Checkpoint, Chunk, Compression, LayerIndex, ReadPlan};
+use crate::layer::{BLOCK_SIZE, Checkpoint, Chunk, Compression, LayerIndex, ReadPlan};
 use crate::zlib::{Inflater, Wrapper};
 
 /// Deflate needs at most this much preceding output to resume.
@@ -27,11 +27,18 @@ enum HashMsg {
     EndChunk,
 }
 
-/// Chunk digests (and optionally the diff_id) computed on a second thread, so hashing
-/// overlaps inflating instead of adding to it.
+/// What the hashing thread computed.
+struct Hashed {
+    chunks: Vec<Digest>,
+    blocks: Vec<Digest>,
+    diff_id: Option<Digest>,
+}
+
+/// Chunk and block digests (and optionally the diff_id) computed on a second thread, so
+/// hashing overlaps inflating instead of adding to it.
 struct HashPipe {
     tx: Option<std::sync::mpsc::SyncSender<HashMsg>>,
-    handle: Option<std::thread::JoinHandle<(Vec<Digest>, Option<Digest>)>>,
+    handle: Option<std::thread::JoinHandle<Hashed>>,
     pending: Vec<u8>,
 }
 
@@ -41,8 +48,12 @@ impl HashPipe {
         let handle = std::thread::Builder::new()
             .name("clip-hash".into())
             .spawn(move || {
-                let mut digests = Vec::new();
+                let block_size = BLOCK_SIZE as usize;
+                let mut chunks = Vec::new();
+                let mut blocks = Vec::new();
                 let mut chunk = Hasher::new();
+                let mut block = Hasher::new();
+                let mut in_block = 0usize;
                 let mut whole = diff_id.then(Hasher::new);
                 for msg in rx {
                     match msg {
@@ -51,11 +62,32 @@ impl HashPipe {
                             if let Some(w) = whole.as_mut() {
                                 w.update(&d);
                             }
+                            let mut rest = d.as_slice();
+                            while !rest.is_empty() {
+                                let n = (block_size - in_block).min(rest.len());
+                                block.update(&rest[..n]);
+                                in_block += n;
+                                rest = &rest[n..];
+                                if in_block == block_size {
+                                    blocks.push(std::mem::take(&mut block).finish());
+                                    in_block = 0;
+                                }
+                            }
                         }
-                        HashMsg::EndChunk => digests.push(std::mem::take(&mut chunk).finish()),
+                        HashMsg::EndChunk => {
+                            chunks.push(std::mem::take(&mut chunk).finish());
+                            if in_block > 0 {
+                                blocks.push(std::mem::take(&mut block).finish());
+                                in_block = 0;
+                            }
+                        }
                     }
                 }
-                (digests, whole.map(Hasher::finish))
+                Hashed {
+                    chunks,
+                    blocks,
+                    diff_id: whole.map(Hasher::finish),
+                }
             })?;
         Ok(Self {
             tx: Some(tx),
@@ -87,7 +119,7 @@ impl HashPipe {
         self.send(HashMsg::EndChunk);
     }
 
-    fn finish(mut self) -> Result<(Vec<Digest>, Option<Digest>)> {
+    fn finish(mut self) -> Result<Hashed> {
         if !self.pending.is_empty() {
             let part = std::mem::take(&mut self.pending);
             self.send(HashMsg::Data(part));
@@ -120,6 +152,8 @@ pub struct StreamSummary {
     pub diff_id: Option<Digest>,
     pub checkpoints: Vec<Checkpoint>,
     pub chunks: Vec<Chunk>,
+    /// Digests of each chunk's [`BLOCK_SIZE`] blocks, chunk after chunk.
+    pub blocks: Vec<Digest>,
 }
 
 /// Counts and hashes the compressed bytes as they are read.
@@ -273,7 +307,11 @@ impl<R: Read> LayerStream<R> {
             self.hashes.end_chunk();
             self.chunk_ends.push(self.comp_at_last_output);
         }
-        let (digests, diff_id) = self.hashes.finish()?;
+        let Hashed {
+            chunks: digests,
+            blocks,
+            diff_id,
+        } = self.hashes.finish()?;
         if digests.len() != self.chunk_ends.len() {
             return Err(Error::Io(io::Error::other(
                 "the hashing thread lost chunks",
@@ -294,6 +332,7 @@ impl<R: Read> LayerStream<R> {
             diff_id,
             checkpoints: self.checkpoints,
             chunks,
+            blocks,
         })
     }
 
@@ -878,6 +917,8 @@ mod tests {
                 diff_id: Digest::of(&data),
                 uncompressed_size: 100,
                 chunk_size: 100,
+                block_size: 0,
+                blocks: Vec::new(),
                 checkpoints: vec![Checkpoint {
                     compressed_offset: 0,
                     bits: 0,
@@ -934,6 +975,8 @@ mod tests {
             chunk_size,
             checkpoints: s.checkpoints,
             chunks: s.chunks,
+            block_size: BLOCK_SIZE,
+            blocks: s.blocks,
         };
         assert_eq!(layer.chunks.len(), 9);
         for i in 0..9 {

@@ -110,6 +110,14 @@ fn check_random_ranges(
         let plan: ReadPlan = layer.plan(first..last + 1);
         let comp = &blob[plan.compressed.start as usize..plan.compressed.end as usize];
         let chunks = decode_chunks(layer, &plan, comp)?;
+        // Each chunk's block digests are those of its 64 KiB blocks.
+        for (i, chunk) in (first..=last).zip(&chunks) {
+            let blocks: Vec<clip_index::Digest> = chunk
+                .chunks(clip_index::BLOCK_SIZE as usize)
+                .map(clip_index::Digest::of)
+                .collect();
+            assert_eq!(layer.chunk_blocks(i), blocks.as_slice(), "chunk {i}");
+        }
         let start = layer.chunk_range(first).start as usize;
         let got: Vec<u8> = chunks.concat();
         assert_eq!(got.as_slice(), &tar_bytes[start..start + got.len()]);
