@@ -258,7 +258,14 @@ fn concurrent_random_reads_are_exact_and_fetch_each_span_once() -> anyhow::Resul
     Ok(())
 }
 
+/// Bytes in the cache directory: chunk files first, then the files still being written.
+/// (The other order would count a chunk twice if it is renamed from `tmp/` into place
+/// between the two walks.)
 fn du(dir: &Path) -> u64 {
+    walk_bytes(&dir.join("chunks")) + walk_bytes(&dir.join("tmp"))
+}
+
+fn walk_bytes(dir: &Path) -> u64 {
     let mut total = 0;
     let mut todo = vec![dir.to_owned()];
     while let Some(d) = todo.pop() {

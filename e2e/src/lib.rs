@@ -14,7 +14,8 @@
 //! - [`cleanup`]: guards that stop mount processes and detach mounts when a test fails.
 //! - [`check`]: compares a mounted tree with the model, field by field and byte by byte.
 //! - [`fixtures`]: the standard test images.
-//! - [`redis`]: a 6-process Redis Cluster (and a plain Redis) on loopback.
+//! - [`redis`]: a 6-process Redis Cluster (and a plain Redis) on loopback, optionally with a
+//!   password, ACL users or TLS only (a CA and certificate made for the test).
 //! - [`token`]: a registry token server (Bearer flow) with a self-signed signing certificate.
 //! - [`http`]: the tiny blocking HTTP/1.1 client behind the above.
 

@@ -1,8 +1,12 @@
 //! A real Redis Cluster (Debian's redis-server in cluster mode) on loopback, started and
 //! torn down by the tests; plus a plain Redis for "not a cluster" cases.
+//!
+//! [`ClusterOptions`] chooses the cluster's shape and how it is secured: a password for the
+//! default user, extra ACL users, TLS only (with a CA and server certificate made for the
+//! test). The harness itself talks to the servers as the default user.
 
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
@@ -16,6 +20,71 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 const PORT_ATTEMPTS: usize = 10;
 /// redis-server in cluster mode also binds this much above its port (the cluster bus).
 const BUS_OFFSET: u16 = 10000;
+
+/// The certificate files of a TLS deployment, made by [`TlsFiles::generate`].
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// The test CA's certificate (PEM): what a client must trust.
+    pub ca: PathBuf,
+    /// The servers' certificate (PEM), for 127.0.0.1 and localhost, signed by the CA.
+    pub cert: PathBuf,
+    /// The servers' private key (PEM).
+    pub key: PathBuf,
+}
+
+impl TlsFiles {
+    /// A fresh CA and a server certificate it signed, written into `dir`.
+    pub fn generate(dir: &Path) -> anyhow::Result<Self> {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+            KeyPair, KeyUsagePurpose,
+        };
+        let ca_key = KeyPair::generate()?;
+        let mut ca = CertificateParams::new(Vec::<String>::new())?;
+        ca.distinguished_name
+            .push(DnType::CommonName, "clip test CA");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca_cert = ca.self_signed(&ca_key)?;
+        let issuer = Issuer::new(ca, ca_key);
+
+        let key = KeyPair::generate()?;
+        let mut server =
+            CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])?;
+        server
+            .distinguished_name
+            .push(DnType::CommonName, "clip test redis");
+        server.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        // Cluster nodes also connect to each other (bus, replication) with this certificate.
+        server.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let server_cert = server.signed_by(&key, &issuer)?;
+
+        let files = Self {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("redis.pem"),
+            key: dir.join("redis-key.pem"),
+        };
+        std::fs::write(&files.ca, ca_cert.pem())?;
+        std::fs::write(&files.cert, server_cert.pem())?;
+        std::fs::write(&files.key, key.serialize_pem())?;
+        Ok(files)
+    }
+}
+
+/// How every server of one deployment is started and reached.
+#[derive(Debug, Clone, Default)]
+struct Settings {
+    cluster: bool,
+    /// The default user's password (`requirepass`, also `masterauth` for replicas).
+    password: Option<String>,
+    /// ACL rules of extra users, one user each (`user` directives).
+    users: Vec<String>,
+    /// TLS only: no plaintext port, TLS on the cluster bus and for replication.
+    tls: Option<TlsFiles>,
+}
 
 #[derive(Debug)]
 struct Node {
@@ -35,10 +104,10 @@ impl Drop for Node {
 
 impl Node {
     /// Starts redis-server in `dir` (created) on a free port; see [`Node::wait_started`].
-    fn spawn(dir: PathBuf, cluster: bool, password: Option<&str>) -> anyhow::Result<Self> {
+    fn spawn(dir: PathBuf, settings: &Settings) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&dir)?;
-        let port = server_port(cluster)?;
-        let child = spawn_server(port, &dir, cluster, password)?;
+        let port = server_port(settings.cluster)?;
+        let child = spawn_server(port, &dir, settings)?;
         Ok(Self {
             port,
             dir,
@@ -49,10 +118,10 @@ impl Node {
     /// Waits until the server answers. A port is only free when [`server_port`] looks, so
     /// another process can take it (or a cluster node's bus port) before redis-server binds
     /// it; the server then exits, and this starts it again, afresh, on another port.
-    fn wait_started(&mut self, cluster: bool, password: Option<&str>) -> anyhow::Result<()> {
+    fn wait_started(&mut self, settings: &Settings) -> anyhow::Result<()> {
         for attempt in 1.. {
             let child = self.child.as_mut().context("the node is stopped")?;
-            match wait_started(child, self.port, password)? {
+            match wait_started(child, self.port, settings)? {
                 Started::Answering => break,
                 Started::Exited(status) if attempt == PORT_ATTEMPTS => {
                     let log =
@@ -61,7 +130,7 @@ impl Node {
                 }
                 Started::Exited(_) => {
                     std::fs::remove_dir_all(&self.dir)?;
-                    *self = Self::spawn(self.dir.clone(), cluster, password)?;
+                    *self = Self::spawn(self.dir.clone(), settings)?;
                 }
             }
         }
@@ -69,42 +138,157 @@ impl Node {
     }
 }
 
+/// What a test cluster looks like and how it is secured; [`ClusterOptions::start`] starts it.
+///
+/// ```no_run
+/// # fn main() -> anyhow::Result<()> {
+/// let _cluster = clip_e2e::redis::ClusterOptions::new()
+///     .user("clip on >secret ~clip:* +@all")
+///     .tls()
+///     .start()?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    masters: usize,
+    replicas: usize,
+    password: Option<String>,
+    users: Vec<String>,
+    tls: bool,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ClusterOptions {
+    /// Three masters with one replica each, no password, no TLS.
+    pub fn new() -> Self {
+        Self {
+            masters: 3,
+            replicas: 1,
+            password: None,
+            users: Vec::new(),
+            tls: false,
+        }
+    }
+
+    /// How many masters, and replicas per master.
+    pub fn shape(mut self, masters: usize, replicas: usize) -> Self {
+        self.masters = masters;
+        self.replicas = replicas;
+        self
+    }
+
+    /// A password for the default user; the harness authenticates with it.
+    pub fn password(mut self, password: &str) -> Self {
+        self.password = Some(password.to_owned());
+        self
+    }
+
+    /// An ACL user, as a `user` directive's arguments, e.g. `clip on >secret ~clip:* +@all`.
+    pub fn user(mut self, rule: &str) -> Self {
+        self.users.push(rule.to_owned());
+        self
+    }
+
+    /// TLS only, with a CA and certificate made for this cluster (see
+    /// [`RedisCluster::ca_file`]). Clients need not present a certificate.
+    pub fn tls(mut self) -> Self {
+        self.tls = true;
+        self
+    }
+
+    /// Starts the processes, creates the cluster and waits until it is healthy.
+    pub fn start(self) -> anyhow::Result<RedisCluster> {
+        let root = tempfile::tempdir()?;
+        let settings = Settings {
+            cluster: true,
+            password: self.password,
+            users: self.users,
+            tls: if self.tls {
+                Some(TlsFiles::generate(root.path())?)
+            } else {
+                None
+            },
+        };
+        let (masters, replicas) = (self.masters, self.replicas);
+        let mut nodes = Vec::new();
+        for i in 0..masters * (1 + replicas) {
+            let dir = root.path().join(format!("node{i}"));
+            nodes.push(Node::spawn(dir, &settings)?);
+        }
+        // Built before waiting, so the processes are stopped if a node never comes up.
+        let mut cluster = RedisCluster {
+            nodes,
+            settings,
+            _dir: root,
+        };
+        for n in &mut cluster.nodes {
+            n.wait_started(&cluster.settings)?;
+        }
+        let addrs: Vec<String> = cluster
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let mut cmd = cli_command(&cluster.settings);
+        let out = cmd
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "redis-cli --cluster create failed: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        cluster.wait_healthy()?;
+        Ok(cluster)
+    }
+}
+
 /// A running Redis Cluster; every process is stopped on drop.
 #[derive(Debug)]
 pub struct RedisCluster {
     nodes: Vec<Node>,
-    password: Option<String>,
+    settings: Settings,
     _dir: tempfile::TempDir,
 }
 
-fn spawn_server(
-    port: u16,
-    dir: &PathBuf,
-    cluster: bool,
-    password: Option<&str>,
-) -> anyhow::Result<Child> {
+fn spawn_server(port: u16, dir: &Path, settings: &Settings) -> anyhow::Result<Child> {
     let mut cmd = Command::new("redis-server");
-    cmd.args([
-        "--port",
-        &port.to_string(),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-    ])
-    .args([
-        "--protected-mode",
-        "no",
-        "--daemonize",
-        "no",
-        "--logfile",
-        "redis.log",
-    ])
-    .arg("--dir")
-    .arg(dir);
-    if cluster {
+    let port = port.to_string();
+    match &settings.tls {
+        None => cmd.args(["--port", &port]),
+        Some(tls) => cmd
+            .args(["--port", "0", "--tls-port", &port])
+            .arg("--tls-cert-file")
+            .arg(&tls.cert)
+            .arg("--tls-key-file")
+            .arg(&tls.key)
+            .arg("--tls-ca-cert-file")
+            .arg(&tls.ca)
+            .args(["--tls-auth-clients", "no"])
+            .args(["--tls-replication", "yes"])
+            .args(["--tls-cluster", if settings.cluster { "yes" } else { "no" }]),
+    };
+    cmd.args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args([
+            "--protected-mode",
+            "no",
+            "--daemonize",
+            "no",
+            "--logfile",
+            "redis.log",
+        ])
+        .arg("--dir")
+        .arg(dir);
+    if settings.cluster {
         cmd.args([
             "--cluster-enabled",
             "yes",
@@ -118,8 +302,12 @@ fn spawn_server(
             "0",
         ]);
     }
-    if let Some(p) = password {
+    if let Some(p) = &settings.password {
         cmd.args(["--requirepass", p, "--masterauth", p]);
+    }
+    for rule in &settings.users {
+        // redis-server quotes each argument after `--user` as one token of the directive.
+        cmd.arg("--user").args(rule.split_whitespace());
     }
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -128,13 +316,21 @@ fn spawn_server(
         .context("starting redis-server (apt-get install redis-server)")
 }
 
-fn cli(port: u16, password: Option<&str>, args: &[&str]) -> anyhow::Result<String> {
+/// redis-cli, authenticated as the default user and speaking TLS when the servers do.
+fn cli_command(settings: &Settings) -> Command {
     let mut cmd = Command::new("redis-cli");
-    cmd.args(["-h", "127.0.0.1", "-p", &port.to_string()]);
-    if let Some(p) = password {
+    if let Some(p) = &settings.password {
         cmd.args(["-a", p, "--no-auth-warning"]);
     }
-    let out = cmd
+    if let Some(tls) = &settings.tls {
+        cmd.arg("--tls").arg("--cacert").arg(&tls.ca);
+    }
+    cmd
+}
+
+fn cli(port: u16, settings: &Settings, args: &[&str]) -> anyhow::Result<String> {
+    let out = cli_command(settings)
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
         .args(args)
         .output()
         .context("running redis-cli (apt-get install redis-tools)")?;
@@ -169,14 +365,14 @@ enum Started {
 
 /// Waits until `child` itself answers on `port`: a PING answered by another process that
 /// holds the port does not count.
-fn wait_started(child: &mut Child, port: u16, password: Option<&str>) -> anyhow::Result<Started> {
+fn wait_started(child: &mut Child, port: u16, settings: &Settings) -> anyhow::Result<Started> {
     let me = format!("process_id:{}", child.id());
     let deadline = Instant::now() + START_TIMEOUT;
     while Instant::now() < deadline {
         if let Some(status) = child.try_wait()? {
             return Ok(Started::Exited(status));
         }
-        if cli(port, password, &["info", "server"]).is_ok_and(|s| s.lines().any(|l| l.trim() == me))
+        if cli(port, settings, &["info", "server"]).is_ok_and(|s| s.lines().any(|l| l.trim() == me))
         {
             return Ok(Started::Answering);
         }
@@ -188,56 +384,12 @@ fn wait_started(child: &mut Child, port: u16, password: Option<&str>) -> anyhow:
 impl RedisCluster {
     /// Three masters and three replicas.
     pub fn start() -> anyhow::Result<Self> {
-        Self::start_with(3, 1, None)
+        ClusterOptions::new().start()
     }
 
     /// A cluster that requires a password.
     pub fn start_with_password(password: &str) -> anyhow::Result<Self> {
-        Self::start_with(3, 1, Some(password.to_owned()))
-    }
-
-    pub fn start_with(
-        masters: usize,
-        replicas: usize,
-        password: Option<String>,
-    ) -> anyhow::Result<Self> {
-        let root = tempfile::tempdir()?;
-        let mut nodes = Vec::new();
-        for i in 0..masters * (1 + replicas) {
-            let dir = root.path().join(format!("node{i}"));
-            nodes.push(Node::spawn(dir, true, password.as_deref())?);
-        }
-        let mut cluster = Self {
-            nodes,
-            password,
-            _dir: root,
-        };
-        for n in &mut cluster.nodes {
-            n.wait_started(true, cluster.password.as_deref())?;
-        }
-        let addrs: Vec<String> = cluster
-            .nodes
-            .iter()
-            .map(|n| format!("127.0.0.1:{}", n.port))
-            .collect();
-        let mut cmd = Command::new("redis-cli");
-        if let Some(p) = &cluster.password {
-            cmd.args(["-a", p, "--no-auth-warning"]);
-        }
-        let out = cmd
-            .arg("--cluster")
-            .arg("create")
-            .args(&addrs)
-            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
-            .output()?;
-        if !out.status.success() {
-            bail!(
-                "redis-cli --cluster create failed: {}",
-                String::from_utf8_lossy(&out.stdout)
-            );
-        }
-        cluster.wait_healthy()?;
-        Ok(cluster)
+        ClusterOptions::new().password(password).start()
     }
 
     /// Waits until every running node reports `cluster_state:ok`.
@@ -245,7 +397,7 @@ impl RedisCluster {
         let deadline = Instant::now() + START_TIMEOUT;
         while Instant::now() < deadline {
             let ok = self.nodes.iter().filter(|n| n.child.is_some()).all(|n| {
-                cli(n.port, self.password.as_deref(), &["cluster", "info"])
+                cli(n.port, &self.settings, &["cluster", "info"])
                     .is_ok_and(|s| s.contains("cluster_state:ok"))
             });
             if ok {
@@ -256,7 +408,7 @@ impl RedisCluster {
         bail!("the Redis Cluster did not become healthy")
     }
 
-    /// Seed addresses, `127.0.0.1:PORT`.
+    /// Seed addresses, `127.0.0.1:PORT` (TLS ports for a TLS cluster).
     pub fn seeds(&self) -> Vec<String> {
         self.nodes
             .iter()
@@ -264,7 +416,12 @@ impl RedisCluster {
             .collect()
     }
 
-    /// Runs redis-cli in cluster mode (-c) against a live node.
+    /// The CA certificate (PEM) that signed a TLS cluster's certificates.
+    pub fn ca_file(&self) -> Option<&Path> {
+        self.settings.tls.as_ref().map(|t| t.ca.as_path())
+    }
+
+    /// Runs redis-cli in cluster mode (-c) against a live node, as the default user.
     pub fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
         let n = self
             .nodes
@@ -273,18 +430,25 @@ impl RedisCluster {
             .context("no live node")?;
         let mut full = vec!["-c"];
         full.extend_from_slice(args);
-        cli(n.port, self.password.as_deref(), &full)
+        cli(n.port, &self.settings, &full)
     }
 
-    /// Ports of the current masters.
+    /// Runs redis-cli against the node on `port` alone (no redirections), as the default user.
+    pub fn cli_on(&self, port: u16, args: &[&str]) -> anyhow::Result<String> {
+        cli(port, &self.settings, args)
+    }
+
+    /// Ports of the live nodes that are masters. Each node is asked for its own role: other
+    /// nodes' views (`CLUSTER NODES`) learn of new replicas by gossip, a moment later.
     pub fn masters(&self) -> anyhow::Result<Vec<u16>> {
-        let nodes = self.cli(&["cluster", "nodes"])?;
-        Ok(nodes
-            .lines()
-            .filter(|l| l.contains("master") && !l.contains("fail"))
-            .filter_map(|l| l.split_whitespace().nth(1))
-            .filter_map(|a| a.split('@').next()?.rsplit(':').next()?.parse().ok())
-            .collect())
+        let mut masters = Vec::new();
+        for n in self.nodes.iter().filter(|n| n.child.is_some()) {
+            let role = cli(n.port, &self.settings, &["role"])?;
+            if role.lines().next().map(str::trim) == Some("master") {
+                masters.push(n.port);
+            }
+        }
+        Ok(masters)
     }
 
     /// Kills (SIGKILL) the node on `port`; its replica takes over after the node timeout.
@@ -311,19 +475,13 @@ impl RedisCluster {
     pub fn restart_all(&mut self) -> anyhow::Result<()> {
         for n in &mut self.nodes {
             if n.child.is_none() {
-                n.child = Some(spawn_server(
-                    n.port,
-                    &n.dir,
-                    true,
-                    self.password.as_deref(),
-                )?);
+                n.child = Some(spawn_server(n.port, &n.dir, &self.settings)?);
             }
         }
         // The cluster's configuration names the ports, so a taken port is an error here.
         for n in &mut self.nodes {
             if let Some(child) = n.child.as_mut()
-                && let Started::Exited(status) =
-                    wait_started(child, n.port, self.password.as_deref())?
+                && let Started::Exited(status) = wait_started(child, n.port, &self.settings)?
             {
                 bail!(
                     "redis-server on port {} exited on restart ({status}): is the port taken?",
@@ -351,9 +509,10 @@ pub struct PlainRedis {
 impl PlainRedis {
     pub fn start() -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
-        let node = Node::spawn(dir.path().join("node"), false, None)?;
+        let settings = Settings::default();
+        let node = Node::spawn(dir.path().join("node"), &settings)?;
         let mut plain = Self { node, _dir: dir };
-        plain.node.wait_started(false, None)?;
+        plain.node.wait_started(&settings)?;
         Ok(plain)
     }
 
@@ -366,12 +525,19 @@ impl PlainRedis {
 mod tests {
     use super::*;
 
+    fn settings(cluster: bool) -> Settings {
+        Settings {
+            cluster,
+            ..Settings::default()
+        }
+    }
+
     /// A node spawned on `port` by hand, as if another process had taken the port (or its
     /// cluster bus port) after [`server_port`] found it free.
     fn node_on(port: u16, dir: &tempfile::TempDir, cluster: bool) -> anyhow::Result<Node> {
         let dir = dir.path().join("node");
         std::fs::create_dir_all(&dir)?;
-        let child = spawn_server(port, &dir, cluster, None)?;
+        let child = spawn_server(port, &dir, &settings(cluster))?;
         Ok(Node {
             port,
             dir,
@@ -384,13 +550,13 @@ mod tests {
         let other = PlainRedis::start()?;
         let dir = tempfile::tempdir()?;
         let mut node = node_on(other.node.port, &dir, false)?;
-        node.wait_started(false, None)?;
+        node.wait_started(&settings(false))?;
         assert_ne!(
             node.port, other.node.port,
             "the other server's answer counted"
         );
         let pid = node.child.as_ref().map(Child::id).unwrap_or_default();
-        let info = cli(node.port, None, &["info", "server"])?;
+        let info = cli(node.port, &settings(false), &["info", "server"])?;
         assert!(info.contains(&format!("process_id:{pid}")), "{info}");
         Ok(())
     }
@@ -401,9 +567,9 @@ mod tests {
         let _bus = TcpListener::bind(("127.0.0.1", port + BUS_OFFSET))?;
         let dir = tempfile::tempdir()?;
         let mut node = node_on(port, &dir, true)?;
-        node.wait_started(true, None)?;
+        node.wait_started(&settings(true))?;
         assert_ne!(node.port, port);
-        assert_eq!(cli(node.port, None, &["ping"])?.trim(), "PONG");
+        assert_eq!(cli(node.port, &settings(true), &["ping"])?.trim(), "PONG");
         Ok(())
     }
 }

@@ -79,6 +79,8 @@ pub struct StoreStats {
     pub prefetched_chunks: AtomicU64,
     /// Chunks read from a cache tier into memory ahead of a reader.
     pub preloaded_chunks: AtomicU64,
+    /// Small reads served from part of a chunk in a tier, verified by block digests.
+    pub range_reads: AtomicU64,
     pub read_errors: AtomicU64,
     pub read_latency: Histogram,
     /// Latency of each cache tier's lookups (hits and misses), in tier order, then of
@@ -96,6 +98,7 @@ impl StoreStats {
             source_bytes: AtomicU64::new(0),
             prefetched_chunks: AtomicU64::new(0),
             preloaded_chunks: AtomicU64::new(0),
+            range_reads: AtomicU64::new(0),
             read_errors: AtomicU64::new(0),
             read_latency: Histogram::default(),
             tier_latency: tiers
@@ -129,6 +132,7 @@ impl StoreStats {
             source_bytes: self.source_bytes.load(Ordering::Relaxed),
             prefetched_chunks: self.prefetched_chunks.load(Ordering::Relaxed),
             preloaded_chunks: self.preloaded_chunks.load(Ordering::Relaxed),
+            range_reads: self.range_reads.load(Ordering::Relaxed),
             read_errors: self.read_errors.load(Ordering::Relaxed),
             read_latency: self.read_latency.snapshot(),
             tier_latency: self
@@ -164,6 +168,7 @@ pub struct StatsSnapshot {
     pub source_bytes: u64,
     pub prefetched_chunks: u64,
     pub preloaded_chunks: u64,
+    pub range_reads: u64,
     pub read_errors: u64,
     pub read_latency: HistogramSnapshot,
     /// Per tier ("source" last): latency of its lookups or fetches.
@@ -211,6 +216,11 @@ impl StatsSnapshot {
                 "clip_preloaded_chunks_total",
                 "Chunks read from a cache tier into memory ahead of readers.",
                 self.preloaded_chunks,
+            ),
+            (
+                "clip_range_reads_total",
+                "Small reads served from part of a chunk in a cache tier, verified by block digests.",
+                self.range_reads,
             ),
             (
                 "clip_read_errors_total",

@@ -221,10 +221,85 @@ impl<S: BlobSource> ChunkStore<S> {
         let end = file_end.min(l.uncompressed_size).max(offset + len);
         let last = l.chunks_covering(end - 1, 1)?.start;
         self.note_access(layer, chunks.end - 1, last);
-        let first_start = l.chunk_range(chunks.start).start;
-        let pieces =
-            futures::future::try_join_all(chunks.clone().map(|c| self.chunk(layer, c))).await?;
-        Ok(crate::reader::splice(&pieces, first_start, offset, len))
+        let mut parts =
+            futures::future::try_join_all(chunks.map(|c| self.part(layer, c, offset, len))).await?;
+        if parts.len() == 1 {
+            return Ok(parts.remove(0));
+        }
+        let mut out = bytes::BytesMut::with_capacity(len as usize);
+        for p in parts {
+            out.extend_from_slice(&p);
+        }
+        Ok(out.freeze())
+    }
+
+    /// The bytes of `offset..offset + len` of `layer` that lie in chunk `c`.
+    async fn part(self: &Arc<Self>, layer: usize, c: u32, offset: u64, len: u64) -> Result<Bytes> {
+        let r = self.layer(layer)?.chunk_range(c);
+        // Both fit in u32: a chunk is at most chunk_size (u32) long.
+        let from = (offset.max(r.start) - r.start) as u32;
+        let to = ((offset + len).min(r.end) - r.start) as u32;
+        if let Some(b) = self.partial(layer, c, from..to).await {
+            return Ok(b);
+        }
+        Ok(self
+            .chunk(layer, c)
+            .await?
+            .slice(from as usize..to as usize))
+    }
+
+    /// A small read of chunk `c` (bytes `want` of it) served from part of the chunk in a
+    /// tier (a `pread` of the disk file, a Redis GETRANGE), verified against the index's
+    /// block digests: a few KiB read and hashed instead of the whole chunk. `None` means
+    /// the whole-chunk path serves it: the read is large, the chunk is in memory or on its
+    /// way, no tier has it, or what a tier had did not match (the whole-chunk path then
+    /// verifies the chunk, discards the damaged copy and fetches it again).
+    async fn partial(self: &Arc<Self>, layer: usize, c: u32, want: Range<u32>) -> Option<Bytes> {
+        let l = self.layer(layer).ok()?;
+        let r = l.chunk_range(c);
+        if u64::from(want.end - want.start) * 4 > r.end - r.start {
+            return None;
+        }
+        let (span, first_block) = l.block_span(c, want.clone())?;
+        let key = self.key(layer, c).ok()?;
+        if self.whereabouts(layer, c).await == Whereabouts::Near {
+            return None;
+        }
+        let blocks = l.chunk_blocks(c).get(first_block..)?;
+        for (i, tier) in self.tiers.iter().enumerate() {
+            if tier.is_local() && !tier.contains(&key).await {
+                continue;
+            }
+            let asked = Instant::now();
+            let got = tier.get_range(&key, span.clone()).await;
+            if let Some(h) = self.stats.tier_latency(tier.name()) {
+                h.observe(asked.elapsed());
+            }
+            let Ok(Some(bytes)) = got else { continue };
+            let matches = bytes
+                .chunks(l.block_size as usize)
+                .zip(blocks)
+                .all(|(b, d)| clip_index::Digest::of(b) == *d);
+            if !matches {
+                warn!(
+                    tier = tier.name(),
+                    layer,
+                    chunk = c,
+                    "part of a chunk does not match its block digests; reading the whole chunk"
+                );
+                return None;
+            }
+            self.stats.tiers[i].1.bytes.fetch_add(
+                (want.end - want.start).into(),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            self.stats
+                .range_reads
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let at = (want.start - span.start) as usize;
+            return Some(bytes.slice(at..at + (want.end - want.start) as usize));
+        }
+        None
     }
 
     /// One verified chunk, from the fastest tier that has it.
@@ -390,7 +465,10 @@ impl<S: BlobSource> ChunkStore<S> {
         let name = format!("{}-{}", self.layer(layer)?.digest.hex(), span.start);
         match redis.try_lease(&name).await {
             Lease::HeldElsewhere => {
-                if let Some(data) = self.wait_for_peer(layer, chunks.clone(), &redis).await {
+                if let Some(data) = self
+                    .wait_for_peer(layer, chunks.clone(), &redis, &name)
+                    .await
+                {
                     for ((c, b), tx) in chunks.zip(data).zip(senders.iter_mut()) {
                         self.deliver(layer, c, b, tx, Some("redis")).await;
                     }
@@ -401,6 +479,15 @@ impl<S: BlobSource> ChunkStore<S> {
                 Ok(())
             }
             Lease::Acquired(token) => {
+                // The holder before us may have published the span and let go between our
+                // look in Redis and our lease: look again before going to the source.
+                if let Some(data) = self.run_in_redis(layer, chunks.clone(), &redis).await {
+                    redis.release_lease(&name, &token).await;
+                    for ((c, b), tx) in chunks.zip(data).zip(senders.iter_mut()) {
+                        self.deliver(layer, c, b, tx, Some("redis")).await;
+                    }
+                    return Ok(());
+                }
                 let fetched = self
                     .stream_from_source(layer, chunks.clone(), ahead, senders, Some("redis"))
                     .await;
@@ -436,42 +523,60 @@ impl<S: BlobSource> ChunkStore<S> {
         }
     }
 
-    /// Another node holds the lease: poll Redis for the run's chunks for a bounded time.
+    /// Another node holds lease `name`: poll Redis for the run's chunks, for at most the
+    /// lease wait, and no longer than the lease lives (a holder that crashed or gave up lets
+    /// the others go at once).
     async fn wait_for_peer(
         &self,
         layer: usize,
         chunks: Range<u32>,
         redis: &Arc<RedisCache>,
+        name: &str,
     ) -> Option<Vec<Bytes>> {
         let deadline = Instant::now() + redis.lease_wait();
-        let last = self.key(layer, chunks.end - 1).ok()?;
         while Instant::now() < deadline && !redis.is_degraded() {
             tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-            if !redis.contains(&last).await {
-                continue;
-            }
-            let mut data = Vec::with_capacity(chunks.len());
-            for c in chunks.clone() {
-                let key = self.key(layer, c).ok()?;
-                match redis.get(&key).await {
-                    Ok(Some(b)) => data.push(b),
-                    _ => break,
-                }
-            }
-            if data.len() == chunks.len() {
+            if let Some(data) = self.run_in_redis(layer, chunks.clone(), redis).await {
                 redis
                     .stats
                     .lease_wait_hits
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if let Some(i) = self.stats.tiers.iter().position(|(n, _)| *n == "redis") {
-                    for b in &data {
-                        self.stats.tiers[i].1.add(b.len());
-                    }
-                }
                 return Some(data);
+            }
+            if !redis.lease_held(name).await {
+                // Published just before the holder let go, or never: one last look.
+                return self.run_in_redis(layer, chunks.clone(), redis).await;
             }
         }
         None
+    }
+
+    /// Every chunk of a run from Redis (verified), if its last one is there already (the
+    /// publisher writes them in order).
+    async fn run_in_redis(
+        &self,
+        layer: usize,
+        chunks: Range<u32>,
+        redis: &Arc<RedisCache>,
+    ) -> Option<Vec<Bytes>> {
+        let last = self.key(layer, chunks.end - 1).ok()?;
+        if !redis.contains(&last).await {
+            return None;
+        }
+        let mut data = Vec::with_capacity(chunks.len());
+        for c in chunks {
+            let key = self.key(layer, c).ok()?;
+            match redis.get(&key).await {
+                Ok(Some(b)) => data.push(b),
+                _ => return None,
+            }
+        }
+        if let Some(i) = self.stats.tiers.iter().position(|(n, _)| *n == "redis") {
+            for b in &data {
+                self.stats.tiers[i].1.add(b.len());
+            }
+        }
+        Some(data)
     }
 
     /// One bounded source fetch of a run, decoded as it arrives: each chunk goes to its

@@ -7,13 +7,13 @@ use std::time::{Duration, Instant};
 
 use clip_e2e::image::{Entry, Layer, Pusher, build_image};
 use clip_e2e::proxy::Proxy;
-use clip_e2e::redis::{PlainRedis, RedisCluster};
+use clip_e2e::redis::{ClusterOptions, PlainRedis, RedisCluster};
 use clip_e2e::registry::Registry;
 use clip_e2e::{Rng, text_bytes};
-use clip_index::{Content, ImageIndex, IndexOptions};
-use clip_storage::cache::ChunkCache;
+use clip_index::{Content, Digest, ImageIndex, IndexOptions};
 use clip_storage::cache::disk::DiskCache;
-use clip_storage::cache::redis::{RedisCache, RedisConfig};
+use clip_storage::cache::redis::{Lease, RedisCache, RedisConfig};
+use clip_storage::cache::{ChunkCache, ChunkKey};
 use clip_storage::{ChunkStore, RegistryBlobs, RegistryClient, RegistryConfig, StoreConfig};
 
 /// The tests of this file each start a 6-process cluster and a registry: run them one at a
@@ -170,7 +170,11 @@ async fn wait_for_writes(n: &Node, at_least: u64) {
 }
 
 fn counter(n: &Node, name: &str) -> u64 {
-    n.redis
+    counter_of(&n.redis, name)
+}
+
+fn counter_of(redis: &RedisCache, name: &str) -> u64 {
+    redis
         .counters()
         .iter()
         .find(|(k, _)| *k == name)
@@ -390,5 +394,275 @@ async fn bad_redis_settings_fail_at_start_with_a_clear_reason() -> anyhow::Resul
         .map(|e| e.to_string())
         .unwrap_or_default();
     assert!(e.contains("Redis Cluster"), "{e}");
+    Ok(())
+}
+
+/// Where a file's bytes are in the image: (layer, uncompressed offset in the layer).
+fn file_at(index: &ImageIndex, path: &str) -> anyhow::Result<(usize, u64)> {
+    let node = index.node(index.resolve(path.as_bytes(), false)?).unwrap();
+    let Content::File { layer, offset } = node.content else {
+        anyhow::bail!("{path} is not a regular file");
+    };
+    Ok((layer as usize, offset))
+}
+
+/// Waits until the proxy has logged at least one blob read (a request is logged once its
+/// response has gone through, which may be after the reader already has its chunk).
+async fn wait_for_blob_reads(proxy: &Proxy) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while proxy.blob_reads().is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    proxy.blob_reads().len()
+}
+
+/// `PTTL key` through the cluster: ms left, -1 without expiry, -2 when there is no such key.
+fn pttl(cluster: &RedisCluster, key: &str) -> anyhow::Result<i64> {
+    let out = cluster.cli(&["PTTL", key])?;
+    out.trim()
+        .parse()
+        .map_err(|_| anyhow::anyhow!("PTTL {key}: {out:?}"))
+}
+
+/// Like [`pttl`], after waiting (bounded) for the key to be written in the background.
+async fn pttl_once_written(cluster: &RedisCluster, key: &str) -> anyhow::Result<i64> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let t = pttl(cluster, key)?;
+        if t != -2 || Instant::now() >= deadline {
+            return Ok(t);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A chunk that is not part of any image.
+fn loose_chunk(seed: u64) -> (ChunkKey, bytes::Bytes) {
+    let data = Rng(seed).bytes(200 << 10);
+    let key = ChunkKey {
+        digest: Digest::of(&data),
+        len: data.len() as u32,
+    };
+    (key, data.into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_crashed_lease_holder_delays_a_read_by_at_most_the_lease() -> anyhow::Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let w = world().await?;
+    // Waiters would wait up to 10 s for a live holder; a dead one's lease ends in 2 s.
+    let lease = Duration::from_secs(2);
+    let lease_wait = Duration::from_secs(10);
+    let config = RedisConfig {
+        lease,
+        lease_wait,
+        ..redis_config(w.cluster.seeds())
+    };
+    let reader = node_with(
+        &w,
+        false,
+        0,
+        Arc::new(RedisCache::connect(config.clone()).await?),
+    )
+    .await?;
+
+    // The span that holds the start of a file in the middle of the layer.
+    let (path, data) = &w.files[2];
+    let (layer, offset) = file_at(&w.index, path)?;
+    let len = 64 << 10;
+    let chunk = w.index.layers[layer].chunks_covering(offset, len)?.start;
+    let span = reader.store.span_run(layer, chunk)?;
+    // The lease name the store uses for a span: layer digest and the span's first chunk.
+    let name = format!("{}-{}", w.index.layers[layer].digest.hex(), span.start);
+    {
+        let holder = RedisCache::connect(config.clone()).await?;
+        let got = holder.try_lease(&name).await;
+        assert!(matches!(got, Lease::Acquired(_)), "{got:?}");
+        // The holder dies here, lease taken and never released.
+    }
+
+    w.proxy.clear_log();
+    let started = Instant::now();
+    let got = reader.store.read(layer, offset, len).await?;
+    let elapsed = started.elapsed();
+    assert!(got == data[..len as usize], "{path}: wrong bytes");
+    assert!(
+        counter(&reader, "lease_wait") >= 1,
+        "the reader found the span leased by the dead holder"
+    );
+    assert!(
+        wait_for_blob_reads(&w.proxy).await > 0,
+        "the reader fetched the span from the registry itself"
+    );
+    assert!(
+        elapsed >= lease / 2,
+        "the reader waited for the holder while its lease lived: {elapsed:?}"
+    );
+    assert!(
+        elapsed < lease + Duration::from_secs(2),
+        "a dead holder delayed the read by {elapsed:?}, more than the {lease:?} lease"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chunk_keys_carry_the_configured_ttl_and_index_keys_none() -> anyhow::Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let w = world().await?;
+    let ttl = Duration::from_secs(120);
+    let redis = Arc::new(
+        RedisCache::connect(RedisConfig {
+            ttl: Some(ttl),
+            ..redis_config(w.cluster.seeds())
+        })
+        .await?,
+    );
+    let n = node_with(&w, false, 0, redis.clone()).await?;
+    let (path, data) = &w.files[1];
+    assert!(
+        read_file(&n.store, path).await? == *data,
+        "{path}: wrong bytes"
+    );
+    let (layer, offset) = file_at(&w.index, path)?;
+    let chunks = w.index.layers[layer].chunks_covering(offset, data.len() as u64)?;
+    assert!(!chunks.is_empty());
+    for c in chunks.clone() {
+        let key = format!(
+            "clip:c:{}",
+            w.index.layers[layer].chunks[c as usize].digest.hex()
+        );
+        let left = pttl_once_written(&w.cluster, &key).await?;
+        assert!(
+            left > 0 && left <= ttl.as_millis() as i64,
+            "{key}: PTTL {left} ms, configured TTL {ttl:?}"
+        );
+    }
+
+    // A TTL of none (`--redis-ttl 0`) keeps chunks until evicted by other means.
+    let keep = Arc::new(
+        RedisCache::connect(RedisConfig {
+            ttl: None,
+            key_prefix: "keep".into(),
+            ..redis_config(w.cluster.seeds())
+        })
+        .await?,
+    );
+    let k = node_with(&w, false, 0, keep).await?;
+    assert!(
+        read_file(&k.store, path).await? == *data,
+        "{path}: wrong bytes"
+    );
+    let c = chunks.start as usize;
+    let key = format!("keep:c:{}", w.index.layers[layer].chunks[c].digest.hex());
+    assert_eq!(pttl_once_written(&w.cluster, &key).await?, -1, "{key}");
+
+    // Indexes must outlive any eviction: no TTL on the header, its parts, the manifest
+    // pointer or the owner set.
+    let encoded = clip_index::encode(&w.index)?;
+    let manifest = w.index.source.manifest_digest;
+    let digest = redis.publish_index(&encoded, Some(&manifest)).await?;
+    redis.add_index_owner(&digest, "default/app").await?;
+    for key in [
+        format!("clip:i:{}", digest.hex()),
+        format!("clip:i:{}:0", digest.hex()),
+        format!("clip:m:{}", manifest.hex()),
+        format!("clip:o:{}", digest.hex()),
+    ] {
+        assert_eq!(pttl(&w.cluster, &key)?, -1, "{key}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acl_user_reads_and_writes_and_a_wrong_password_fails_at_start() -> anyhow::Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    // The user may touch only clip's keys; the default user (the harness) has a password.
+    let cluster = ClusterOptions::new()
+        .password("harness-only")
+        .user("clip on >clip-secret ~clip:* +@all")
+        .start()?;
+    let as_clip = |password: &str| RedisConfig {
+        username: Some("clip".into()),
+        password: Some(password.into()),
+        ..redis_config(cluster.seeds())
+    };
+
+    let cache = RedisCache::connect(as_clip("clip-secret")).await?;
+    for seed in 1..=12 {
+        let (key, data) = loose_chunk(seed);
+        cache.put(&key, data.clone()).await?;
+        assert_eq!(cache.get(&key).await?, Some(data), "chunk {seed}");
+    }
+    assert_eq!(counter_of(&cache, "error"), 0, "{:?}", cache.counters());
+    assert_eq!(counter_of(&cache, "hit"), 12, "{:?}", cache.counters());
+    // Leases, released by a script, stay within the user's keys too.
+    let Lease::Acquired(token) = cache.try_lease("span").await else {
+        panic!("no lease: {:?}", cache.counters());
+    };
+    cache.release_lease("span", &token).await;
+    assert!(matches!(cache.try_lease("span").await, Lease::Acquired(_)));
+
+    for (what, config) in [
+        ("a wrong password", as_clip("wrong")),
+        ("no credentials", redis_config(cluster.seeds())),
+    ] {
+        let e = RedisCache::connect(config)
+            .await
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("password"), "{what}: {e}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_cluster_is_used_with_its_ca_file_and_refused_without_it() -> anyhow::Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let cluster = ClusterOptions::new().tls().start()?;
+    let ca = cluster.ca_file().unwrap().to_owned();
+    let tls = RedisConfig {
+        tls: true,
+        connect_timeout: Duration::from_secs(1),
+        ..redis_config(cluster.seeds())
+    };
+
+    let cache = RedisCache::connect(RedisConfig {
+        ca_file: Some(ca.clone()),
+        ..tls.clone()
+    })
+    .await?;
+    // Enough keys to land on every master: each node is reached over TLS.
+    for seed in 1..=30 {
+        let (key, data) = loose_chunk(seed);
+        cache.put(&key, data.clone()).await?;
+        assert_eq!(cache.get(&key).await?, Some(data), "chunk {seed}");
+    }
+    assert_eq!(counter_of(&cache, "hit"), 30, "{:?}", cache.counters());
+    let masters = cluster.masters()?;
+    assert_eq!(masters.len(), 3);
+    for port in masters {
+        let keys = cluster.cli_on(port, &["DBSIZE"])?;
+        assert!(keys.trim().parse::<u64>()? > 0, "master {port}: {keys}");
+    }
+
+    // The system's CAs do not know the test CA: a clear error at start.
+    let e = RedisCache::connect(tls.clone())
+        .await
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(e.contains("certificate") && e.contains("CA file"), "{e}");
+
+    let missing = ca.with_file_name("no-such-ca.pem");
+    let e = RedisCache::connect(RedisConfig {
+        ca_file: Some(missing.clone()),
+        ..tls.clone()
+    })
+    .await
+    .err()
+    .map(|e| e.to_string())
+    .unwrap_or_default();
+    assert!(e.contains(&missing.display().to_string()), "{e}");
     Ok(())
 }

@@ -177,22 +177,23 @@ async fn read_sequentially(
     len: u64,
     file_end: u64,
 ) -> anyhow::Result<()> {
-    read_paced(s, store, from, len, file_end, Duration::ZERO).await
+    read_paced(s, store, from, len, file_end, 128 * 1024, Duration::ZERO).await
 }
 
-/// [`read_sequentially`] by a reader that spends `pause` on each read's bytes.
+/// [`read_sequentially`] in reads of `step` bytes, by a reader that spends `pause` on each.
 async fn read_paced(
     s: &Setup,
     store: &Arc<ChunkStore<Counting>>,
     from: u64,
     len: u64,
     file_end: u64,
+    step: u64,
     pause: Duration,
 ) -> anyhow::Result<()> {
     let base = file_offset(s);
     let mut off = from;
     while off < from + len {
-        let n = (128 * 1024).min(from + len - off);
+        let n = step.min(from + len - off);
         let got = store
             .read_in_file(0, base + off, n, base + file_end)
             .await?;
@@ -371,7 +372,8 @@ async fn warm_sequential_reads_find_the_next_chunks_in_memory() -> anyhow::Resul
         })?;
         // A reader that works on what it reads (a debug build verifies slowly: without a
         // pause, reads from memory would outrun any preloading).
-        read_paced(s, &store, 0, size, size, Duration::from_millis(5)).await?;
+        // 512 KiB reads, as the kernel's read-ahead asks (small ones would be range reads).
+        read_paced(s, &store, 0, size, size, 512 * 1024, Duration::from_millis(20)).await?;
         let stats = store.stats().snapshot();
         let disk = stats.tiers.iter().find(|t| t.tier == "disk").unwrap();
         assert_eq!(
@@ -433,5 +435,67 @@ async fn a_reader_gets_its_chunk_before_the_rest_of_its_fetch_arrives() -> anyho
     let got = s.store.read(0, last.start, last.end - last.start).await?;
     assert!(got[..] == s.data[off as usize..(off + last.end - last.start) as usize]);
     assert_eq!(s.requests(), 1, "one fetch for the span");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn small_warm_reads_verify_only_the_blocks_they_read() -> anyhow::Result<()> {
+    let s = setup(StoreConfig {
+        readahead_runs: 0,
+        ..StoreConfig::default()
+    })
+    .await?;
+    s.store.prefetch_all(2).await?;
+    let base = file_offset(&s);
+    let fresh = || {
+        s.reopen(StoreConfig {
+            readahead_runs: 0,
+            preload_chunks: 0,
+            ..StoreConfig::default()
+        })
+    };
+    let tier = |store: &Arc<ChunkStore<Counting>>, name: &str| {
+        let stats = store.stats().snapshot();
+        let t = stats.tiers.iter().find(|t| t.tier == name).unwrap().clone();
+        (t.chunks, t.bytes, stats.range_reads)
+    };
+    let at = 5_000_100u64;
+    let want = &s.data[at as usize..at as usize + 4096];
+
+    // 4 KiB from a chunk on disk: read and verified as one 64 KiB block, not the chunk.
+    let store = fresh()?;
+    assert!(&store.read(0, base + at, 4096).await?[..] == want);
+    assert_eq!(tier(&store, "disk"), (0, 4096, 1));
+    assert_eq!(tier(&store, "memory").0, 0, "the chunk was not loaded");
+    // A large read (here 300 KB of one chunk) takes the whole chunk, kept in memory.
+    let store = fresh()?;
+    let layer = &s.store.index().layers[0];
+    let c = layer.chunks_covering(base + (6 << 20), 1)?.start;
+    let from = layer.chunk_range(c).start + 100 - base;
+    let big = store.read(0, base + from, 300_000).await?;
+    assert!(big[..] == s.data[from as usize..from as usize + 300_000]);
+    assert_eq!(
+        tier(&store, "disk"),
+        (1, layer.chunk_range(c).end - layer.chunk_range(c).start, 0)
+    );
+
+    // A damaged block on disk: never served; the whole chunk is checked, dropped and
+    // fetched again.
+    let layer = &s.store.index().layers[0];
+    let c = layer.chunks_covering(base + at, 1)?.start;
+    let hex = layer.chunks[c as usize].digest.hex();
+    let file = s.cache.path().join("chunks").join(&hex[..2]).join(&hex);
+    let inside = base + at - layer.chunk_range(c).start + 10;
+    let mut bytes = std::fs::read(&file)?;
+    bytes[inside as usize] ^= 0xff;
+    std::fs::write(&file, &bytes)?;
+    let before = s.requests();
+    let store = fresh()?;
+    assert!(&store.read(0, base + at, 4096).await?[..] == want);
+    assert_eq!(tier(&store, "disk").2, 0, "no range read was served");
+    assert!(
+        s.requests() > before,
+        "the chunk came from the registry again"
+    );
     Ok(())
 }

@@ -194,6 +194,11 @@ pub struct RedisArgs {
     #[arg(long, env = "CLIP_REDIS_TLS_INSECURE")]
     pub redis_tls_insecure: bool,
 
+    /// CA certificates (PEM file) that signed the Redis servers' certificates; trusted instead
+    /// of the system's. Implies --redis-tls.
+    #[arg(long, env = "CLIP_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
+
     /// Expiry of cached chunks in seconds (0: no expiry); lets `volatile-lru` evict them.
     #[arg(long, default_value_t = 7 * 24 * 3600, env = "CLIP_REDIS_TTL")]
     pub redis_ttl: u64,
@@ -220,6 +225,7 @@ impl RedisArgs {
             password: self.redis_password.clone(),
             tls: self.redis_tls,
             tls_insecure: self.redis_tls_insecure,
+            ca_file: self.redis_ca_file.clone(),
             op_timeout: Duration::from_millis(self.redis_timeout_ms.max(1)),
             ttl: (self.redis_ttl > 0).then(|| Duration::from_secs(self.redis_ttl)),
             key_prefix: self.redis_prefix.clone(),
@@ -359,5 +365,32 @@ pub fn human_bytes(n: u64) -> String {
         format!("{n} B")
     } else {
         format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct RedisOnly {
+        #[command(flatten)]
+        redis: RedisArgs,
+    }
+
+    #[test]
+    fn a_redis_ca_file_reaches_the_cache_config() {
+        let args = RedisOnly::try_parse_from([
+            "clip",
+            "--redis",
+            "redis-0:6379",
+            "--redis-ca-file",
+            "/etc/clip/redis-ca.pem",
+        ]);
+        let config = args.map(|a| a.redis.config());
+        assert_eq!(
+            config.ok().and_then(|c| c.ca_file),
+            Some(PathBuf::from("/etc/clip/redis-ca.pem"))
+        );
     }
 }

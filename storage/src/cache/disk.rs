@@ -37,6 +37,8 @@ struct State {
 pub struct DiskStats {
     pub corrupt: AtomicU64,
     pub evicted: AtomicU64,
+    /// Chunks not stored because every other chunk was being read and the cap was reached.
+    pub skipped: AtomicU64,
 }
 
 /// Chunks on local disk under `dir`, at most `capacity` bytes.
@@ -172,10 +174,12 @@ impl DiskCache {
         std::fs::remove_file(self.path(digest)).ok();
     }
 
-    /// Removes least recently used, unpinned chunks until under the cap.
+    /// Removes least recently used, unpinned chunks until under the cap. The files go while
+    /// the lock is held: a concurrent writer that counts on the freed space must not write
+    /// its chunk before they are gone, or the directory would briefly exceed the cap.
     fn evict(&self) {
         let mut victims = Vec::new();
-        {
+        let s = {
             let mut s = self.lock();
             let mut skipped = Vec::new();
             while s.bytes > self.capacity {
@@ -195,13 +199,15 @@ impl DiskCache {
             for (tick, digest) in skipped {
                 s.order.insert(tick, digest);
             }
-        }
+            s
+        };
         for d in victims {
             self.stats.evicted.fetch_add(1, Ordering::Relaxed);
             if let Err(e) = std::fs::remove_file(self.path(&d)) {
                 debug!(digest = %d, error = %e, "evicted chunk file already gone");
             }
         }
+        drop(s);
     }
 
     fn read_verified(&self, key: &ChunkKey) -> Option<Bytes> {
@@ -225,6 +231,24 @@ impl DiskCache {
             return None;
         }
         Some(Bytes::from(data))
+    }
+
+    /// Bytes `range` of a chunk file of the right length (unverified: see `get_range`).
+    fn read_part(&self, key: &ChunkKey, range: std::ops::Range<u32>) -> Option<Bytes> {
+        use std::os::unix::fs::FileExt;
+        let path = self.path(&key.digest);
+        let file = std::fs::File::open(&path).ok()?;
+        if file.metadata().ok()?.len() != u64::from(key.len) {
+            return None;
+        }
+        let mut buf = vec![0u8; (range.end - range.start) as usize];
+        match file.read_exact_at(&mut buf, u64::from(range.start)) {
+            Ok(()) => Some(Bytes::from(buf)),
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "disk cache read failed");
+                None
+            }
+        }
     }
 
     fn write(&self, key: &ChunkKey, data: &[u8]) -> Result<()> {
@@ -271,6 +295,22 @@ impl ChunkCache for DiskCache {
         .boxed()
     }
 
+    fn get_range<'a>(
+        &'a self,
+        key: &'a ChunkKey,
+        range: std::ops::Range<u32>,
+    ) -> BoxFuture<'a, Result<Option<Bytes>>> {
+        async move {
+            if range.end > key.len || !self.pin(&key.digest) {
+                return Ok(None);
+            }
+            let found = blocking(|| self.read_part(key, range));
+            self.unpin(&key.digest);
+            Ok(found)
+        }
+        .boxed()
+    }
+
     fn put<'a>(&'a self, key: &'a ChunkKey, data: Bytes) -> BoxFuture<'a, Result<()>> {
         async move {
             if u64::from(key.len) > self.capacity {
@@ -297,6 +337,13 @@ impl ChunkCache for DiskCache {
                 s.bytes += data.len() as u64;
             }
             self.evict();
+            // Everything else is being read (pinned): skip this chunk rather than exceed
+            // the cap; it stays in memory and the next miss stores it.
+            if self.lock().bytes > self.capacity {
+                self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+                self.forget(&key.digest);
+                return Ok(());
+            }
             let written = blocking(|| self.write(key, &data));
             if let Err(e) = written {
                 self.forget(&key.digest);
@@ -314,6 +361,14 @@ impl ChunkCache for DiskCache {
 
     fn name(&self) -> &'static str {
         "disk"
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("verify_failure", self.stats.corrupt.load(Ordering::Relaxed)),
+            ("evicted", self.stats.evicted.load(Ordering::Relaxed)),
+            ("skipped_full", self.stats.skipped.load(Ordering::Relaxed)),
+        ]
     }
 
     fn is_local(&self) -> bool {

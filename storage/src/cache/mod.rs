@@ -30,6 +30,18 @@ pub trait ChunkCache: Send + Sync + 'static {
     /// Stores a chunk that the caller has verified.
     fn put<'a>(&'a self, key: &'a ChunkKey, data: Bytes) -> BoxFuture<'a, Result<()>>;
 
+    /// Bytes `range` of the chunk, or `None` on a miss or when the tier cannot read part of
+    /// a chunk. Not verified: the caller checks them against the index's block digests (and
+    /// falls back to [`ChunkCache::get`], which verifies and discards, on a mismatch).
+    fn get_range<'a>(
+        &'a self,
+        key: &'a ChunkKey,
+        range: std::ops::Range<u32>,
+    ) -> BoxFuture<'a, Result<Option<Bytes>>> {
+        let _ = (key, range);
+        Box::pin(futures::future::ready(Ok(None)))
+    }
+
     /// Whether the tier holds the chunk (without reading or verifying it).
     fn contains<'a>(&'a self, key: &'a ChunkKey) -> BoxFuture<'a, bool>;
 

@@ -10,7 +10,9 @@
 //!   and probes it again after a cool-down. Redis trouble is a cache miss, never a failed read.
 //! - Every chunk read is verified; a mismatch deletes the key and reports a miss.
 //! - Indexes are stored under their digest in parts of under 1 MiB, with no TTL.
+//! - TLS trusts the system's CAs, or only those of a configured CA file (a private CA).
 
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -41,6 +43,9 @@ pub struct RedisConfig {
     pub tls: bool,
     /// Accept any certificate (testing only).
     pub tls_insecure: bool,
+    /// CA certificates (PEM) to trust instead of the system's, for a cluster whose
+    /// certificates a private CA signed. Implies `tls`.
+    pub ca_file: Option<PathBuf>,
     pub connect_timeout: Duration,
     /// Bound on every command; past it the read falls back to the next tier.
     pub op_timeout: Duration,
@@ -65,6 +70,7 @@ impl Default for RedisConfig {
             password: None,
             tls: false,
             tls_insecure: false,
+            ca_file: None,
             connect_timeout: Duration::from_secs(2),
             op_timeout: Duration::from_millis(1500),
             ttl: Some(Duration::from_secs(7 * 24 * 3600)),
@@ -192,6 +198,12 @@ fn redis_error(config: &RedisConfig, e: &redis::RedisError) -> Error {
         || text.contains("invalid username-password")
     {
         " (check the Redis user and password)"
+    } else if text.contains("invalid peer certificate") {
+        if config.ca_file.is_some() {
+            " (was the servers' certificate signed by the CA in the CA file, for the seed addresses?)"
+        } else {
+            " (is the servers' certificate signed by a CA the system trusts? if not, give its CA file)"
+        }
     } else if e.is_connection_refusal() || e.is_io_error() || e.is_timeout() {
         " (are the seed addresses right and reachable?)"
     } else {
@@ -213,11 +225,12 @@ impl RedisCache {
                 detail: "no seed nodes configured".into(),
             });
         }
-        let scheme = if config.tls { "rediss" } else { "redis" };
+        let tls = config.tls || config.ca_file.is_some();
+        let scheme = if tls { "rediss" } else { "redis" };
         let mut urls = Vec::new();
         for s in &config.seeds {
             let mut url = format!("{scheme}://{s}");
-            if config.tls && config.tls_insecure {
+            if tls && config.tls_insecure {
                 url.push('#');
                 url.push_str("insecure");
             }
@@ -227,6 +240,23 @@ impl RedisCache {
             .connection_timeout(config.connect_timeout)
             .response_timeout(config.op_timeout)
             .retries(1);
+        if let Some(path) = config.ca_file.as_ref().filter(|_| !config.tls_insecure) {
+            let root_cert = std::fs::read(path).map_err(|e| Error::Cache {
+                tier: "redis",
+                detail: format!("reading the CA file {}: {e}", path.display()),
+            })?;
+            // An empty trust store would fail every handshake with a less telling error.
+            if !String::from_utf8_lossy(&root_cert).contains("-----BEGIN CERTIFICATE-----") {
+                return Err(Error::Cache {
+                    tier: "redis",
+                    detail: format!("the CA file {} holds no PEM certificate", path.display()),
+                });
+            }
+            builder = builder.certs(redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(root_cert),
+            });
+        }
         if let Some(p) = &config.password {
             builder = builder.password(p);
         }
@@ -371,6 +401,15 @@ impl RedisCache {
     }
 
     /// How long to wait for another node's lease.
+    /// Whether lease `name` is still held by someone (false also when Redis cannot say).
+    pub async fn lease_held(&self, name: &str) -> bool {
+        let key = format!("{}:l:{name}", self.config.key_prefix);
+        let n: Option<i64> = self
+            .run("lease_check", |mut c| async move { c.exists(&key).await })
+            .await;
+        n.unwrap_or(0) > 0
+    }
+
     pub fn lease_wait(&self) -> Duration {
         self.config.lease_wait
     }
@@ -578,6 +617,39 @@ impl ChunkCache for RedisCache {
             }
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
             Ok(Some(Bytes::from(data)))
+        }
+        .boxed()
+    }
+
+    fn get_range<'a>(
+        &'a self,
+        key: &'a ChunkKey,
+        range: std::ops::Range<u32>,
+    ) -> BoxFuture<'a, Result<Option<Bytes>>> {
+        async move {
+            if range.is_empty() || range.end > key.len {
+                return Ok(None);
+            }
+            let k = self.chunk_key(&key.digest);
+            let (from, to) = (range.start as isize, range.end as isize - 1);
+            let got: Option<Vec<u8>> = self
+                .run(
+                    "getrange",
+                    |mut c| async move { c.getrange(&k, from, to).await },
+                )
+                .await;
+            // A missing key reads as empty; a short value is a damaged or foreign one.
+            match got {
+                Some(data) if data.len() == range.len() => {
+                    self.stats.hits.fetch_add(1, Ordering::Relaxed);
+                    Ok(Some(Bytes::from(data)))
+                }
+                Some(_) => {
+                    self.stats.misses.fetch_add(1, Ordering::Relaxed);
+                    Ok(None)
+                }
+                None => Ok(None),
+            }
         }
         .boxed()
     }
