@@ -23,6 +23,10 @@ pub struct Args {
     pub redis_password: Option<String>,
     #[arg(long, env = "CLIP_REDIS_TLS")]
     pub redis_tls: bool,
+    /// PEM file of the CA that signed the Redis Cluster's certificates (implies TLS; only
+    /// that CA is trusted).
+    #[arg(long, env = "CLIP_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<std::path::PathBuf>,
     /// Expiry of warmed chunks in seconds (0: none).
     #[arg(long, default_value_t = 7 * 24 * 3600, env = "CLIP_REDIS_TTL")]
     pub redis_ttl: u64,

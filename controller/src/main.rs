@@ -53,6 +53,7 @@ async fn main() -> anyhow::Result<()> {
             username: args.redis_username.clone(),
             password: args.redis_password.clone(),
             tls: args.redis_tls,
+            ca_file: args.redis_ca_file.clone(),
             ttl: (args.redis_ttl > 0).then(|| Duration::from_secs(args.redis_ttl)),
             ..RedisConfig::default()
         })

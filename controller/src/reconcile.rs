@@ -124,9 +124,16 @@ impl Context {
 
     /// Drops `key`'s interest in every job; jobs nobody wants any more are cancelled.
     fn forget(&self, key: &str) {
-        let mut jobs = self.jobs();
-        jobs.retain(|_, j| {
-            j.interested.remove(key);
+        Self::leave(&mut self.jobs(), key, None);
+    }
+
+    /// Drops `key`'s interest in every job but `keep`'s (a spec change away from a digest);
+    /// jobs nobody wants any more are cancelled.
+    fn leave(jobs: &mut HashMap<Digest, Job>, key: &str, keep: Option<&Digest>) {
+        jobs.retain(|d, j| {
+            if Some(d) != keep {
+                j.interested.remove(key);
+            }
             if j.interested.is_empty() {
                 let _ = j.cancel.send(true);
                 false
@@ -134,6 +141,19 @@ impl Context {
                 true
             }
         });
+    }
+
+    /// Leaves `key`'s other builds and joins the build of `manifest`, if there is one.
+    fn join_build(
+        &self,
+        manifest: &Digest,
+        key: &str,
+    ) -> Option<(Arc<Progress>, watch::Receiver<Option<BuildOutcome>>)> {
+        let mut jobs = self.jobs();
+        Self::leave(&mut jobs, key, Some(manifest));
+        let job = jobs.get_mut(manifest)?;
+        job.interested.insert(key.to_owned());
+        Some((job.progress.clone(), job.result.clone()))
     }
 }
 
@@ -353,6 +373,12 @@ async fn apply_inner(
 
     let (progress, mut result) = loop {
         let finished = ctx.finished_builds.load(Ordering::SeqCst);
+        // A build of this digest that is under way (or done, its outcome not yet taken) is
+        // joined before Redis is asked: it publishes the index before it warms Redis, and
+        // its outcome says when it is done with both.
+        if let Some(joined) = ctx.join_build(&manifest, key) {
+            break joined;
+        }
         // Indexed before (by another ClipImage, or by us before a restart): reuse it.
         if let Some(d) = ctx.redis.index_for_manifest(&manifest).await?
             && ctx.redis.has_index(&d).await?
@@ -367,27 +393,13 @@ async fn apply_inner(
             return ready(ctx, ci, &api, &resolved, &built, key).await;
         }
 
-        // Start or join the build of this digest.
+        // Start the build of this digest.
         let mut jobs = ctx.jobs();
-        // A build of it that ended since Redis was asked has published its index but is
-        // gone from `jobs`: ask Redis again rather than build the image twice.
-        if !jobs.contains_key(&manifest) && ctx.finished_builds.load(Ordering::SeqCst) != finished {
+        // Another reconcile started one since we looked (join it), or a build of it ended
+        // and published its index (ask Redis again rather than build the image twice).
+        if jobs.contains_key(&manifest) || ctx.finished_builds.load(Ordering::SeqCst) != finished {
             continue;
         }
-        // A spec change away from a digest we were building drops our interest in it.
-        for (d, j) in jobs.iter_mut() {
-            if *d != manifest {
-                j.interested.remove(key);
-            }
-        }
-        jobs.retain(|_, j| {
-            if j.interested.is_empty() {
-                let _ = j.cancel.send(true);
-                false
-            } else {
-                true
-            }
-        });
         let job = jobs
             .entry(manifest)
             .or_insert_with(|| start_build(ctx, resolved.clone(), registry.clone(), ci.spec.warm));
@@ -428,8 +440,15 @@ async fn apply_inner(
         }
         Some(outcome) => {
             {
+                // Each ClipImage that joined the build may get its outcome: the first takes
+                // the job out, a later one must not take out a newer build of the digest.
                 let mut jobs = ctx.jobs();
-                jobs.remove(&manifest);
+                if jobs
+                    .get(&manifest)
+                    .is_some_and(|j| j.result.borrow().is_some())
+                {
+                    jobs.remove(&manifest);
+                }
                 ctx.finished_builds.fetch_add(1, Ordering::SeqCst);
             }
             match outcome {

@@ -5,19 +5,22 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use clip_api::{ClipImage, ClipImageSpec, Phase};
+use clip_api::{ClipImage, ClipImageSpec, ClipImageStatus, Phase};
 use clip_controller::reconcile::FINALIZER;
-use clip_controller::{Context, reconcile};
+use clip_controller::{Context, error_policy, reconcile};
 use clip_e2e::fixtures;
 use clip_e2e::image::{Pusher, build_image};
 use clip_e2e::kube_api::FakeApi;
 use clip_e2e::proxy::Proxy;
 use clip_e2e::redis::RedisCluster;
 use clip_e2e::registry::Registry;
+use clip_index::Digest;
 use clip_storage::RegistryConfig;
-use clip_storage::cache::redis::{RedisCache, RedisConfig};
+use clip_storage::cache::redis::{Lease, RedisCache, RedisConfig};
+use clip_storage::cache::{ChunkCache, ChunkKey};
 
 /// How long a ClipImage may take to settle, or the proxy to finish with its connections: far
 /// more than they take (seconds), so a loaded machine does not fail the tests.
@@ -31,9 +34,17 @@ struct World {
     api: FakeApi,
     ctx: Arc<Context>,
     host: String,
+    /// Reconciles run through [`drive`] and [`reconcile_until`] (the metrics test counts the
+    /// rest itself).
+    driven: AtomicU64,
 }
 
 async fn world() -> anyhow::Result<World> {
+    world_with(2).await
+}
+
+/// A world whose controller runs at most `max_builds` index builds at once.
+async fn world_with(max_builds: usize) -> anyhow::Result<World> {
     let registry = Registry::start()?;
     let proxy = Proxy::start(&registry.host())?;
     let cluster = RedisCluster::start()?;
@@ -52,7 +63,7 @@ async fn world() -> anyhow::Result<World> {
         api.client.clone(),
         redis.clone(),
         RegistryConfig::default(),
-        2,
+        max_builds,
         Duration::from_secs(600),
     );
     Arc::get_mut(&mut ctx).unwrap().progress_interval = Duration::from_millis(200);
@@ -65,11 +76,13 @@ async fn world() -> anyhow::Result<World> {
         redis,
         api,
         ctx,
+        driven: AtomicU64::new(0),
     })
 }
 
 fn create(w: &World, name: &str, image: &str, pull_secrets: Vec<String>) {
-    let mut ci = ClipImage::new(
+    create_spec(
+        w,
         name,
         ClipImageSpec {
             image: image.into(),
@@ -78,6 +91,10 @@ fn create(w: &World, name: &str, image: &str, pull_secrets: Vec<String>) {
             warm: false,
         },
     );
+}
+
+fn create_spec(w: &World, name: &str, spec: ClipImageSpec) {
+    let mut ci = ClipImage::new(name, spec);
     ci.metadata.namespace = Some("team".into());
     ci.metadata.generation = Some(1);
     ci.metadata.uid = Some(format!("uid-{name}"));
@@ -94,6 +111,7 @@ async fn drive(w: &World, name: &str) -> anyhow::Result<ClipImage> {
     let deadline = Instant::now() + PATIENCE;
     loop {
         let ci = current(w, name);
+        w.driven.fetch_add(1, Ordering::SeqCst);
         reconcile(Arc::new(ci), w.ctx.clone()).await?;
         let ci = current(w, name);
         if matches!(
@@ -362,5 +380,430 @@ async fn a_moved_tag_and_a_flushed_redis_are_reindexed_and_two_images_share_a_bu
     assert_eq!(a3.phase, Some(Phase::Ready));
     let d3: clip_index::Digest = a3.index_digest.unwrap().parse()?;
     assert!(w.redis.has_index(&d3).await?, "rebuilt and republished");
+    Ok(())
+}
+
+/// Waits until `done` holds, failing after [`PATIENCE`] with `what`.
+async fn eventually(
+    what: &str,
+    mut done: impl AsyncFnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + PATIENCE;
+    while !done().await? {
+        if Instant::now() > deadline {
+            anyhow::bail!("{what}: not within {PATIENCE:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// Reconciles until the status shows one of `phases`.
+async fn reconcile_until(w: &World, name: &str, phases: &[Phase]) -> anyhow::Result<()> {
+    eventually(&format!("{name} reaching {phases:?}"), async || {
+        w.driven.fetch_add(1, Ordering::SeqCst);
+        reconcile(Arc::new(current(w, name)), w.ctx.clone()).await?;
+        Ok(current(w, name)
+            .status
+            .and_then(|s| s.phase)
+            .is_some_and(|p| phases.contains(&p)))
+    })
+    .await
+}
+
+fn spec(image: String, warm: bool) -> ClipImageSpec {
+    ClipImageSpec {
+        image,
+        pull_secrets: vec![],
+        platform: None,
+        warm,
+    }
+}
+
+/// The index a Ready status names, read back from Redis.
+async fn published_index(
+    w: &World,
+    st: &ClipImageStatus,
+) -> anyhow::Result<clip_index::ImageIndex> {
+    let digest: Digest = st.index_digest.as_deref().unwrap_or_default().parse()?;
+    Ok(clip_index::decode(&w.redis.fetch_index(&digest).await?)?)
+}
+
+/// The cache key of every chunk of every layer of `index`.
+fn chunk_keys(index: &clip_index::ImageIndex) -> Vec<ChunkKey> {
+    let mut keys = Vec::new();
+    for layer in &index.layers {
+        for (c, chunk) in layer.chunks.iter().enumerate() {
+            let range = layer.chunk_range(c as u32);
+            keys.push(ChunkKey {
+                digest: chunk.digest,
+                len: (range.end - range.start) as u32,
+            });
+        }
+    }
+    keys
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn warming_puts_every_chunk_of_the_image_in_redis_and_not_warming_puts_none()
+-> anyhow::Result<()> {
+    let w = world().await?;
+    let pusher = Pusher::new(&w._registry.host(), None);
+    // The two images share no content, so they share no chunk.
+    let cold = build_image(&fixtures::big_layers(8 << 20), "linux", "amd64")?;
+    pusher.push_image("ctl/cold", "v1", &cold)?;
+    // Multi-member gzip, plain tar and zstd: every way chunks are fetched from a layer.
+    let hot = build_image(&fixtures::format_layers(), "linux", "amd64")?;
+    pusher.push_image("ctl/hot", "v1", &hot)?;
+
+    create_spec(&w, "cold", spec(format!("{}/ctl/cold:v1", w.host), false));
+    let st = drive(&w, "cold").await?.status.unwrap();
+    assert_eq!(st.phase, Some(Phase::Ready));
+    let keys = chunk_keys(&published_index(&w, &st).await?);
+    assert!(keys.len() >= 8, "8 MiB in chunks of 1 MiB: {}", keys.len());
+    for k in &keys {
+        assert!(
+            !w.redis.contains(k).await,
+            "chunk {} of an image that was not warmed is in Redis",
+            k.digest
+        );
+    }
+
+    // "Another node" holds the fetch lease of the first layer's first span: warming waits
+    // for it (RedisConfig::lease_wait) before fetching that span itself, so warming lasts
+    // through many reconciles.
+    let lease = format!("{}-0", hot.layers[0].digest.trim_start_matches("sha256:"));
+    assert!(matches!(
+        w.redis.try_lease(&lease).await,
+        Lease::Acquired(_)
+    ));
+    create_spec(&w, "hot", spec(format!("{}/ctl/hot:v1", w.host), true));
+    let st = drive(&w, "hot").await?.status.unwrap();
+    assert_eq!(st.phase, Some(Phase::Ready));
+    let index = published_index(&w, &st).await?;
+    assert_eq!(index.layers.len(), 3);
+    let keys = chunk_keys(&index);
+    for layer in &index.layers {
+        assert!(!layer.chunks.is_empty(), "{layer:?}");
+    }
+    // Ready means warmed: every chunk is there already, and `get` checks its digest and length.
+    for k in &keys {
+        assert!(
+            w.redis.get(k).await?.is_some(),
+            "chunk {} of the warmed image is not in Redis",
+            k.digest
+        );
+    }
+    assert_eq!(w.ctx.running_builds(), 0, "the finished build was let go");
+    Ok(())
+}
+
+/// How long the proxy holds the old image's layer request: far longer than a reconcile that
+/// changes the image takes, even on a loaded machine.
+const HOLD: Duration = Duration::from_secs(15);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn changing_the_image_while_indexing_cancels_the_old_build_and_indexes_the_new_one()
+-> anyhow::Result<()> {
+    let w = world().await?;
+    let pusher = Pusher::new(&w._registry.host(), None);
+    let old = build_image(&fixtures::big_layers(24 << 20), "linux", "amd64")?;
+    pusher.push_image("ctl/old", "v1", &old)?;
+    let new = build_image(
+        &fixtures::platform_layers("the new image"),
+        "linux",
+        "amd64",
+    )?;
+    pusher.push_image("ctl/new", "v1", &new)?;
+    // The old image is read through a proxy of its own, which will hold its layer request.
+    let slow = Proxy::start(&w._registry.host())?;
+
+    // Every build slot is taken: the old image resolves, and its build waits for a slot.
+    let slots = w.ctx.builds.clone().acquire_many_owned(2).await?;
+    create(&w, "app", &format!("{}/ctl/old:v1", slow.host()), vec![]);
+    reconcile_until(&w, "app", &[Phase::Indexing]).await?;
+    eventually("the old image's resolve requests end", async || {
+        Ok(slow.in_flight() == 0)
+    })
+    .await?;
+    slow.set_delay(HOLD);
+    drop(slots);
+    eventually("the old build asks for its layer", async || {
+        Ok(slow.in_flight() > 0)
+    })
+    .await?;
+
+    // The image changes (a new generation) while the old build waits for its layer.
+    let mut ci = current(&w, "app");
+    ci.spec.image = format!("{}/ctl/new:v1", w.host);
+    ci.metadata.generation = Some(2);
+    w.api.put_object("team", "app", serde_json::to_value(&ci)?);
+    let ci = drive(&w, "app").await?;
+    let st = ci.status.clone().unwrap();
+    assert_eq!(st.phase, Some(Phase::Ready), "{st:?}");
+    assert_eq!(
+        st.resolved_digest.as_deref(),
+        Some(new.manifest.digest.as_str())
+    );
+    assert_eq!(st.observed_generation, Some(2));
+    assert_eq!(ci.ready_condition().unwrap().observed_generation, Some(2));
+    let new_manifest: Digest = new.manifest.digest.parse()?;
+    assert_eq!(
+        w.redis
+            .index_for_manifest(&new_manifest)
+            .await?
+            .map(|d| d.to_string()),
+        st.index_digest
+    );
+    assert_eq!(w.ctx.running_builds(), 0);
+
+    // Once its hold is over the proxy forwards the old request, to a client that hung up.
+    eventually("the proxy is done with the old layer request", async || {
+        Ok(slow.in_flight() == 0)
+    })
+    .await?;
+    let layer = &old.layers[0];
+    let relayed: Vec<_> = slow
+        .blob_reads()
+        .into_iter()
+        .filter(|l| l.path.ends_with(&layer.digest))
+        .collect();
+    assert!(
+        relayed
+            .iter()
+            .all(|l| l.body_bytes < layer.data.len() as u64),
+        "the old layer went through in full: {relayed:?}"
+    );
+    let old_manifest: Digest = old.manifest.digest.parse()?;
+    assert_eq!(
+        w.redis.index_for_manifest(&old_manifest).await?,
+        None,
+        "the cancelled build published an index"
+    );
+    assert_eq!(
+        w.ctx.metrics.builds.load(Ordering::Relaxed),
+        1,
+        "only the new image's build finished"
+    );
+    assert!(
+        !w.api
+            .statuses()
+            .iter()
+            .any(|s| s["phase"] == "Ready" && s["resolvedDigest"] == old.manifest.digest),
+        "the old image was reported Ready"
+    );
+    Ok(())
+}
+
+/// Watches one proxy per image until `stop`: when a proxy first has a request in flight (its
+/// image's build has started streaming), checks that every image whose build started before
+/// has published its index, so its build is over. Returns the images in the order their
+/// builds started.
+async fn watch_builds(
+    proxies: Arc<Vec<Proxy>>,
+    redis: Arc<RedisCache>,
+    manifests: Vec<Digest>,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<Vec<usize>> {
+    let mut started = Vec::new();
+    while !stop.load(Ordering::SeqCst) {
+        for (i, p) in proxies.iter().enumerate() {
+            if p.in_flight() == 0 || started.contains(&i) {
+                continue;
+            }
+            for &before in &started {
+                anyhow::ensure!(
+                    redis
+                        .index_for_manifest(&manifests[before])
+                        .await?
+                        .is_some(),
+                    "image {i}'s build started while image {before}'s was still running"
+                );
+            }
+            started.push(i);
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    Ok(started)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_one_build_slot_images_are_indexed_one_at_a_time_and_all_become_ready()
+-> anyhow::Result<()> {
+    let w = world_with(1).await?;
+    let pusher = Pusher::new(&w._registry.host(), None);
+    // One proxy per image: a request in flight on a proxy is that image's build at work.
+    let proxies = Arc::new(
+        (0..3)
+            .map(|_| Proxy::start(&w._registry.host()))
+            .collect::<anyhow::Result<Vec<_>>>()?,
+    );
+    let mut manifests = Vec::new();
+    for i in 0..3 {
+        let image = build_image(
+            &fixtures::platform_layers(&format!("image {i}")),
+            "linux",
+            "amd64",
+        )?;
+        pusher.push_image(&format!("ctl/q{i}"), "v1", &image)?;
+        manifests.push(image.manifest.digest.parse::<Digest>()?);
+    }
+
+    // The only slot is taken while all three resolve and queue their builds ...
+    let slot = w.ctx.builds.clone().acquire_owned().await?;
+    for (i, p) in proxies.iter().enumerate() {
+        let name = format!("q{i}");
+        create(&w, &name, &format!("{}/ctl/q{i}:v1", p.host()), vec![]);
+        // (Ready too, so that a controller that does not wait for the slot fails below.)
+        reconcile_until(&w, &name, &[Phase::Indexing, Phase::Ready]).await?;
+    }
+    eventually("the resolve requests end", async || {
+        Ok(proxies.iter().all(|p| p.in_flight() == 0))
+    })
+    .await?;
+    // ... then each build's layer request lasts long enough for an overlap to be seen.
+    for p in proxies.iter() {
+        p.set_delay(Duration::from_millis(500));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = tokio::spawn(watch_builds(
+        proxies.clone(),
+        w.redis.clone(),
+        manifests.clone(),
+        stop.clone(),
+    ));
+    drop(slot);
+    // No reconcile runs meanwhile: the builds are background jobs, and only they use the proxies.
+    eventually("all three builds publish their index", async || {
+        for m in &manifests {
+            if w.redis.index_for_manifest(m).await?.is_none() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    })
+    .await?;
+    stop.store(true, Ordering::SeqCst);
+    let started = watcher.await??;
+    assert_eq!(
+        started.len(),
+        3,
+        "every build was seen at work: {started:?}"
+    );
+
+    for p in proxies.iter() {
+        p.set_delay(Duration::ZERO);
+    }
+    for (i, m) in manifests.iter().enumerate() {
+        let st = drive(&w, &format!("q{i}")).await?.status.unwrap();
+        assert_eq!(st.phase, Some(Phase::Ready));
+        assert_eq!(st.resolved_digest, Some(m.to_string()));
+    }
+    assert_eq!(w.ctx.metrics.builds.load(Ordering::Relaxed), 3);
+    assert_eq!(w.ctx.running_builds(), 0);
+    Ok(())
+}
+
+/// Prometheus text as `name{labels}` to value; comments left out.
+fn samples(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            Some((name.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_count_reconciles_failures_by_reason_and_index_builds() -> anyhow::Result<()> {
+    let started = Instant::now();
+    let w = world().await?;
+    let image = build_image(&fixtures::big_layers(8 << 20), "linux", "amd64")?;
+    Pusher::new(&w._registry.host(), None).push_image("ctl/counted", "v1", &image)?;
+    let reference = format!("{}/ctl/counted:v1", w.host);
+    // Every registry request waits this long, so the build takes at least as long.
+    let delay = Duration::from_millis(300);
+    w.proxy.set_delay(delay);
+    create(&w, "app", &reference, vec![]);
+    assert_eq!(
+        drive(&w, "app").await?.status.and_then(|s| s.phase),
+        Some(Phase::Ready)
+    );
+    w.proxy.set_delay(Duration::ZERO);
+
+    create(&w, "ghost", &format!("{}/no/such:image", w.host), vec![]);
+    assert_eq!(
+        drive(&w, "ghost").await?.status.and_then(|s| s.phase),
+        Some(Phase::Failed)
+    );
+
+    // The registry stops answering: the reconcile fails, and the runtime's error policy
+    // counts it (the first reconcile only adds the finalizer).
+    w.proxy.set_refuse(true);
+    create(&w, "down", &reference, vec![]);
+    let mut failed = None;
+    for _ in 0..3 {
+        w.driven.fetch_add(1, Ordering::SeqCst);
+        if let Err(e) = reconcile(Arc::new(current(&w, "down")), w.ctx.clone()).await {
+            failed = Some(e);
+            break;
+        }
+    }
+    let e = failed.expect("a registry that refuses every request fails the reconcile");
+    error_policy(Arc::new(current(&w, "down")), &e, w.ctx.clone());
+    w.proxy.set_refuse(false);
+
+    let text = w.ctx.metrics.render();
+    for (family, kind) in [
+        ("clip_controller_reconciles_total", "counter"),
+        ("clip_controller_failures_total", "counter"),
+        ("clip_controller_index_build_seconds", "summary"),
+        ("clip_controller_index_build_failures_total", "counter"),
+        ("clip_controller_indexed_bytes_total", "counter"),
+    ] {
+        assert!(
+            text.contains(&format!("# TYPE {family} {kind}\n"))
+                && text.contains(&format!("# HELP {family} ")),
+            "no HELP and TYPE {kind} for {family}:\n{text}"
+        );
+    }
+    let m = samples(&text);
+    let get = |k: &str| {
+        m.get(k)
+            .copied()
+            .unwrap_or_else(|| panic!("no {k} in:\n{text}"))
+    };
+    assert_eq!(
+        get("clip_controller_reconciles_total"),
+        w.driven.load(Ordering::SeqCst) as f64
+    );
+    assert_eq!(
+        get(r#"clip_controller_failures_total{reason="ImageNotFound"}"#),
+        1.0
+    );
+    assert_eq!(
+        get(r#"clip_controller_failures_total{reason="registry_unavailable"}"#),
+        1.0,
+        "{e}"
+    );
+    assert_eq!(
+        m.keys()
+            .filter(|k| k.starts_with("clip_controller_failures_total"))
+            .count(),
+        2,
+        "{text}"
+    );
+    assert_eq!(get("clip_controller_index_build_seconds_count"), 1.0);
+    let secs = get("clip_controller_index_build_seconds_sum");
+    assert!(
+        secs >= delay.as_secs_f64() && secs < started.elapsed().as_secs_f64(),
+        "build took {secs} s"
+    );
+    assert_eq!(get("clip_controller_index_build_failures_total"), 0.0);
+    assert_eq!(
+        get("clip_controller_indexed_bytes_total"),
+        image.layers[0].data.len() as f64
+    );
     Ok(())
 }
