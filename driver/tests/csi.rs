@@ -22,7 +22,10 @@ use clip_driver::fs::is_mounted;
 use clip_e2e::fixtures;
 use clip_e2e::image::{Entry, Layer, Meta, Pusher, build_image};
 use clip_e2e::proxy::Proxy;
+use clip_e2e::redis::RedisCluster;
 use clip_e2e::registry::Registry;
+use clip_storage::cache::redis::{RedisCache, RedisConfig};
+use clip_storage::cache::{ChunkCache, ChunkKey};
 use clip_storage::{RegistryConfig, StoreConfig};
 use futures::FutureExt;
 use futures::future::BoxFuture;
@@ -58,8 +61,26 @@ struct Plugin {
     api: Arc<FakeApi>,
 }
 
+/// How a test plugin differs from the default one.
+#[derive(Default)]
+struct Options {
+    require_clip_images: bool,
+    /// The shared cache, connected by the test (which keeps a handle to look at it).
+    redis: Option<Arc<RedisCache>>,
+    store: StoreConfig,
+}
+
 impl Plugin {
     async fn start(require_clip_images: bool) -> anyhow::Result<Self> {
+        Self::start_with(Options {
+            require_clip_images,
+            ..Options::default()
+        })
+        .await
+    }
+
+    /// A plugin with its own state, cache and socket in a temporary directory.
+    async fn start_with(options: Options) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let api = Arc::new(FakeApi::default());
         let config = NodeConfig {
@@ -68,9 +89,9 @@ impl Plugin {
             state_dir: dir.path().join("state"),
             cache_dir: dir.path().join("cache"),
             cache_bytes: 1 << 30,
-            store: StoreConfig::default(),
+            store: options.store,
             fuse_threads: 2,
-            require_clip_images,
+            require_clip_images: options.require_clip_images,
             reserve_on_start: true,
             registry: RegistryConfig::default(),
             platform: None,
@@ -79,7 +100,7 @@ impl Plugin {
         let lookup: Arc<dyn ClipImageLookup> = api.clone();
         let ctx = NodeContext::new(
             config,
-            None,
+            options.redis,
             Some(lookup),
             tokio::runtime::Handle::current(),
         )?;
@@ -104,6 +125,10 @@ impl Plugin {
 
     async fn node(&self) -> anyhow::Result<NodeClient<Channel>> {
         Ok(NodeClient::new(channel(&self.socket).await?))
+    }
+
+    async fn identity(&self) -> anyhow::Result<IdentityClient<Channel>> {
+        Ok(IdentityClient::new(channel(&self.socket).await?))
     }
 
     fn target(&self, name: &str) -> PathBuf {
@@ -610,5 +635,523 @@ async fn clip_image_volumes_and_every_bad_request_get_the_right_code() -> anyhow
         "{}",
         err.message()
     );
+    Ok(())
+}
+
+// Readiness. `NodeContext::ready` (Probe) checks that /dev/fuse exists; Redis trouble is
+// logged but keeps the plugin ready, since reads fall back to the registry and the chart's
+// livenessprobe sidecar turns a failed Probe into a restart that kills every FUSE mount of
+// the node. A required Redis that cannot be reached at start stops the process instead.
+
+/// Runs the plugin in a mount namespace of its own whose /dev is an empty tmpfs: a node
+/// plugin container that was not given /dev/fuse.
+const WITHOUT_DEV_FUSE: &[&str] = &[
+    "unshare",
+    "--mount",
+    "--propagation",
+    "private",
+    "sh",
+    "-c",
+    "mount -t tmpfs none /dev && exec \"$@\"",
+    "sh",
+];
+
+/// `clip node` as its own process, as the DaemonSet runs it, logging JSON to a file;
+/// stopped on drop.
+struct NodeProcess {
+    child: std::process::Child,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl NodeProcess {
+    /// Starts `clip node` with its state in `dir`; `wrapper` (if any) runs first and execs
+    /// the plugin.
+    fn spawn(dir: &Path, wrapper: &[&str], extra: &[&str]) -> anyhow::Result<Self> {
+        let socket = dir.join("csi.sock");
+        let log = dir.join("node.log");
+        let clip = env!("CARGO_BIN_EXE_clip");
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = std::process::Command::new(first);
+                c.args(rest).arg(clip);
+                c
+            }
+            None => std::process::Command::new(clip),
+        };
+        cmd.args(["--log-format", "json", "--log", "info", "node"])
+            .args(["--kube", "off", "--node-id", "probe-node"])
+            .arg("--endpoint")
+            .arg(format!("unix://{}", socket.display()))
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--cache-dir")
+            .arg(dir.join("cache"))
+            .args(extra)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log)?);
+        Ok(Self {
+            child: cmd.spawn()?,
+            socket,
+            log,
+        })
+    }
+
+    /// Waits until the plugin socket appears; fails with the log if the process exits.
+    fn wait_serving(&mut self) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !self.socket.exists() {
+            if let Some(status) = self.child.try_wait()? {
+                anyhow::bail!("clip node exited with {status}:\n{}", self.log());
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "the plugin socket did not appear:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "clip node still runs after {timeout:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, as kubelet stops a container; fails if the plugin does not exit cleanly.
+    fn stop(&mut self) -> anyhow::Result<()> {
+        // SAFETY: signalling our own child, which has not been reaped.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let status = self.wait_exit(Duration::from_secs(10))?;
+        anyhow::ensure!(status.success(), "clip node exited with {status}");
+        Ok(())
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+async fn probe(identity: &mut IdentityClient<Channel>) -> anyhow::Result<Option<bool>> {
+    Ok(identity.probe(ProbeRequest {}).await?.into_inner().ready)
+}
+
+/// `len` bytes at `offset` of a file, read as a program would (pread on the FUSE mount).
+async fn read_at(path: &Path, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; len];
+        std::fs::File::open(path)?.read_exact_at(&mut buf, offset)?;
+        Ok(buf)
+    })
+    .await?
+}
+
+/// What the image declares at `path` (the model, computed independently of clip).
+fn expected_file(layers: &[Layer], path: &str) -> Vec<u8> {
+    match clip_e2e::model::expected_tree(layers)
+        .remove(path)
+        .map(|e| e.kind)
+    {
+        Some(clip_e2e::model::Kind::File(data)) => data,
+        other => panic!("{path} is not a file of the image: {other:?}"),
+    }
+}
+
+/// The keys of the chunks that hold `len` bytes at `offset` of the image file `path`.
+fn chunk_keys(
+    index: &clip_index::ImageIndex,
+    path: &str,
+    offset: u64,
+    len: u64,
+) -> anyhow::Result<Vec<ChunkKey>> {
+    let ino = index.resolve(path.as_bytes(), true)?;
+    let node = index.node(ino).unwrap();
+    let clip_index::Content::File { layer, offset: at } = node.content else {
+        anyhow::bail!("{path} is not a file");
+    };
+    let l = &index.layers[layer as usize];
+    let len = len.min(node.size.saturating_sub(offset));
+    Ok(l.chunks_covering(at + offset, len)?
+        .map(|c| {
+            let r = l.chunk_range(c);
+            ChunkKey {
+                digest: l.chunks[c as usize].digest,
+                len: (r.end - r.start) as u32,
+            }
+        })
+        .collect())
+}
+
+/// Waits until Redis holds every chunk of `keys` (nodes publish in the background).
+async fn wait_in_redis(redis: &RedisCache, keys: &[ChunkKey]) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut missing = 0;
+        for k in keys {
+            if !redis.contains(k).await {
+                missing += 1;
+            }
+        }
+        if missing == 0 {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "{missing} of {} chunks never reached Redis",
+            keys.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn start_cluster() -> anyhow::Result<RedisCluster> {
+    tokio::task::spawn_blocking(RedisCluster::start).await?
+}
+
+async fn connect_redis(
+    cluster: &RedisCluster,
+    tune: impl FnOnce(&mut RedisConfig),
+) -> anyhow::Result<Arc<RedisCache>> {
+    let mut config = RedisConfig {
+        seeds: cluster.seeds(),
+        ..RedisConfig::default()
+    };
+    tune(&mut config);
+    Ok(Arc::new(RedisCache::connect(config).await?))
+}
+
+/// The value of the first metric line that starts with `prefix` (a name and labels).
+fn metric(text: &str, prefix: &str) -> Option<u64> {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit_once(' '))
+        .and_then(|(_, v)| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn probe_is_not_ready_without_dev_fuse_and_logs_why() -> anyhow::Result<()> {
+    let registry = Registry::start()?;
+    let image = build_image(&fixtures::platform_layers("linux/amd64"), "linux", "amd64")?;
+    let reference = Pusher::new(&registry.host(), None).push_image("csi/nofuse", "v1", &image)?;
+    let dir = tempfile::tempdir()?;
+    let target = dir.path().join("pods/nofuse/mount");
+    let mut plugin = NodeProcess::spawn(dir.path(), WITHOUT_DEV_FUSE, &[])?;
+    plugin.wait_serving()?;
+    let mut identity = IdentityClient::new(channel(&plugin.socket).await?);
+    assert_eq!(probe(&mut identity).await?, Some(false));
+    let log = plugin.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("probe: not ready") && l.contains("/dev/fuse is missing")),
+        "the reason is logged:\n{log}"
+    );
+
+    // Not ready is right: it cannot serve a volume.
+    let mut node = NodeClient::new(channel(&plugin.socket).await?);
+    let err = node
+        .node_publish_volume(publish("vol-nofuse", &target, &[("image", &reference)]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Internal, "{err}");
+    assert!(
+        err.message().contains("vol-nofuse") && err.message().contains("mounting"),
+        "{}",
+        err.message()
+    );
+    assert!(!is_mounted(&target));
+    plugin.stop()?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_required_redis_that_cannot_be_reached_stops_the_plugin_and_an_optional_one_does_not()
+-> anyhow::Result<()> {
+    // Port 1: privileged, never an ephemeral port another test's server could take.
+    let seeds = "127.0.0.1:1".to_owned();
+    let dir = tempfile::tempdir()?;
+    let mut required = NodeProcess::spawn(dir.path(), &[], &["--redis", &seeds])?;
+    let status = required.wait_exit(Duration::from_secs(30))?;
+    let log = required.log();
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains("redis") && log.contains(&seeds),
+        "the error names the cluster:\n{log}"
+    );
+    assert!(!required.socket.exists(), "it never served");
+
+    let mut optional =
+        NodeProcess::spawn(dir.path(), &[], &["--redis", &seeds, "--redis-optional"])?;
+    optional.wait_serving()?;
+    let mut identity = IdentityClient::new(channel(&optional.socket).await?);
+    assert_eq!(probe(&mut identity).await?, Some(true));
+    assert!(
+        optional
+            .log()
+            .contains("continuing without the shared cache"),
+        "{}",
+        optional.log()
+    );
+    optional.stop()?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn probe_stays_ready_while_redis_is_down_and_reads_go_to_the_registry() -> anyhow::Result<()>
+{
+    let registry = Registry::start()?;
+    let layers = fixtures::big_layers(64 << 20);
+    let image = build_image(&layers, "linux", "amd64")?;
+    let reference =
+        Pusher::new(&registry.host(), None).push_image("csi/redis-down", "v1", &image)?;
+    let expected = expected_file(&layers, "/data/big.bin");
+    let mut cluster = start_cluster().await?;
+    let cooldown = Duration::from_millis(500);
+    let redis = connect_redis(&cluster, |c| {
+        c.op_timeout = Duration::from_millis(300);
+        c.breaker_cooldown = cooldown;
+    })
+    .await?;
+    // No read-ahead and no prefetch on open: each read below fetches only its own span,
+    // so every one of them asks Redis first.
+    let plugin = Plugin::start_with(Options {
+        redis: Some(redis.clone()),
+        store: StoreConfig {
+            readahead_runs: 0,
+            open_prefetch_bytes: 0,
+            ..StoreConfig::default()
+        },
+        ..Options::default()
+    })
+    .await?;
+    let mut identity = plugin.identity().await?;
+    let mut node = plugin.node().await?;
+    let target = plugin.target("down");
+    node.node_publish_volume(publish("vol-down", &target, &[("image", &reference)]))
+        .await?;
+    let file = target.join("data/big.bin");
+    // Offsets 5 MiB apart lie in different checkpoint spans (at most ~4 MiB each).
+    let mut offsets = (0..expected.len() as u64 - 4096).step_by(5 << 20);
+    let mut read_next = async || -> anyhow::Result<u64> {
+        let at = offsets.next().expect("enough spans left to read");
+        let got = read_at(&file, at, 4096).await?;
+        assert!(
+            got == expected[at as usize..at as usize + 4096],
+            "wrong bytes at {at}"
+        );
+        Ok(at)
+    };
+    read_next().await?;
+    assert_eq!(probe(&mut identity).await?, Some(true));
+
+    cluster.stop_all();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !redis.is_degraded() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "failing Redis calls never opened the breaker"
+        );
+        read_next().await?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    read_next().await?;
+    assert_eq!(
+        probe(&mut identity).await?,
+        Some(true),
+        "Redis down costs speed, not readiness"
+    );
+    // And the plugin still serves: a new volume of the image (its index is on this node).
+    let second = plugin.target("down-2");
+    node.node_publish_volume(publish("vol-down-2", &second, &[("image", &reference)]))
+        .await?;
+    assert_eq!(
+        read(second.join("data/small-at-end.txt")).await?,
+        expected_file(&layers, "/data/small-at-end.txt")
+    );
+
+    // Redis comes back (empty): the breaker closes on a read and fetches are shared again.
+    let cluster = tokio::task::spawn_blocking(move || {
+        cluster.restart_all()?;
+        Ok::<_, anyhow::Error>(cluster)
+    })
+    .await??;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut last;
+    loop {
+        tokio::time::sleep(cooldown).await;
+        last = read_next().await?;
+        if !redis.is_degraded() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the breaker never closed after Redis came back"
+        );
+    }
+    assert_eq!(probe(&mut identity).await?, Some(true));
+    let at = read_next().await?;
+    let indexes = plugin.dir.path().join("state/indexes");
+    let index_file = std::fs::read_dir(&indexes)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "clipidx"))
+        .unwrap();
+    let index = clip_index::decode(&std::fs::read(index_file)?)?;
+    wait_in_redis(&redis, &chunk_keys(&index, "/data/big.bin", at, 4096)?).await?;
+    eprintln!("breaker closed on the read at {last}; the read at {at} was shared through Redis");
+
+    for (v, t) in [("vol-down", &target), ("vol-down-2", &second)] {
+        node.node_unpublish_volume(unpublish(v, t)).await?;
+        assert!(!is_mounted(t));
+    }
+    drop(cluster);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_direct_image_indexed_on_one_node_is_read_on_another_from_redis_alone()
+-> anyhow::Result<()> {
+    let registry = Registry::start()?;
+    let proxy = Proxy::start(&registry.host())?;
+    // A large gzip file over several checkpoint spans, a multi-member gzip layer, a plain
+    // tar layer and a single-frame zstd layer.
+    let mut layers = fixtures::big_layers(24 << 20);
+    layers.extend(fixtures::format_layers());
+    let image = build_image(&layers, "linux", "amd64")?;
+    Pusher::new(&registry.host(), None).push_image("csi/shared-redis", "v1", &image)?;
+    let reference = format!("{}/csi/shared-redis:v1", proxy.host());
+    let files = [
+        "/data/big.bin",
+        "/data/small-at-end.txt",
+        "/multi/f7",
+        "/plain/f11",
+        "/zstd/f20",
+    ];
+    let cluster = start_cluster().await?;
+    // Two nodes: each its own state, disk cache and Redis connection; one Redis Cluster.
+    let redis_a = connect_redis(&cluster, |_| {}).await?;
+    let redis_b = connect_redis(&cluster, |_| {}).await?;
+    let a = Plugin::start_with(Options {
+        redis: Some(redis_a.clone()),
+        ..Options::default()
+    })
+    .await?;
+    let b = Plugin::start_with(Options {
+        redis: Some(redis_b.clone()),
+        ..Options::default()
+    })
+    .await?;
+    let layer_blob = |l: &clip_e2e::proxy::Logged| {
+        image
+            .layers
+            .iter()
+            .any(|blob| l.path.ends_with(&format!("/blobs/{}", blob.digest)))
+    };
+
+    // Node A: the image is new to the cluster, so A indexes it and reads from the registry.
+    let target_a = a.target("a");
+    a.node()
+        .await?
+        .node_publish_volume(publish("vol-a", &target_a, &[("image", &reference)]))
+        .await?;
+    for f in files {
+        let got = read(target_a.join(&f[1..])).await?;
+        assert!(got == expected_file(&layers, f), "node A read {f} wrong");
+    }
+    let manifest: clip_index::Digest = image.manifest.digest.parse()?;
+    let index_digest = redis_a
+        .index_for_manifest(&manifest)
+        .await?
+        .expect("node A shared the index it built");
+    let index = clip_index::decode(&redis_a.fetch_index(&index_digest).await?)?;
+    let mut keys = Vec::new();
+    for f in files {
+        keys.extend(chunk_keys(&index, f, 0, u64::MAX)?);
+    }
+    wait_in_redis(&redis_a, &keys).await?;
+    while proxy.in_flight() > 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let a_log: Vec<_> = proxy.blob_reads().into_iter().filter(layer_blob).collect();
+    assert_eq!(
+        a_log.iter().filter(|l| l.range.is_none()).count(),
+        image.layers.len(),
+        "node A streamed each layer once to index it: {a_log:?}"
+    );
+    assert!(
+        a_log.iter().any(|l| l.range.is_some()),
+        "node A read chunks from the registry: {a_log:?}"
+    );
+
+    // Node B: same image, cold disk. The index and every chunk come from Redis.
+    proxy.clear_log();
+    let target_b = b.target("b");
+    let started = std::time::Instant::now();
+    b.node()
+        .await?
+        .node_publish_volume(publish("vol-b", &target_b, &[("image", &reference)]))
+        .await?;
+    let published = started.elapsed();
+    for f in files {
+        let got = read(target_b.join(&f[1..])).await?;
+        assert!(got == expected_file(&layers, f), "node B read {f} wrong");
+    }
+    while proxy.in_flight() > 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let b_log: Vec<_> = proxy.blob_reads().into_iter().filter(layer_blob).collect();
+    assert!(
+        b_log.is_empty(),
+        "node B neither indexed (whole-layer streams) nor fetched chunks (range reads): {b_log:?}"
+    );
+    assert!(
+        proxy.log().iter().any(|l| l.path.contains("/manifests/")),
+        "node B did ask the registry what the tag points at"
+    );
+    let metrics = b.ctx.metrics();
+    assert_eq!(
+        metric(&metrics, "clip_source_requests_total{"),
+        Some(0),
+        "{metrics}"
+    );
+    assert!(
+        metric(&metrics, "clip_tier_bytes_total{tier=\"redis\"").unwrap_or(0) > 24 << 20,
+        "{metrics}"
+    );
+    eprintln!("node B published in {published:?} with the index from Redis");
+
+    a.node()
+        .await?
+        .node_unpublish_volume(unpublish("vol-a", &target_a))
+        .await?;
+    b.node()
+        .await?
+        .node_unpublish_volume(unpublish("vol-b", &target_b))
+        .await?;
+    assert!(!is_mounted(&target_a) && !is_mounted(&target_b));
     Ok(())
 }
