@@ -151,6 +151,9 @@ run without it. The node plugin then serves `image:` volumes only, indexing them
 {{- if .Values.redis.tls.enabled }}
 - --redis-tls
 {{- end }}
+{{- if .Values.redis.tls.caSecret.name }}
+- --redis-ca-file=/etc/clip/redis-ca/ca.crt
+{{- end }}
 {{- end }}
 
 {{/* Environment for Redis: the password from its Secret and, with a private CA, where to find it. */}}
@@ -161,13 +164,6 @@ run without it. The node plugin then serves `image:` volumes only, indexing them
     secretKeyRef:
       name: {{ . }}
       key: {{ $.Values.redis.passwordSecret.key }}
-{{- end }}
-{{- if .Values.redis.tls.caSecret.name }}
-# rustls-native-certs reads these: the system bundle plus the CA of the Redis Cluster.
-- name: SSL_CERT_FILE
-  value: /etc/ssl/certs/ca-certificates.crt
-- name: SSL_CERT_DIR
-  value: /etc/clip/redis-ca
 {{- end }}
 {{- end }}
 
