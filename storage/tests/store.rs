@@ -373,7 +373,16 @@ async fn warm_sequential_reads_find_the_next_chunks_in_memory() -> anyhow::Resul
         // A reader that works on what it reads (a debug build verifies slowly: without a
         // pause, reads from memory would outrun any preloading).
         // 512 KiB reads, as the kernel's read-ahead asks (small ones would be range reads).
-        read_paced(s, &store, 0, size, size, 512 * 1024, Duration::from_millis(20)).await?;
+        read_paced(
+            s,
+            &store,
+            0,
+            size,
+            size,
+            512 * 1024,
+            Duration::from_millis(20),
+        )
+        .await?;
         let stats = store.stats().snapshot();
         let disk = stats.tiers.iter().find(|t| t.tier == "disk").unwrap();
         assert_eq!(
