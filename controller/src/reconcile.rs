@@ -6,7 +6,7 @@
 //! joins the job for the resolved digest, writes progress, and asks to be called again.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -57,6 +57,8 @@ struct Job {
     result: watch::Receiver<Option<BuildOutcome>>,
     cancel: watch::Sender<bool>,
     interested: HashSet<String>,
+    /// Whether a ClipImage that joined wants Redis warmed; read once the index is published.
+    warm: Arc<AtomicBool>,
 }
 
 /// What every reconcile shares.
@@ -143,16 +145,21 @@ impl Context {
         });
     }
 
-    /// Leaves `key`'s other builds and joins the build of `manifest`, if there is one.
+    /// Leaves `key`'s other builds and joins the build of `manifest`, if there is one
+    /// (asking it to warm Redis too when `warm`).
     fn join_build(
         &self,
         manifest: &Digest,
         key: &str,
+        warm: bool,
     ) -> Option<(Arc<Progress>, watch::Receiver<Option<BuildOutcome>>)> {
         let mut jobs = self.jobs();
         Self::leave(&mut jobs, key, Some(manifest));
         let job = jobs.get_mut(manifest)?;
         job.interested.insert(key.to_owned());
+        if warm {
+            job.warm.store(true, Ordering::SeqCst);
+        }
         Some((job.progress.clone(), job.result.clone()))
     }
 }
@@ -376,12 +383,14 @@ async fn apply_inner(
         // A build of this digest that is under way (or done, its outcome not yet taken) is
         // joined before Redis is asked: it publishes the index before it warms Redis, and
         // its outcome says when it is done with both.
-        if let Some(joined) = ctx.join_build(&manifest, key) {
+        if let Some(joined) = ctx.join_build(&manifest, key, ci.spec.warm) {
             break joined;
         }
-        // Indexed before (by another ClipImage, or by us before a restart): reuse it.
+        // Indexed before (by another ClipImage, or by us before a restart): reuse it, once
+        // Redis holds every chunk if this ClipImage asks for that (else a job warms it).
         if let Some(d) = ctx.redis.index_for_manifest(&manifest).await?
             && ctx.redis.has_index(&d).await?
+            && (!ci.spec.warm || ctx.redis.is_warm(&d).await?)
         {
             let bytes = ctx.redis.fetch_index(&d).await?;
             let index = clip_index::decode(&bytes)?;
@@ -403,6 +412,9 @@ async fn apply_inner(
         let job = jobs
             .entry(manifest)
             .or_insert_with(|| start_build(ctx, resolved.clone(), registry.clone(), ci.spec.warm));
+        if ci.spec.warm {
+            job.warm.store(true, Ordering::SeqCst);
+        }
         job.interested.insert(key.to_owned());
         break (job.progress.clone(), job.result.clone());
     };
@@ -452,6 +464,13 @@ async fn apply_inner(
                 ctx.finished_builds.fetch_add(1, Ordering::SeqCst);
             }
             match outcome {
+                // Joined a build that had decided not to warm before we asked: the next
+                // reconcile starts a job that only warms.
+                BuildOutcome::Done(built)
+                    if ci.spec.warm && !ctx.redis.is_warm(&built.digest).await? =>
+                {
+                    Ok(Action::requeue(Duration::from_millis(100)))
+                }
                 BuildOutcome::Done(built) => ready(ctx, ci, &api, &resolved, &built, key).await,
                 BuildOutcome::Permanent(m) => fail(ctx, ci, &api, "IndexFailed", m).await,
                 BuildOutcome::Transient(m) => {
@@ -554,6 +573,8 @@ fn start_build(
     let (cancel_tx, mut cancel_rx) = watch::channel(false);
     let ctx = ctx.clone();
     let p = progress.clone();
+    let warm = Arc::new(AtomicBool::new(warm));
+    let wants_warm = warm.clone();
     tokio::spawn(async move {
         let work = async {
             let _permit = ctx
@@ -562,23 +583,41 @@ fn start_build(
                 .acquire_owned()
                 .await
                 .map_err(|e| clip_storage::Error::Task(e.to_string()))?;
-            let started = Instant::now();
-            let index = clip_storage::build_index(
-                &registry,
-                &resolved,
-                clip_index::IndexOptions::default(),
-                std::thread::available_parallelism().map_or(2, |n| n.get()),
-                p.clone(),
-            )
-            .await?;
-            let encoded = clip_index::encode(&index)?;
-            let digest = ctx
+            // Indexed already (a job that only warms): reuse the published index.
+            let published = match ctx
                 .redis
-                .publish_index(&encoded, Some(&resolved.manifest_digest))
-                .await?;
-            ctx.metrics
-                .build_done(started.elapsed(), resolved.compressed_size());
-            if warm {
+                .index_for_manifest(&resolved.manifest_digest)
+                .await?
+            {
+                Some(d) if ctx.redis.has_index(&d).await? => {
+                    let bytes = ctx.redis.fetch_index(&d).await?;
+                    Some((clip_index::decode(&bytes)?, d, bytes.len()))
+                }
+                _ => None,
+            };
+            let (index, digest, size) = match published {
+                Some(p) => p,
+                None => {
+                    let started = Instant::now();
+                    let index = clip_storage::build_index(
+                        &registry,
+                        &resolved,
+                        clip_index::IndexOptions::default(),
+                        std::thread::available_parallelism().map_or(2, |n| n.get()),
+                        p.clone(),
+                    )
+                    .await?;
+                    let encoded = clip_index::encode(&index)?;
+                    let digest = ctx
+                        .redis
+                        .publish_index(&encoded, Some(&resolved.manifest_digest))
+                        .await?;
+                    ctx.metrics
+                        .build_done(started.elapsed(), resolved.compressed_size());
+                    (index, digest, encoded.len())
+                }
+            };
+            if wants_warm.load(Ordering::SeqCst) && !ctx.redis.is_warm(&digest).await? {
                 let source =
                     registry.repository(&index.source.repository, &index.source.manifest_digest)?;
                 let tiers: Vec<Arc<dyn ChunkCache>> = vec![ctx.redis.clone()];
@@ -590,11 +629,12 @@ fn start_build(
                     StoreConfig::default(),
                 );
                 let n = store.prefetch_all(4).await?;
+                ctx.redis.mark_warm(&digest).await?;
                 info!(chunks = n, "warmed redis with every chunk");
             }
             Ok::<_, clip_storage::Error>(BuiltIndex {
                 digest,
-                size: encoded.len() as u64,
+                size: size as u64,
                 stats: index.stats(),
             })
         };
@@ -621,6 +661,7 @@ fn start_build(
         result: rx,
         cancel: cancel_tx,
         interested: HashSet::new(),
+        warm,
     }
 }
 

@@ -469,6 +469,41 @@ async fn warming_puts_every_chunk_of_the_image_in_redis_and_not_warming_puts_non
         );
     }
 
+    // A second ClipImage of the same image asks for warming: it reuses the index (no layer
+    // is streamed again) and is Ready only once every chunk is in Redis.
+    w.proxy.clear_log();
+    create_spec(
+        &w,
+        "cold-warm",
+        spec(format!("{}/ctl/cold:v1", w.host), true),
+    );
+    let st2 = drive(&w, "cold-warm").await?.status.unwrap();
+    assert_eq!(st2.phase, Some(Phase::Ready));
+    assert_eq!(st2.index_digest, st.index_digest, "the same index");
+    for k in &keys {
+        assert!(
+            w.redis.get(k).await?.is_some(),
+            "chunk {} is not in Redis although a ClipImage of it asked for warming",
+            k.digest
+        );
+    }
+    eventually("the proxy has logged every request", async || {
+        Ok(w.proxy.in_flight() == 0)
+    })
+    .await?;
+    let streams = w
+        .proxy
+        .blob_reads()
+        .iter()
+        .filter(|l| l.range.is_none())
+        .count();
+    assert_eq!(
+        streams,
+        0,
+        "the image was indexed again: {:?}",
+        w.proxy.log()
+    );
+
     // "Another node" holds the fetch lease of the first layer's first span: warming waits
     // for it (RedisConfig::lease_wait) before fetching that span itself, so warming lasts
     // through many reconciles.

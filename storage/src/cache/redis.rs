@@ -551,6 +551,26 @@ impl RedisCache {
     }
 
     /// Whether an index with this digest is in Redis.
+    /// Records that every chunk of index `digest` was copied into Redis (expires with the
+    /// chunks' TTL, since evicted chunks make it untrue).
+    pub async fn mark_warm(&self, digest: &Digest) -> Result<()> {
+        let mut c = self.conn.clone();
+        let key = format!("{}:w:{}", self.config.key_prefix, digest.hex());
+        let r: redis::RedisResult<()> = match self.config.ttl {
+            Some(t) => c.set_ex(&key, 1, t.as_secs().max(1)).await,
+            None => c.set(&key, 1).await,
+        };
+        r.map_err(|e| redis_error(&self.config, &e))
+    }
+
+    /// Whether every chunk of index `digest` was copied into Redis (see [`Self::mark_warm`]).
+    pub async fn is_warm(&self, digest: &Digest) -> Result<bool> {
+        let mut c = self.conn.clone();
+        let key = format!("{}:w:{}", self.config.key_prefix, digest.hex());
+        let n: redis::RedisResult<i64> = c.exists(&key).await;
+        n.map(|n| n > 0).map_err(|e| redis_error(&self.config, &e))
+    }
+
     pub async fn has_index(&self, digest: &Digest) -> Result<bool> {
         let mut c = self.conn.clone();
         let n: redis::RedisResult<i64> = c.exists(self.index_key(digest)).await;
