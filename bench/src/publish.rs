@@ -22,12 +22,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Args;
+use clip_driver::csi::kubelet;
 use clip_driver::csi::proto::node_client::NodeClient;
-use clip_driver::csi::proto::volume_capability::access_mode::Mode;
-use clip_driver::csi::proto::volume_capability::{AccessMode, AccessType, MountVolume};
-use clip_driver::csi::proto::{
-    NodePublishVolumeRequest, NodeUnpublishVolumeRequest, VolumeCapability,
-};
+use clip_driver::csi::proto::{NodePublishVolumeRequest, NodeUnpublishVolumeRequest};
 use tonic::transport::Channel;
 
 use crate::host::{drop_page_cache, require_tools, stop_child, umount_lazy};
@@ -292,28 +289,7 @@ fn mounts_under(dir: &Path) -> Vec<PathBuf> {
 
 /// What kubelet sends for a pod's inline `csi:` volume with `volumeAttributes.image`.
 fn publish_request(volume: &str, target: &Path, image: &str) -> NodePublishVolumeRequest {
-    let context = [
-        ("image", image),
-        ("csi.storage.k8s.io/pod.namespace", "bench"),
-        ("csi.storage.k8s.io/pod.name", volume),
-        ("csi.storage.k8s.io/ephemeral", "true"),
-    ];
-    NodePublishVolumeRequest {
-        volume_id: volume.into(),
-        target_path: target.to_string_lossy().into_owned(),
-        volume_capability: Some(VolumeCapability {
-            access_type: Some(AccessType::Mount(MountVolume::default())),
-            access_mode: Some(AccessMode {
-                mode: Mode::SingleNodeReaderOnly as i32,
-            }),
-        }),
-        readonly: true,
-        volume_context: context
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect(),
-        ..Default::default()
-    }
+    kubelet::ephemeral_volume(volume, target, "bench", volume, &[("image", image)])
 }
 
 /// Calls NodePublishVolume until it succeeds, retrying what kubelet retries with its

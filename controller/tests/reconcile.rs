@@ -201,25 +201,13 @@ async fn a_new_clip_image_goes_resolving_indexing_ready_and_a_node_mounts_it() -
         tokio::runtime::Handle::current(),
     )?;
     let target = dir.path().join("target");
-    node.publish(clip_driver::csi::proto::NodePublishVolumeRequest {
-        volume_id: "v".into(),
-        target_path: target.to_string_lossy().into_owned(),
-        volume_capability: Some(clip_driver::csi::proto::VolumeCapability {
-            access_type: Some(
-                clip_driver::csi::proto::volume_capability::AccessType::Mount(Default::default()),
-            ),
-            access_mode: None,
-        }),
-        readonly: true,
-        volume_context: HashMap::from([
-            ("clipImage".to_owned(), "app".to_owned()),
-            (
-                "csi.storage.k8s.io/pod.namespace".to_owned(),
-                "team".to_owned(),
-            ),
-        ]),
-        ..Default::default()
-    })
+    node.publish(clip_driver::csi::kubelet::ephemeral_volume(
+        "v",
+        &target,
+        "team",
+        "pod",
+        &[("clipImage", "app")],
+    ))
     .await
     .map_err(|e| anyhow::anyhow!("{e}"))?;
     let t = target.clone();

@@ -9,14 +9,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clip_api::{ClipImage, ClipImageSpec, ClipImageStatus, Condition, Phase};
+use clip_driver::csi::kubelet;
 use clip_driver::csi::lookup::ClipImageLookup;
 use clip_driver::csi::node::{NodeConfig, NodeContext};
 use clip_driver::csi::proto::identity_client::IdentityClient;
 use clip_driver::csi::proto::node_client::NodeClient;
 use clip_driver::csi::proto::volume_capability::access_mode::Mode;
-use clip_driver::csi::proto::volume_capability::{
-    AccessMode, AccessType, BlockVolume, MountVolume,
-};
+use clip_driver::csi::proto::volume_capability::{AccessMode, AccessType, BlockVolume};
 use clip_driver::csi::proto::*;
 use clip_driver::fs::is_mounted;
 use clip_e2e::fixtures;
@@ -153,34 +152,8 @@ async fn channel(socket: &Path) -> anyhow::Result<Channel> {
     Ok(clip_driver::csi::server::connect(socket).await?)
 }
 
-fn mount_capability() -> VolumeCapability {
-    VolumeCapability {
-        access_type: Some(AccessType::Mount(MountVolume::default())),
-        access_mode: Some(AccessMode {
-            mode: Mode::SingleNodeReaderOnly as i32,
-        }),
-    }
-}
-
 fn publish(volume: &str, target: &Path, attrs: &[(&str, &str)]) -> NodePublishVolumeRequest {
-    let mut ctx: HashMap<String, String> = attrs
-        .iter()
-        .map(|(k, v)| ((*k).into(), (*v).into()))
-        .collect();
-    ctx.insert("csi.storage.k8s.io/pod.namespace".into(), "team".into());
-    ctx.insert(
-        "csi.storage.k8s.io/pod.name".into(),
-        format!("pod-{volume}"),
-    );
-    ctx.insert("csi.storage.k8s.io/ephemeral".into(), "true".into());
-    NodePublishVolumeRequest {
-        volume_id: volume.into(),
-        target_path: target.to_string_lossy().into_owned(),
-        volume_capability: Some(mount_capability()),
-        readonly: true,
-        volume_context: ctx,
-        ..Default::default()
-    }
+    kubelet::ephemeral_volume(volume, target, "team", &format!("pod-{volume}"), attrs)
 }
 
 fn unpublish(volume: &str, target: &Path) -> NodeUnpublishVolumeRequest {

@@ -3,14 +3,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on broken fixtures
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use clip_driver::csi::kubelet;
 use clip_driver::csi::proto::node_client::NodeClient;
-use clip_driver::csi::proto::volume_capability::access_mode::Mode;
-use clip_driver::csi::proto::volume_capability::{AccessMode, AccessType, MountVolume};
 use clip_driver::csi::proto::*;
 use clip_driver::fs::is_mounted;
 use clip_e2e::fixtures;
@@ -91,19 +89,8 @@ async fn client(dir: &Path) -> anyhow::Result<NodeClient<Channel>> {
 }
 
 fn publish(volume: &str, target: &Path, image: &str) -> NodePublishVolumeRequest {
-    NodePublishVolumeRequest {
-        volume_id: volume.into(),
-        target_path: target.to_string_lossy().into_owned(),
-        volume_capability: Some(VolumeCapability {
-            access_type: Some(AccessType::Mount(MountVolume::default())),
-            access_mode: Some(AccessMode {
-                mode: Mode::MultiNodeReaderOnly as i32,
-            }),
-        }),
-        readonly: true,
-        volume_context: HashMap::from([("image".to_owned(), image.to_owned())]),
-        ..Default::default()
-    }
+    let pod = format!("pod-{volume}");
+    kubelet::ephemeral_volume(volume, target, "default", &pod, &[("image", image)])
 }
 
 async fn condition(

@@ -5,17 +5,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on broken fixtures
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use clip_api::{ClipImage, ClipImageSpec, Phase};
+use clip_driver::csi::kubelet;
 use clip_driver::csi::lookup::KubeLookup;
 use clip_driver::csi::node::{NodeConfig, NodeContext};
 use clip_driver::csi::proto::node_client::NodeClient;
-use clip_driver::csi::proto::volume_capability::access_mode::Mode;
-use clip_driver::csi::proto::volume_capability::{AccessMode, AccessType, MountVolume};
 use clip_driver::csi::proto::*;
 use clip_e2e::image::{Entry, Layer, Meta, Pusher, build_image};
 use clip_e2e::kube_api::FakeApi;
@@ -86,30 +84,8 @@ async fn kubelet(socket: &Path) -> anyhow::Result<NodeClient<Channel>> {
 }
 
 fn pod_volume(volume: &str, target: &Path, clip_image: &str) -> NodePublishVolumeRequest {
-    NodePublishVolumeRequest {
-        volume_id: volume.into(),
-        target_path: target.to_string_lossy().into_owned(),
-        volume_capability: Some(VolumeCapability {
-            access_type: Some(AccessType::Mount(MountVolume::default())),
-            access_mode: Some(AccessMode {
-                mode: Mode::SingleNodeReaderOnly as i32,
-            }),
-        }),
-        readonly: true,
-        volume_context: HashMap::from([
-            ("clipImage".to_owned(), clip_image.to_owned()),
-            (
-                "csi.storage.k8s.io/pod.namespace".to_owned(),
-                "ml".to_owned(),
-            ),
-            (
-                "csi.storage.k8s.io/pod.name".to_owned(),
-                format!("pod-{volume}"),
-            ),
-            ("csi.storage.k8s.io/ephemeral".to_owned(), "true".to_owned()),
-        ]),
-        ..Default::default()
-    }
+    let pod = format!("pod-{volume}");
+    kubelet::ephemeral_volume(volume, target, "ml", &pod, &[("clipImage", clip_image)])
 }
 
 /// What the "pod" runs: a shell from the image that reads a config and a large data file.

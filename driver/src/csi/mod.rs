@@ -9,6 +9,7 @@
 
 pub mod error;
 pub mod identity;
+pub mod kubelet;
 pub mod lookup;
 pub mod node;
 pub mod server;
