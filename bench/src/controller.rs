@@ -27,7 +27,6 @@ use anyhow::{Context as _, bail};
 use clap::Args;
 use clip_api::{ClipImage, ClipImageSpec, Phase};
 use clip_controller::{Context, reconcile};
-use clip_e2e::image::Blob;
 use clip_e2e::kube_api::FakeApi;
 use clip_e2e::redis::RedisCluster;
 use clip_e2e::registry::Registry;
@@ -38,8 +37,6 @@ use crate::host::proc_status_bytes;
 use crate::image::{ImageFiles, LayerFile};
 use crate::mount::load_average;
 
-const GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
-const MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 /// How long the controller may take to make the ClipImage Ready (a loaded machine is slow).
 const PATIENCE: Duration = Duration::from_secs(600);
 /// How often the child's memory is sampled.
@@ -80,19 +77,7 @@ impl ControllerBench {
         if let Some(image) = &self.child_image {
             return run_child(image, &self.child_redis);
         }
-        let clip = match &self.clip {
-            Some(p) => p.clone(),
-            None => std::env::current_exe()?
-                .parent()
-                .context("exe dir")?
-                .join("clip"),
-        };
-        if !clip.is_file() {
-            bail!(
-                "{} not found: cargo build --release -p clip-driver",
-                clip.display()
-            );
-        }
+        let clip = crate::host::clip_binary(self.clip.as_deref())?;
         let image = self.image()?;
         let tar_bytes = image.uncompressed();
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -207,28 +192,7 @@ impl ControllerBench {
             }
             layers.push(layer_file(path)?);
         }
-        let config = serde_json::json!({
-            "architecture": "amd64", "os": "linux",
-            "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|l| &l.diff_id).collect::<Vec<_>>()},
-        });
-        let config = Blob::new(
-            "application/vnd.oci.image.config.v1+json",
-            serde_json::to_vec(&config)?,
-        );
-        let manifest = serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": MANIFEST,
-            "config": {"mediaType": config.media_type, "digest": config.digest, "size": config.data.len()},
-            "layers": layers.iter().map(|l| serde_json::json!({
-                "mediaType": GZIP, "digest": l.digest, "size": l.size
-            })).collect::<Vec<_>>(),
-        });
-        Ok(ImageFiles {
-            repo: "bench/layers",
-            layers,
-            config,
-            manifest: Blob::new(MANIFEST, serde_json::to_vec(&manifest)?),
-        })
+        crate::image::assemble("bench/layers", layers)
     }
 }
 

@@ -138,18 +138,28 @@ pub fn root_and_clip(
     bench: &str,
     clip: Option<&std::path::Path>,
 ) -> anyhow::Result<std::path::PathBuf> {
-    use anyhow::Context as _;
     // SAFETY: geteuid has no arguments and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         anyhow::bail!("clip-bench {bench} needs root (network namespaces, tc, chroot, FUSE)");
     }
-    let clip = match clip {
+    clip_binary(clip)
+}
+
+/// The clip binary to measure: `clip` if given, else the one beside this benchmark's binary.
+pub fn clip_path(clip: Option<&std::path::Path>) -> anyhow::Result<std::path::PathBuf> {
+    use anyhow::Context as _;
+    Ok(match clip {
         Some(p) => p.to_owned(),
         None => std::env::current_exe()?
             .parent()
             .context("exe dir")?
             .join("clip"),
-    };
+    })
+}
+
+/// [`clip_path`], which must exist.
+pub fn clip_binary(clip: Option<&std::path::Path>) -> anyhow::Result<std::path::PathBuf> {
+    let clip = clip_path(clip)?;
     if !clip.is_file() {
         anyhow::bail!(
             "{} not found: cargo build --release -p clip-driver",
@@ -157,4 +167,30 @@ pub fn root_and_clip(
         );
     }
     Ok(clip)
+}
+
+/// Mount points below `dir`.
+pub fn mounts_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let prefix = format!("{}/", dir.display());
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| p.starts_with(&prefix))
+        .map(std::path::PathBuf::from)
+        .collect()
+}
+
+/// An empty directory `work` for one run (whatever an earlier run left there, mounts
+/// included, is removed), canonicalised.
+pub fn fresh_dir(work: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+    use anyhow::Context as _;
+    if work.exists() {
+        for m in mounts_under(work) {
+            umount_lazy(&m);
+        }
+        std::fs::remove_dir_all(work).with_context(|| format!("removing {}", work.display()))?;
+    }
+    std::fs::create_dir_all(work)?;
+    Ok(std::fs::canonicalize(work)?)
 }

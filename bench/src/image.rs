@@ -241,7 +241,8 @@ fn layer_file(
     Ok(layer)
 }
 
-fn assemble(repo: &'static str, layers: Vec<LayerFile>) -> anyhow::Result<ImageFiles> {
+/// An image of gzip `layers`: its config and manifest.
+pub(crate) fn assemble(repo: &'static str, layers: Vec<LayerFile>) -> anyhow::Result<ImageFiles> {
     let config = serde_json::json!({
         "architecture": "amd64", "os": "linux",
         "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|l| &l.diff_id).collect::<Vec<_>>()},

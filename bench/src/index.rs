@@ -248,13 +248,7 @@ impl IndexBench {
 
     /// Peak memory of `clip index` streaming the layer from a registry.
     fn measure_rss(&self, tar: &Path, gz: &Path, tar_len: u64) -> anyhow::Result<()> {
-        let clip = match &self.clip {
-            Some(p) => p.clone(),
-            None => std::env::current_exe()?
-                .parent()
-                .context("exe dir")?
-                .join("clip"),
-        };
+        let clip = crate::host::clip_path(self.clip.as_deref())?;
         if clip.is_file() {
             let registry = Registry::start()?;
             let blob = Blob::new(GZIP, std::fs::read(gz)?);

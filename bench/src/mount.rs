@@ -423,16 +423,9 @@ impl MountBench {
 
         let teardown = Teardown::new();
         teardown.on_signals()?;
-        let work = dir.join("run");
+        let work = crate::host::fresh_dir(&dir.join("run"))?;
         let mnt = work.join("mnt");
-        umount_lazy(&mnt);
-        if work.exists() {
-            std::fs::remove_dir_all(&work)
-                .with_context(|| format!("removing {}", work.display()))?;
-        }
         std::fs::create_dir_all(&mnt)?;
-        let work = std::fs::canonicalize(&work)?;
-        let mnt = std::fs::canonicalize(&mnt)?;
         let link = Link::up(
             self.profile,
             &dir.join("registry"),

@@ -27,7 +27,7 @@ use clip_driver::csi::proto::node_client::NodeClient;
 use clip_driver::csi::proto::{NodePublishVolumeRequest, NodeUnpublishVolumeRequest};
 use tonic::transport::Channel;
 
-use crate::host::{drop_page_cache, require_tools, stop_child, umount_lazy};
+use crate::host::{drop_page_cache, fresh_dir, require_tools, stop_child, umount_lazy};
 use crate::image;
 use crate::link::{Link, Profile};
 use crate::mount::{Best, load_average, mb, secs};
@@ -165,7 +165,7 @@ impl NodePlugin {
             teardown.add(format!("clip node in {}", dir.display()), move || {
                 // A plugin that stops leaves its mounts dead (kubelet would unpublish
                 // first): detach whatever is left under its pods directory.
-                for target in mounts_under(&pods) {
+                for target in crate::host::mounts_under(&pods) {
                     umount_lazy(&target);
                 }
                 stop_child(
@@ -273,18 +273,6 @@ fn metric_sum(text: &str, name: &str, labels: &[&str]) -> u64 {
         })
         .filter_map(|(_, v)| v.parse::<u64>().ok())
         .sum()
-}
-
-/// Mount points below `dir`.
-fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    let prefix = format!("{}/", dir.display());
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .filter(|p| p.starts_with(&prefix))
-        .map(PathBuf::from)
-        .collect()
 }
 
 /// What kubelet sends for a pod's inline `csi:` volume with `volumeAttributes.image`.
@@ -475,16 +463,7 @@ impl PublishBench {
             })
         };
         let seeds = cluster.lock().unwrap_or_else(|p| p.into_inner()).seeds();
-        let work = dir.join("run-publish");
-        if work.exists() {
-            for m in mounts_under(&work) {
-                umount_lazy(&m);
-            }
-            std::fs::remove_dir_all(&work)
-                .with_context(|| format!("removing {}", work.display()))?;
-        }
-        std::fs::create_dir_all(&work)?;
-        let work = std::fs::canonicalize(&work)?;
+        let work = fresh_dir(&dir.join("run-publish"))?;
         let link = Link::up(
             self.profile,
             &dir.join("registry"),
