@@ -124,12 +124,8 @@ pub fn fetch_floor(index: &clip_index::ImageIndex, paths: &[PathBuf]) -> FetchFl
 /// Requests and compressed bytes to fetch a whole layer as consecutive span runs, as
 /// read-ahead and `ChunkStore::prefetch_all` do.
 pub fn whole_layer_runs(l: &clip_index::LayerIndex) -> (u64, u64) {
-    let n = l.chunks.len() as u32;
-    let (mut c, mut requests, mut bytes) = (0, 0, 0);
-    while c < n {
-        let run = l.span_run(c);
-        let run = c.max(run.start)..run.end;
-        c = run.end;
+    let (mut requests, mut bytes) = (0, 0);
+    for run in l.span_runs(0..l.chunks.len() as u32) {
         let plan = l.plan(run);
         requests += 1;
         bytes += plan.compressed.end - plan.compressed.start;

@@ -216,6 +216,21 @@ impl LayerIndex {
         from.min(c)..to.max(c + 1)
     }
 
+    /// The span runs that cover `chunks`, in order, each cut to `chunks`: one fetch each.
+    pub fn span_runs(&self, chunks: Range<u32>) -> impl Iterator<Item = Range<u32>> + '_ {
+        let end = chunks.end.min(self.chunks.len() as u32);
+        let mut next = chunks.start;
+        std::iter::from_fn(move || {
+            if next >= end {
+                return None;
+            }
+            let run = self.span_run(next);
+            let piece = next..run.end.min(end);
+            next = piece.end;
+            Some(piece)
+        })
+    }
+
     /// How to produce `chunks` (a non-empty run of this layer's chunks).
     pub fn plan(&self, chunks: Range<u32>) -> ReadPlan {
         let last = chunks.end.saturating_sub(1) as usize;
@@ -291,6 +306,17 @@ mod tests {
         assert!(l.chunks_covering(950, 51).is_err());
         assert!(l.chunks_covering(u64::MAX, 2).is_err());
         Ok(())
+    }
+
+    #[test]
+    fn span_runs_cover_a_range_one_fetch_each() {
+        // The checkpoint at 250 splits the 10 chunks into runs 0..3 and 3..10.
+        let l = layer(1000, 100);
+        let runs = |r: Range<u32>| l.span_runs(r).collect::<Vec<_>>();
+        assert_eq!(runs(0..10), [0..3, 3..10]);
+        assert_eq!(runs(1..5), [1..3, 3..5]);
+        assert_eq!(runs(8..20), vec![8..10], "cut to the layer");
+        assert!(runs(4..4).is_empty());
     }
 
     #[test]

@@ -262,7 +262,7 @@ impl<S: BlobSource> ChunkStore<S> {
         }
         let (span, first_block) = l.block_span(c, want.clone())?;
         let key = self.key(layer, c).ok()?;
-        if self.whereabouts(layer, c).await == Whereabouts::Near {
+        if self.is_near(layer, c, &key) {
             return None;
         }
         let blocks = l.chunk_blocks(c).get(first_block..)?;
@@ -469,9 +469,7 @@ impl<S: BlobSource> ChunkStore<S> {
                     .wait_for_peer(layer, chunks.clone(), &redis, &name)
                     .await
                 {
-                    for ((c, b), tx) in chunks.zip(data).zip(senders.iter_mut()) {
-                        self.deliver(layer, c, b, tx, Some("redis")).await;
-                    }
+                    self.deliver_from_redis(layer, chunks, data, senders).await;
                     return Ok(());
                 }
                 self.stream_from_source(layer, chunks, ahead, senders, None)
@@ -483,9 +481,7 @@ impl<S: BlobSource> ChunkStore<S> {
                 // look in Redis and our lease: look again before going to the source.
                 if let Some(data) = self.run_in_redis(layer, chunks.clone(), &redis).await {
                     redis.release_lease(&name, &token).await;
-                    for ((c, b), tx) in chunks.zip(data).zip(senders.iter_mut()) {
-                        self.deliver(layer, c, b, tx, Some("redis")).await;
-                    }
+                    self.deliver_from_redis(layer, chunks, data, senders).await;
                     return Ok(());
                 }
                 let fetched = self
@@ -616,11 +612,11 @@ impl<S: BlobSource> ChunkStore<S> {
                         .prefetched_chunks
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
-                let tx = senders.get_mut((c - chunks.start) as usize);
-                match tx {
-                    Some(tx) => self.deliver(layer, c, b.clone(), tx, skip).await,
-                    None => self.deliver(layer, c, b.clone(), &mut None, skip).await,
-                }
+                let mut none = None;
+                let tx = senders
+                    .get_mut((c - chunks.start) as usize)
+                    .unwrap_or(&mut none);
+                self.deliver(layer, c, b.clone(), tx, skip).await;
                 if skip.is_some() {
                     run.push(b);
                 }
@@ -678,6 +674,19 @@ impl<S: BlobSource> ChunkStore<S> {
             } else {
                 self.spawn_put(tier.clone(), key, data.clone());
             }
+        }
+    }
+
+    /// [`Self::deliver`] for a run read from Redis (so not written back there).
+    async fn deliver_from_redis(
+        &self,
+        layer: usize,
+        chunks: Range<u32>,
+        data: Vec<Bytes>,
+        senders: &mut [Option<ChunkSender>],
+    ) {
+        for ((c, b), tx) in chunks.zip(data).zip(senders.iter_mut()) {
+            self.deliver(layer, c, b, tx, Some("redis")).await;
         }
     }
 
@@ -747,13 +756,10 @@ impl<S: BlobSource> ChunkStore<S> {
             let end = (last + 1).min(l.chunks.len() as u32);
             // Whole spans, like a miss fetches: the same fetch on every node, so the in-flight
             // map and the cluster-wide lease recognise it.
-            let mut spans = Vec::new();
-            let mut next = c + 1;
-            while spans.len() < this.config.readahead_runs && next < end {
-                let run = l.span_run(next);
-                spans.push(next..run.end.min(end));
-                next = run.end;
-            }
+            let spans = l
+                .span_runs(c + 1..end)
+                .take(this.config.readahead_runs)
+                .collect();
             let preload = c + 1..(c + 1 + this.config.preload_chunks).min(end);
             this.bring(layer, spans, preload).await;
         });
@@ -772,13 +778,7 @@ impl<S: BlobSource> ChunkStore<S> {
         if chunks.is_empty() {
             return;
         }
-        let mut spans = Vec::new();
-        let mut next = chunks.start;
-        while next < chunks.end {
-            let run = l.span_run(next);
-            spans.push(next..run.end.min(chunks.end));
-            next = run.end;
-        }
+        let spans = l.span_runs(chunks).collect();
         let this = self.clone();
         tokio::spawn(async move { this.bring(layer, spans, 0..0).await });
     }
@@ -835,19 +835,23 @@ impl<S: BlobSource> ChunkStore<S> {
         futures::future::join(remote, local).await;
     }
 
-    /// Where chunk `c` is now, as far as read-ahead cares.
-    async fn whereabouts(&self, layer: usize, c: u32) -> Whereabouts {
-        let Ok(key) = self.key(layer, c) else {
-            return Whereabouts::Near;
-        };
-        if self.memory.contains(&key.digest)
+    /// Whether chunk `c` is in memory or on its way there (being loaded or fetched).
+    fn is_near(&self, layer: usize, c: u32, key: &ChunkKey) -> bool {
+        self.memory.contains(&key.digest)
             || self.lock_inflight().contains_key(&(layer, c))
             || self
                 .loading
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .contains_key(&(layer, c))
-        {
+    }
+
+    /// Where chunk `c` is now, as far as read-ahead cares.
+    async fn whereabouts(&self, layer: usize, c: u32) -> Whereabouts {
+        let Ok(key) = self.key(layer, c) else {
+            return Whereabouts::Near;
+        };
+        if self.is_near(layer, c, &key) {
             return Whereabouts::Near;
         }
         for t in self.tiers.iter().filter(|t| t.is_local()) {
@@ -888,14 +892,10 @@ impl<S: BlobSource> ChunkStore<S> {
     pub async fn prefetch_all(self: &Arc<Self>, parallel: usize) -> Result<u64> {
         let mut runs = Vec::new();
         for (layer, l) in self.index.layers.iter().enumerate() {
-            let n = l.chunks.len() as u32;
-            let mut c = 0;
-            while c < n {
-                let run = self.span_run(layer, c)?;
-                let run = c.max(run.start)..run.end;
-                c = run.end;
-                runs.push((layer, run));
-            }
+            runs.extend(
+                l.span_runs(0..l.chunks.len() as u32)
+                    .map(|run| (layer, run)),
+            );
         }
         use futures::StreamExt;
         let mut fetched = 0u64;
