@@ -125,27 +125,12 @@ impl NodePlugin {
         teardown: &Arc<Teardown>,
     ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
-        let socket = dir.join("csi.sock");
+        let socket = clip_e2e::node::socket(dir);
         let log = dir.join("node.log");
         let metrics_port = clip_e2e::free_port()?;
+        let node_id = dir.file_name().unwrap_or_default().to_string_lossy();
         let child = Command::new(clip)
-            .args([
-                "--log-format",
-                "json",
-                "--log",
-                "info",
-                "node",
-                "--kube",
-                "off",
-            ])
-            .arg("--endpoint")
-            .arg(format!("unix://{}", socket.display()))
-            .arg("--node-id")
-            .arg(dir.file_name().unwrap_or_default())
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .arg("--cache-dir")
-            .arg(dir.join("cache"))
+            .args(clip_e2e::node::node_args(dir, &node_id))
             .arg("--publish-wait")
             .arg(publish_wait.to_string())
             .arg("--metrics-addr")

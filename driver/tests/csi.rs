@@ -641,7 +641,7 @@ impl NodeProcess {
     /// Starts `clip node` with its state in `dir`; `wrapper` (if any) runs first and execs
     /// the plugin.
     fn spawn(dir: &Path, wrapper: &[&str], extra: &[&str]) -> anyhow::Result<Self> {
-        let socket = dir.join("csi.sock");
+        let socket = clip_e2e::node::socket(dir);
         let log = dir.join("node.log");
         let clip = env!("CARGO_BIN_EXE_clip");
         let mut cmd = match wrapper.split_first() {
@@ -652,14 +652,7 @@ impl NodeProcess {
             }
             None => std::process::Command::new(clip),
         };
-        cmd.args(["--log-format", "json", "--log", "info", "node"])
-            .args(["--kube", "off", "--node-id", "probe-node"])
-            .arg("--endpoint")
-            .arg(format!("unix://{}", socket.display()))
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .arg("--cache-dir")
-            .arg(dir.join("cache"))
+        cmd.args(clip_e2e::node::node_args(dir, "probe-node"))
             .args(extra)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())

@@ -32,26 +32,10 @@ struct Node {
 
 impl Node {
     fn start(dir: &Path, extra: &[&str]) -> anyhow::Result<Self> {
-        let socket = dir.join("csi.sock");
+        let socket = clip_e2e::node::socket(dir);
         let _ = std::fs::remove_file(&socket);
         let child = Command::new(env!("CARGO_BIN_EXE_clip"))
-            .args([
-                "--log-format",
-                "json",
-                "--log",
-                "info",
-                "node",
-                "--kube",
-                "off",
-                "--node-id",
-                "n1",
-            ])
-            .arg("--endpoint")
-            .arg(format!("unix://{}", socket.display()))
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .arg("--cache-dir")
-            .arg(dir.join("cache"))
+            .args(clip_e2e::node::node_args(dir, "n1"))
             .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -26,6 +26,7 @@ pub mod http;
 pub mod image;
 pub mod kube_api;
 pub mod model;
+pub mod node;
 pub mod proxy;
 pub mod redis;
 pub mod registry;
