@@ -195,6 +195,7 @@ async fn a_new_clip_image_goes_resolving_indexing_ready_and_a_node_mounts_it() -
             registry: RegistryConfig::default(),
             platform: None,
             publish_wait: Duration::from_secs(5),
+            keeper_socket: None,
         },
         Some(w.redis.clone()),
         Some(Arc::new(OneImage(current(&w, "app")))),

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod csi;
 pub mod error;
 pub mod fs;
+pub mod keeper;
 pub mod metrics;
 pub mod mounts;
 

@@ -95,6 +95,7 @@ impl Plugin {
             registry: RegistryConfig::default(),
             platform: None,
             publish_wait: Duration::from_secs(30),
+            keeper_socket: None,
         };
         let lookup: Arc<dyn ClipImageLookup> = api.clone();
         let ctx = NodeContext::new(

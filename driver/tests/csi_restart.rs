@@ -4,8 +4,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on broken fixtures
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use clip_driver::csi::kubelet;
 use clip_driver::csi::proto::node_client::NodeClient;
@@ -13,6 +11,7 @@ use clip_driver::csi::proto::*;
 use clip_driver::fs::is_mounted;
 use clip_e2e::fixtures;
 use clip_e2e::image::{Pusher, build_image};
+use clip_e2e::node::Process;
 use clip_e2e::registry::Registry;
 use tonic::transport::Channel;
 
@@ -26,44 +25,14 @@ impl Drop for DetachOnDrop {
     }
 }
 
-struct Node {
-    child: Child,
-}
-
-impl Node {
-    fn start(dir: &Path, extra: &[&str]) -> anyhow::Result<Self> {
-        let socket = clip_e2e::node::socket(dir);
-        let _ = std::fs::remove_file(&socket);
-        let child = Command::new(env!("CARGO_BIN_EXE_clip"))
-            .args(clip_e2e::node::node_args(dir, "n1"))
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !socket.exists() {
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "the plugin socket did not appear"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(Self { child })
-    }
-
-    fn signal(&mut self, sig: i32) {
-        // SAFETY: signalling our own child.
-        unsafe {
-            libc::kill(self.child.id() as i32, sig);
-        }
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.signal(libc::SIGKILL);
-    }
+fn start_node(dir: &Path, extra: &[&str]) -> anyhow::Result<Process> {
+    let mut args = clip_e2e::node::node_args(dir, "n1");
+    args.extend(extra.iter().map(Into::into));
+    Process::start(
+        Path::new(env!("CARGO_BIN_EXE_clip")),
+        args,
+        &clip_e2e::node::socket(dir),
+    )
 }
 
 async fn client(dir: &Path) -> anyhow::Result<NodeClient<Channel>> {
@@ -104,7 +73,7 @@ async fn a_restarted_plugin_knows_its_volumes() -> anyhow::Result<()> {
 
     // Whatever happens, no mount of this test outlives it.
     let _detach = DetachOnDrop(vec![t1.clone(), t2.clone()]);
-    let mut first = Node::start(dir.path(), &[])?;
+    let mut first = start_node(dir.path(), &[])?;
     let mut node = client(dir.path()).await?;
     node.node_publish_volume(publish("vol-1", &t1, &reference))
         .await?;
@@ -118,7 +87,7 @@ async fn a_restarted_plugin_knows_its_volumes() -> anyhow::Result<()> {
     assert_eq!(dead, Some(libc::ENOTCONN), "the mount died with its server");
 
     // A plugin that does not re-serve reports the dead mounts and cleans them up.
-    let mut second = Node::start(dir.path(), &["--no-reserve-on-start"])?;
+    let mut second = start_node(dir.path(), &["--no-reserve-on-start"])?;
     let mut node = client(dir.path()).await?;
     let c = condition(&mut node, "vol-1", &t1).await?;
     assert!(c.abnormal, "dead mount reported abnormal: {c:?}");
@@ -133,7 +102,7 @@ async fn a_restarted_plugin_knows_its_volumes() -> anyhow::Result<()> {
     second.signal(libc::SIGTERM);
 
     // A plugin that re-serves brings the other volume back.
-    let _third = Node::start(dir.path(), &[])?;
+    let _third = start_node(dir.path(), &[])?;
     let mut node = client(dir.path()).await?;
     let c = condition(&mut node, "vol-2", &t2).await?;
     assert!(!c.abnormal, "re-served: {c:?}");

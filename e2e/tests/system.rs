@@ -54,6 +54,7 @@ async fn start_node(name: &str, cluster: &RedisCluster, api: &FakeApi) -> anyhow
             registry: RegistryConfig::default(),
             platform: None,
             publish_wait: Duration::from_secs(10),
+            keeper_socket: None,
         },
         Some(redis),
         Some(Arc::new(KubeLookup::new(api.client.clone()))),

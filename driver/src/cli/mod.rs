@@ -3,6 +3,7 @@
 mod cat;
 mod index;
 mod inspect;
+mod keeper;
 mod mount;
 mod node;
 
@@ -63,6 +64,8 @@ pub enum Command {
     Umount(mount::UmountArgs),
     /// Run the CSI node plugin (kubelet talks to it over a unix socket).
     Node(node::NodeArgs),
+    /// Hold the node's FUSE connections so that mounts survive a restart of the node plugin.
+    Keeper(keeper::KeeperArgs),
 }
 
 /// How to reach registries; shared by every command that talks to one.
@@ -284,6 +287,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Mount(args) => mount::run(args).await?,
             Command::Umount(args) => mount::umount(args)?,
             Command::Node(args) => node::run(args).await?,
+            Command::Keeper(args) => keeper::run(args).await?,
         }
         Ok(ExitCode::SUCCESS)
     })

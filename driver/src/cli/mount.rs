@@ -190,6 +190,7 @@ pub async fn run(args: MountArgs) -> Result<()> {
     let options = MountOptions {
         fsname: fsname.clone(),
         threads: args.threads,
+        clone_fd: true,
         allow_other: true,
         readahead_kb: u32::try_from(parse_size(&args.kernel_readahead)? / 1024).unwrap_or(u32::MAX),
     };

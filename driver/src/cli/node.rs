@@ -73,6 +73,11 @@ pub struct NodeArgs {
     #[arg(long, value_enum, default_value = "auto", env = "CLIP_KUBE")]
     pub kube: KubeAccess,
 
+    /// The keeper's socket (`clip keeper`): mounts handed to it survive a restart of this
+    /// plugin, and a new plugin takes them over. Without it, a restart breaks them.
+    #[arg(long, env = "CLIP_KEEPER_SOCKET")]
+    pub keeper_socket: Option<PathBuf>,
+
     /// Serve Prometheus metrics on this address.
     #[arg(long, env = "CLIP_METRICS_ADDR")]
     pub metrics_addr: Option<String>,
@@ -136,6 +141,7 @@ pub async fn run(args: NodeArgs) -> Result<()> {
         registry,
         platform: args.registry.platform()?,
         publish_wait: Duration::from_secs(args.publish_wait),
+        keeper_socket: args.keeper_socket.clone(),
     };
     let ctx = NodeContext::new(config, redis, lookup, tokio::runtime::Handle::current())?;
     ctx.restore().await;
@@ -164,9 +170,13 @@ pub async fn run(args: NodeArgs) -> Result<()> {
         }
         info!("shutting down; volumes stay in the mount table for the next start");
     };
-    crate::csi::server::serve(listener, ctx, shutdown)
-        .await
-        .map_err(|e| Error::Config(format!("serving {}: {e}", socket.display())))?;
+    let served = crate::csi::server::serve(listener, ctx.clone(), shutdown).await;
     let _ = stop_tx.send(true);
+    let c = ctx.clone();
+    if let Ok(true) = tokio::task::spawn_blocking(move || c.shutdown()).await {
+        // Reads in progress stay unanswered; the kernel sends them to the next plugin.
+        std::process::exit(0);
+    }
+    served.map_err(|e| Error::Config(format!("serving {}: {e}", socket.display())))?;
     Ok(())
 }

@@ -24,7 +24,8 @@ use super::proto::volume_capability::AccessType;
 use super::proto::volume_capability::access_mode::Mode;
 use super::proto::volume_usage::Unit;
 use super::proto::*;
-use crate::fs::{Mount, MountOptions, is_mounted, mount, unmount_path};
+use crate::fs::{Mount, MountOptions, is_mounted, mount, mounted_device, resume, unmount_path};
+use crate::keeper::{Adopted, Event, KeeperClient, Welcome};
 use crate::mounts::{MountTable, VolumeRecord};
 
 /// volume_context keys kubelet adds with `podInfoOnMount: true`.
@@ -54,6 +55,8 @@ pub struct NodeConfig {
     pub platform: Option<Platform>,
     /// How long a publish waits for a direct image being indexed before asking kubelet to retry.
     pub publish_wait: Duration,
+    /// The keeper (`clip keeper`) that holds mounts while this plugin restarts.
+    pub keeper_socket: Option<PathBuf>,
 }
 
 struct ImageEntry {
@@ -87,6 +90,7 @@ pub struct NodeContext {
     /// Registry clients by credentials (a digest of the secret), so tokens and connections
     /// are reused across publishes.
     registries: Mutex<HashMap<Digest, RegistryClient>>,
+    keeper: std::sync::OnceLock<Arc<KeeperClient>>,
 }
 
 impl std::fmt::Debug for NodeContext {
@@ -141,6 +145,7 @@ impl NodeContext {
             busy: Mutex::new(HashSet::new()),
             jobs: Mutex::new(HashMap::new()),
             registries: Mutex::new(HashMap::new()),
+            keeper: std::sync::OnceLock::new(),
         }))
     }
 
@@ -532,6 +537,20 @@ impl NodeContext {
         Digest::of(text.as_bytes()).to_string()
     }
 
+    fn mount_options(&self, store: &ChunkStore<RegistryBlobs>) -> MountOptions {
+        let index = store.index();
+        MountOptions {
+            fsname: format!(
+                "clip:{}@{}",
+                index.source.repository, index.source.manifest_digest
+            ),
+            threads: self.config.fuse_threads,
+            // Requests read on one shared descriptor can be sent again to the next server.
+            clone_fd: self.config.keeper_socket.is_none(),
+            ..MountOptions::default()
+        }
+    }
+
     fn mount_at(
         &self,
         store: Arc<ChunkStore<RegistryBlobs>>,
@@ -544,21 +563,38 @@ impl NodeContext {
                 target.display()
             ))
         })?;
-        let index = store.index().clone();
-        let options = MountOptions {
-            fsname: format!(
-                "clip:{}@{}",
-                index.source.repository, index.source.manifest_digest
-            ),
-            threads: self.config.fuse_threads,
-            ..MountOptions::default()
-        };
-        mount(store, target, &options, self.runtime.clone()).map_err(|e| {
+        let options = self.mount_options(&store);
+        let m = mount(store, target, &options, self.runtime.clone()).map_err(|e| {
             CsiError::Internal(format!(
                 "volume {volume}: mounting at {}: {e}",
                 target.display()
             ))
-        })
+        })?;
+        self.keep(volume, &m);
+        Ok(m)
+    }
+
+    /// Gives the keeper a descriptor of the mount, so that it outlives this process.
+    fn keep(&self, volume: &str, m: &Mount) {
+        let Some(k) = self.keeper.get() else {
+            return;
+        };
+        let device = mounted_device(m.dir()).unwrap_or(0);
+        let kept = m
+            .device()
+            .and_then(|fd| k.keep(volume, std::os::fd::AsFd::as_fd(&fd), device));
+        if let Err(e) = kept {
+            warn!(volume_id = %volume, error = %e, "the keeper does not hold this mount; it will not survive a restart of the plugin");
+        }
+    }
+
+    fn release_kept(&self, volume: &str) {
+        if let Some(k) = self.keeper.get()
+            && k.connected()
+            && let Err(e) = k.release(volume)
+        {
+            warn!(volume_id = %volume, error = %e, "telling the keeper to release the mount failed");
+        }
     }
 
     /// Publishes a volume.
@@ -748,6 +784,7 @@ impl NodeContext {
                 warn!(target = %target.display(), error = %e, "removing the target directory failed")
             }
         }
+        self.release_kept(&volume);
         lock(&self.table).remove(&volume).map_err(|e| {
             CsiError::Internal(format!("volume {volume}: saving the mount table: {e}"))
         })?;
@@ -779,14 +816,26 @@ impl NodeContext {
         let served = lock(&self.active)
             .get(&volume)
             .is_some_and(|a| a.mount.is_some());
-        let condition = match crate::fs::mount_responds(&path) {
+        // A mount this process does not serve is not probed: one a keeper holds for the next
+        // server would make the probe wait.
+        let probe = if served {
+            crate::fs::mount_responds(&path)
+        } else if self.keeper.get().is_some() {
+            Ok(())
+        } else {
+            crate::fs::mount_responds(&path)
+        };
+        let condition = match probe {
             Ok(()) if served && is_mounted(&path) => VolumeCondition {
                 abnormal: false,
                 message: "mounted and serving".into(),
             },
             Ok(_) => VolumeCondition {
                 abnormal: true,
-                message: format!("{} is not mounted by this plugin", path.display()),
+                message: format!(
+                    "{} is not served by this plugin (dead, or waiting to be handed over)",
+                    path.display()
+                ),
             },
             Err(e) => VolumeCondition {
                 abnormal: true,
@@ -816,61 +865,222 @@ impl NodeContext {
         })
     }
 
-    /// Mounts again the volumes whose mounts died with the previous process.
-    pub async fn restore(&self) {
+    /// Takes over, or mounts again, the volumes of the previous process: those a keeper
+    /// held are served on their live connections (their readers never notice); the others
+    /// died with that process and are mounted again (when configured).
+    pub async fn restore(self: &Arc<Self>) {
+        let mut adopted: HashMap<String, Adopted> = HashMap::new();
+        let mut elsewhere: HashSet<String> = HashSet::new();
+        if let Some(path) = self.config.keeper_socket.clone() {
+            let started = tokio::task::spawn_blocking(move || KeeperClient::start(&path)).await;
+            match started {
+                Ok(Ok((client, welcome, events))) => {
+                    let _ = self.keeper.set(client);
+                    if let Some(w) = welcome {
+                        elsewhere.extend(w.held_elsewhere);
+                        adopted.extend(w.adopted.into_iter().map(|a| (a.volume.clone(), a)));
+                    }
+                    let ctx = self.clone();
+                    tokio::spawn(async move { ctx.keeper_events(events).await });
+                }
+                Ok(Err(e)) => warn!(error = %e, "cannot start the keeper client"),
+                Err(e) => warn!(error = %e, "cannot start the keeper client"),
+            }
+        }
         let records = lock(&self.table).records();
         for rec in records {
             let span = info_span!("restore", volume_id = %rec.volume_id, pod = %format!("{}/{}", rec.pod_namespace, rec.pod_name));
             async {
+                if let Some(a) = adopted.remove(&rec.volume_id)
+                    && self.take_over(&rec, a).await
+                {
+                    return;
+                }
+                if elsewhere.contains(&rec.volume_id) {
+                    info!("still served by the previous plugin; taken over when it exits");
+                    return;
+                }
                 if !self.config.reserve_on_start {
                     info!("volume from the previous process left as is (re-serving is off)");
                     return;
                 }
-                let Ok(digest) = rec.index_digest.parse::<Digest>() else {
-                    warn!("bad index digest in the mount table");
-                    return;
-                };
-                let _guard = match self.begin(&rec.volume_id) {
-                    Ok(g) => g,
-                    Err(_) => return,
-                };
-                let index = match self.load_index(&digest, &rec.volume_id).await {
-                    Ok(i) => i,
-                    Err(e) => {
-                        warn!(error = %e, "cannot re-serve: index unavailable");
-                        return;
-                    }
-                };
-                if is_mounted(&rec.target_path) {
-                    let _ = unmount_path(&rec.target_path);
-                }
-                let registry = RegistryClient::new(self.config.registry.clone());
-                let store = match self.store_for(digest, index, &registry, &rec.volume_id) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        warn!(error = %e, "cannot re-serve");
-                        return;
-                    }
-                };
-                match self.mount_at(store, &rec.target_path, &rec.volume_id) {
-                    Ok(m) => {
-                        lock(&self.active).insert(
-                            rec.volume_id.clone(),
-                            Active {
-                                mount: Some(m),
-                                index_digest: digest,
-                            },
-                        );
-                        info!(target = %rec.target_path.display(), "re-served after restart");
-                    }
-                    Err(e) => {
-                        self.release_image(&digest);
-                        warn!(error = %e, "cannot re-serve");
-                    }
-                }
+                self.remount(&rec).await;
             }
             .instrument(span)
             .await;
+        }
+        for volume in adopted.into_keys() {
+            info!(volume_id = %volume, "the keeper held a volume this node no longer publishes; released");
+            self.release_kept(&volume);
+        }
+    }
+
+    /// Hand-overs after start (the previous plugin exited later than this one started) and
+    /// a keeper reached again.
+    async fn keeper_events(
+        self: Arc<Self>,
+        mut events: tokio::sync::mpsc::UnboundedReceiver<Event>,
+    ) {
+        while let Some(ev) = events.recv().await {
+            match ev {
+                Event::Adopt(a) => self.adopt(a).await,
+                Event::Reconnected(Welcome { adopted, .. }) => {
+                    for a in adopted {
+                        self.adopt(a).await;
+                    }
+                    // A restarted keeper holds nothing: give it every mount again.
+                    let served: Vec<(String, Option<std::os::fd::OwnedFd>, PathBuf)> =
+                        lock(&self.active)
+                            .iter()
+                            .filter_map(|(v, a)| {
+                                a.mount
+                                    .as_ref()
+                                    .map(|m| (v.clone(), m.device().ok(), m.dir().to_owned()))
+                            })
+                            .collect();
+                    if let Some(k) = self.keeper.get() {
+                        for (volume, fd, dir) in served {
+                            let device = mounted_device(&dir).unwrap_or(0);
+                            if let Some(fd) = fd
+                                && let Err(e) =
+                                    k.keep(&volume, std::os::fd::AsFd::as_fd(&fd), device)
+                            {
+                                warn!(volume_id = %volume, error = %e, "giving the mount to the keeper failed");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn adopt(&self, a: Adopted) {
+        let volume = a.volume.clone();
+        let rec = lock(&self.table).get(&volume).cloned();
+        let served = lock(&self.active)
+            .get(&volume)
+            .is_some_and(|x| x.mount.is_some());
+        let Some(rec) = rec.filter(|_| !served) else {
+            info!(volume_id = %volume, "handed a volume this plugin does not need; released");
+            self.release_kept(&volume);
+            return;
+        };
+        let span = info_span!("adopt", volume_id = %volume);
+        async {
+            let Ok(_guard) = self.begin(&volume) else {
+                self.release_kept(&volume);
+                return;
+            };
+            if !self.take_over(&rec, a).await {
+                self.remount(&rec).await;
+            }
+        }
+        .instrument(span)
+        .await;
+    }
+
+    /// Serves a kept connection of `rec`'s mount. False (and the keeper told to release it)
+    /// when it cannot: the mount at the target is another one now, or the index is gone.
+    async fn take_over(&self, rec: &VolumeRecord, a: Adopted) -> bool {
+        let here = mounted_device(&rec.target_path);
+        if here.is_none() || (a.device != 0 && here != Some(a.device)) {
+            warn!(target = %rec.target_path.display(), "the kept connection is not the mount at the target any more; released");
+            self.release_kept(&rec.volume_id);
+            return false;
+        }
+        let Ok(digest) = rec.index_digest.parse::<Digest>() else {
+            warn!("bad index digest in the mount table");
+            self.release_kept(&rec.volume_id);
+            return false;
+        };
+        let index = match self.load_index(&digest, &rec.volume_id).await {
+            Ok(i) => i,
+            Err(e) => {
+                warn!(error = %e, "cannot take over: index unavailable");
+                self.release_kept(&rec.volume_id);
+                return false;
+            }
+        };
+        let registry = RegistryClient::new(self.config.registry.clone());
+        let store = match self.store_for(digest, index, &registry, &rec.volume_id) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "cannot take over");
+                self.release_kept(&rec.volume_id);
+                return false;
+            }
+        };
+        let options = self.mount_options(&store);
+        let scratch = self.config.state_dir.join("handover");
+        match resume(
+            store,
+            &rec.target_path,
+            a.fd,
+            &scratch,
+            &options,
+            self.runtime.clone(),
+        ) {
+            Ok(m) => {
+                lock(&self.active).insert(
+                    rec.volume_id.clone(),
+                    Active {
+                        mount: Some(m),
+                        index_digest: digest,
+                    },
+                );
+                info!(target = %rec.target_path.display(), "took over the live mount");
+                true
+            }
+            Err(e) => {
+                self.release_image(&digest);
+                warn!(error = %e, "cannot take over the live mount");
+                self.release_kept(&rec.volume_id);
+                false
+            }
+        }
+    }
+
+    /// Mounts `rec` again after its mount died with the previous process.
+    async fn remount(&self, rec: &VolumeRecord) {
+        let Ok(digest) = rec.index_digest.parse::<Digest>() else {
+            warn!("bad index digest in the mount table");
+            return;
+        };
+        // None when already ours (an adoption that fell back here holds it).
+        let _guard = self.begin(&rec.volume_id).ok();
+        let index = match self.load_index(&digest, &rec.volume_id).await {
+            Ok(i) => i,
+            Err(e) => {
+                warn!(error = %e, "cannot re-serve: index unavailable");
+                return;
+            }
+        };
+        if is_mounted(&rec.target_path) {
+            let _ = unmount_path(&rec.target_path);
+        }
+        let registry = RegistryClient::new(self.config.registry.clone());
+        let store = match self.store_for(digest, index, &registry, &rec.volume_id) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "cannot re-serve");
+                return;
+            }
+        };
+        match self.mount_at(store, &rec.target_path, &rec.volume_id) {
+            Ok(m) => {
+                lock(&self.active).insert(
+                    rec.volume_id.clone(),
+                    Active {
+                        mount: Some(m),
+                        index_digest: digest,
+                    },
+                );
+                info!(target = %rec.target_path.display(), "re-served after restart");
+            }
+            Err(e) => {
+                self.release_image(&digest);
+                warn!(error = %e, "cannot re-serve");
+            }
         }
     }
 
@@ -917,14 +1127,30 @@ impl NodeContext {
             })
     }
 
-    /// Unmounts every served volume (on shutdown), keeping the table for the next start.
-    pub fn shutdown(&self) {
+    /// On shutdown: leaves every served volume to the keeper when one holds them, so that
+    /// the next plugin takes them over; otherwise unmounts them. The table is kept for the
+    /// next start either way. True when mounts were left: the process must then end at once
+    /// (`std::process::exit`), since dropping a read in progress would answer it with EIO,
+    /// while a process that just ends leaves it to the kernel to send again to the next.
+    pub fn shutdown(&self) -> bool {
         let active: Vec<(String, Active)> = lock(&self.active).drain().collect();
+        let keeper = self.keeper.get().is_some_and(|k| k.connected());
+        if keeper {
+            info!(
+                volumes = active.len(),
+                "leaving the mounts to the keeper for the next plugin"
+            );
+        }
         for (_, a) in active {
             if let Some(m) = a.mount {
-                let _ = m.unmount();
+                if keeper {
+                    m.leave();
+                } else {
+                    let _ = m.unmount();
+                }
             }
         }
+        keeper
     }
 }
 

@@ -8,6 +8,7 @@ mod attr;
 mod error;
 mod filesystem;
 
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -20,8 +21,13 @@ pub use filesystem::{ClipFs, FsCounters};
 pub struct MountOptions {
     /// Shown as the mount source, e.g. `clip:registry/app@sha256:...`.
     pub fsname: String,
-    /// FUSE worker threads (each with its own /dev/fuse descriptor).
+    /// FUSE worker threads.
     pub threads: usize,
+    /// Give each worker thread its own /dev/fuse descriptor (less contention). Off when the
+    /// session may be handed to another process: requests read on a cloned descriptor are
+    /// failed by the kernel when the process dies, while those read on the shared one can be
+    /// sent again to the next server.
+    pub clone_fd: bool,
     /// Let other users (a pod's user) use the mount.
     pub allow_other: bool,
     /// The kernel's read-ahead for files of the mount, KiB (0: the kernel's default,
@@ -34,17 +40,23 @@ impl Default for MountOptions {
         Self {
             fsname: "clip".into(),
             threads: 8,
+            clone_fd: true,
             allow_other: true,
             readahead_kb: 1024,
         }
     }
 }
 
-/// A mounted filesystem; unmounted on [`Mount::unmount`] or drop.
+/// A mounted filesystem; unmounted on [`Mount::unmount`] or drop, or left to a later server
+/// with [`Mount::leave`].
 pub struct Mount {
     session: Option<fuser::BackgroundSession>,
     dir: PathBuf,
     counters: Arc<FsCounters>,
+    /// A duplicate of the session's /dev/fuse descriptor, for a keeper to hold.
+    device: OwnedFd,
+    /// Taken over from another process: fuser holds no mount handle, so unmount by path.
+    resumed: bool,
 }
 
 impl std::fmt::Debug for Mount {
@@ -63,11 +75,30 @@ impl Mount {
         &self.counters
     }
 
+    /// A new descriptor of this mount's FUSE connection. Whoever holds it keeps the
+    /// connection open after this process ends, so that a later server can take it over.
+    pub fn device(&self) -> std::io::Result<OwnedFd> {
+        self.device.try_clone()
+    }
+
     /// Unmounts and waits for the session to end.
     pub fn unmount(mut self) -> std::io::Result<()> {
         match self.session.take() {
+            Some(s) if self.resumed => {
+                unmount_path(&self.dir)?;
+                s.join()
+            }
             Some(s) => s.umount_and_join(),
             None => Ok(()),
+        }
+    }
+
+    /// Leaves the mount in place without unmounting: the worker threads go on serving
+    /// until the process exits, and the kernel keeps the connection for whoever holds a
+    /// descriptor of it (see [`Mount::device`] and [`resume`]).
+    pub fn leave(mut self) {
+        if let Some(s) = self.session.take() {
+            std::mem::forget(s);
         }
     }
 
@@ -83,21 +114,18 @@ impl Mount {
 impl Drop for Mount {
     fn drop(&mut self) {
         if let Some(s) = self.session.take() {
-            let _ = s.umount_and_join();
+            if self.resumed {
+                let _ = unmount_path(&self.dir);
+                let _ = s.join();
+            } else {
+                let _ = s.umount_and_join();
+            }
         }
     }
 }
 
-/// Mounts the image of `store` read-only at `dir`. Reads are served on `runtime`.
-pub fn mount<S: BlobSource>(
-    store: Arc<ChunkStore<S>>,
-    dir: &Path,
-    options: &MountOptions,
-    runtime: tokio::runtime::Handle,
-) -> std::io::Result<Mount> {
+fn session_config(options: &MountOptions) -> fuser::Config {
     use fuser::MountOption as O;
-    let fs = ClipFs::new(store, runtime, options.fsname.clone());
-    let counters = fs.counters();
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         O::RO,
@@ -111,8 +139,22 @@ pub fn mount<S: BlobSource>(
         config.acl = fuser::SessionACL::All;
     }
     config.n_threads = Some(options.threads.max(1));
-    config.clone_fd = options.threads > 1;
-    let session = fuser::spawn_mount(fs, dir, &config)?;
+    config.clone_fd = options.clone_fd && options.threads > 1;
+    config
+}
+
+/// Mounts the image of `store` read-only at `dir`. Reads are served on `runtime`.
+pub fn mount<S: BlobSource>(
+    store: Arc<ChunkStore<S>>,
+    dir: &Path,
+    options: &MountOptions,
+    runtime: tokio::runtime::Handle,
+) -> std::io::Result<Mount> {
+    let fs = ClipFs::new(store, runtime, options.fsname.clone());
+    let counters = fs.counters();
+    let session = fuser::Session::new(fs, dir, &session_config(options))?;
+    let device = session.as_fd().try_clone_to_owned()?;
+    let session = session.spawn()?;
     if options.readahead_kb > 0
         && let Err(e) = set_readahead(dir, options.readahead_kb)
     {
@@ -122,7 +164,125 @@ pub fn mount<S: BlobSource>(
         session: Some(session),
         dir: dir.to_owned(),
         counters,
+        device,
+        resumed: false,
     })
+}
+
+/// Serves a live FUSE connection that another process mounted at `dir` and can no longer
+/// serve (it exited; `device` is a descriptor of the connection that a keeper held on to).
+///
+/// The kernel sends INIT only when a filesystem is mounted, and fuser answers requests only
+/// after INIT, so the session is first initialised on a scratch mount under `scratch` (same
+/// kernel, same options), then its descriptor is swapped for `device` with dup3 and the
+/// scratch mount removed. Requests the old server had read and not answered are then sent
+/// again by the kernel (FUSE_NOTIFY_RESEND, Linux 6.9), so no reader waits forever.
+pub fn resume<S: BlobSource>(
+    store: Arc<ChunkStore<S>>,
+    dir: &Path,
+    device: OwnedFd,
+    scratch: &Path,
+    options: &MountOptions,
+    runtime: tokio::runtime::Handle,
+) -> std::io::Result<Mount> {
+    let fs = ClipFs::new(store, runtime, options.fsname.clone());
+    let counters = fs.counters();
+    let mut config = session_config(options);
+    config.mount_options.clear();
+    let session = initialised_on_scratch(fs, scratch, config)?;
+    // SAFETY: both descriptors are open; dup3 atomically makes the session's descriptor
+    // number refer to the kept connection and closes the scratch connection it referred to.
+    let r = unsafe {
+        libc::dup3(
+            device.as_raw_fd(),
+            session.as_fd().as_raw_fd(),
+            libc::O_CLOEXEC,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if let Err(e) = resend(&device) {
+        tracing::warn!(dir = %dir.display(), error = %e, "the kernel cannot send unanswered requests again (Linux 6.9 can); a read in flight at the hand-over may wait until it is interrupted");
+    }
+    let session = session.spawn()?;
+    Ok(Mount {
+        session: Some(session),
+        dir: dir.to_owned(),
+        counters,
+        device,
+        resumed: true,
+    })
+}
+
+/// A fuser session that has answered INIT on a scratch mount, which is gone on return.
+fn initialised_on_scratch<S: BlobSource>(
+    fs: ClipFs<S>,
+    scratch: &Path,
+    config: fuser::Config,
+) -> std::io::Result<fuser::Session<ClipFs<S>>> {
+    use std::os::unix::ffi::OsStrExt;
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let dir = scratch.join(format!(
+        "{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir)?;
+    let dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")?;
+    let target = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let data = std::ffi::CString::new(format!(
+        "fd={},rootmode=40000,user_id=0,group_id=0",
+        dev.as_raw_fd()
+    ))
+    .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: all pointers are valid NUL-terminated strings for the duration of the call.
+    let r = unsafe {
+        libc::mount(
+            c"clip-handover".as_ptr(),
+            target.as_ptr(),
+            c"fuse.clip".as_ptr(),
+            libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
+            data.as_ptr().cast(),
+        )
+    };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        let _ = std::fs::remove_dir(&dir);
+        return Err(e);
+    }
+    let acl = config.acl;
+    let session = fuser::Session::from_fd(fs, OwnedFd::from(dev), acl, config);
+    let _ = unmount_path(&dir);
+    let _ = std::fs::remove_dir(&dir);
+    session
+}
+
+/// Asks the kernel to queue again every request of the connection that was read and not
+/// answered (FUSE_NOTIFY_RESEND).
+fn resend(device: &OwnedFd) -> std::io::Result<()> {
+    const FUSE_NOTIFY_RESEND: i32 = 7;
+    let mut msg = [0u8; 16];
+    msg[0..4].copy_from_slice(&16u32.to_ne_bytes());
+    msg[4..8].copy_from_slice(&FUSE_NOTIFY_RESEND.to_ne_bytes());
+    // SAFETY: msg is a valid buffer of 16 bytes: a fuse_out_header with unique 0 (a notice).
+    let n = unsafe { libc::write(device.as_raw_fd(), msg.as_ptr().cast(), msg.len()) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The device number (major, minor) of the filesystem mounted at `dir`, read from
+/// /proc/self/mountinfo so that a mount whose server is gone is never asked.
+pub fn mounted_device(dir: &Path) -> Option<u64> {
+    let line = mount_line(dir)?;
+    let (major, minor) = line.split(' ').nth(2)?.split_once(':')?;
+    Some(libc::makedev(major.parse().ok()?, minor.parse().ok()?))
 }
 
 /// Sets the read-ahead of the mount at `dir` (its backing device in /sys/class/bdi). The
@@ -163,18 +323,27 @@ pub fn unmount_path(dir: &Path) -> std::io::Result<()> {
     Err(err)
 }
 
-/// Whether `dir` is a mount point (per /proc/self/mountinfo).
+/// Whether `dir` is a mount point (per /proc/self/mountinfo). Only the parent is resolved,
+/// so the mount itself is never asked (a FUSE mount waiting for its next server would make
+/// the question wait).
 pub fn is_mounted(dir: &Path) -> bool {
-    let Ok(canon) = std::fs::canonicalize(dir).or_else(|_| Ok::<_, ()>(dir.to_owned())) else {
-        return false;
+    mount_line(dir).is_some()
+}
+
+/// The last line of /proc/self/mountinfo that mounts at `dir` (the visible mount there).
+fn mount_line(dir: &Path) -> Option<String> {
+    let resolved = match (dir.parent(), dir.file_name()) {
+        (Some(parent), Some(name)) => std::fs::canonicalize(parent)
+            .map(|p| p.join(name))
+            .unwrap_or_else(|_| dir.to_owned()),
+        _ => dir.to_owned(),
     };
-    let want = canon.to_string_lossy().replace(' ', "\\040");
+    let want = resolved.to_string_lossy().replace(' ', "\\040");
     std::fs::read_to_string("/proc/self/mountinfo")
-        .map(|s| {
-            s.lines()
-                .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
-        })
-        .unwrap_or(false)
+        .ok()?
+        .lines()
+        .rfind(|l| l.split(' ').nth(4) == Some(want.as_str()))
+        .map(str::to_owned)
 }
 
 /// Whether the filesystem at `dir` answers. `statfs` always reaches the FUSE server (unlike

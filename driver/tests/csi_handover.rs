@@ -1,0 +1,326 @@
+//! Mounts survive a restart of the node plugin when a keeper (`clip keeper`) holds their
+//! FUSE connections: a reader with a file open goes on reading, a read in flight while the
+//! plugin dies is answered by the next one, and a keeper whose plugin never comes back
+//! releases the mounts so that readers fail instead of waiting forever.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on broken fixtures
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clip_driver::csi::kubelet;
+use clip_driver::csi::proto::node_client::NodeClient;
+use clip_driver::csi::proto::*;
+use clip_driver::fs::{is_mounted, mounted_device};
+use clip_e2e::fixtures;
+use clip_e2e::image::{Entry, Pusher, build_image};
+use clip_e2e::node::Process;
+use clip_e2e::proxy::Proxy;
+use clip_e2e::registry::Registry;
+use tonic::transport::Channel;
+
+const BIG: usize = 24 << 20;
+
+struct DetachOnDrop(PathBuf);
+
+impl Drop for DetachOnDrop {
+    fn drop(&mut self) {
+        clip_e2e::cleanup::detach(&self.0);
+    }
+}
+
+fn nix_mkfifo(path: &Path) -> anyhow::Result<()> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    // SAFETY: c is a valid NUL-terminated path.
+    anyhow::ensure!(
+        unsafe { libc::mkfifo(c.as_ptr(), 0o600) } == 0,
+        "mkfifo failed"
+    );
+    Ok(())
+}
+
+/// Writes a line to the FIFO at `path` without waiting for its reader.
+fn signal_fifo(path: &Path) -> anyhow::Result<()> {
+    use std::io::Write;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)?
+        .write_all(b"go\n")?;
+    Ok(())
+}
+
+fn clip() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_clip"))
+}
+
+fn keeper_socket(dir: &Path) -> PathBuf {
+    dir.join("keeper.sock")
+}
+
+fn start_keeper(dir: &Path, hold_seconds: u64) -> anyhow::Result<Process> {
+    let socket = keeper_socket(dir);
+    let args = vec![
+        "keeper".into(),
+        "--socket".into(),
+        socket.clone().into(),
+        "--hold-seconds".into(),
+        hold_seconds.to_string().into(),
+    ];
+    Process::start(clip(), args, &socket)
+}
+
+fn start_node(dir: &Path) -> anyhow::Result<Process> {
+    let mut args = clip_e2e::node::node_args(dir, "n1");
+    args.push("--keeper-socket".into());
+    args.push(keeper_socket(dir).into());
+    Process::start(clip(), args, &clip_e2e::node::socket(dir))
+}
+
+async fn client(dir: &Path) -> anyhow::Result<NodeClient<Channel>> {
+    Ok(NodeClient::new(
+        clip_driver::csi::server::connect(&clip_e2e::node::socket(dir)).await?,
+    ))
+}
+
+/// The image: the big file of `fixtures::big_layers` and a second layer with another one.
+fn layers() -> (Vec<clip_e2e::image::Layer>, Vec<u8>, Vec<u8>) {
+    let mut layers = fixtures::big_layers(BIG);
+    let other: Vec<u8> = (0..BIG as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    layers.push(clip_e2e::image::Layer::gzip(vec![Entry::file(
+        "data/other.bin",
+        other.clone(),
+    )]));
+    let big = match &layers[0].entries[0] {
+        Entry::File { data, .. } => data.clone(),
+        _ => unreachable!("big_layers starts with its big file"),
+    };
+    (layers, big, other)
+}
+
+/// Waits up to `wait` for `child` to end; its exit status, or None if it still runs.
+fn ended(child: &mut Child, wait: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + wait;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A reader process, as a pod's program would be: `sh -c SCRIPT sh ARGS...`.
+fn sh(script: &str, args: &[&Path]) -> anyhow::Result<Child> {
+    Ok(Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .arg("sh")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?)
+}
+
+/// Waits until `child` has descriptor `fd` open (its program opened the file).
+fn wait_open(child: &Child, fd: u32) {
+    let link = format!("/proc/{}/fd/{fd}", child.id());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_link(&link).is_err() {
+        assert!(Instant::now() < deadline, "the reader opened its file");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `child` ended well within `wait`.
+fn succeeded(child: &mut Child, wait: Duration, what: &str) {
+    let status = ended(child, wait).unwrap_or_else(|| panic!("{what}: still waiting"));
+    let mut err = String::new();
+    if let Some(e) = child.stderr.as_mut() {
+        let _ = e.read_to_string(&mut err);
+    }
+    assert!(status.success(), "{what}: {status}: {err}");
+}
+
+async fn publish(node: &mut NodeClient<Channel>, target: &Path, image: &str) -> anyhow::Result<()> {
+    node.node_publish_volume(kubelet::ephemeral_volume(
+        "vol-1",
+        target,
+        "default",
+        "pod-1",
+        &[("image", image)],
+    ))
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mounts_survive_restarts_of_the_plugin() -> anyhow::Result<()> {
+    let registry = Registry::start()?;
+    let proxy = Proxy::start(&registry.host())?;
+    let (layers, big, other) = layers();
+    let image = build_image(&layers, "linux", "amd64")?;
+    let reference = Pusher::new(&proxy.host(), None).push_image("handover/app", "v1", &image)?;
+    let dir = tempfile::Builder::new()
+        .disable_cleanup(std::env::var_os("KEEP_TEST_DIR").is_some())
+        .tempdir()?;
+    let target = dir.path().join("pods/one/mount");
+    let _detach = DetachOnDrop(target.clone());
+    let _keeper = start_keeper(dir.path(), 60)?;
+
+    let mut first = start_node(dir.path())?;
+    publish(&mut client(dir.path()).await?, &target, &reference).await?;
+    let device = mounted_device(&target).expect("mounted");
+
+    // A pod's program opens the big file, reads its first MiB from the first plugin and
+    // keeps the file open, then reads the rest when told (a FIFO).
+    let out = dir.path().join("out");
+    let go = dir.path().join("go");
+    nix_mkfifo(&go)?;
+    let mut reader = sh(
+        r#"exec 3<"$1" && dd bs=1M count=1 iflag=fullblock status=none <&3 >"$2.head" && read x <"$3" && cat <&3 >"$2""#,
+        &[&target.join("data/big.bin"), &out, &go],
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::metadata(out.with_extension("head")).map_or(0, |m| m.len()) < 1 << 20 {
+        assert!(Instant::now() < deadline, "the first MiB was read");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(std::fs::read(out.with_extension("head"))?, big[..1 << 20]);
+
+    // The plugin is killed. The mount stays, and the rest of the read waits instead of
+    // failing; so does a program that starts now.
+    first.signal(libc::SIGKILL);
+    assert!(is_mounted(&target));
+    assert_eq!(mounted_device(&target), Some(device), "the same mount");
+    signal_fifo(&go)?;
+    let late_out = dir.path().join("late");
+    let mut late = sh(
+        r#"cat "$1" >"$2""#,
+        &[&target.join("data/small-at-end.txt"), &late_out],
+    )?;
+    assert!(
+        ended(&mut reader, Duration::from_millis(500)).is_none(),
+        "a read while no plugin serves waits for the next one"
+    );
+
+    // The next plugin takes the live mount over: the open file reads on, to the last byte.
+    let mut second = start_node(dir.path())?;
+    succeeded(
+        &mut reader,
+        Duration::from_secs(60),
+        "the open file's reader",
+    );
+    assert!(
+        std::fs::read(&out)? == big[1 << 20..],
+        "every byte after the hand-over is right"
+    );
+    succeeded(
+        &mut late,
+        Duration::from_secs(60),
+        "the program that started meanwhile",
+    );
+    assert_eq!(std::fs::read(&late_out)?, b"the last file of the layer\n");
+    assert_eq!(mounted_device(&target), Some(device), "never re-mounted");
+    let listed = std::fs::read_dir(target.join("data"))?.count();
+    assert_eq!(listed, 3, "new lookups are served too");
+    let mut node = client(dir.path()).await?;
+    let stats = node
+        .node_get_volume_stats(NodeGetVolumeStatsRequest {
+            volume_id: "vol-1".into(),
+            volume_path: target.to_string_lossy().into_owned(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let condition = stats.volume_condition.unwrap_or_default();
+    assert!(!condition.abnormal, "{condition:?}");
+
+    // A read in flight (its chunk held up at a slow registry) when the plugin is stopped
+    // the way a rolling update stops it: the kernel sends it again to the next plugin.
+    proxy.set_delay(Duration::from_secs(2));
+    let tail_out = dir.path().join("tail");
+    let mut tail = sh(
+        &format!(
+            r#"dd bs=256K skip={} count=1 iflag=skip_bytes,fullblock status=none <"$1" >"$2""#,
+            BIG / 2
+        ),
+        &[&target.join("data/other.bin"), &tail_out],
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while proxy.in_flight() == 0 {
+        assert!(Instant::now() < deadline, "the read reached the registry");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    second.signal(libc::SIGTERM);
+    assert!(
+        is_mounted(&target),
+        "a stopped plugin leaves its mounts to the keeper"
+    );
+    assert!(
+        ended(&mut tail, Duration::ZERO).is_none(),
+        "the read is still waiting"
+    );
+    let _third = start_node(dir.path())?;
+    succeeded(&mut tail, Duration::from_secs(60), "the read in flight");
+    assert!(std::fs::read(&tail_out)? == other[BIG / 2..BIG / 2 + (256 << 10)]);
+    proxy.set_delay(Duration::ZERO);
+
+    // Unpublishing a taken-over volume unmounts it for good.
+    let mut node = client(dir.path()).await?;
+    node.node_unpublish_volume(NodeUnpublishVolumeRequest {
+        volume_id: "vol-1".into(),
+        target_path: target.to_string_lossy().into_owned(),
+    })
+    .await?;
+    assert!(!is_mounted(&target));
+    assert!(!target.exists());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mount_no_plugin_takes_over_fails_reads_after_the_hold_time() -> anyhow::Result<()> {
+    let registry = Registry::start()?;
+    let (layers, _, _) = layers();
+    let image = build_image(&layers, "linux", "amd64")?;
+    let reference = Pusher::new(&registry.host(), None).push_image("handover/app", "v1", &image)?;
+    let dir = tempfile::Builder::new()
+        .disable_cleanup(std::env::var_os("KEEP_TEST_DIR").is_some())
+        .tempdir()?;
+    let target = dir.path().join("pods/one/mount");
+    let _detach = DetachOnDrop(target.clone());
+    let _keeper = start_keeper(dir.path(), 2)?;
+    let mut node = start_node(dir.path())?;
+    publish(&mut client(dir.path()).await?, &target, &reference).await?;
+    // A program holds the file open across the plugin's death and reads it afterwards.
+    let go = dir.path().join("go");
+    nix_mkfifo(&go)?;
+    let mut reader = sh(
+        r#"exec 3<"$1" && read x <"$2" && cat <&3"#,
+        &[&target.join("data/small-at-end.txt"), &go],
+    )?;
+    wait_open(&reader, 3);
+    node.signal(libc::SIGKILL);
+    let started = Instant::now();
+    signal_fifo(&go)?;
+    let status =
+        ended(&mut reader, Duration::from_secs(30)).expect("the read ends once the keeper lets go");
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "the read waited for a plugin first"
+    );
+    let mut err = String::new();
+    reader.stderr.take().unwrap().read_to_string(&mut err)?;
+    assert!(!status.success(), "nobody serves the mount");
+    assert!(
+        err.contains("not connected") || err.contains("connection abort"),
+        "{err}"
+    );
+    Ok(())
+}
