@@ -16,7 +16,9 @@ What it checks, in order:
   4. The chart lints (strict, Kubernetes 1.33) with its defaults and with every scenario below.
   5. Every object of every scenario validates against the Kubernetes 1.33 schemas (strict:
      unknown fields fail); ServiceMonitor, which is not a built-in kind, is checked by hand.
-     Contradictory settings are refused at render time.
+     With the keeper on, it and the node plugin name one socket file on the host, and the
+     keeper runs unprivileged where the plugin runs. Contradictory settings are refused at
+     render time.
   6. manifests/examples/: Pods and Deployments against the Kubernetes schemas, ClipImages
      against the CRD's openAPIV3Schema (with unknown fields refused), and every clipImage a
      volume names exists among the examples.
@@ -103,6 +105,8 @@ EXTERNAL_TLS = {
             "nodeSelectorTerms": [{"matchExpressions": [
                 {"key": "node-role.kubernetes.io/gpu", "operator": "Exists"}]}]}}},
         "resources": {"requests": {"cpu": "200m", "memory": "512Mi"}, "limits": {"memory": "4Gi"}},
+        "keeper": {"holdSeconds": 120, "resources": {"requests": {"cpu": "5m"}, "limits": {"memory": "32Mi"}},
+                   "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "10%"}}},
     },
     "registry": {"insecure": ["registry.local:5000", "mirror.local:5000"], "platform": "linux/arm64"},
     "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
@@ -132,6 +136,7 @@ SCENARIOS: list[tuple[str, dict[str, Any], set[str]]] = [
     ("the values of e2e/kind/run.sh", {"image": {"tag": "e2e"}, "redis": {"deploy": {"enabled": True}},
                                         "registry": {"insecure": ["registry.default.svc.cluster.local:5000"]}},
      {"Deployment", "StatefulSet", "Job"}),
+    ("no keeper", {"node": {"keeper": {"enabled": False}}}, {"DaemonSet"}),
     ("no leader election", {"redis": {"seeds": ["redis:6379"]},
                             "controller": {"leaderElection": {"enabled": False, "leaseName": ""}}},
      {"Deployment"}),
@@ -156,6 +161,9 @@ TYPOS = [
     {"redis": {"passwordSecret": {"name": "x", "keys": "password"}}},
     {"redis": {"deploy": {"enable": True}}},
     {"node": {"cacheSize": "20Gi"}},
+    {"node": {"keeper": {"holdSecond": 60}}},
+    {"node": {"keeper": {"holdSeconds": 0}}},
+    {"node": {"keeper": {"updateStrategy": {"type": "Recreate"}}}},
     {"serviceMonitor": {"enabled": True, "intervall": "30s"}},
 ]
 
@@ -431,6 +439,62 @@ def check_own_images(chart: Any, values: dict[str, Any], objects: list[dict[str,
                 raise Failure(f"{obj['kind']}/{obj['metadata']['name']}: image {c['image']}, expected tag {tag}")
 
 
+def pod_spec(obj: dict[str, Any]) -> dict[str, Any]:
+    return obj["spec"]["template"]["spec"]
+
+
+def socket_on_host(obj: dict[str, Any], container: dict[str, Any], path: str) -> tuple[str, str]:
+    """(host directory, path below it) of a file a container sees at `path`."""
+    mounts = [m for m in container.get("volumeMounts", [])
+              if path.startswith(m["mountPath"].rstrip("/") + "/")]
+    if not mounts:
+        raise Failure(f"{container['name']} has no volume holding {path}")
+    mount = max(mounts, key=lambda m: len(m["mountPath"]))
+    volume = next(v for v in pod_spec(obj)["volumes"] if v["name"] == mount["name"])
+    if "hostPath" not in volume:
+        raise Failure(f"{container['name']}: {path} is not on a hostPath volume")
+    return volume["hostPath"]["path"].rstrip("/"), path[len(mount["mountPath"].rstrip("/")):]
+
+
+def check_keeper(values: dict[str, Any], objects: list[dict[str, Any]]) -> None:
+    """With node.keeper.enabled (the default), a keeper DaemonSet runs on the plugin's nodes,
+    unprivileged and without a token, and the plugin and the keeper name one socket file on
+    the host; without it, no keeper and no --keeper-socket."""
+    def daemonset(component: str) -> dict[str, Any] | None:
+        return next((o for o in objects if o["kind"] == "DaemonSet" and
+                     o["metadata"]["labels"].get("app.kubernetes.io/component") == component), None)
+    node, keeper = daemonset("node"), daemonset("keeper")
+    if node is None:
+        raise Failure("no node plugin DaemonSet")
+    plugin = next(c for c in pod_spec(node)["containers"] if c["name"] == "clip-node")
+    flags = [a for a in plugin["args"] if a.startswith("--keeper-socket=")]
+    enabled = values.get("node", {}).get("keeper", {}).get("enabled", True)
+    if not enabled:
+        if keeper is not None or flags:
+            raise Failure("node.keeper.enabled is false, yet a keeper or --keeper-socket is rendered")
+        return
+    if keeper is None or len(flags) != 1:
+        raise Failure("node.keeper.enabled, but no keeper DaemonSet or no --keeper-socket for the plugin")
+    (container,) = pod_spec(keeper)["containers"]
+    sockets = [a for a in container["args"] if a.startswith("--socket=")]
+    if container["args"][2:3] != ["keeper"] or len(sockets) != 1:
+        raise Failure(f"keeper args {container['args']}")
+    if container["image"] != plugin["image"]:
+        raise Failure(f"keeper image {container['image']} is not the plugin's {plugin['image']}")
+    ours = socket_on_host(keeper, container, sockets[0].split("=", 1)[1])
+    theirs = socket_on_host(node, plugin, flags[0].split("=", 1)[1])
+    if ours != theirs:
+        raise Failure(f"the keeper listens on {''.join(ours)} but the plugin connects to {''.join(theirs)}")
+    for key in ("nodeSelector", "tolerations", "affinity", "priorityClassName", "serviceAccountName"):
+        if pod_spec(keeper).get(key) != pod_spec(node).get(key):
+            raise Failure(f"the keeper's {key} is not the plugin's")
+    sc = container.get("securityContext", {})
+    if (pod_spec(keeper).get("automountServiceAccountToken") is not False or sc.get("privileged")
+            or sc.get("allowPrivilegeEscalation") is not False or sc.get("capabilities", {}).get("drop") != ["ALL"]
+            or sc.get("readOnlyRootFilesystem") is not True):
+        raise Failure("the keeper must run without a token, privileges or capabilities, on a read-only root")
+
+
 def check_scenario(chart: Any, name: str, values: dict[str, Any], kinds: set[str]) -> str:
     try:
         lint(values)
@@ -447,6 +511,7 @@ def check_scenario(chart: Any, name: str, values: dict[str, Any], kinds: set[str
         raise Failure(f"no {', '.join(sorted(missing))} rendered")
     check_invariants([o for o in objects if o["kind"] != "CustomResourceDefinition"], name)
     check_own_images(chart, values, objects)
+    check_keeper(values, objects)
     return f"{len(objects)} objects"
 
 

@@ -41,15 +41,16 @@ fn nix_mkfifo(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes a line to the FIFO at `path` without waiting for its reader.
-fn signal_fifo(path: &Path) -> anyhow::Result<()> {
+/// Writes a line to the FIFO at `path` without waiting for its reader. The line stays
+/// readable while the returned handle is open (a FIFO nobody holds drops its data).
+fn signal_fifo(path: &Path) -> anyhow::Result<std::fs::File> {
     use std::io::Write;
-    std::fs::OpenOptions::new()
+    let mut fifo = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .open(path)?
-        .write_all(b"go\n")?;
-    Ok(())
+        .open(path)?;
+    fifo.write_all(b"go\n")?;
+    Ok(fifo)
 }
 
 fn clip() -> &'static Path {
@@ -63,6 +64,8 @@ fn keeper_socket(dir: &Path) -> PathBuf {
 fn start_keeper(dir: &Path, hold_seconds: u64) -> anyhow::Result<Process> {
     let socket = keeper_socket(dir);
     let args = vec![
+        "--log".into(),
+        "info".into(),
         "keeper".into(),
         "--socket".into(),
         socket.clone().into(),
@@ -199,7 +202,7 @@ async fn mounts_survive_restarts_of_the_plugin() -> anyhow::Result<()> {
     first.signal(libc::SIGKILL);
     assert!(is_mounted(&target));
     assert_eq!(mounted_device(&target), Some(device), "the same mount");
-    signal_fifo(&go)?;
+    let _go = signal_fifo(&go)?;
     let late_out = dir.path().join("late");
     let mut late = sh(
         r#"cat "$1" >"$2""#,
@@ -308,7 +311,7 @@ async fn a_mount_no_plugin_takes_over_fails_reads_after_the_hold_time() -> anyho
     wait_open(&reader, 3);
     node.signal(libc::SIGKILL);
     let started = Instant::now();
-    signal_fifo(&go)?;
+    let _go = signal_fifo(&go)?;
     let status =
         ended(&mut reader, Duration::from_secs(30)).expect("the read ends once the keeper lets go");
     assert!(
@@ -322,5 +325,54 @@ async fn a_mount_no_plugin_takes_over_fails_reads_after_the_hold_time() -> anyho
         err.contains("not connected") || err.contains("connection abort"),
         "{err}"
     );
+    Ok(())
+}
+
+/// Waits until the file at `path` contains `text` `count` times.
+fn wait_log(path: &Path, text: &str, count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_to_string(path).map_or(0, |l| l.matches(text).count()) < count {
+        assert!(
+            Instant::now() < deadline,
+            "{} never said {text:?}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_keeper_is_given_the_mounts_again() -> anyhow::Result<()> {
+    let registry = Registry::start()?;
+    let (layers, _, _) = layers();
+    let image = build_image(&layers, "linux", "amd64")?;
+    let reference = Pusher::new(&registry.host(), None).push_image("handover/app", "v1", &image)?;
+    let dir = tempfile::tempdir()?;
+    let target = dir.path().join("pods/one/mount");
+    let _detach = DetachOnDrop(target.clone());
+    let keeper_log = keeper_socket(dir.path()).with_extension("log");
+    let mut keeper = start_keeper(dir.path(), 60)?;
+    let mut node = start_node(dir.path())?;
+    publish(&mut client(dir.path()).await?, &target, &reference).await?;
+    wait_log(&keeper_log, "holding the mount", 1);
+
+    // The keeper dies: the plugin goes on serving with its own descriptors.
+    keeper.signal(libc::SIGKILL);
+    let small = target.join("data/small-at-end.txt");
+    assert_eq!(std::fs::read(&small)?, b"the last file of the layer\n");
+
+    // A new keeper is given the mount again, so the plugin can still be replaced.
+    let _keeper = start_keeper(dir.path(), 60)?;
+    wait_log(&keeper_log, "holding the mount", 2);
+    node.signal(libc::SIGKILL);
+    let out = dir.path().join("out");
+    let mut reader = sh(r#"cat "$1" >"$2""#, &[&small, &out])?;
+    let _next = start_node(dir.path())?;
+    succeeded(
+        &mut reader,
+        Duration::from_secs(60),
+        "the reader after the hand-over",
+    );
+    assert_eq!(std::fs::read(&out)?, b"the last file of the layer\n");
     Ok(())
 }

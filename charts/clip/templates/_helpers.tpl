@@ -74,6 +74,18 @@ true) an empty tag falls back to image.tag, then to the chart's appVersion.
 {{- printf "%s-node" (include "clip.fullname" .) }}
 {{- end }}
 
+{{- define "clip.keeper.fullname" -}}
+{{- printf "%s-keeper" (include "clip.node.fullname" .) }}
+{{- end }}
+
+{{/*
+The keeper's socket: in the node plugin's state directory (the hostPath node.stateDir), which
+the plugin and the keeper both mount at /var/lib/clip, so that they see the same socket file.
+*/}}
+{{- define "clip.keeper.socket" -}}
+/var/lib/clip/keeper.sock
+{{- end }}
+
 {{- define "clip.controller.fullname" -}}
 {{- printf "%s-controller" (include "clip.fullname" .) }}
 {{- end }}

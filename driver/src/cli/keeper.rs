@@ -32,11 +32,21 @@ pub async fn run(args: KeeperArgs) -> Result<()> {
         socket: args.socket.clone(),
         hold: Duration::from_secs(args.hold_seconds),
     };
-    tokio::task::spawn_blocking(move || crate::keeper::run(config))
-        .await
-        .map_err(|e| Error::Config(format!("keeper: {e}")))?
-        .map_err(|source| Error::File {
-            path: args.socket,
-            source,
-        })
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let serving = tokio::task::spawn_blocking(move || crate::keeper::run(config));
+    tokio::select! {
+        ended = serving => ended
+            .map_err(|e| Error::Config(format!("keeper: {e}")))?
+            .map_err(|source| Error::File {
+                path: args.socket,
+                source,
+            }),
+        // The serving thread blocks in accept; the process ends here, closing what it held
+        // (mounts whose plugin runs keep working; those waiting for one are released).
+        _ = sigterm.recv() => {
+            tracing::info!("keeper stopping");
+            std::process::exit(0);
+        }
+        _ = tokio::signal::ctrl_c() => std::process::exit(0),
+    }
 }

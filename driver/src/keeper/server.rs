@@ -137,6 +137,7 @@ fn serve(state: &Mutex<State>, conn: OwnedFd) {
     loop {
         match recv(conn.as_fd()) {
             Ok(Some((Message::Keep { volume, device }, Some(fd)))) => {
+                info!(server = id, volume = %volume, "holding the mount");
                 lock(state).held.insert(
                     volume,
                     Held {
