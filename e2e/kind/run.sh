@@ -10,7 +10,9 @@
 # What it does: creates a kind cluster, builds the node/controller images from the
 # Dockerfile, loads them into the cluster, installs the chart with a small in-cluster Redis
 # Cluster, runs a registry inside the cluster with a test image, applies a ClipImage and a
-# pod that mounts it, waits for Ready, checks the pod's output, and collects logs on failure.
+# pod that mounts it, waits for Ready, checks the pod's output, rolls the node plugin and
+# checks that the pod's volume kept working (taken over, not remounted), and collects logs on
+# failure.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -26,6 +28,7 @@ collect_logs() {
     mkdir -p target/kind-logs
     kubectl get all,clipimages -A -o wide > target/kind-logs/objects.txt 2>&1 || true
     kubectl -n "$NS" logs -l app.kubernetes.io/component=node --all-containers --tail=-1 > target/kind-logs/node.log 2>&1 || true
+    kubectl -n "$NS" logs -l app.kubernetes.io/component=keeper --tail=-1 > target/kind-logs/keeper.log 2>&1 || true
     kubectl -n "$NS" logs -l app.kubernetes.io/component=controller --tail=-1 > target/kind-logs/controller.log 2>&1 || true
     kubectl describe pod clip-e2e-reader -n default > target/kind-logs/pod.txt 2>&1 || true
     kubectl get events -A --sort-by=.lastTimestamp > target/kind-logs/events.txt 2>&1 || true
@@ -62,4 +65,14 @@ kubectl wait pod/clip-e2e-reader --for=condition=Ready --timeout=180s
 out=$(kubectl logs clip-e2e-reader)
 echo "$out"
 grep -q "clip e2e: busybox runs from a lazily mounted image" <<<"$out"
+
+# A rolling update of the node plugin keeps the pod's volume working: the keeper holds the
+# mount while the plugin restarts, and the new plugin takes it over (no remount).
+before=$(kubectl exec clip-e2e-reader -- /image/bin/busybox stat -c %d /image)
+kubectl -n "$NS" rollout restart ds/clip-node
+kubectl -n "$NS" rollout status ds/clip-node --timeout=180s
+kubectl exec clip-e2e-reader -- /image/bin/busybox ls /image/bin >/dev/null
+after=$(kubectl exec clip-e2e-reader -- /image/bin/busybox stat -c %d /image)
+[ "$before" = "$after" ] || { echo "the volume was remounted ($before -> $after)"; exit 1; }
+kubectl -n "$NS" logs -l app.kubernetes.io/component=node -c clip-node --tail=-1 | grep -q "took over the live mount"
 echo "kind e2e passed"
