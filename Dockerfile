@@ -6,7 +6,8 @@
 #   docker build --target controller -t ghcr.io/clip-dev/clip-controller:0.1.0 .
 #   docker build --target cli        -t ghcr.io/clip-dev/clip:0.1.0 .
 #
-# node        `clip node`, the CSI node plugin (runs as root: see its stage)
+# node        `clip node`, the CSI node plugin (runs as root: see its stage), and
+#             `clip keeper`, which holds its mounts across its restarts (chart: node.keeper)
 # controller  `clip-controller`, the ClipImage controller (unprivileged)
 # cli         `clip index|inspect|cat|mount`, for people and CI jobs (unprivileged)
 #
@@ -14,6 +15,9 @@
 # ghcr.io/clip-dev/clip-controller, tagged with its appVersion, which is the workspace
 # version in Cargo.toml: tag the images with that version. All three targets share the
 # builder stage, so building them one after another compiles once.
+#
+# Without a container engine, scripts/check-image-runtime.sh replays the runtime stages in a
+# debootstrap chroot and runs each image's programs as its USER (CI does).
 
 ARG RUST_VERSION=1.95
 ARG DEBIAN_RELEASE=bookworm
