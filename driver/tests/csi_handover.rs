@@ -376,3 +376,40 @@ async fn a_restarted_keeper_is_given_the_mounts_again() -> anyhow::Result<()> {
     assert_eq!(std::fs::read(&out)?, b"the last file of the layer\n");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_that_starts_before_its_keeper_waits_for_it() -> anyhow::Result<()> {
+    let registry = Registry::start()?;
+    let (layers, _, _) = layers();
+    let image = build_image(&layers, "linux", "amd64")?;
+    let reference = Pusher::new(&registry.host(), None).push_image("handover/app", "v1", &image)?;
+    let dir = tempfile::tempdir()?;
+    let target = dir.path().join("pods/one/mount");
+    let _detach = DetachOnDrop(target.clone());
+    let small = target.join("data/small-at-end.txt");
+    let mut keeper = start_keeper(dir.path(), 60)?;
+    let mut node = start_node(dir.path())?;
+    publish(&mut client(dir.path()).await?, &target, &reference).await?;
+
+    // Keeper and plugin both die: the mount is dead.
+    keeper.signal(libc::SIGKILL);
+    node.signal(libc::SIGKILL);
+    let dead = clip_driver::fs::mount_responds(&target)
+        .err()
+        .and_then(|e| e.raw_os_error());
+    assert_eq!(dead, Some(libc::ENOTCONN));
+
+    // A plugin that cannot reach its keeper leaves mounted targets alone (the keeper may hold
+    // them); once the keeper answers without them, they are mounted again.
+    let csi_log = clip_e2e::node::socket(dir.path()).with_extension("log");
+    let _node = start_node(dir.path())?;
+    wait_log(
+        &csi_log,
+        "the keeper is not reachable yet and may hold this mount",
+        1,
+    );
+    let _keeper = start_keeper(dir.path(), 60)?;
+    wait_log(&csi_log, "re-served after restart", 1);
+    assert_eq!(std::fs::read(&small)?, b"the last file of the layer\n");
+    Ok(())
+}

@@ -721,6 +721,7 @@ impl NodeContext {
                 .unwrap_or_default(),
         };
         if let Err(e) = lock(&self.table).insert(record) {
+            self.release_kept(&volume);
             let _ = mounted.unmount();
             self.release_image(&digest);
             return Err(CsiError::Internal(format!(
@@ -871,12 +872,21 @@ impl NodeContext {
     pub async fn restore(self: &Arc<Self>) {
         let mut adopted: HashMap<String, Adopted> = HashMap::new();
         let mut elsewhere: HashSet<String> = HashSet::new();
+        // A keeper is configured but not reached yet: a mount still at its target may be one
+        // it holds, to be handed over once it answers; mounting over it would break its pod.
+        let mut keeper_pending = self.config.keeper_socket.is_some();
         if let Some(path) = self.config.keeper_socket.clone() {
+            if !crate::fs::kernel_resends() {
+                warn!(
+                    "this kernel is older than Linux 6.9: a read in progress when this plugin crashes is not sent again to the next one and waits until interrupted (a stopped plugin answers its reads first)"
+                );
+            }
             let started = tokio::task::spawn_blocking(move || KeeperClient::start(&path)).await;
             match started {
                 Ok(Ok((client, welcome, events))) => {
                     let _ = self.keeper.set(client);
                     if let Some(w) = welcome {
+                        keeper_pending = false;
                         elsewhere.extend(w.held_elsewhere);
                         adopted.extend(w.adopted.into_iter().map(|a| (a.volume.clone(), a)));
                     }
@@ -898,6 +908,10 @@ impl NodeContext {
                 }
                 if elsewhere.contains(&rec.volume_id) {
                     info!("still served by the previous plugin; taken over when it exits");
+                    return;
+                }
+                if keeper_pending && is_mounted(&rec.target_path) {
+                    info!("the keeper is not reachable yet and may hold this mount; left for it");
                     return;
                 }
                 if !self.config.reserve_on_start {
@@ -924,9 +938,30 @@ impl NodeContext {
         while let Some(ev) = events.recv().await {
             match ev {
                 Event::Adopt(a) => self.adopt(a).await,
-                Event::Reconnected(Welcome { adopted, .. }) => {
+                Event::Reconnected(Welcome {
+                    adopted,
+                    held_elsewhere,
+                }) => {
                     for a in adopted {
                         self.adopt(a).await;
+                    }
+                    // Volumes left at start for a keeper that could not be reached: those it
+                    // did not hand over now are dead mounts, mounted again as at start.
+                    if self.config.reserve_on_start {
+                        let records = lock(&self.table).records();
+                        for rec in records {
+                            let served = lock(&self.active)
+                                .get(&rec.volume_id)
+                                .is_some_and(|a| a.mount.is_some());
+                            if served || held_elsewhere.contains(&rec.volume_id) {
+                                continue;
+                            }
+                            let Ok(_guard) = self.begin(&rec.volume_id) else {
+                                continue;
+                            };
+                            let span = info_span!("restore", volume_id = %rec.volume_id);
+                            self.remount(&rec).instrument(span).await;
+                        }
                     }
                     // A restarted keeper holds nothing: give it every mount again.
                     let served: Vec<(String, Option<std::os::fd::OwnedFd>, PathBuf)> =
@@ -956,23 +991,33 @@ impl NodeContext {
 
     async fn adopt(&self, a: Adopted) {
         let volume = a.volume.clone();
-        let rec = lock(&self.table).get(&volume).cloned();
-        let served = lock(&self.active)
-            .get(&volume)
-            .is_some_and(|x| x.mount.is_some());
-        let Some(rec) = rec.filter(|_| !served) else {
-            info!(volume_id = %volume, "handed a volume this plugin does not need; released");
-            self.release_kept(&volume);
-            return;
-        };
         let span = info_span!("adopt", volume_id = %volume);
         async {
             let Ok(_guard) = self.begin(&volume) else {
-                self.release_kept(&volume);
+                // A publish or unpublish of the volume is running; it decides. Dropping the
+                // descriptor keeps the keeper's newer one, if any.
+                info!("the volume is busy; the handed-over descriptor is dropped");
                 return;
             };
-            if !self.take_over(&rec, a).await {
-                self.remount(&rec).await;
+            let rec = lock(&self.table).get(&volume).cloned();
+            let served = lock(&self.active)
+                .get(&volume)
+                .is_some_and(|x| x.mount.is_some());
+            match rec {
+                // Already served here: what the keeper holds is this process's own newer
+                // descriptor (a Release would drop it); this stale one is just closed.
+                Some(_) if served => {
+                    info!("already served here; the handed-over descriptor is dropped")
+                }
+                Some(rec) => {
+                    if !self.take_over(&rec, a).await {
+                        self.remount(&rec).await;
+                    }
+                }
+                None => {
+                    info!("handed a volume this plugin does not publish; released");
+                    self.release_kept(&volume);
+                }
             }
         }
         .instrument(span)
@@ -1135,16 +1180,24 @@ impl NodeContext {
     pub fn shutdown(&self) -> bool {
         let active: Vec<(String, Active)> = lock(&self.active).drain().collect();
         let keeper = self.keeper.get().is_some_and(|k| k.connected());
+        // Reads in progress are sent again to the next plugin by Linux 6.9 and later; on an
+        // older kernel they are answered first, as far as they finish within the drain time.
+        let drain = if crate::fs::kernel_resends() {
+            Duration::ZERO
+        } else {
+            Duration::from_secs(10)
+        };
         if keeper {
             info!(
                 volumes = active.len(),
+                drain_secs = drain.as_secs(),
                 "leaving the mounts to the keeper for the next plugin"
             );
         }
         for (_, a) in active {
             if let Some(m) = a.mount {
                 if keeper {
-                    m.leave();
+                    m.leave(drain);
                 } else {
                     let _ = m.unmount();
                 }

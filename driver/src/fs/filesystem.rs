@@ -38,6 +38,8 @@ pub struct FsCounters {
     pub lookups: std::sync::atomic::AtomicU64,
     pub negative_lookups: std::sync::atomic::AtomicU64,
     pub reads: std::sync::atomic::AtomicU64,
+    /// Reads taken from the kernel and not answered yet.
+    pub pending_reads: std::sync::atomic::AtomicU64,
 }
 
 impl<S> std::fmt::Debug for ClipFs<S> {
@@ -205,6 +207,10 @@ impl<S: BlobSource> Filesystem for ClipFs<S> {
         let image = self.name.clone();
         let index = self.index.clone();
         // The worker thread goes back to the kernel at once; a slow fetch blocks only this read.
+        let counters = self.counters.clone();
+        counters
+            .pending_reads
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.runtime.spawn(async move {
             match store
                 .read_in_file(layer, base + offset, len, base + node_size)
@@ -217,6 +223,9 @@ impl<S: BlobSource> Filesystem for ClipFs<S> {
                     reply.error(read_errno(&e));
                 }
             }
+            counters
+                .pending_reads
+                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         });
     }
 

@@ -55,8 +55,9 @@ pub struct Mount {
     counters: Arc<FsCounters>,
     /// A duplicate of the session's /dev/fuse descriptor, for a keeper to hold.
     device: OwnedFd,
-    /// Taken over from another process: fuser holds no mount handle, so unmount by path.
-    resumed: bool,
+    /// Taken over from another process: fuser holds no mount handle, so unmount by path,
+    /// and only while the mount there is still this one (this device number).
+    resumed: Option<u64>,
 }
 
 impl std::fmt::Debug for Mount {
@@ -84,8 +85,10 @@ impl Mount {
     /// Unmounts and waits for the session to end.
     pub fn unmount(mut self) -> std::io::Result<()> {
         match self.session.take() {
-            Some(s) if self.resumed => {
-                unmount_path(&self.dir)?;
+            Some(s) if self.resumed.is_some() => {
+                if self.resumed == mounted_device(&self.dir) {
+                    unmount_path(&self.dir)?;
+                }
                 s.join()
             }
             Some(s) => s.umount_and_join(),
@@ -95,8 +98,19 @@ impl Mount {
 
     /// Leaves the mount in place without unmounting: the worker threads go on serving
     /// until the process exits, and the kernel keeps the connection for whoever holds a
-    /// descriptor of it (see [`Mount::device`] and [`resume`]).
-    pub fn leave(mut self) {
+    /// descriptor of it (see [`Mount::device`] and [`resume`]). Waits up to `drain` for the
+    /// reads in progress to be answered (for kernels that cannot send them again).
+    pub fn leave(mut self, drain: std::time::Duration) {
+        let deadline = std::time::Instant::now() + drain;
+        while self
+            .counters
+            .pending_reads
+            .load(std::sync::atomic::Ordering::SeqCst)
+            > 0
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         if let Some(s) = self.session.take() {
             std::mem::forget(s);
         }
@@ -114,9 +128,12 @@ impl Mount {
 impl Drop for Mount {
     fn drop(&mut self) {
         if let Some(s) = self.session.take() {
-            if self.resumed {
-                let _ = unmount_path(&self.dir);
-                let _ = s.join();
+            if self.resumed.is_some() {
+                // Another mount may have replaced this one at the path: leave it be.
+                if self.resumed == mounted_device(&self.dir) {
+                    let _ = unmount_path(&self.dir);
+                    let _ = s.join();
+                }
             } else {
                 let _ = s.umount_and_join();
             }
@@ -165,7 +182,7 @@ pub fn mount<S: BlobSource>(
         dir: dir.to_owned(),
         counters,
         device,
-        resumed: false,
+        resumed: None,
     })
 }
 
@@ -185,6 +202,12 @@ pub fn resume<S: BlobSource>(
     options: &MountOptions,
     runtime: tokio::runtime::Handle,
 ) -> std::io::Result<Mount> {
+    let here = mounted_device(dir).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("nothing is mounted at {}", dir.display()),
+        )
+    })?;
     let fs = ClipFs::new(store, runtime, options.fsname.clone());
     let counters = fs.counters();
     let mut config = session_config(options);
@@ -211,7 +234,7 @@ pub fn resume<S: BlobSource>(
         dir: dir.to_owned(),
         counters,
         device,
-        resumed: true,
+        resumed: Some(here),
     })
 }
 
@@ -260,6 +283,18 @@ fn initialised_on_scratch<S: BlobSource>(
     let _ = unmount_path(&dir);
     let _ = std::fs::remove_dir(&dir);
     session
+}
+
+/// Whether this kernel can queue again the requests a gone server had read and not answered
+/// (FUSE_NOTIFY_RESEND, Linux 6.9).
+pub fn kernel_resends() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (major, minor) >= (6, 9)
 }
 
 /// Asks the kernel to queue again every request of the connection that was read and not

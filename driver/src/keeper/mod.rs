@@ -24,6 +24,7 @@ pub use server::{KeeperConfig, run};
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
+use std::time::Duration;
 
 use nix::sys::socket::{
     AddressFamily, Backlog, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType,
@@ -63,6 +64,18 @@ fn seqpacket() -> std::io::Result<OwnedFd> {
     .map_err(io_err)
 }
 
+/// A peer that stops reading must not stall the sender (the keeper's state lock, a
+/// publish): a send gives up after this long.
+const SEND_TIMEOUT: Duration = Duration::from_secs(2);
+
+fn set_send_timeout(sock: &OwnedFd) -> std::io::Result<()> {
+    let tv = nix::sys::time::TimeVal::new(
+        SEND_TIMEOUT.as_secs() as i64,
+        i64::from(SEND_TIMEOUT.subsec_micros()),
+    );
+    nix::sys::socket::setsockopt(sock, nix::sys::socket::sockopt::SendTimeout, &tv).map_err(io_err)
+}
+
 fn listen(path: &Path) -> std::io::Result<OwnedFd> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
@@ -83,6 +96,7 @@ fn connect(path: &Path) -> std::io::Result<OwnedFd> {
     let sock = seqpacket()?;
     let addr = UnixAddr::new(path).map_err(io_err)?;
     nix::sys::socket::connect(sock.as_raw_fd(), &addr).map_err(io_err)?;
+    set_send_timeout(&sock)?;
     Ok(sock)
 }
 
@@ -90,7 +104,9 @@ fn accept(listener: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
     let fd =
         nix::sys::socket::accept4(listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC).map_err(io_err)?;
     // SAFETY: accept4 returned a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    set_send_timeout(&sock)?;
+    Ok(sock)
 }
 
 fn send(sock: BorrowedFd<'_>, msg: &Message, fd: Option<BorrowedFd<'_>>) -> std::io::Result<()> {
