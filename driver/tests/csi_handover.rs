@@ -413,3 +413,59 @@ async fn a_plugin_that_starts_before_its_keeper_waits_for_it() -> anyhow::Result
     assert_eq!(std::fs::read(&small)?, b"the last file of the layer\n");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_image_reads_on_after_the_hand_over() -> anyhow::Result<()> {
+    let registry = Registry::start_with_auth("kube", "letmein")?;
+    let (layers, big, _) = layers();
+    let image = build_image(&layers, "linux", "amd64")?;
+    let reference = Pusher::new(&registry.host(), registry.credentials()).push_image(
+        "handover/private",
+        "v1",
+        &image,
+    )?;
+    let dir = tempfile::tempdir()?;
+    let target = dir.path().join("pods/one/mount");
+    let _detach = DetachOnDrop(target.clone());
+    let _keeper = start_keeper(dir.path(), 60)?;
+    let mut node = start_node(dir.path())?;
+    let mut req = kubelet::ephemeral_volume(
+        "vol-1",
+        &target,
+        "default",
+        "pod-1",
+        &[("image", &reference)],
+    );
+    req.secrets.insert(
+        ".dockerconfigjson".into(),
+        format!(
+            r#"{{"auths":{{"{}":{{"username":"kube","password":"letmein"}}}}}}"#,
+            registry.host()
+        ),
+    );
+    client(dir.path()).await?.node_publish_volume(req).await?;
+    assert_eq!(
+        std::fs::read(target.join("data/small-at-end.txt"))?,
+        b"the last file of the layer\n"
+    );
+
+    // After the hand-over, chunks nobody has fetched yet still come from the registry,
+    // with the pod's pull secret the keeper held for the volume.
+    node.signal(libc::SIGKILL);
+    let _next = start_node(dir.path())?;
+    let out = dir.path().join("middle");
+    let mut reader = sh(
+        &format!(
+            r#"dd bs=1M skip={} count=2 iflag=skip_bytes,fullblock status=none <"$1" >"$2""#,
+            BIG / 2
+        ),
+        &[&target.join("data/big.bin"), &out],
+    )?;
+    succeeded(
+        &mut reader,
+        Duration::from_secs(60),
+        "the read of uncached chunks",
+    );
+    assert!(std::fs::read(&out)? == big[BIG / 2..BIG / 2 + (2 << 20)]);
+    Ok(())
+}

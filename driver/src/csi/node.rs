@@ -25,7 +25,7 @@ use super::proto::volume_capability::access_mode::Mode;
 use super::proto::volume_usage::Unit;
 use super::proto::*;
 use crate::fs::{Mount, MountOptions, is_mounted, mount, mounted_device, resume, unmount_path};
-use crate::keeper::{Adopted, Event, KeeperClient, Welcome};
+use crate::keeper::{Adopted, Event, KeeperClient, Secrets, Welcome};
 use crate::mounts::{MountTable, VolumeRecord};
 
 /// volume_context keys kubelet adds with `podInfoOnMount: true`.
@@ -67,6 +67,8 @@ struct ImageEntry {
 struct Active {
     mount: Option<Mount>,
     index_digest: Digest,
+    /// The pull secrets it was published with (memory only), for the keeper.
+    secrets: Secrets,
 }
 
 /// A background index build of a directly referenced image.
@@ -556,6 +558,7 @@ impl NodeContext {
         store: Arc<ChunkStore<RegistryBlobs>>,
         target: &Path,
         volume: &str,
+        secrets: &Secrets,
     ) -> Result<Mount, CsiError> {
         std::fs::create_dir_all(target).map_err(|e| {
             CsiError::Internal(format!(
@@ -570,19 +573,19 @@ impl NodeContext {
                 target.display()
             ))
         })?;
-        self.keep(volume, &m);
+        self.keep(volume, &m, secrets);
         Ok(m)
     }
 
     /// Gives the keeper a descriptor of the mount, so that it outlives this process.
-    fn keep(&self, volume: &str, m: &Mount) {
+    fn keep(&self, volume: &str, m: &Mount, secrets: &Secrets) {
         let Some(k) = self.keeper.get() else {
             return;
         };
         let device = mounted_device(m.dir()).unwrap_or(0);
         let kept = m
             .device()
-            .and_then(|fd| k.keep(volume, std::os::fd::AsFd::as_fd(&fd), device));
+            .and_then(|fd| k.keep(volume, std::os::fd::AsFd::as_fd(&fd), device, secrets));
         if let Err(e) = kept {
             warn!(volume_id = %volume, error = %e, "the keeper does not hold this mount; it will not survive a restart of the plugin");
         }
@@ -684,7 +687,8 @@ impl NodeContext {
             let _ = unmount_path(&target);
         }
         let store = self.store_for(digest, index, &registry, &volume)?;
-        let mounted = match self.mount_at(store, &target, &volume) {
+        let secrets = Secrets(req.secrets.clone().into_iter().collect());
+        let mounted = match self.mount_at(store, &target, &volume, &secrets) {
             Ok(m) => m,
             Err(e) => {
                 self.release_image(&digest);
@@ -733,6 +737,7 @@ impl NodeContext {
             Active {
                 mount: Some(mounted),
                 index_digest: digest,
+                secrets,
             },
         );
         if let Some(p) = previous {
@@ -964,21 +969,26 @@ impl NodeContext {
                         }
                     }
                     // A restarted keeper holds nothing: give it every mount again.
-                    let served: Vec<(String, Option<std::os::fd::OwnedFd>, PathBuf)> =
-                        lock(&self.active)
-                            .iter()
-                            .filter_map(|(v, a)| {
-                                a.mount
-                                    .as_ref()
-                                    .map(|m| (v.clone(), m.device().ok(), m.dir().to_owned()))
+                    type Served = (String, Option<std::os::fd::OwnedFd>, PathBuf, Secrets);
+                    let served: Vec<Served> = lock(&self.active)
+                        .iter()
+                        .filter_map(|(v, a)| {
+                            a.mount.as_ref().map(|m| {
+                                (
+                                    v.clone(),
+                                    m.device().ok(),
+                                    m.dir().to_owned(),
+                                    a.secrets.clone(),
+                                )
                             })
-                            .collect();
+                        })
+                        .collect();
                     if let Some(k) = self.keeper.get() {
-                        for (volume, fd, dir) in served {
+                        for (volume, fd, dir, secrets) in served {
                             let device = mounted_device(&dir).unwrap_or(0);
                             if let Some(fd) = fd
                                 && let Err(e) =
-                                    k.keep(&volume, std::os::fd::AsFd::as_fd(&fd), device)
+                                    k.keep(&volume, std::os::fd::AsFd::as_fd(&fd), device, &secrets)
                             {
                                 warn!(volume_id = %volume, error = %e, "giving the mount to the keeper failed");
                             }
@@ -1046,7 +1056,15 @@ impl NodeContext {
                 return false;
             }
         };
-        let registry = RegistryClient::new(self.config.registry.clone());
+        // The pull secrets the keeper held for the volume: a private image reads on.
+        let secrets: HashMap<String, String> = a.secrets.0.clone().into_iter().collect();
+        let registry = match self.registry_for(&secrets, &rec.volume_id) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %e, "the kept pull secrets are unusable; reading without them");
+                RegistryClient::new(self.config.registry.clone())
+            }
+        };
         let store = match self.store_for(digest, index, &registry, &rec.volume_id) {
             Ok(s) => s,
             Err(e) => {
@@ -1071,6 +1089,7 @@ impl NodeContext {
                     Active {
                         mount: Some(m),
                         index_digest: digest,
+                        secrets: a.secrets,
                     },
                 );
                 info!(target = %rec.target_path.display(), "took over the live mount");
@@ -1111,13 +1130,14 @@ impl NodeContext {
                 return;
             }
         };
-        match self.mount_at(store, &rec.target_path, &rec.volume_id) {
+        match self.mount_at(store, &rec.target_path, &rec.volume_id, &Secrets::default()) {
             Ok(m) => {
                 lock(&self.active).insert(
                     rec.volume_id.clone(),
                     Active {
                         mount: Some(m),
                         index_digest: digest,
+                        secrets: Secrets::default(),
                     },
                 );
                 info!(target = %rec.target_path.display(), "re-served after restart");

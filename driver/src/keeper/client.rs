@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
-use super::{Message, connect, recv, send};
+use super::{Message, Secrets, connect, recv, send};
 
 /// A descriptor handed over by the keeper.
 #[derive(Debug)]
@@ -15,6 +15,8 @@ pub struct Adopted {
     pub volume: String,
     /// The device number the mount had when it was kept.
     pub device: u64,
+    /// The volume's pull secrets, as kept.
+    pub secrets: Secrets,
     pub fd: OwnedFd,
 }
 
@@ -61,8 +63,20 @@ fn welcome(sock: &OwnedFd) -> std::io::Result<Welcome> {
     let mut w = Welcome::default();
     loop {
         match recv(sock.as_fd())? {
-            Some((Message::Adopt { volume, device }, Some(fd))) => {
-                w.adopted.push(Adopted { volume, device, fd });
+            Some((
+                Message::Adopt {
+                    volume,
+                    device,
+                    secrets,
+                },
+                Some(fd),
+            )) => {
+                w.adopted.push(Adopted {
+                    volume,
+                    device,
+                    secrets,
+                    fd,
+                });
             }
             Some((Message::Held { volume }, _)) => w.held_elsewhere.push(volume),
             Some((Message::Synced, _)) => break,
@@ -118,9 +132,21 @@ impl KeeperClient {
         loop {
             if let Some(r) = &reader {
                 match recv(r.as_fd()) {
-                    Ok(Some((Message::Adopt { volume, device }, Some(fd)))) => {
+                    Ok(Some((
+                        Message::Adopt {
+                            volume,
+                            device,
+                            secrets,
+                        },
+                        Some(fd),
+                    ))) => {
                         if tx
-                            .send(Event::Adopt(Adopted { volume, device, fd }))
+                            .send(Event::Adopt(Adopted {
+                                volume,
+                                device,
+                                secrets,
+                                fd,
+                            }))
                             .is_err()
                         {
                             return;
@@ -178,12 +204,19 @@ impl KeeperClient {
         }
     }
 
-    /// Gives the keeper a descriptor of `volume`'s FUSE connection.
-    pub fn keep(&self, volume: &str, fd: BorrowedFd<'_>, device: u64) -> std::io::Result<()> {
+    /// Gives the keeper a descriptor of `volume`'s FUSE connection, and its pull secrets.
+    pub fn keep(
+        &self,
+        volume: &str,
+        fd: BorrowedFd<'_>,
+        device: u64,
+        secrets: &Secrets,
+    ) -> std::io::Result<()> {
         self.send(
             &Message::Keep {
                 volume: volume.to_owned(),
                 device,
+                secrets: secrets.clone(),
             },
             Some(fd),
         )

@@ -32,18 +32,42 @@ use nix::sys::socket::{
 };
 use serde::{Deserialize, Serialize};
 
-/// Largest message: a volume id is at most 128 bytes in CSI.
-const MAX_MESSAGE: usize = 8192;
+/// Largest message: a volume id is at most 128 bytes in CSI; the pull secrets of a volume
+/// (a docker config) take the rest.
+const MAX_MESSAGE: usize = 64 << 10;
+
+/// A volume's pull secrets (CSI `secrets`, from the pod's nodePublishSecretRef), kept in the
+/// keeper's memory only, so that the plugin that takes the volume over can still read a
+/// private image. Debug shows the keys, never the values.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secrets(pub std::collections::BTreeMap<String, String>);
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.0.keys()).finish()
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Message {
     /// Hold the attached descriptor for `volume`, mounted as device `device`.
-    Keep { volume: String, device: u64 },
+    Keep {
+        volume: String,
+        device: u64,
+        #[serde(default)]
+        secrets: Secrets,
+    },
     /// `volume` was unpublished: close its descriptor.
     Release { volume: String },
     /// The attached descriptor's server is gone: serve it.
-    Adopt { volume: String, device: u64 },
+    Adopt {
+        volume: String,
+        device: u64,
+        #[serde(default)]
+        secrets: Secrets,
+    },
     /// Another live server serves `volume`; it will be adopted when that server goes.
     Held { volume: String },
     /// The messages sent on connecting are complete.

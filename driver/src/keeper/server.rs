@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
-use super::{Message, accept, listen, recv, send};
+use super::{Message, Secrets, accept, listen, recv, send};
 
 #[derive(Debug, Clone)]
 pub struct KeeperConfig {
@@ -22,6 +22,7 @@ pub struct KeeperConfig {
 struct Held {
     fd: OwnedFd,
     device: u64,
+    secrets: Secrets,
     /// The connection of the server serving it; None while it waits for one.
     owner: Option<u64>,
     orphaned: Option<Instant>,
@@ -49,6 +50,7 @@ impl State {
             let msg = Message::Adopt {
                 volume: volume.clone(),
                 device: h.device,
+                secrets: h.secrets.clone(),
             };
             match send(sock.as_fd(), &msg, Some(h.fd.as_fd())) {
                 Ok(()) => {
@@ -136,13 +138,21 @@ fn serve(state: &Mutex<State>, conn: OwnedFd) {
     info!(server = id, "server connected");
     loop {
         match recv(conn.as_fd()) {
-            Ok(Some((Message::Keep { volume, device }, Some(fd)))) => {
+            Ok(Some((
+                Message::Keep {
+                    volume,
+                    device,
+                    secrets,
+                },
+                Some(fd),
+            ))) => {
                 info!(server = id, volume = %volume, "holding the mount");
                 lock(state).held.insert(
                     volume,
                     Held {
                         fd,
                         device,
+                        secrets,
                         owner: Some(id),
                         orphaned: None,
                     },
