@@ -495,6 +495,28 @@ def check_keeper(values: dict[str, Any], objects: list[dict[str, Any]]) -> None:
         raise Failure("the keeper must run without a token, privileges or capabilities, on a read-only root")
 
 
+def check_rbac(objects: list[dict[str, Any]], where: str) -> None:
+    """Least privilege: no wildcard, no Secret listed or watched by anyone, and the node
+    plugin may only get ClipImages (the Secrets it uses come from kubelet, named by pods)."""
+    for obj in objects:
+        if obj["kind"] not in ("ClusterRole", "Role"):
+            continue
+        ident = f"{obj['kind']}/{obj['metadata']['name']}"
+        rules = obj.get("rules") or []
+        for rule in rules:
+            for key in ("apiGroups", "resources", "verbs"):
+                if "*" in rule.get(key, []):
+                    raise Failure(f"{where}: {ident}: wildcard {key}")
+            if "secrets" in rule.get("resources", []) and set(rule["verbs"]) - {"get"}:
+                raise Failure(f"{where}: {ident}: Secrets beyond get: {rule['verbs']}")
+        component = obj["metadata"].get("labels", {}).get("app.kubernetes.io/component")
+        if component == "node":
+            granted = {(g, r, v) for rule in rules for g in rule["apiGroups"]
+                       for r in rule["resources"] for v in rule["verbs"]}
+            if granted != {("clip.dev", "clipimages", "get")}:
+                raise Failure(f"{where}: {ident}: the node plugin may only get ClipImages, has {sorted(granted)}")
+
+
 def check_scenario(chart: Any, name: str, values: dict[str, Any], kinds: set[str]) -> str:
     try:
         lint(values)
@@ -512,6 +534,7 @@ def check_scenario(chart: Any, name: str, values: dict[str, Any], kinds: set[str
     check_invariants([o for o in objects if o["kind"] != "CustomResourceDefinition"], name)
     check_own_images(chart, values, objects)
     check_keeper(values, objects)
+    check_rbac(objects, name)
     return f"{len(objects)} objects"
 
 
