@@ -17,7 +17,8 @@ What it checks, in order:
   5. Every object of every scenario validates against the Kubernetes 1.33 schemas (strict:
      unknown fields fail); ServiceMonitor, which is not a built-in kind, is checked by hand.
      With the keeper on, it and the node plugin name one socket file on the host, and the
-     keeper runs unprivileged where the plugin runs. Contradictory settings are refused at
+     keeper runs unprivileged where the plugin runs. RBAC: no wildcard, Secrets only by get,
+     and the node plugin may only get ClipImages. Contradictory settings are refused at
      render time.
   6. manifests/examples/: Pods and Deployments against the Kubernetes schemas, ClipImages
      against the CRD's openAPIV3Schema (with unknown fields refused), and every clipImage a
