@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Args;
 use clip_driver::csi::kubelet;
+use clip_driver::csi::proto::NodePublishVolumeRequest;
 use clip_driver::csi::proto::node_client::NodeClient;
-use clip_driver::csi::proto::{NodePublishVolumeRequest, NodeUnpublishVolumeRequest};
 use tonic::transport::Channel;
 
 use crate::host::{drop_page_cache, fresh_dir, require_tools, stop_child, umount_lazy};
@@ -415,10 +415,7 @@ impl Run {
             source_requests: metric_sum(&metrics, "clip_source_requests_total", &[]),
             from_redis: metric_sum(&metrics, "clip_tier_bytes_total", &["tier=\"redis\""]),
         };
-        let unpublish = NodeUnpublishVolumeRequest {
-            volume_id: name.into(),
-            target_path: target.to_string_lossy().into_owned(),
-        };
+        let unpublish = kubelet::unpublish(name, &target);
         // Node A's chunks reach Redis in the background: wait for them before unpublishing.
         node.wait_published()?;
         self.rt

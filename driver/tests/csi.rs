@@ -157,13 +157,6 @@ fn publish(volume: &str, target: &Path, attrs: &[(&str, &str)]) -> NodePublishVo
     kubelet::ephemeral_volume(volume, target, "team", &format!("pod-{volume}"), attrs)
 }
 
-fn unpublish(volume: &str, target: &Path) -> NodeUnpublishVolumeRequest {
-    NodeUnpublishVolumeRequest {
-        volume_id: volume.into(),
-        target_path: target.to_string_lossy().into_owned(),
-    }
-}
-
 fn busybox_layers() -> anyhow::Result<Vec<Layer>> {
     let mut layers = fixtures::complex_layers();
     layers.push(Layer::gzip(vec![
@@ -253,23 +246,19 @@ async fn kubelet_publishes_reads_runs_and_unpublishes_idempotently() -> anyhow::
     assert!(err.message().contains("vol-a"));
 
     let stats = node
-        .node_get_volume_stats(NodeGetVolumeStatsRequest {
-            volume_id: "vol-a".into(),
-            volume_path: target.to_string_lossy().into_owned(),
-            ..Default::default()
-        })
+        .node_get_volume_stats(kubelet::volume_stats("vol-a", &target))
         .await?
         .into_inner();
     assert!(!stats.volume_condition.unwrap().abnormal);
     assert!(stats.usage.iter().any(|u| u.total > 0));
 
-    node.node_unpublish_volume(unpublish("vol-a", &target))
+    node.node_unpublish_volume(kubelet::unpublish("vol-a", &target))
         .await?;
-    node.node_unpublish_volume(unpublish("vol-a", &target))
+    node.node_unpublish_volume(kubelet::unpublish("vol-a", &target))
         .await?;
     assert!(!is_mounted(&target), "nothing stays mounted");
     assert!(!target.exists(), "the target directory is removed");
-    node.node_unpublish_volume(unpublish("never-published", &plugin.target("zz")))
+    node.node_unpublish_volume(kubelet::unpublish("never-published", &plugin.target("zz")))
         .await?;
     Ok(())
 }
@@ -324,7 +313,7 @@ async fn twenty_volumes_of_one_image_share_one_index_build() -> anyhow::Result<(
     );
     let mut node = plugin.node().await?;
     for (i, t) in targets.iter().enumerate() {
-        node.node_unpublish_volume(unpublish(&format!("vol-{i}"), t))
+        node.node_unpublish_volume(kubelet::unpublish(&format!("vol-{i}"), t))
             .await?;
         assert!(!is_mounted(t));
     }
@@ -349,7 +338,7 @@ async fn a_second_call_on_a_busy_volume_is_aborted_and_nothing_leaks() -> anyhow
     let first = tokio::spawn(async move { a.node_publish_volume(req).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
     let err = b
-        .node_unpublish_volume(unpublish("vol-busy", &target))
+        .node_unpublish_volume(kubelet::unpublish("vol-busy", &target))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Aborted, "{err}");
@@ -357,7 +346,7 @@ async fn a_second_call_on_a_busy_volume_is_aborted_and_nothing_leaks() -> anyhow
     first.await??;
     assert!(is_mounted(&target));
     proxy.set_delay(Duration::ZERO);
-    b.node_unpublish_volume(unpublish("vol-busy", &target))
+    b.node_unpublish_volume(kubelet::unpublish("vol-busy", &target))
         .await?;
     assert!(!is_mounted(&target));
 
@@ -366,12 +355,12 @@ async fn a_second_call_on_a_busy_volume_is_aborted_and_nothing_leaks() -> anyhow
         let mut x = plugin.node().await?;
         let mut y = plugin.node().await?;
         let req = publish("vol-race", &target, &[("image", &reference)]);
-        let u = unpublish("vol-race", &target);
+        let u = kubelet::unpublish("vol-race", &target);
         let (p, q) = tokio::join!(x.node_publish_volume(req), y.node_unpublish_volume(u));
         for r in [p.err(), q.err()].into_iter().flatten() {
             assert_eq!(r.code(), Code::Aborted, "round {round}: {r}");
         }
-        y.node_unpublish_volume(unpublish("vol-race", &target))
+        y.node_unpublish_volume(kubelet::unpublish("vol-race", &target))
             .await?;
         assert!(!is_mounted(&target), "round {round}: leaked mount");
     }
@@ -464,7 +453,7 @@ async fn clip_image_volumes_and_every_bad_request_get_the_right_code() -> anyhow
         read(target.join("usr/share/doc/readme")).await?,
         b"documentation\n"
     );
-    node.node_unpublish_volume(unpublish("vol-ci", &target))
+    node.node_unpublish_volume(kubelet::unpublish("vol-ci", &target))
         .await?;
 
     let t = plugin.target("bad");
@@ -583,7 +572,7 @@ async fn clip_image_volumes_and_every_bad_request_get_the_right_code() -> anyhow
             .len(),
         68
     );
-    node.node_unpublish_volume(unpublish("v-private", &plugin.target("private")))
+    node.node_unpublish_volume(kubelet::unpublish("v-private", &plugin.target("private")))
         .await?;
 
     // Stats of unknown volumes; direct images refused when ClipImages are required.
@@ -992,7 +981,7 @@ async fn probe_stays_ready_while_redis_is_down_and_reads_go_to_the_registry() ->
     eprintln!("breaker closed on the read at {last}; the read at {at} was shared through Redis");
 
     for (v, t) in [("vol-down", &target), ("vol-down-2", &second)] {
-        node.node_unpublish_volume(unpublish(v, t)).await?;
+        node.node_unpublish_volume(kubelet::unpublish(v, t)).await?;
         assert!(!is_mounted(t));
     }
     drop(cluster);
@@ -1113,11 +1102,11 @@ async fn a_direct_image_indexed_on_one_node_is_read_on_another_from_redis_alone(
 
     a.node()
         .await?
-        .node_unpublish_volume(unpublish("vol-a", &target_a))
+        .node_unpublish_volume(kubelet::unpublish("vol-a", &target_a))
         .await?;
     b.node()
         .await?
-        .node_unpublish_volume(unpublish("vol-b", &target_b))
+        .node_unpublish_volume(kubelet::unpublish("vol-b", &target_b))
         .await?;
     assert!(!is_mounted(&target_a) && !is_mounted(&target_b));
     Ok(())

@@ -52,11 +52,7 @@ async fn condition(
     target: &Path,
 ) -> anyhow::Result<VolumeCondition> {
     let r = node
-        .node_get_volume_stats(NodeGetVolumeStatsRequest {
-            volume_id: volume.into(),
-            volume_path: target.to_string_lossy().into_owned(),
-            ..Default::default()
-        })
+        .node_get_volume_stats(kubelet::volume_stats(volume, target))
         .await?
         .into_inner();
     Ok(r.volume_condition.unwrap_or_default())
@@ -92,11 +88,8 @@ async fn a_restarted_plugin_knows_its_volumes() -> anyhow::Result<()> {
     let c = condition(&mut node, "vol-1", &t1).await?;
     assert!(c.abnormal, "dead mount reported abnormal: {c:?}");
     assert!(!c.message.is_empty());
-    node.node_unpublish_volume(NodeUnpublishVolumeRequest {
-        volume_id: "vol-1".into(),
-        target_path: t1.to_string_lossy().into_owned(),
-    })
-    .await?;
+    node.node_unpublish_volume(kubelet::unpublish("vol-1", &t1))
+        .await?;
     assert!(!is_mounted(&t1), "the dead mount was detached");
     assert!(!t1.exists());
     second.signal(libc::SIGTERM);
@@ -112,11 +105,8 @@ async fn a_restarted_plugin_knows_its_volumes() -> anyhow::Result<()> {
     })
     .await??;
     assert!(passwd.starts_with(b"root:x:0:0"));
-    node.node_unpublish_volume(NodeUnpublishVolumeRequest {
-        volume_id: "vol-2".into(),
-        target_path: t2.to_string_lossy().into_owned(),
-    })
-    .await?;
+    node.node_unpublish_volume(kubelet::unpublish("vol-2", &t2))
+        .await?;
     assert!(!is_mounted(&t2));
     Ok(())
 }

@@ -257,11 +257,7 @@ async fn two_nodes_serve_a_clip_image_and_the_second_never_touches_the_registry(
         (&mut kubelet_a, "vol-a", &target_a),
         (&mut kubelet_b, "vol-b", &target_b),
     ] {
-        k.node_unpublish_volume(NodeUnpublishVolumeRequest {
-            volume_id: v.into(),
-            target_path: t.to_string_lossy().into_owned(),
-        })
-        .await?;
+        k.node_unpublish_volume(kubelet::unpublish(v, t)).await?;
         assert!(!clip_driver::fs::is_mounted(t));
     }
     Ok(())

@@ -6,7 +6,10 @@ use std::path::Path;
 use super::node::{EPHEMERAL, POD_NAME, POD_NAMESPACE};
 use super::proto::volume_capability::access_mode::Mode;
 use super::proto::volume_capability::{AccessMode, AccessType, MountVolume};
-use super::proto::{NodePublishVolumeRequest, VolumeCapability};
+use super::proto::{
+    NodeGetVolumeStatsRequest, NodePublishVolumeRequest, NodeUnpublishVolumeRequest,
+    VolumeCapability,
+};
 
 /// The capability kubelet asks for on a read-only inline `csi:` volume.
 pub fn mount_capability() -> VolumeCapability {
@@ -41,6 +44,23 @@ pub fn ephemeral_volume(
         volume_capability: Some(mount_capability()),
         readonly: true,
         volume_context: context,
+        ..Default::default()
+    }
+}
+
+/// NodeUnpublishVolume of `volume` at `target`, as kubelet sends it when the pod goes.
+pub fn unpublish(volume: &str, target: &Path) -> NodeUnpublishVolumeRequest {
+    NodeUnpublishVolumeRequest {
+        volume_id: volume.into(),
+        target_path: target.to_string_lossy().into_owned(),
+    }
+}
+
+/// NodeGetVolumeStats of `volume` published at `path`, as kubelet asks for it.
+pub fn volume_stats(volume: &str, path: &Path) -> NodeGetVolumeStatsRequest {
+    NodeGetVolumeStatsRequest {
+        volume_id: volume.into(),
+        volume_path: path.to_string_lossy().into_owned(),
         ..Default::default()
     }
 }
