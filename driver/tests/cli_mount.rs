@@ -13,20 +13,10 @@ use clip_e2e::cleanup::MountProcess;
 use clip_e2e::fixtures;
 use clip_e2e::image::{Pusher, build_image};
 use clip_e2e::registry::Registry;
+use clip_e2e::wait;
 
 fn clip() -> Command {
     Command::new(env!("CARGO_BIN_EXE_clip"))
-}
-
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if f() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    anyhow::bail!("timed out waiting for {what}")
 }
 
 struct Fixture {
@@ -75,7 +65,7 @@ fn spawn_mount(f: &Fixture, dir: &Path, extra: &[&str]) -> anyhow::Result<MountP
         child,
         dir: dir.to_owned(),
     };
-    wait_until("the mount", || is_mounted(dir))?;
+    wait::until("the mount", Duration::from_secs(30), || is_mounted(dir))?;
     Ok(child)
 }
 
@@ -244,7 +234,9 @@ fn prefetch_fills_the_cache_so_the_image_reads_without_the_registry() -> anyhow:
     let mut child = spawn_mount(&f, dir.path(), &["--prefetch"])?;
     // Wait until the whole image has been fetched in the background, nothing read yet.
     // Every layer up to its last data byte (gzip trailers are never needed).
-    let waited = wait_until("the prefetch", || proxy.blob_bytes() + 64 >= compressed);
+    let waited = wait::until("the prefetch", Duration::from_secs(30), || {
+        proxy.blob_bytes() + 64 >= compressed
+    });
     anyhow::ensure!(
         waited.is_ok(),
         "prefetch fetched {} of {compressed} bytes: {:?}",

@@ -12,13 +12,13 @@ use std::time::{Duration, Instant};
 
 use clip_driver::csi::kubelet;
 use clip_driver::csi::proto::node_client::NodeClient;
-use clip_driver::csi::proto::*;
 use clip_driver::fs::{is_mounted, mounted_device};
 use clip_e2e::fixtures;
 use clip_e2e::image::{Entry, Pusher, build_image};
 use clip_e2e::node::Process;
 use clip_e2e::proxy::Proxy;
 use clip_e2e::registry::Registry;
+use clip_e2e::wait;
 use tonic::transport::Channel;
 
 const BIG: usize = 24 << 20;
@@ -105,6 +105,29 @@ fn layers() -> (Vec<clip_e2e::image::Layer>, Vec<u8>, Vec<u8>) {
     (layers, big, other)
 }
 
+/// The test image pushed to `host` as `handover/app:v1`: its reference and the bytes of its
+/// two big files (`data/big.bin`, `data/other.bin`).
+fn push_image(
+    host: &str,
+    credentials: Option<(&str, &str)>,
+) -> anyhow::Result<(String, Vec<u8>, Vec<u8>)> {
+    let (layers, big, other) = layers();
+    let image = build_image(&layers, "linux", "amd64")?;
+    let reference = Pusher::new(host, credentials).push_image("handover/app", "v1", &image)?;
+    Ok((reference, big, other))
+}
+
+/// A test's work directory (kept when KEEP_TEST_DIR is set, to read the processes' logs)
+/// and the volume's target in it, detached when the guard drops (before the directory).
+fn work_dir() -> anyhow::Result<(tempfile::TempDir, PathBuf, DetachOnDrop)> {
+    let dir = tempfile::Builder::new()
+        .disable_cleanup(std::env::var_os("KEEP_TEST_DIR").is_some())
+        .tempdir()?;
+    let target = dir.path().join("pods/one/mount");
+    let detach = DetachOnDrop(target.clone());
+    Ok((dir, target, detach))
+}
+
 /// Waits up to `wait` for `child` to end; its exit status, or None if it still runs.
 fn ended(child: &mut Child, wait: Duration) -> Option<std::process::ExitStatus> {
     let deadline = Instant::now() + wait;
@@ -132,13 +155,13 @@ fn sh(script: &str, args: &[&Path]) -> anyhow::Result<Child> {
 }
 
 /// Waits until `child` has descriptor `fd` open (its program opened the file).
-fn wait_open(child: &Child, fd: u32) {
+fn wait_open(child: &Child, fd: u32) -> anyhow::Result<()> {
     let link = format!("/proc/{}/fd/{fd}", child.id());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::fs::read_link(&link).is_err() {
-        assert!(Instant::now() < deadline, "the reader opened its file");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait::until(
+        "the reader to open its file",
+        Duration::from_secs(30),
+        || std::fs::read_link(&link).is_ok(),
+    )
 }
 
 /// `child` ended well within `wait`.
@@ -167,14 +190,8 @@ async fn publish(node: &mut NodeClient<Channel>, target: &Path, image: &str) -> 
 async fn mounts_survive_restarts_of_the_plugin() -> anyhow::Result<()> {
     let registry = Registry::start()?;
     let proxy = Proxy::start(&registry.host())?;
-    let (layers, big, other) = layers();
-    let image = build_image(&layers, "linux", "amd64")?;
-    let reference = Pusher::new(&proxy.host(), None).push_image("handover/app", "v1", &image)?;
-    let dir = tempfile::Builder::new()
-        .disable_cleanup(std::env::var_os("KEEP_TEST_DIR").is_some())
-        .tempdir()?;
-    let target = dir.path().join("pods/one/mount");
-    let _detach = DetachOnDrop(target.clone());
+    let (reference, big, other) = push_image(&proxy.host(), None)?;
+    let (dir, target, _detach) = work_dir()?;
     let _keeper = start_keeper(dir.path(), 60)?;
 
     let mut first = start_node(dir.path())?;
@@ -190,11 +207,9 @@ async fn mounts_survive_restarts_of_the_plugin() -> anyhow::Result<()> {
         r#"exec 3<"$1" && dd bs=1M count=1 iflag=fullblock status=none <&3 >"$2.head" && read x <"$3" && cat <&3 >"$2""#,
         &[&target.join("data/big.bin"), &out, &go],
     )?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::fs::metadata(out.with_extension("head")).map_or(0, |m| m.len()) < 1 << 20 {
-        assert!(Instant::now() < deadline, "the first MiB was read");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait::until("the first MiB to be read", Duration::from_secs(30), || {
+        std::fs::metadata(out.with_extension("head")).map_or(0, |m| m.len()) >= 1 << 20
+    })?;
     assert_eq!(std::fs::read(out.with_extension("head"))?, big[..1 << 20]);
 
     // The plugin is killed. The mount stays, and the rest of the read waits instead of
@@ -235,11 +250,7 @@ async fn mounts_survive_restarts_of_the_plugin() -> anyhow::Result<()> {
     assert_eq!(listed, 3, "new lookups are served too");
     let mut node = client(dir.path()).await?;
     let stats = node
-        .node_get_volume_stats(NodeGetVolumeStatsRequest {
-            volume_id: "vol-1".into(),
-            volume_path: target.to_string_lossy().into_owned(),
-            ..Default::default()
-        })
+        .node_get_volume_stats(kubelet::volume_stats("vol-1", &target))
         .await?
         .into_inner();
     let condition = stats.volume_condition.unwrap_or_default();
@@ -256,11 +267,11 @@ async fn mounts_survive_restarts_of_the_plugin() -> anyhow::Result<()> {
         ),
         &[&target.join("data/other.bin"), &tail_out],
     )?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while proxy.in_flight() == 0 {
-        assert!(Instant::now() < deadline, "the read reached the registry");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait::until(
+        "the read to reach the registry",
+        Duration::from_secs(20),
+        || proxy.in_flight() > 0,
+    )?;
     second.signal(libc::SIGTERM);
     assert!(
         is_mounted(&target),
@@ -277,11 +288,8 @@ async fn mounts_survive_restarts_of_the_plugin() -> anyhow::Result<()> {
 
     // Unpublishing a taken-over volume unmounts it for good.
     let mut node = client(dir.path()).await?;
-    node.node_unpublish_volume(NodeUnpublishVolumeRequest {
-        volume_id: "vol-1".into(),
-        target_path: target.to_string_lossy().into_owned(),
-    })
-    .await?;
+    node.node_unpublish_volume(kubelet::unpublish("vol-1", &target))
+        .await?;
     assert!(!is_mounted(&target));
     assert!(!target.exists());
     Ok(())
@@ -290,14 +298,8 @@ async fn mounts_survive_restarts_of_the_plugin() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mount_no_plugin_takes_over_fails_reads_after_the_hold_time() -> anyhow::Result<()> {
     let registry = Registry::start()?;
-    let (layers, _, _) = layers();
-    let image = build_image(&layers, "linux", "amd64")?;
-    let reference = Pusher::new(&registry.host(), None).push_image("handover/app", "v1", &image)?;
-    let dir = tempfile::Builder::new()
-        .disable_cleanup(std::env::var_os("KEEP_TEST_DIR").is_some())
-        .tempdir()?;
-    let target = dir.path().join("pods/one/mount");
-    let _detach = DetachOnDrop(target.clone());
+    let (reference, _, _) = push_image(&registry.host(), None)?;
+    let (dir, target, _detach) = work_dir()?;
     let _keeper = start_keeper(dir.path(), 2)?;
     let mut node = start_node(dir.path())?;
     publish(&mut client(dir.path()).await?, &target, &reference).await?;
@@ -308,7 +310,7 @@ async fn a_mount_no_plugin_takes_over_fails_reads_after_the_hold_time() -> anyho
         r#"exec 3<"$1" && read x <"$2" && cat <&3"#,
         &[&target.join("data/small-at-end.txt"), &go],
     )?;
-    wait_open(&reader, 3);
+    wait_open(&reader, 3)?;
     node.signal(libc::SIGKILL);
     let started = Instant::now();
     let _go = signal_fifo(&go)?;
@@ -329,32 +331,23 @@ async fn a_mount_no_plugin_takes_over_fails_reads_after_the_hold_time() -> anyho
 }
 
 /// Waits until the file at `path` contains `text` `count` times.
-fn wait_log(path: &Path, text: &str, count: usize) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::fs::read_to_string(path).map_or(0, |l| l.matches(text).count()) < count {
-        assert!(
-            Instant::now() < deadline,
-            "{} never said {text:?}",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+fn wait_log(path: &Path, text: &str, count: usize) -> anyhow::Result<()> {
+    let what = format!("{} to say {text:?}", path.display());
+    wait::until(&what, Duration::from_secs(30), || {
+        std::fs::read_to_string(path).map_or(0, |l| l.matches(text).count()) >= count
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_keeper_is_given_the_mounts_again() -> anyhow::Result<()> {
     let registry = Registry::start()?;
-    let (layers, _, _) = layers();
-    let image = build_image(&layers, "linux", "amd64")?;
-    let reference = Pusher::new(&registry.host(), None).push_image("handover/app", "v1", &image)?;
-    let dir = tempfile::tempdir()?;
-    let target = dir.path().join("pods/one/mount");
-    let _detach = DetachOnDrop(target.clone());
+    let (reference, _, _) = push_image(&registry.host(), None)?;
+    let (dir, target, _detach) = work_dir()?;
     let keeper_log = keeper_socket(dir.path()).with_extension("log");
     let mut keeper = start_keeper(dir.path(), 60)?;
     let mut node = start_node(dir.path())?;
     publish(&mut client(dir.path()).await?, &target, &reference).await?;
-    wait_log(&keeper_log, "holding the mount", 1);
+    wait_log(&keeper_log, "holding the mount", 1)?;
 
     // The keeper dies: the plugin goes on serving with its own descriptors.
     keeper.signal(libc::SIGKILL);
@@ -363,7 +356,7 @@ async fn a_restarted_keeper_is_given_the_mounts_again() -> anyhow::Result<()> {
 
     // A new keeper is given the mount again, so the plugin can still be replaced.
     let _keeper = start_keeper(dir.path(), 60)?;
-    wait_log(&keeper_log, "holding the mount", 2);
+    wait_log(&keeper_log, "holding the mount", 2)?;
     node.signal(libc::SIGKILL);
     let out = dir.path().join("out");
     let mut reader = sh(r#"cat "$1" >"$2""#, &[&small, &out])?;
@@ -380,12 +373,8 @@ async fn a_restarted_keeper_is_given_the_mounts_again() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_that_starts_before_its_keeper_waits_for_it() -> anyhow::Result<()> {
     let registry = Registry::start()?;
-    let (layers, _, _) = layers();
-    let image = build_image(&layers, "linux", "amd64")?;
-    let reference = Pusher::new(&registry.host(), None).push_image("handover/app", "v1", &image)?;
-    let dir = tempfile::tempdir()?;
-    let target = dir.path().join("pods/one/mount");
-    let _detach = DetachOnDrop(target.clone());
+    let (reference, _, _) = push_image(&registry.host(), None)?;
+    let (dir, target, _detach) = work_dir()?;
     let small = target.join("data/small-at-end.txt");
     let mut keeper = start_keeper(dir.path(), 60)?;
     let mut node = start_node(dir.path())?;
@@ -407,9 +396,9 @@ async fn a_plugin_that_starts_before_its_keeper_waits_for_it() -> anyhow::Result
         &csi_log,
         "the keeper is not reachable yet and may hold this mount",
         1,
-    );
+    )?;
     let _keeper = start_keeper(dir.path(), 60)?;
-    wait_log(&csi_log, "re-served after restart", 1);
+    wait_log(&csi_log, "re-served after restart", 1)?;
     assert_eq!(std::fs::read(&small)?, b"the last file of the layer\n");
     Ok(())
 }
@@ -417,16 +406,8 @@ async fn a_plugin_that_starts_before_its_keeper_waits_for_it() -> anyhow::Result
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_private_image_reads_on_after_the_hand_over() -> anyhow::Result<()> {
     let registry = Registry::start_with_auth("kube", "letmein")?;
-    let (layers, big, _) = layers();
-    let image = build_image(&layers, "linux", "amd64")?;
-    let reference = Pusher::new(&registry.host(), registry.credentials()).push_image(
-        "handover/private",
-        "v1",
-        &image,
-    )?;
-    let dir = tempfile::tempdir()?;
-    let target = dir.path().join("pods/one/mount");
-    let _detach = DetachOnDrop(target.clone());
+    let (reference, big, _) = push_image(&registry.host(), registry.credentials())?;
+    let (dir, target, _detach) = work_dir()?;
     let _keeper = start_keeper(dir.path(), 60)?;
     let mut node = start_node(dir.path())?;
     let mut req = kubelet::ephemeral_volume(

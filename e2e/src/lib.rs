@@ -18,6 +18,8 @@
 //!   password, ACL users or TLS only (a CA and certificate made for the test).
 //! - [`token`]: a registry token server (Bearer flow) with a self-signed signing certificate.
 //! - [`http`]: the tiny blocking HTTP/1.1 client behind the above.
+//! - [`node`]: how tests start `clip node` and `clip keeper` as processes.
+//! - [`wait`]: polling until another process has done something.
 
 pub mod check;
 pub mod cleanup;
@@ -31,6 +33,7 @@ pub mod proxy;
 pub mod redis;
 pub mod registry;
 pub mod token;
+pub mod wait;
 
 use std::net::TcpListener;
 
