@@ -1,5 +1,6 @@
 //! The CSI Node service: publish images as read-only FUSE volumes at kubelet's target paths.
 
+use crate::lock;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -101,10 +102,6 @@ impl std::fmt::Debug for NodeContext {
             .field("node_id", &self.config.node_id)
             .finish_non_exhaustive()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Holds a volume's "operation in progress" mark; released on drop.
@@ -579,13 +576,22 @@ impl NodeContext {
 
     /// Gives the keeper a descriptor of the mount, so that it outlives this process.
     fn keep(&self, volume: &str, m: &Mount, secrets: &Secrets) {
+        self.give_keeper(volume, m.device(), m.dir(), secrets);
+    }
+
+    /// Hands `fd`, a descriptor of the mount at `dir`, and its pull secrets to the keeper.
+    fn give_keeper(
+        &self,
+        volume: &str,
+        fd: std::io::Result<std::os::fd::OwnedFd>,
+        dir: &Path,
+        secrets: &Secrets,
+    ) {
         let Some(k) = self.keeper.get() else {
             return;
         };
-        let device = mounted_device(m.dir()).unwrap_or(0);
-        let kept = m
-            .device()
-            .and_then(|fd| k.keep(volume, std::os::fd::AsFd::as_fd(&fd), device, secrets));
+        let device = mounted_device(dir).unwrap_or(0);
+        let kept = fd.and_then(|fd| k.keep(volume, std::os::fd::AsFd::as_fd(&fd), device, secrets));
         if let Err(e) = kept {
             warn!(volume_id = %volume, error = %e, "the keeper does not hold this mount; it will not survive a restart of the plugin");
         }
@@ -732,17 +738,7 @@ impl NodeContext {
                 "volume {volume}: saving the mount table: {e}"
             )));
         }
-        let previous = lock(&self.active).insert(
-            volume.clone(),
-            Active {
-                mount: Some(mounted),
-                index_digest: digest,
-                secrets,
-            },
-        );
-        if let Some(p) = previous {
-            self.release_image(&p.index_digest);
-        }
+        self.activate(&volume, mounted, digest, secrets);
         info!(target = %target.display(), index = %digest, "published");
         Ok(())
     }
@@ -969,30 +965,23 @@ impl NodeContext {
                         }
                     }
                     // A restarted keeper holds nothing: give it every mount again.
-                    type Served = (String, Option<std::os::fd::OwnedFd>, PathBuf, Secrets);
+                    // (Collected first: the keeper is not written to under the table's lock.)
+                    type Served = (
+                        String,
+                        std::io::Result<std::os::fd::OwnedFd>,
+                        PathBuf,
+                        Secrets,
+                    );
                     let served: Vec<Served> = lock(&self.active)
                         .iter()
                         .filter_map(|(v, a)| {
                             a.mount.as_ref().map(|m| {
-                                (
-                                    v.clone(),
-                                    m.device().ok(),
-                                    m.dir().to_owned(),
-                                    a.secrets.clone(),
-                                )
+                                (v.clone(), m.device(), m.dir().to_owned(), a.secrets.clone())
                             })
                         })
                         .collect();
-                    if let Some(k) = self.keeper.get() {
-                        for (volume, fd, dir, secrets) in served {
-                            let device = mounted_device(&dir).unwrap_or(0);
-                            if let Some(fd) = fd
-                                && let Err(e) =
-                                    k.keep(&volume, std::os::fd::AsFd::as_fd(&fd), device, &secrets)
-                            {
-                                warn!(volume_id = %volume, error = %e, "giving the mount to the keeper failed");
-                            }
-                        }
+                    for (volume, fd, dir, secrets) in served {
+                        self.give_keeper(&volume, fd, &dir, &secrets);
                     }
                 }
             }
@@ -1034,6 +1023,50 @@ impl NodeContext {
         .await;
     }
 
+    /// Records `mount` as `volume`'s, releasing the image of whatever it replaces.
+    fn activate(&self, volume: &str, mount: Mount, digest: Digest, secrets: Secrets) {
+        let previous = lock(&self.active).insert(
+            volume.to_owned(),
+            Active {
+                mount: Some(mount),
+                index_digest: digest,
+                secrets,
+            },
+        );
+        if let Some(p) = previous {
+            self.release_image(&p.index_digest);
+        }
+    }
+
+    /// The index digest and chunk store for serving `rec` again (taken over or mounted
+    /// again), reading the registry with the pull `secrets` it was published with.
+    async fn record_store(
+        &self,
+        rec: &VolumeRecord,
+        secrets: &Secrets,
+    ) -> Result<(Digest, Arc<ChunkStore<RegistryBlobs>>), String> {
+        let digest = rec
+            .index_digest
+            .parse::<Digest>()
+            .map_err(|_| "bad index digest in the mount table".to_owned())?;
+        let index = self
+            .load_index(&digest, &rec.volume_id)
+            .await
+            .map_err(|e| format!("index unavailable: {e}"))?;
+        let secrets: HashMap<String, String> = secrets.0.clone().into_iter().collect();
+        let registry = match self.registry_for(&secrets, &rec.volume_id) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %e, "the kept pull secrets are unusable; reading without them");
+                RegistryClient::new(self.config.registry.clone())
+            }
+        };
+        let store = self
+            .store_for(digest, index, &registry, &rec.volume_id)
+            .map_err(|e| e.to_string())?;
+        Ok((digest, store))
+    }
+
     /// Serves a kept connection of `rec`'s mount. False (and the keeper told to release it)
     /// when it cannot: the mount at the target is another one now, or the index is gone.
     async fn take_over(&self, rec: &VolumeRecord, a: Adopted) -> bool {
@@ -1043,30 +1076,8 @@ impl NodeContext {
             self.release_kept(&rec.volume_id);
             return false;
         }
-        let Ok(digest) = rec.index_digest.parse::<Digest>() else {
-            warn!("bad index digest in the mount table");
-            self.release_kept(&rec.volume_id);
-            return false;
-        };
-        let index = match self.load_index(&digest, &rec.volume_id).await {
-            Ok(i) => i,
-            Err(e) => {
-                warn!(error = %e, "cannot take over: index unavailable");
-                self.release_kept(&rec.volume_id);
-                return false;
-            }
-        };
-        // The pull secrets the keeper held for the volume: a private image reads on.
-        let secrets: HashMap<String, String> = a.secrets.0.clone().into_iter().collect();
-        let registry = match self.registry_for(&secrets, &rec.volume_id) {
-            Ok(r) => r,
-            Err(e) => {
-                warn!(error = %e, "the kept pull secrets are unusable; reading without them");
-                RegistryClient::new(self.config.registry.clone())
-            }
-        };
-        let store = match self.store_for(digest, index, &registry, &rec.volume_id) {
-            Ok(s) => s,
+        let (digest, store) = match self.record_store(rec, &a.secrets).await {
+            Ok(x) => x,
             Err(e) => {
                 warn!(error = %e, "cannot take over");
                 self.release_kept(&rec.volume_id);
@@ -1084,14 +1095,7 @@ impl NodeContext {
             self.runtime.clone(),
         ) {
             Ok(m) => {
-                lock(&self.active).insert(
-                    rec.volume_id.clone(),
-                    Active {
-                        mount: Some(m),
-                        index_digest: digest,
-                        secrets: a.secrets,
-                    },
-                );
+                self.activate(&rec.volume_id, m, digest, a.secrets);
                 info!(target = %rec.target_path.display(), "took over the live mount");
                 true
             }
@@ -1106,40 +1110,22 @@ impl NodeContext {
 
     /// Mounts `rec` again after its mount died with the previous process.
     async fn remount(&self, rec: &VolumeRecord) {
-        let Ok(digest) = rec.index_digest.parse::<Digest>() else {
-            warn!("bad index digest in the mount table");
-            return;
-        };
         // None when already ours (an adoption that fell back here holds it).
         let _guard = self.begin(&rec.volume_id).ok();
-        let index = match self.load_index(&digest, &rec.volume_id).await {
-            Ok(i) => i,
+        // Its pull secrets died with the previous process (the table on disk keeps none).
+        let (digest, store) = match self.record_store(rec, &Secrets::default()).await {
+            Ok(x) => x,
             Err(e) => {
-                warn!(error = %e, "cannot re-serve: index unavailable");
+                warn!(error = %e, "cannot re-serve");
                 return;
             }
         };
         if is_mounted(&rec.target_path) {
             let _ = unmount_path(&rec.target_path);
         }
-        let registry = RegistryClient::new(self.config.registry.clone());
-        let store = match self.store_for(digest, index, &registry, &rec.volume_id) {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(error = %e, "cannot re-serve");
-                return;
-            }
-        };
         match self.mount_at(store, &rec.target_path, &rec.volume_id, &Secrets::default()) {
             Ok(m) => {
-                lock(&self.active).insert(
-                    rec.volume_id.clone(),
-                    Active {
-                        mount: Some(m),
-                        index_digest: digest,
-                        secrets: Secrets::default(),
-                    },
-                );
+                self.activate(&rec.volume_id, m, digest, Secrets::default());
                 info!(target = %rec.target_path.display(), "re-served after restart");
             }
             Err(e) => {

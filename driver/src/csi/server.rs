@@ -14,14 +14,7 @@ use super::proto::node_server::NodeServer;
 
 /// Binds the plugin socket, replacing a stale socket file from an earlier run.
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
+    crate::socket::clear_for_bind(path)?;
     UnixListener::bind(path)
 }
 

@@ -1,5 +1,6 @@
 //! The node plugin's side of the keeper.
 
+use crate::lock;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -7,7 +8,7 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
-use super::{Message, Secrets, connect, recv, send};
+use super::{Message, Secrets, connect, recv, send, set_recv_timeout};
 
 /// A descriptor handed over by the keeper.
 #[derive(Debug)]
@@ -44,19 +45,7 @@ pub struct KeeperClient {
     sock: Mutex<Option<OwnedFd>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
-
-fn set_recv_timeout(sock: &OwnedFd, t: Option<Duration>) -> std::io::Result<()> {
-    let tv = t.map_or(nix::sys::time::TimeVal::new(0, 0), |t| {
-        nix::sys::time::TimeVal::new(t.as_secs() as i64, t.subsec_micros() as i64)
-    });
-    nix::sys::socket::setsockopt(sock, nix::sys::socket::sockopt::ReceiveTimeout, &tv)
-        .map_err(super::io_err)
-}
 
 fn welcome(sock: &OwnedFd) -> std::io::Result<Welcome> {
     set_recv_timeout(sock, Some(WELCOME_TIMEOUT))?;

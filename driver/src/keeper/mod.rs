@@ -92,23 +92,29 @@ fn seqpacket() -> std::io::Result<OwnedFd> {
 /// publish): a send gives up after this long.
 const SEND_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The socket-option form of a timeout; None waits forever.
+fn timeval(t: Option<Duration>) -> nix::sys::time::TimeVal {
+    t.map_or(nix::sys::time::TimeVal::new(0, 0), |t| {
+        nix::sys::time::TimeVal::new(t.as_secs() as i64, i64::from(t.subsec_micros()))
+    })
+}
+
 fn set_send_timeout(sock: &OwnedFd) -> std::io::Result<()> {
-    let tv = nix::sys::time::TimeVal::new(
-        SEND_TIMEOUT.as_secs() as i64,
-        i64::from(SEND_TIMEOUT.subsec_micros()),
-    );
-    nix::sys::socket::setsockopt(sock, nix::sys::socket::sockopt::SendTimeout, &tv).map_err(io_err)
+    nix::sys::socket::setsockopt(
+        sock,
+        nix::sys::socket::sockopt::SendTimeout,
+        &timeval(Some(SEND_TIMEOUT)),
+    )
+    .map_err(io_err)
+}
+
+fn set_recv_timeout(sock: &OwnedFd, t: Option<Duration>) -> std::io::Result<()> {
+    nix::sys::socket::setsockopt(sock, nix::sys::socket::sockopt::ReceiveTimeout, &timeval(t))
+        .map_err(io_err)
 }
 
 fn listen(path: &Path) -> std::io::Result<OwnedFd> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
+    crate::socket::clear_for_bind(path)?;
     let sock = seqpacket()?;
     let addr = UnixAddr::new(path).map_err(io_err)?;
     nix::sys::socket::bind(sock.as_raw_fd(), &addr).map_err(io_err)?;

@@ -1,5 +1,6 @@
 //! `clip keeper`: holds FUSE descriptors for node plugins that come and go.
 
+use crate::lock;
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
@@ -34,10 +35,6 @@ struct State {
     /// Live server connections by id (ids grow: the highest is the newest).
     conns: BTreeMap<u64, OwnedFd>,
     next: u64,
-}
-
-fn lock(s: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
-    s.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl State {
