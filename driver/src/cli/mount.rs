@@ -171,6 +171,8 @@ pub async fn run(args: MountArgs) -> Result<()> {
     )
     .await?;
     let source = client.repository(&index.source.repository, &index.source.manifest_digest)?;
+    let early = source.clone();
+    std::thread::spawn(move || early.prepare());
     let disk = DiskCache::open(&cache_dir.join("chunks"), cache_size)?;
     let mut tiers: Vec<Arc<dyn ChunkCache>> = vec![Arc::new(disk)];
     if let Some(r) = &redis {

@@ -238,6 +238,8 @@ impl NodeContext {
         let source = registry
             .repository(&index.source.repository, &index.source.manifest_digest)
             .map_err(|e| CsiError::from_storage(volume, &e))?;
+        let early = source.clone();
+        std::thread::spawn(move || early.prepare());
         let mut tiers: Vec<Arc<dyn ChunkCache>> = vec![self.disk.clone()];
         if let Some(r) = &self.redis {
             tiers.push(r.clone());

@@ -28,6 +28,8 @@ pub struct ClipFs<S> {
     runtime: tokio::runtime::Handle,
     /// Parent of each directory inode (for ".."), computed once at mount.
     parents: Vec<u64>,
+    /// Blocks of file data and inodes, for statfs (the image never changes).
+    totals: (u64, u64),
     name: String,
     counters: Arc<FsCounters>,
 }
@@ -59,7 +61,9 @@ impl<S: BlobSource> ClipFs<S> {
                 }
             }
         }
+        let stats = index.stats();
         Self {
+            totals: (stats.file_bytes.div_ceil(4096), stats.inodes as u64),
             index,
             store,
             runtime,
@@ -316,17 +320,8 @@ impl<S: BlobSource> Filesystem for ClipFs<S> {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let s = self.index.stats();
-        reply.statfs(
-            s.file_bytes.div_ceil(4096),
-            0,
-            0,
-            s.inodes as u64,
-            0,
-            4096,
-            255,
-            4096,
-        );
+        let (blocks, inodes) = self.totals;
+        reply.statfs(blocks, 0, 0, inodes, 0, 4096, 255, 4096);
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {

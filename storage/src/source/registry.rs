@@ -208,6 +208,37 @@ pub fn parse_reference(reference: &str) -> Result<Reference> {
     })
 }
 
+/// `name(.name)*(:port)?` with names of letters and digits joined by single dashes: a
+/// subset of the reference grammar's registry hosts.
+fn plain_host(host: &str) -> bool {
+    let (name, port) = host.split_once(':').unwrap_or((host, "1"));
+    !port.is_empty()
+        && port.bytes().all(|b| b.is_ascii_digit())
+        && name
+            .split('.')
+            .all(|label| separated(label, |b| b.is_ascii_alphanumeric(), b"-"))
+}
+
+/// Lower-case letters and digits joined by single `.`, `_` or `-`: a subset of the
+/// reference grammar's path components.
+fn plain_component(part: &str) -> bool {
+    separated(
+        part,
+        |b| b.is_ascii_lowercase() || b.is_ascii_digit(),
+        b"._-",
+    )
+}
+
+/// Non-empty runs of `word` bytes, each pair joined by exactly one of `separators`.
+fn separated(s: &str, word: impl Fn(u8) -> bool, separators: &[u8]) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && word(b[0])
+        && word(b[b.len() - 1])
+        && b.windows(2).all(|w| word(w[0]) || word(w[1]))
+        && b.iter().all(|&c| word(c) || separators.contains(&c))
+}
+
 fn is_loopback(host: &str) -> bool {
     let name = host.rsplit_once(':').map_or(host, |(h, _)| h);
     name == "localhost" || name.starts_with("127.") || name == "[::1]"
@@ -558,28 +589,38 @@ impl RegistryClient {
             base = format!("{base}{{digest}}?ns={ns}");
         }
         RegistryBlobs {
-            client: self.client_for(&registry),
-            http: self.http_for(&registry),
             base,
             authorization: Arc::new(Mutex::new(None)),
             credentials: self.credentials_for(&registry),
             registry: self.clone(),
+            host: registry,
             repository,
         }
     }
 
     /// A blob source for `registry/repository` as stored in an index.
     pub fn repository(&self, repository: &str, manifest: &Digest) -> Result<RegistryBlobs> {
-        Ok(self.blob(parse_reference(&format!("{repository}@{manifest}"))?))
+        // Indexes store `registry/repository` as a parsed reference gave them. Splitting that
+        // skips the reference grammar (a regex compiled on first use: tens of milliseconds
+        // at mount); anything unusual still goes through the full parser and its errors.
+        let split = repository
+            .split_once('/')
+            .filter(|(host, path)| plain_host(host) && path.split('/').all(plain_component));
+        let reference = match split {
+            Some((host, path)) => {
+                Reference::with_digest(host.to_owned(), path.to_owned(), manifest.to_string())
+            }
+            None => parse_reference(&format!("{repository}@{manifest}"))?,
+        };
+        Ok(self.blob(reference))
     }
 }
 
 /// The blobs of one repository, read through a registry.
 #[derive(Clone)]
 pub struct RegistryBlobs {
-    client: Arc<Client>,
-    /// Range reads go straight over HTTP: no auth round trip unless the registry asks.
-    http: reqwest::Client,
+    /// The registry host; its HTTP clients are built on first use (see [`Self::prepare`]).
+    host: String,
     base: String,
     /// The Authorization header that last worked (None: anonymous so far).
     authorization: Arc<Mutex<Option<String>>>,
@@ -595,9 +636,28 @@ impl fmt::Debug for RegistryBlobs {
 }
 
 impl RegistryBlobs {
+    /// The registry API client (manifests, tokens, whole blobs).
+    fn client(&self) -> Arc<Client> {
+        self.registry.client_for(&self.host)
+    }
+
+    /// The client for range reads: they go straight over HTTP, with no auth round trip
+    /// unless the registry asks.
+    fn http(&self) -> reqwest::Client {
+        self.registry.http_for(&self.host)
+    }
+
+    /// Builds the HTTP clients now. Building one loads the system's TLS roots (tens of
+    /// milliseconds), so a mount calls this on another thread instead of before mounting,
+    /// and the first fetch finds them ready.
+    pub fn prepare(&self) {
+        self.client();
+        self.http();
+    }
+
     /// Makes sure credentials are known to the client before the first blob request.
     async fn ensure_auth(&self) {
-        self.client
+        self.client()
             .store_auth_if_needed(
                 self.repository.resolve_registry(),
                 &self.credentials.to_oci(),
@@ -607,7 +667,7 @@ impl RegistryBlobs {
 
     /// Forces a fresh token after a 401: tokens expire under long-lived mounts.
     async fn reauthenticate(&self) -> Result<()> {
-        self.client
+        self.client()
             .auth(
                 &self.repository,
                 &self.credentials.to_oci(),
@@ -631,7 +691,7 @@ impl RegistryBlobs {
         let mut reauthed = false;
         loop {
             match self
-                .client
+                .client()
                 .pull_blob_stream(&self.repository, d.as_str())
                 .await
             {
@@ -661,7 +721,7 @@ impl RegistryBlobs {
     /// names (oci-client runs the token flow), or Basic credentials.
     async fn authorize(&self) -> Result<()> {
         let token = self
-            .client
+            .client()
             .auth(
                 &self.repository,
                 &self.credentials.to_oci(),
@@ -699,7 +759,7 @@ impl RegistryBlobs {
         sent: &mut u64,
     ) -> Result<(), FetchError> {
         let len = range.end - range.start;
-        let mut req = self.http.get(self.blob_url(digest)).header(
+        let mut req = self.http().get(self.blob_url(digest)).header(
             reqwest::header::RANGE,
             format!("bytes={}-{}", range.start, range.end - 1),
         );
@@ -902,6 +962,39 @@ mod tests {
             "linux/amd64".parse::<Platform>()?.to_string(),
             "linux/amd64"
         );
+        Ok(())
+    }
+
+    #[test]
+    fn an_indexed_repository_gives_the_same_source_as_a_parsed_reference() -> Result<()> {
+        use crate::source::BlobSource;
+        let client = RegistryClient::new(RegistryConfig::default());
+        let digest = Digest::of(b"manifest");
+        for repository in [
+            "127.0.0.1:5000/team/tools",
+            "docker.io/library/busybox",
+            "localhost:5000/a",
+        ] {
+            let fast = client.repository(repository, &digest)?;
+            let parsed = client.blob(parse_reference(&format!("{repository}@{digest}"))?);
+            assert_eq!(fast.describe(), parsed.describe());
+            assert_eq!(fast.base, parsed.base);
+            assert_eq!(fast.repository.digest(), Some(digest.to_string().as_str()));
+        }
+        for bad in [
+            "host/UPPER",
+            "host/a//b",
+            "/path",
+            "a b/c",
+            "[::1]:5000/a",
+            "host:/a",
+            "host/a..b",
+        ] {
+            assert!(
+                client.repository(bad, &digest).is_err(),
+                "{bad:?} must be rejected"
+            );
+        }
         Ok(())
     }
 
