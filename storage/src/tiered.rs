@@ -249,44 +249,59 @@ impl<S: BlobSource> ChunkStore<S> {
     }
 
     /// A small read of chunk `c` (bytes `want` of it) served from part of the chunk in a
-    /// tier (a `pread` of the disk file, a Redis GETRANGE), verified against the index's
-    /// block digests: a few KiB read and hashed instead of the whole chunk. `None` means
-    /// the whole-chunk path serves it: the read is large, the chunk is in memory or on its
-    /// way, no tier has it, or what a tier had did not match (the whole-chunk path then
-    /// verifies the chunk, discards the damaged copy and fetches it again).
+    /// tier (a `pread` of the disk file, a Redis GETRANGE): a few KiB read and checked
+    /// instead of the whole chunk, by the disk tier's own block checksums or against the
+    /// index's block digests. `None` means the whole-chunk path serves it: the read is large,
+    /// the chunk is in memory or on its way, no tier has it, or what a tier had did not
+    /// match (the whole-chunk path then verifies the chunk, discards the damaged copy and
+    /// fetches it again).
     async fn partial(self: &Arc<Self>, layer: usize, c: u32, want: Range<u32>) -> Option<Bytes> {
         let l = self.layer(layer).ok()?;
         let r = l.chunk_range(c);
         if u64::from(want.end - want.start) * 4 > r.end - r.start {
             return None;
         }
-        let (span, first_block) = l.block_span(c, want.clone())?;
         let key = self.key(layer, c).ok()?;
         if self.is_near(layer, c, &key) {
             return None;
         }
-        let blocks = l.chunk_blocks(c).get(first_block..)?;
+        let len = (want.end - want.start) as usize;
         for (i, tier) in self.tiers.iter().enumerate() {
             if tier.is_local() && !tier.contains(&key).await {
                 continue;
             }
-            let asked = Instant::now();
-            let got = tier.get_range(&key, span.clone()).await;
-            if let Some(h) = self.stats.tier_latency(tier.name()) {
-                h.observe(asked.elapsed());
-            }
-            let Ok(Some(bytes)) = got else { continue };
-            let matches = bytes
-                .chunks(l.block_size as usize)
-                .zip(blocks)
-                .all(|(b, d)| clip_index::Digest::of(b) == *d);
-            if !matches {
-                warn!(
-                    tier = tier.name(),
-                    layer,
-                    chunk = c,
-                    "part of a chunk does not match its block digests; reading the whole chunk"
-                );
+            let bytes = if tier.checks_ranges() {
+                let Some(bytes) = self.range_from(tier, &key, want.clone()).await else {
+                    continue;
+                };
+                bytes
+            } else {
+                let Some((span, first_block)) = l.block_span(c, want.clone()) else {
+                    continue;
+                };
+                let Some(blocks) = l.chunk_blocks(c).get(first_block..) else {
+                    continue;
+                };
+                let Some(bytes) = self.range_from(tier, &key, span.clone()).await else {
+                    continue;
+                };
+                let matches = bytes
+                    .chunks(l.block_size as usize)
+                    .zip(blocks)
+                    .all(|(b, d)| clip_index::Digest::of(b) == *d);
+                if !matches {
+                    warn!(
+                        tier = tier.name(),
+                        layer,
+                        chunk = c,
+                        "part of a chunk does not match its block digests; reading the whole chunk"
+                    );
+                    return None;
+                }
+                let at = (want.start - span.start) as usize;
+                bytes.slice(at..at + len)
+            };
+            if bytes.len() != len {
                 return None;
             }
             self.stats.tiers[i].1.bytes.fetch_add(
@@ -296,10 +311,24 @@ impl<S: BlobSource> ChunkStore<S> {
             self.stats
                 .range_reads
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let at = (want.start - span.start) as usize;
-            return Some(bytes.slice(at..at + (want.end - want.start) as usize));
+            return Some(bytes);
         }
         None
+    }
+
+    /// Bytes `range` of a chunk from one tier, timed; `None` on a miss or an error.
+    async fn range_from(
+        &self,
+        tier: &Arc<dyn ChunkCache>,
+        key: &ChunkKey,
+        range: Range<u32>,
+    ) -> Option<Bytes> {
+        let asked = Instant::now();
+        let got = tier.get_range(key, range).await;
+        if let Some(h) = self.stats.tier_latency(tier.name()) {
+            h.observe(asked.elapsed());
+        }
+        got.ok().flatten()
     }
 
     /// One verified chunk, from the fastest tier that has it.

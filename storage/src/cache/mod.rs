@@ -31,8 +31,9 @@ pub trait ChunkCache: Send + Sync + 'static {
     fn put<'a>(&'a self, key: &'a ChunkKey, data: Bytes) -> BoxFuture<'a, Result<()>>;
 
     /// Bytes `range` of the chunk, or `None` on a miss or when the tier cannot read part of
-    /// a chunk. Not verified: the caller checks them against the index's block digests (and
-    /// falls back to [`ChunkCache::get`], which verifies and discards, on a mismatch).
+    /// a chunk. Unless [`ChunkCache::checks_ranges`], not verified: the caller checks them
+    /// against the index's block digests (and falls back to [`ChunkCache::get`], which
+    /// verifies and discards, on a mismatch).
     fn get_range<'a>(
         &'a self,
         key: &'a ChunkKey,
@@ -40,6 +41,12 @@ pub trait ChunkCache: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Option<Bytes>>> {
         let _ = (key, range);
         Box::pin(futures::future::ready(Ok(None)))
+    }
+
+    /// Whether [`ChunkCache::get_range`] returns only checked bytes (the tier keeps its own
+    /// checksums of what it stored verified), so the caller need not hash them.
+    fn checks_ranges(&self) -> bool {
+        false
     }
 
     /// Whether the tier holds the chunk (without reading or verifying it).
