@@ -251,7 +251,8 @@ impl<S: BlobSource> ChunkStore<S> {
     /// A small read of chunk `c` (bytes `want` of it) served from part of the chunk in a
     /// tier (a `pread` of the disk file, a Redis GETRANGE): a few KiB read and checked
     /// instead of the whole chunk, by the disk tier's own block checksums or against the
-    /// index's block digests. `None` means the whole-chunk path serves it: the read is large,
+    /// index's block digests (so a tier that checks its own serves indexes without block
+    /// digests too). `None` means the whole-chunk path serves it: the read is large,
     /// the chunk is in memory or on its way, no tier has it, or what a tier had did not
     /// match (the whole-chunk path then verifies the chunk, discards the damaged copy and
     /// fetches it again).
@@ -271,10 +272,14 @@ impl<S: BlobSource> ChunkStore<S> {
                 continue;
             }
             let bytes = if tier.checks_ranges() {
-                let Some(bytes) = self.range_from(tier, &key, want.clone()).await else {
-                    continue;
-                };
-                bytes
+                match self.range_from(tier, &key, want.clone()).await {
+                    Some(bytes) => bytes,
+                    // A local copy it cannot read in part (an old file without checksums,
+                    // or one found damaged and dropped): the whole-chunk path reads,
+                    // verifies and repairs it, or fetches it again.
+                    None if tier.is_local() => return None,
+                    None => continue,
+                }
             } else {
                 let Some((span, first_block)) = l.block_span(c, want.clone()) else {
                     continue;

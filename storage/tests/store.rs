@@ -508,3 +508,56 @@ async fn small_warm_reads_verify_only_the_blocks_they_read() -> anyhow::Result<(
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_chunk_file_from_before_checksums_is_verified_whole_then_read_in_part()
+-> anyhow::Result<()> {
+    let s = setup(StoreConfig {
+        readahead_runs: 0,
+        ..StoreConfig::default()
+    })
+    .await?;
+    s.store.prefetch_all(2).await?;
+    let base = file_offset(&s);
+    let fresh = || {
+        s.reopen(StoreConfig {
+            readahead_runs: 0,
+            preload_chunks: 0,
+            ..StoreConfig::default()
+        })
+    };
+    let at = 5_000_100u64;
+    let want = &s.data[at as usize..at as usize + 4096];
+    let layer = &s.store.index().layers[0];
+    let c = layer.chunks_covering(base + at, 1)?.start;
+    let range = layer.chunk_range(c);
+    let chunk_len = range.end - range.start;
+    let hex = layer.chunks[c as usize].digest.hex();
+    let file = s.cache.path().join("chunks").join(&hex[..2]).join(&hex);
+
+    // What an earlier version stored: the chunk's bytes alone.
+    let whole = std::fs::read(&file)?;
+    std::fs::write(&file, &whole[..chunk_len as usize])?;
+    let before = s.requests();
+    let store = fresh()?;
+    assert!(&store.read(0, base + at, 4096).await?[..] == want);
+    let stats = store.stats().snapshot();
+    let disk = stats.tiers.iter().find(|t| t.tier == "disk").unwrap();
+    assert_eq!(
+        (disk.chunks, stats.range_reads),
+        (1, 0),
+        "read whole from disk and verified, not in part"
+    );
+    assert_eq!(s.requests(), before, "nothing fetched again");
+    assert_eq!(
+        std::fs::read(&file)?,
+        whole,
+        "the file was rewritten with its checksums"
+    );
+
+    // Now a small read takes only its blocks.
+    let store = fresh()?;
+    assert!(&store.read(0, base + at, 4096).await?[..] == want);
+    assert_eq!(store.stats().snapshot().range_reads, 1);
+    Ok(())
+}

@@ -4,10 +4,11 @@
 //! removes a chunk while it is being read.
 //!
 //! A chunk is verified against its sha256 before it is stored. On disk it is followed by the
-//! CRC-32C of each 64 KiB block and a footer, so a read checks only the blocks it returns,
-//! at memory speed, instead of hashing the whole chunk again: damage on disk (a flipped
-//! bit, a torn or truncated file, a file written over) is caught and the chunk refetched.
-//! Files from before the checksums (exactly the chunk's length) are checked by sha256.
+//! CRC-32C of each 64 KiB block and a footer naming the chunk's digest, so a read checks only
+//! the blocks it returns, at memory speed, instead of hashing the whole chunk again: damage on
+//! disk (a flipped bit, a torn or truncated file, another chunk's file under this name) is
+//! caught and the chunk refetched. Files from before the checksums (exactly the chunk's
+//! length) are verified by sha256 when read whole and rewritten with checksums.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -25,12 +26,19 @@ use crate::error::{Error, Result};
 
 /// Bytes of chunk data covered by one stored checksum.
 const CHECK_BLOCK: u64 = 64 * 1024;
-/// Ends every chunk file with checksums.
-const FOOTER: &[u8; 8] = b"CLIPCRC1";
+/// Ends every chunk file with checksums, after the chunk's digest.
+const MAGIC: &[u8; 8] = b"CLIPCRC1";
+/// The footer: the chunk's sha256, then [`MAGIC`].
+const FOOTER_LEN: u64 = 32 + MAGIC.len() as u64;
 
 /// Size on disk of a chunk of `len` bytes: the bytes, a CRC-32C per block, the footer.
 fn stored_len(len: u32) -> u64 {
-    u64::from(len) + 4 * u64::from(len).div_ceil(CHECK_BLOCK) + FOOTER.len() as u64
+    u64::from(len) + 4 * u64::from(len).div_ceil(CHECK_BLOCK) + FOOTER_LEN
+}
+
+/// The footer of `key`'s file.
+fn footer(key: &ChunkKey) -> Vec<u8> {
+    [&key.digest.0[..], &MAGIC[..]].concat()
 }
 
 /// The CRC-32C of each block of `data`, little-endian, as stored after it.
@@ -54,6 +62,8 @@ struct Entry {
     size: u64,
     tick: u64,
     pins: u32,
+    /// Reserved by a writer whose file is not in place yet: not readable.
+    writing: bool,
 }
 
 #[derive(Debug, Default)]
@@ -133,6 +143,7 @@ impl DiskCache {
                         size,
                         tick,
                         pins: 0,
+                        writing: false,
                     },
                 );
                 s.order.insert(tick, digest);
@@ -152,7 +163,7 @@ impl DiskCache {
         self.dir.join("chunks").join(&hex[..2]).join(hex)
     }
 
-    /// Bytes of chunks on disk.
+    /// Bytes the chunk files take on disk (chunks, checksums and footers).
     pub fn bytes(&self) -> u64 {
         self.lock().bytes
     }
@@ -161,8 +172,9 @@ impl DiskCache {
         self.capacity
     }
 
+    /// Whether the chunk's file is in place (not still being written).
     pub fn contains(&self, digest: &Digest) -> bool {
-        self.lock().entries.contains_key(digest)
+        self.lock().entries.get(digest).is_some_and(|e| !e.writing)
     }
 
     /// Marks a chunk used and pinned; `false` if absent.
@@ -170,7 +182,7 @@ impl DiskCache {
         let mut s = self.lock();
         s.tick += 1;
         let tick = s.tick;
-        let Some(e) = s.entries.get_mut(digest) else {
+        let Some(e) = s.entries.get_mut(digest).filter(|e| !e.writing) else {
             return false;
         };
         e.pins += 1;
@@ -253,20 +265,45 @@ impl DiskCache {
             }
         };
         let len = key.len as usize;
-        let sound = if data.len() as u64 == stored_len(key.len) {
+        if data.len() as u64 == stored_len(key.len) {
             let (body, rest) = data.split_at(len);
-            let (table, footer) = rest.split_at(rest.len() - FOOTER.len());
-            footer == FOOTER && blocks_match(body, table)
-        } else {
-            // Written before checksums were stored: the chunk's own digest checks it.
-            data.len() == len && Digest::of(&data) == key.digest
-        };
-        if !sound {
+            let (table, tail) = rest.split_at(rest.len() - FOOTER_LEN as usize);
+            if tail != footer(key) || !blocks_match(body, table) {
+                self.discard_corrupt(key, &path);
+                return None;
+            }
+            data.truncate(len);
+            return Some(Bytes::from(data));
+        }
+        // Written before checksums were stored: the chunk's own digest checks it, and the
+        // file is rewritten with them so later reads (and part reads) need not hash.
+        if data.len() != len || Digest::of(&data) != key.digest {
             self.discard_corrupt(key, &path);
             return None;
         }
-        data.truncate(len);
+        self.upgrade(key, &data);
         Some(Bytes::from(data))
+    }
+
+    /// Rewrites a verified chunk stored without checksums in the current format.
+    fn upgrade(&self, key: &ChunkKey, data: &[u8]) {
+        if let Err(e) = self.write(key, data) {
+            debug!(digest = %key.digest, error = %e, "rewriting a chunk with checksums failed");
+            return;
+        }
+        let evict = {
+            let mut s = self.lock();
+            let grown = match s.entries.get_mut(&key.digest) {
+                Some(e) => stored_len(key.len)
+                    .saturating_sub(std::mem::replace(&mut e.size, stored_len(key.len))),
+                None => 0,
+            };
+            s.bytes += grown;
+            s.bytes > self.capacity
+        };
+        if evict {
+            self.evict();
+        }
     }
 
     fn discard_corrupt(&self, key: &ChunkKey, path: &Path) {
@@ -280,8 +317,8 @@ impl DiskCache {
     }
 
     /// Bytes `range` of a chunk, read with the 64 KiB blocks around them and checked against
-    /// their stored checksums. `None` for a file without checksums: the whole-chunk path
-    /// verifies those by digest.
+    /// their stored checksums and the footer. `None` for a file without checksums: the
+    /// whole-chunk path verifies those by digest (and rewrites them with checksums).
     fn read_part(&self, key: &ChunkKey, range: std::ops::Range<u32>) -> Option<Bytes> {
         use std::os::unix::fs::FileExt;
         let path = self.path(&key.digest);
@@ -293,8 +330,8 @@ impl DiskCache {
         let last = u64::from(range.end).div_ceil(CHECK_BLOCK);
         let from = first * CHECK_BLOCK;
         let to = (last * CHECK_BLOCK).min(u64::from(key.len));
-        let mut data = vec![0u8; (to - from) as usize];
-        // This block's checksums and the rest of the file (the footer is checked too).
+        let mut data = vec![0u8; to.saturating_sub(from) as usize];
+        // These blocks' checksums and the rest of the file (the footer is checked too).
         let table_at = u64::from(key.len) + 4 * first;
         let mut tail = vec![0u8; (stored_len(key.len) - table_at) as usize];
         let read = file
@@ -304,7 +341,7 @@ impl DiskCache {
             warn!(path = %path.display(), error = %e, "disk cache read failed");
             return None;
         }
-        if !tail.ends_with(FOOTER) || !blocks_match(&data, &tail) {
+        if !tail.ends_with(&footer(key)) || !blocks_match(&data, &tail) {
             self.discard_corrupt(key, &path);
             return None;
         }
@@ -327,7 +364,7 @@ impl DiskCache {
             use std::io::Write;
             f.write_all(data)?;
             f.write_all(&table)?;
-            f.write_all(FOOTER)
+            f.write_all(&footer(key))
         });
         if let Err(e) = written {
             std::fs::remove_file(&tmp).ok();
@@ -372,7 +409,7 @@ impl ChunkCache for DiskCache {
         range: std::ops::Range<u32>,
     ) -> BoxFuture<'a, Result<Option<Bytes>>> {
         async move {
-            if range.end > key.len || !self.pin(&key.digest) {
+            if range.start > range.end || range.end > key.len || !self.pin(&key.digest) {
                 return Ok(None);
             }
             let found = blocking(|| self.read_part(key, range));
@@ -384,6 +421,7 @@ impl ChunkCache for DiskCache {
 
     fn put<'a>(&'a self, key: &'a ChunkKey, data: Bytes) -> BoxFuture<'a, Result<()>> {
         async move {
+            debug_assert_eq!(Digest::of(&data), key.digest, "put of an unverified chunk");
             let size = stored_len(key.len);
             // A chunk that does not match its key (the caller's bug) is not stored.
             if size > self.capacity || data.len() != key.len as usize {
@@ -404,6 +442,7 @@ impl ChunkCache for DiskCache {
                         size,
                         tick,
                         pins: 1,
+                        writing: true,
                     },
                 );
                 s.order.insert(tick, key.digest);
@@ -421,6 +460,9 @@ impl ChunkCache for DiskCache {
             if let Err(e) = written {
                 self.forget(&key.digest);
                 return Err(e);
+            }
+            if let Some(e) = self.lock().entries.get_mut(&key.digest) {
+                e.writing = false;
             }
             self.unpin(&key.digest);
             Ok(())
@@ -566,6 +608,10 @@ mod tests {
             );
         }
         assert!(c.get_range(&k, 0..204_801).await?.is_none(), "past the end");
+        #[allow(clippy::reversed_empty_ranges)]
+        let reversed = 9..3;
+        assert!(c.get_range(&k, reversed).await?.is_none());
+        assert_eq!(c.get_range(&k, 5..5).await?.as_deref(), Some(&[][..]));
 
         // Damage in the third block: a read of the first block does not touch it, a read
         // of the third finds it, discards the file and counts it.
@@ -578,15 +624,50 @@ mod tests {
         assert!(!c.contains(&k.digest));
         assert_eq!(c.stats.corrupt.load(Ordering::Relaxed), 1);
 
-        // A damaged footer or checksum table is damage too.
-        for at in [bytes.len() - 1, d.len() + 2] {
+        // A damaged footer (magic or digest) or checksum table is damage too.
+        for at in [bytes.len() - 1, bytes.len() - 20, d.len() + 2] {
             c.put(&k, d.clone()).await?;
             let mut bytes = std::fs::read(&path)?;
             bytes[at] ^= 1;
             std::fs::write(&path, &bytes)?;
             assert!(c.get(&k).await?.is_none(), "damage at byte {at} is caught");
         }
-        assert_eq!(c.stats.corrupt.load(Ordering::Relaxed), 3);
+        assert_eq!(c.stats.corrupt.load(Ordering::Relaxed), 4);
+
+        // A truncated file serves no part.
+        c.put(&k, d.clone()).await?;
+        let whole = std::fs::read(&path)?;
+        std::fs::write(&path, &whole[..whole.len() - 1])?;
+        assert!(c.get_range(&k, 0..10).await?.is_none());
+        assert!(c.get(&k).await?.is_none());
+        assert_eq!(c.stats.corrupt.load(Ordering::Relaxed), 5);
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn another_chunks_file_under_this_name_is_caught() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let c = DiskCache::open(dir.path(), 1 << 20)?;
+        let (a, da) = chunk(1, 70_000);
+        let (b, db) = chunk(2, 70_000);
+        c.put(&a, da).await?;
+        c.put(&b, db).await?;
+        // A well-formed file of the same length, for the other chunk.
+        std::fs::copy(c.path(&b.digest), c.path(&a.digest))?;
+        assert!(c.get_range(&a, 0..10).await?.is_none());
+        assert!(!c.contains(&a.digest));
+        assert!(c.get_range(&b, 0..10).await?.is_some());
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_empty_chunk_is_stored_and_read() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let c = DiskCache::open(dir.path(), 1 << 20)?;
+        let (k, d) = chunk(0, 0);
+        c.put(&k, d).await?;
+        assert_eq!(c.get(&k).await?.as_deref(), Some(&[][..]));
+        assert_eq!(c.get_range(&k, 0..0).await?.as_deref(), Some(&[][..]));
         Ok(())
     }
 
@@ -604,6 +685,14 @@ mod tests {
             "no part reads without checksums: the whole-chunk path verifies it"
         );
         assert_eq!(c.get(&k).await?, Some(d.clone()));
+        assert_eq!(
+            std::fs::metadata(shard.join(&hex))?.len(),
+            stored_len(k.len),
+            "rewritten with checksums"
+        );
+        assert_eq!(c.bytes(), stored_len(k.len), "and counted at its new size");
+        assert_eq!(c.get_range(&k, 0..10).await?.as_deref(), Some(&d[..10]));
+
         let mut bad = d.to_vec();
         bad[5] ^= 1;
         std::fs::write(shard.join(&hex), &bad)?;

@@ -20,14 +20,17 @@ pub struct ChunkKey {
 
 /// A cache tier between the memory tier and the blob source.
 ///
-/// `get` returns only bytes that match the key's digest: a tier that finds a damaged entry
-/// discards it and reports a miss. Boxed futures keep the trait object-safe, so the store
+/// `get` returns only the bytes that were stored under the key: a tier either verifies them
+/// against the key's digest or (the disk tier) checks them against checksums it computed
+/// when they were stored, which is why `put` must only ever be given verified chunks. A tier
+/// that finds a damaged entry discards it and reports a miss. Boxed futures keep the trait object-safe, so the store
 /// holds a list of tiers.
 pub trait ChunkCache: Send + Sync + 'static {
     /// The chunk's bytes, verified, or `None` on a miss.
     fn get<'a>(&'a self, key: &'a ChunkKey) -> BoxFuture<'a, Result<Option<Bytes>>>;
 
-    /// Stores a chunk that the caller has verified.
+    /// Stores a chunk that the caller has verified against the key's digest (a contract: a
+    /// tier may serve it later without hashing it again).
     fn put<'a>(&'a self, key: &'a ChunkKey, data: Bytes) -> BoxFuture<'a, Result<()>>;
 
     /// Bytes `range` of the chunk, or `None` on a miss or when the tier cannot read part of

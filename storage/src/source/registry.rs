@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::ops::Range;
 use std::str::FromStr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -208,11 +208,24 @@ pub fn parse_reference(reference: &str) -> Result<Reference> {
     })
 }
 
-/// `name(.name)*(:port)?` with names of letters and digits joined by single dashes: a
-/// subset of the reference grammar's registry hosts.
+/// Indexes store `registry/repository` as a parsed reference gave them. Splitting that
+/// skips the reference grammar (a regex compiled on first use: tens of milliseconds at
+/// mount); `None` for anything outside a plain subset, which goes through the full parser
+/// and its errors.
+fn indexed_reference(repository: &str, manifest: &Digest) -> Option<Reference> {
+    let (host, path) = repository.split_once('/')?;
+    let plain = plain_host(host) && path.len() <= 255 && path.split('/').all(plain_component);
+    plain.then(|| Reference::with_digest(host.to_owned(), path.to_owned(), manifest.to_string()))
+}
+
+/// `name(.name)*(:port)?` with names of letters and digits joined by single dashes, that the
+/// reference grammar reads as a registry host (it has a dot or a port, or is `localhost`)
+/// and that the parser does not rename (Docker Hub's names): a subset of its hosts.
 fn plain_host(host: &str) -> bool {
     let (name, port) = host.split_once(':').unwrap_or((host, "1"));
-    !port.is_empty()
+    (host.contains('.') || host.contains(':') || host == "localhost")
+        && !matches!(name, "docker.io" | "index.docker.io")
+        && !port.is_empty()
         && port.bytes().all(|b| b.is_ascii_digit())
         && name
             .split('.')
@@ -244,13 +257,16 @@ fn is_loopback(host: &str) -> bool {
     name == "localhost" || name.starts_with("127.") || name == "[::1]"
 }
 
+/// A value built once, on first use, outside any lock.
+type Lazy<T> = Arc<OnceLock<T>>;
+
 /// Talks to registries. Cheap to clone; one HTTP client (and token cache) per registry host.
 #[derive(Clone)]
 pub struct RegistryClient {
     config: Arc<RegistryConfig>,
-    clients: Arc<Mutex<HashMap<String, Arc<Client>>>>,
+    clients: Arc<Mutex<HashMap<String, Lazy<Arc<Client>>>>>,
     /// Plain HTTP clients for range reads, one per registry host (connection pools).
-    http: Arc<Mutex<HashMap<String, reqwest::Client>>>,
+    http: Arc<Mutex<HashMap<String, Lazy<reqwest::Client>>>>,
 }
 
 impl fmt::Debug for RegistryClient {
@@ -283,46 +299,45 @@ impl RegistryClient {
         is_loopback(registry) || self.config.insecure.iter().any(|h| h == registry)
     }
 
-    fn http_for(&self, registry: &str) -> reqwest::Client {
-        let mut map = match self.http.lock() {
+    /// The cell of `registry`'s client in `map`; building it is up to the caller, so the
+    /// map's lock is never held while a client loads the system's TLS roots.
+    fn cell<T>(map: &Mutex<HashMap<String, Lazy<T>>>, registry: &str) -> Lazy<T> {
+        let mut map = match map.lock() {
             Ok(m) => m,
             Err(poisoned) => poisoned.into_inner(),
         };
-        map.entry(registry.to_owned())
-            .or_insert_with(|| {
-                reqwest::Client::builder()
-                    .connect_timeout(self.config.connect_timeout)
-                    .read_timeout(self.config.read_timeout)
-                    .pool_max_idle_per_host(32)
-                    .user_agent(concat!("clip/", env!("CARGO_PKG_VERSION")))
-                    .build()
-                    .unwrap_or_default()
-            })
-            .clone()
+        map.entry(registry.to_owned()).or_default().clone()
+    }
+
+    fn build_http(&self) -> reqwest::Client {
+        reqwest::Client::builder()
+            .connect_timeout(self.config.connect_timeout)
+            .read_timeout(self.config.read_timeout)
+            .pool_max_idle_per_host(32)
+            .user_agent(concat!("clip/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .unwrap_or_default()
     }
 
     fn client_for(&self, registry: &str) -> Arc<Client> {
-        let mut map = match self.clients.lock() {
-            Ok(m) => m,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        map.entry(registry.to_owned())
-            .or_insert_with(|| {
-                let insecure = self.insecure(registry);
-                let protocol = if insecure {
-                    ClientProtocol::Http
-                } else {
-                    ClientProtocol::Https
-                };
-                Arc::new(Client::new(ClientConfig {
-                    protocol,
-                    platform_resolver: None,
-                    connect_timeout: Some(self.config.connect_timeout),
-                    read_timeout: Some(self.config.read_timeout),
-                    ..ClientConfig::default()
-                }))
-            })
+        Self::cell(&self.clients, registry)
+            .get_or_init(|| self.build_client(registry))
             .clone()
+    }
+
+    fn build_client(&self, registry: &str) -> Arc<Client> {
+        let protocol = if self.insecure(registry) {
+            ClientProtocol::Http
+        } else {
+            ClientProtocol::Https
+        };
+        Arc::new(Client::new(ClientConfig {
+            protocol,
+            platform_resolver: None,
+            connect_timeout: Some(self.config.connect_timeout),
+            read_timeout: Some(self.config.read_timeout),
+            ..ClientConfig::default()
+        }))
     }
 
     fn classify(&self, e: OciDistributionError, reference: &Reference, operation: &str) -> Error {
@@ -589,6 +604,8 @@ impl RegistryClient {
             base = format!("{base}{{digest}}?ns={ns}");
         }
         RegistryBlobs {
+            client: Self::cell(&self.clients, &registry),
+            http: Self::cell(&self.http, &registry),
             base,
             authorization: Arc::new(Mutex::new(None)),
             credentials: self.credentials_for(&registry),
@@ -600,16 +617,8 @@ impl RegistryClient {
 
     /// A blob source for `registry/repository` as stored in an index.
     pub fn repository(&self, repository: &str, manifest: &Digest) -> Result<RegistryBlobs> {
-        // Indexes store `registry/repository` as a parsed reference gave them. Splitting that
-        // skips the reference grammar (a regex compiled on first use: tens of milliseconds
-        // at mount); anything unusual still goes through the full parser and its errors.
-        let split = repository
-            .split_once('/')
-            .filter(|(host, path)| plain_host(host) && path.split('/').all(plain_component));
-        let reference = match split {
-            Some((host, path)) => {
-                Reference::with_digest(host.to_owned(), path.to_owned(), manifest.to_string())
-            }
+        let reference = match indexed_reference(repository, manifest) {
+            Some(r) => r,
             None => parse_reference(&format!("{repository}@{manifest}"))?,
         };
         Ok(self.blob(reference))
@@ -619,8 +628,11 @@ impl RegistryClient {
 /// The blobs of one repository, read through a registry.
 #[derive(Clone)]
 pub struct RegistryBlobs {
-    /// The registry host; its HTTP clients are built on first use (see [`Self::prepare`]).
+    /// The registry host; its HTTP clients (shared with every source of the host) are built
+    /// on first use (see [`Self::prepare`]).
     host: String,
+    client: Lazy<Arc<Client>>,
+    http: Lazy<reqwest::Client>,
     base: String,
     /// The Authorization header that last worked (None: anonymous so far).
     authorization: Arc<Mutex<Option<String>>>,
@@ -638,13 +650,15 @@ impl fmt::Debug for RegistryBlobs {
 impl RegistryBlobs {
     /// The registry API client (manifests, tokens, whole blobs).
     fn client(&self) -> Arc<Client> {
-        self.registry.client_for(&self.host)
+        self.client
+            .get_or_init(|| self.registry.build_client(&self.host))
+            .clone()
     }
 
     /// The client for range reads: they go straight over HTTP, with no auth round trip
     /// unless the registry asks.
     fn http(&self) -> reqwest::Client {
-        self.registry.http_for(&self.host)
+        self.http.get_or_init(|| self.registry.build_http()).clone()
     }
 
     /// Builds the HTTP clients now. Building one loads the system's TLS roots (tens of
@@ -967,19 +981,36 @@ mod tests {
 
     #[test]
     fn an_indexed_repository_gives_the_same_source_as_a_parsed_reference() -> Result<()> {
-        use crate::source::BlobSource;
         let client = RegistryClient::new(RegistryConfig::default());
         let digest = Digest::of(b"manifest");
-        for repository in [
-            "127.0.0.1:5000/team/tools",
-            "docker.io/library/busybox",
-            "localhost:5000/a",
+        let long = format!("registry.example.com/{}", "a".repeat(256));
+        for (repository, split) in [
+            ("127.0.0.1:5000/team/tools", true),
+            ("localhost:5000/a", true),
+            ("localhost/a-b.c_d/e", true),
+            ("registry.example.com/team/app", true),
+            // The parser renames or completes these: they must go through it.
+            ("docker.io/library/busybox", false),
+            ("docker.io/busybox", false),
+            ("index.docker.io/x/y", false),
+            ("registry/app", false),
+            ("registry.example.com/a__b", false),
         ] {
+            assert_eq!(
+                indexed_reference(repository, &digest).is_some(),
+                split,
+                "{repository}"
+            );
             let fast = client.repository(repository, &digest)?;
-            let parsed = client.blob(parse_reference(&format!("{repository}@{digest}"))?);
-            assert_eq!(fast.describe(), parsed.describe());
-            assert_eq!(fast.base, parsed.base);
-            assert_eq!(fast.repository.digest(), Some(digest.to_string().as_str()));
+            let parsed = parse_reference(&format!("{repository}@{digest}"))?;
+            assert_eq!(
+                fast.repository.registry(),
+                parsed.registry(),
+                "{repository}"
+            );
+            assert_eq!(fast.repository.repository(), parsed.repository());
+            assert_eq!(fast.repository.digest(), parsed.digest());
+            assert_eq!(fast.base, client.blob(parsed).base);
         }
         for bad in [
             "host/UPPER",
@@ -989,6 +1020,7 @@ mod tests {
             "[::1]:5000/a",
             "host:/a",
             "host/a..b",
+            long.as_str(),
         ] {
             assert!(
                 client.repository(bad, &digest).is_err(),
