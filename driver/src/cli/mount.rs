@@ -196,6 +196,11 @@ pub async fn run(args: MountArgs) -> Result<()> {
         allow_other: true,
         readahead_kb: u32::try_from(parse_size(&args.kernel_readahead)? / 1024).unwrap_or(u32::MAX),
     };
+    // Listen before mounting: a signal that comes as soon as the mount appears must unmount
+    // it, not kill the process and leave it dead.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
     let mounted = mount(
         store.clone(),
         &args.dir,
@@ -240,9 +245,8 @@ pub async fn run(args: MountArgs) -> Result<()> {
     }
     let dir = args.dir.clone();
     let mut waiter = tokio::task::spawn_blocking(move || mounted.join());
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let signalled = tokio::select! {
-        _ = tokio::signal::ctrl_c() => true,
+        _ = sigint.recv() => true,
         _ = sigterm.recv() => true,
         _ = &mut waiter => false,
     };
