@@ -613,3 +613,55 @@ async fn a_range_read_cut_off_mid_body_resumes_where_it_stopped() -> anyhow::Res
     assert_eq!(starts[2], starts[1] + 100_000, "{reads:?}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warming_up_negotiates_the_token_before_the_first_read() -> anyhow::Result<()> {
+    use clip_e2e::token::TokenServer;
+    let tokens = TokenServer::start("dave", "s3cret")?;
+    let registry = Registry::start_with_token_auth(&tokens)?;
+    let layers = fixtures::format_layers();
+    let image = build_image(&layers, "linux", "amd64")?;
+    let push = tokens.mint("warm/app", &["pull", "push"])?;
+    let reference = Pusher::with_authorization(&registry.host(), &format!("Bearer {push}"))
+        .push_image("warm/app", "v1", &image)?;
+    let client = || {
+        RegistryClient::new(RegistryConfig {
+            credentials: Some(Credentials::Basic {
+                username: "dave".into(),
+                password: "s3cret".into(),
+            }),
+            ..RegistryConfig::default()
+        })
+    };
+    let index = index_of(&client(), &reference).await?;
+
+    // A new client, as a new mount has: warming up fetches its token.
+    let client = client();
+    let source = client.repository(&index.source.repository, &index.source.manifest_digest)?;
+    let before = tokens.issued();
+    source.warm_up(&index.layers[0].digest).await;
+    let warmed = tokens.issued();
+    assert!(warmed > before, "the warm-up fetched a token");
+
+    // The first read needs no token round trip of its own, and reads the right bytes.
+    let reader = RangeReader::new(Arc::new(index.clone()), Arc::new(source));
+    let expected = expected_tree(&layers);
+    let Some(Kind::File(first)) = expected.get("/multi/f0").map(|e| e.kind.clone()) else {
+        anyhow::bail!("model");
+    };
+    let got = reader
+        .read_file(index.resolve(b"/multi/f0", false)?, 0, 1 << 20)
+        .await?;
+    assert!(got[..] == first[..]);
+    assert_eq!(tokens.issued(), warmed, "the read reused the warmed-up token");
+
+    // Warming up against a registry that is gone is quiet: the reads report it.
+    drop(registry);
+    let source = client.repository(&index.source.repository, &index.source.manifest_digest)?;
+    tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        source.warm_up(&index.layers[0].digest),
+    )
+    .await?;
+    Ok(())
+}

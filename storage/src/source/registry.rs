@@ -669,6 +669,19 @@ impl RegistryBlobs {
         self.http();
     }
 
+    /// Gets ready for the first read while the mount comes up: builds the HTTP clients (on
+    /// a blocking thread) and reads one byte of `digest`, which opens a pooled connection
+    /// (TCP and TLS) and, if the registry asks for credentials, negotiates them (a 401, the
+    /// token flow, the retry). A program's first read then pays none of those round trips.
+    /// Failures are only logged: the reads themselves report them.
+    pub async fn warm_up(&self, digest: &Digest) {
+        let this = self.clone();
+        let _ = tokio::task::spawn_blocking(move || this.prepare()).await;
+        if let Err(e) = self.fetch_range(digest, 0..1).await {
+            tracing::debug!(source = %self.describe(), error = %e, "warming up the registry failed");
+        }
+    }
+
     /// Makes sure credentials are known to the client before the first blob request.
     async fn ensure_auth(&self) {
         self.client()
