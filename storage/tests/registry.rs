@@ -634,6 +634,7 @@ async fn warming_up_negotiates_the_token_before_the_first_read() -> anyhow::Resu
         })
     };
     let index = index_of(&client(), &reference).await?;
+    let fresh = || client().repository(&index.source.repository, &index.source.manifest_digest);
 
     // A new client, as a new mount has: warming up fetches its token.
     let client = client();
@@ -653,7 +654,27 @@ async fn warming_up_negotiates_the_token_before_the_first_read() -> anyhow::Resu
         .read_file(index.resolve(b"/multi/f0", false)?, 0, 1 << 20)
         .await?;
     assert!(got[..] == first[..]);
-    assert_eq!(tokens.issued(), warmed, "the read reused the warmed-up token");
+    assert_eq!(
+        tokens.issued(),
+        warmed,
+        "the read reused the warmed-up token"
+    );
+
+    // At mount: no request when the first chunk is cached already or a shared cache answers
+    // first; otherwise the warm-up runs in the background.
+    fresh()?.warm_up_for(&index, |_| true, false);
+    fresh()?.warm_up_for(&index, |_| false, true);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(tokens.issued(), warmed, "no warm-up request was made");
+    fresh()?.warm_up_for(&index, |_| false, false);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while tokens.issued() == warmed {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no warm-up in the background"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 
     // Warming up against a registry that is gone is quiet: the reads report it.
     drop(registry);

@@ -171,19 +171,9 @@ pub async fn run(args: MountArgs) -> Result<()> {
     )
     .await?;
     let source = client.repository(&index.source.repository, &index.source.manifest_digest)?;
-    // Connection, TLS and credentials while the mount comes up, not at the first read;
-    // with a shared cache (whose reads come first) only the clients, no request.
-    let early = source.clone();
-    match (index.layers.first(), tokio::runtime::Handle::try_current()) {
-        (Some(layer), Ok(runtime)) if redis.is_none() => {
-            let digest = layer.digest;
-            runtime.spawn(async move { early.warm_up(&digest).await });
-        }
-        _ => {
-            std::thread::spawn(move || early.prepare());
-        }
-    }
     let disk = DiskCache::open(&cache_dir.join("chunks"), cache_size)?;
+    // Connection, TLS and credentials while the mount comes up, not at the first read.
+    source.warm_up_for(&index, |d| disk.contains(d), redis.is_some());
     let mut tiers: Vec<Arc<dyn ChunkCache>> = vec![Arc::new(disk)];
     if let Some(r) = &redis {
         tiers.push(r.clone());

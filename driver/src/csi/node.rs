@@ -238,18 +238,8 @@ impl NodeContext {
         let source = registry
             .repository(&index.source.repository, &index.source.manifest_digest)
             .map_err(|e| CsiError::from_storage(volume, &e))?;
-        // Connection, TLS and credentials while the mount comes up, not at the first read;
-        // with a shared cache (whose reads come first) only the clients, no request.
-        let early = source.clone();
-        match (index.layers.first(), tokio::runtime::Handle::try_current()) {
-            (Some(layer), Ok(runtime)) if self.redis.is_none() => {
-                let digest = layer.digest;
-                runtime.spawn(async move { early.warm_up(&digest).await });
-            }
-            _ => {
-                std::thread::spawn(move || early.prepare());
-            }
-        }
+        // Connection, TLS and credentials while the mount comes up, not at the first read.
+        source.warm_up_for(&index, |d| self.disk.contains(d), self.redis.is_some());
         let mut tiers: Vec<Arc<dyn ChunkCache>> = vec![self.disk.clone()];
         if let Some(r) = &self.redis {
             tiers.push(r.clone());

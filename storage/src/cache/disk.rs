@@ -230,7 +230,10 @@ impl DiskCache {
                 let Some((tick, digest)) = s.order.pop_first() else {
                     break;
                 };
-                let pinned = s.entries.get(&digest).is_some_and(|e| e.pins > 0);
+                let pinned = s
+                    .entries
+                    .get(&digest)
+                    .is_some_and(|e| e.pins > 0 || e.writing);
                 if pinned {
                     skipped.push((tick, digest));
                     continue;
@@ -285,24 +288,37 @@ impl DiskCache {
         Some(Bytes::from(data))
     }
 
-    /// Rewrites a verified chunk stored without checksums in the current format.
+    /// Rewrites a verified chunk stored without checksums in the current format, if its
+    /// entry is still the old file and the checksums fit under the cap (else it stays as it
+    /// is, verified by digest when read whole).
     fn upgrade(&self, key: &ChunkKey, data: &[u8]) {
-        if let Err(e) = self.write(key, data) {
-            debug!(digest = %key.digest, error = %e, "rewriting a chunk with checksums failed");
-            return;
-        }
-        let evict = {
+        let (old, new) = (u64::from(key.len), stored_len(key.len));
+        {
             let mut s = self.lock();
-            let grown = match s.entries.get_mut(&key.digest) {
-                Some(e) => stored_len(key.len)
-                    .saturating_sub(std::mem::replace(&mut e.size, stored_len(key.len))),
-                None => 0,
-            };
-            s.bytes += grown;
-            s.bytes > self.capacity
-        };
-        if evict {
-            self.evict();
+            let fits = s.bytes + (new - old) <= self.capacity;
+            match s.entries.get_mut(&key.digest) {
+                Some(e) if e.size == old && !e.writing && fits => e.size = new,
+                _ => return,
+            }
+            s.bytes += new - old;
+        }
+        let written = self.write(key, data);
+        let mut s = self.lock();
+        match s.entries.get_mut(&key.digest) {
+            Some(e) if written.is_err() => {
+                // The old file is still in place (a write goes to a temporary file first).
+                e.size = old;
+                s.bytes -= new - old;
+            }
+            Some(_) => {}
+            // Forgotten meanwhile (found damaged by another reader): nothing may stay
+            // behind uncounted.
+            None => {
+                std::fs::remove_file(self.path(&key.digest)).ok();
+            }
+        }
+        if let Err(e) = written {
+            debug!(digest = %key.digest, error = %e, "rewriting a chunk with checksums failed");
         }
     }
 
@@ -461,8 +477,15 @@ impl ChunkCache for DiskCache {
                 self.forget(&key.digest);
                 return Err(e);
             }
-            if let Some(e) = self.lock().entries.get_mut(&key.digest) {
-                e.writing = false;
+            {
+                let mut s = self.lock();
+                match s.entries.get_mut(&key.digest) {
+                    Some(e) => e.writing = false,
+                    // Dropped while it was written: its file must not stay uncounted.
+                    None => {
+                        std::fs::remove_file(self.path(&key.digest)).ok();
+                    }
+                }
             }
             self.unpin(&key.digest);
             Ok(())
@@ -698,6 +721,35 @@ mod tests {
         std::fs::write(shard.join(&hex), &bad)?;
         assert!(c.get(&k).await?.is_none());
         assert_eq!(c.stats.corrupt.load(Ordering::Relaxed), 1);
+
+        // Where the checksums would not fit under the cap, the old file stays as it is.
+        std::fs::write(shard.join(&hex), &d)?;
+        let c = DiskCache::open(dir.path(), u64::from(k.len))?;
+        assert_eq!(c.get(&k).await?, Some(d.clone()));
+        assert_eq!(std::fs::metadata(shard.join(&hex))?.len(), u64::from(k.len));
+        assert_eq!(c.bytes(), u64::from(k.len));
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_chunk_being_written_is_neither_read_nor_evicted() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let c = DiskCache::open(dir.path(), stored_len(1000))?;
+        let (k, d) = chunk(4, 1000);
+        c.put(&k, d).await?;
+        // As `put` leaves it between reserving the space and renaming the file into place.
+        c.lock().entries.get_mut(&k.digest).unwrap().writing = true;
+        assert!(!c.contains(&k.digest));
+        assert!(c.get(&k).await?.is_none());
+        assert!(c.get_range(&k, 0..10).await?.is_none());
+        assert!(c.path(&k.digest).exists(), "a miss, not damage");
+        let (k2, d2) = chunk(5, 1000);
+        c.put(&k2, d2).await?;
+        assert!(
+            c.lock().entries.contains_key(&k.digest),
+            "not evicted while written"
+        );
+        assert!(!c.contains(&k2.digest), "the newcomer did not fit");
         Ok(())
     }
 

@@ -257,6 +257,9 @@ fn is_loopback(host: &str) -> bool {
     name == "localhost" || name.starts_with("127.") || name == "[::1]"
 }
 
+/// How long a mount's registry warm-up may take (see [`RegistryBlobs::warm_up`]).
+pub const WARM_UP_LIMIT: Duration = Duration::from_secs(5);
+
 /// A value built once, on first use, outside any lock.
 type Lazy<T> = Arc<OnceLock<T>>;
 
@@ -669,17 +672,62 @@ impl RegistryBlobs {
         self.http();
     }
 
+    /// Starts getting ready for a mount of `index` in the background: [`Self::warm_up`], or
+    /// only the clients ([`Self::prepare`]) when a request would be wasted: the first chunk
+    /// is cached locally already (`cached`), or a shared cache answers reads first
+    /// (`shared`: a thousand nodes should not each ask the registry).
+    pub fn warm_up_for(
+        &self,
+        index: &clip_index::ImageIndex,
+        cached: impl Fn(&Digest) -> bool,
+        shared: bool,
+    ) {
+        let first = index.layers.first();
+        let warm =
+            first.filter(|l| !shared && !l.chunks.first().is_some_and(|c| cached(&c.digest)));
+        let this = self.clone();
+        match (warm, tokio::runtime::Handle::try_current()) {
+            (Some(layer), Ok(runtime)) => {
+                let digest = layer.digest;
+                runtime.spawn(async move { this.warm_up(&digest).await });
+            }
+            _ => {
+                std::thread::spawn(move || this.prepare());
+            }
+        }
+    }
+
     /// Gets ready for the first read while the mount comes up: builds the HTTP clients (on
     /// a blocking thread) and reads one byte of `digest`, which opens a pooled connection
     /// (TCP and TLS) and, if the registry asks for credentials, negotiates them (a 401, the
     /// token flow, the retry). A program's first read then pays none of those round trips.
-    /// Failures are only logged: the reads themselves report them.
+    /// One attempt, at most [`WARM_UP_LIMIT`], logged at debug only: the reads themselves
+    /// retry and report what goes wrong.
     pub async fn warm_up(&self, digest: &Digest) {
         let this = self.clone();
         let _ = tokio::task::spawn_blocking(move || this.prepare()).await;
-        if let Err(e) = self.fetch_range(digest, 0..1).await {
-            tracing::debug!(source = %self.describe(), error = %e, "warming up the registry failed");
-        }
+        let d = digest.to_string();
+        let probe = async {
+            // Room for the whole (one byte) body: nothing needs to drain it.
+            let (tx, _rx) = mpsc::channel(4);
+            let mut sent = 0;
+            let mut got = self.fetch_once(&d, &(0..1), &tx, &mut sent).await;
+            if matches!(got, Err(FetchError::Unauthorized)) {
+                self.authorize().await.map_err(|e| e.to_string())?;
+                got = self.fetch_once(&d, &(0..1), &tx, &mut sent).await;
+            }
+            got.map_err(|e| match e {
+                FetchError::Http(e) => error_chain(&e),
+                FetchError::Status(code, body) => format!("HTTP {code}: {body}"),
+                other => format!("{other:?}"),
+            })
+        };
+        let outcome = match tokio::time::timeout(WARM_UP_LIMIT, probe).await {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e,
+            Err(_) => format!("no answer within {WARM_UP_LIMIT:?}"),
+        };
+        tracing::debug!(source = %self.describe(), error = %outcome, "warming up the registry failed");
     }
 
     /// Makes sure credentials are known to the client before the first blob request.
