@@ -136,6 +136,22 @@ async fn assert_all_bytes_match<S: clip_storage::BlobSource>(
     Ok(())
 }
 
+/// Reads the file at `path` (a regular file of the model of `layers`) and checks its bytes.
+async fn assert_file_reads<S: clip_storage::BlobSource>(
+    reader: &RangeReader<S>,
+    layers: &[Layer],
+    path: &str,
+) -> anyhow::Result<()> {
+    let expected = expected_tree(layers);
+    let Some(Kind::File(want)) = expected.get(path).map(|e| e.kind.clone()) else {
+        anyhow::bail!("{path} is not a file of the model");
+    };
+    let ino = reader.index().resolve(path.as_bytes(), false)?;
+    let got = reader.read_file(ino, 0, want.len() as u64 + 10).await?;
+    assert!(got[..] == want[..], "{path}: bytes differ");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn complex_image_matches_the_reference_model_byte_for_byte() -> anyhow::Result<()> {
     let registry = Registry::start()?;
@@ -499,24 +515,12 @@ async fn the_bearer_token_flow_works_and_an_expired_token_is_renewed() -> anyhow
     let client = RegistryClient::new(creds("tok3n"));
     let source = client.repository(&index.source.repository, &index.source.manifest_digest)?;
     let reader = RangeReader::new(Arc::new(index.clone()), Arc::new(source));
-    let expected = expected_tree(&layers);
-    let Some(Kind::File(first)) = expected.get("/multi/f0").map(|e| e.kind.clone()) else {
-        anyhow::bail!("model");
-    };
-    let got = reader
-        .read_file(index.resolve(b"/multi/f0", false)?, 0, 1 << 20)
-        .await?;
-    assert!(got[..] == first[..]);
+    assert_file_reads(&reader, &layers, "/multi/f0").await?;
     let issued = tokens.issued();
     tokens.rotate_key()?;
     registry.restart()?;
-    let Some(Kind::File(later)) = expected.get("/zstd/f7").map(|e| e.kind.clone()) else {
-        anyhow::bail!("model");
-    };
-    let got = reader
-        .read_file(index.resolve(b"/zstd/f7", false)?, 0, 1 << 20)
-        .await?;
-    assert!(got[..] == later[..], "read after the token expired");
+    // Read after the token expired.
+    assert_file_reads(&reader, &layers, "/zstd/f7").await?;
     assert!(
         tokens.issued() > issued,
         "a new token was fetched after the 401"
@@ -646,14 +650,7 @@ async fn warming_up_negotiates_the_token_before_the_first_read() -> anyhow::Resu
 
     // The first read needs no token round trip of its own, and reads the right bytes.
     let reader = RangeReader::new(Arc::new(index.clone()), Arc::new(source));
-    let expected = expected_tree(&layers);
-    let Some(Kind::File(first)) = expected.get("/multi/f0").map(|e| e.kind.clone()) else {
-        anyhow::bail!("model");
-    };
-    let got = reader
-        .read_file(index.resolve(b"/multi/f0", false)?, 0, 1 << 20)
-        .await?;
-    assert!(got[..] == first[..]);
+    assert_file_reads(&reader, &layers, "/multi/f0").await?;
     assert_eq!(
         tokens.issued(),
         warmed,

@@ -146,6 +146,15 @@ async fn setup(config: StoreConfig) -> anyhow::Result<Setup> {
 
 impl Setup {
     /// A second store over the same index, source and disk cache (a new process on the node).
+    /// [`Self::reopen`] without read-ahead or preloading: what a read costs on its own.
+    fn reopen_quiet(&self) -> anyhow::Result<Arc<ChunkStore<Counting>>> {
+        self.reopen(StoreConfig {
+            readahead_runs: 0,
+            preload_chunks: 0,
+            ..StoreConfig::default()
+        })
+    }
+
     fn reopen(&self, config: StoreConfig) -> anyhow::Result<Arc<ChunkStore<Counting>>> {
         let disk = DiskCache::open(self.cache.path(), 1 << 30)?;
         Ok(ChunkStore::new(
@@ -170,6 +179,17 @@ impl Setup {
 
 /// Reads `len` bytes from `from` of the file in 128 KiB reads, for a reader of a file that
 /// ends at `file_end` bytes, checking every byte; then lets background work finish.
+/// A store whose disk cache holds every chunk of the image, without read-ahead.
+async fn warm_cache() -> anyhow::Result<Setup> {
+    let s = setup(StoreConfig {
+        readahead_runs: 0,
+        ..StoreConfig::default()
+    })
+    .await?;
+    s.store.prefetch_all(2).await?;
+    Ok(s)
+}
+
 async fn read_sequentially(
     s: &Setup,
     store: &Arc<ChunkStore<Counting>>,
@@ -449,20 +469,9 @@ async fn a_reader_gets_its_chunk_before_the_rest_of_its_fetch_arrives() -> anyho
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn small_warm_reads_verify_only_the_blocks_they_read() -> anyhow::Result<()> {
-    let s = setup(StoreConfig {
-        readahead_runs: 0,
-        ..StoreConfig::default()
-    })
-    .await?;
-    s.store.prefetch_all(2).await?;
+    let s = warm_cache().await?;
     let base = file_offset(&s);
-    let fresh = || {
-        s.reopen(StoreConfig {
-            readahead_runs: 0,
-            preload_chunks: 0,
-            ..StoreConfig::default()
-        })
-    };
+    let fresh = || s.reopen_quiet();
     let tier = |store: &Arc<ChunkStore<Counting>>, name: &str| {
         let stats = store.stats().snapshot();
         let t = stats.tiers.iter().find(|t| t.tier == name).unwrap().clone();
@@ -512,20 +521,9 @@ async fn small_warm_reads_verify_only_the_blocks_they_read() -> anyhow::Result<(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_chunk_file_from_before_checksums_is_verified_whole_then_read_in_part()
 -> anyhow::Result<()> {
-    let s = setup(StoreConfig {
-        readahead_runs: 0,
-        ..StoreConfig::default()
-    })
-    .await?;
-    s.store.prefetch_all(2).await?;
+    let s = warm_cache().await?;
     let base = file_offset(&s);
-    let fresh = || {
-        s.reopen(StoreConfig {
-            readahead_runs: 0,
-            preload_chunks: 0,
-            ..StoreConfig::default()
-        })
-    };
+    let fresh = || s.reopen_quiet();
     let at = 5_000_100u64;
     let want = &s.data[at as usize..at as usize + 4096];
     let layer = &s.store.index().layers[0];
