@@ -165,6 +165,7 @@ TYPOS = [
     {"node": {"keeper": {"holdSecond": 60}}},
     {"node": {"keeper": {"holdSeconds": 0}}},
     {"node": {"keeper": {"updateStrategy": {"type": "Recreate"}}}},
+    {"node": {"updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1}}}},
     {"serviceMonitor": {"enabled": True, "intervall": "30s"}},
 ]
 
