@@ -328,12 +328,20 @@ impl<S: BlobSource> ChunkStore<S> {
         key: &ChunkKey,
         range: Range<u32>,
     ) -> Option<Bytes> {
+        self.timed(tier.name(), tier.get_range(key, range))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Runs a tier's lookup and records how long it took in the tier's latency histogram.
+    async fn timed<T>(&self, tier: &str, work: impl std::future::Future<Output = T>) -> T {
         let asked = Instant::now();
-        let got = tier.get_range(key, range).await;
-        if let Some(h) = self.stats.tier_latency(tier.name()) {
+        let got = work.await;
+        if let Some(h) = self.stats.tier_latency(tier) {
             h.observe(asked.elapsed());
         }
-        got.ok().flatten()
+        got
     }
 
     /// One verified chunk, from the fastest tier that has it.
@@ -385,12 +393,7 @@ impl<S: BlobSource> ChunkStore<S> {
             return chunk.await.map_err(Error::Shared);
         }
         for (i, tier) in self.tiers.iter().enumerate() {
-            let asked = Instant::now();
-            let got = tier.get(&key).await;
-            if let Some(h) = self.stats.tier_latency(tier.name()) {
-                h.observe(asked.elapsed());
-            }
-            match got {
+            match self.timed(tier.name(), tier.get(&key)).await {
                 Ok(Some(b)) => {
                     self.stats.tiers[i].1.add(b.len());
                     if ahead {

@@ -48,6 +48,13 @@ fn checksums(data: &[u8]) -> Vec<u8> {
         .collect()
 }
 
+/// Whether `data` (whole blocks of `key`'s chunk) is intact: `rest`, the rest of its file
+/// from these blocks' checksums on, ends with the chunk's footer, and every block matches
+/// its checksum.
+fn intact(key: &ChunkKey, data: &[u8], rest: &[u8]) -> bool {
+    rest.ends_with(&footer(key)) && blocks_match(data, rest)
+}
+
 /// Whether every block of `data` matches its stored checksum in `table`.
 fn blocks_match(data: &[u8], table: &[u8]) -> bool {
     let blocks = data.chunks(CHECK_BLOCK as usize);
@@ -270,8 +277,7 @@ impl DiskCache {
         let len = key.len as usize;
         if data.len() as u64 == stored_len(key.len) {
             let (body, rest) = data.split_at(len);
-            let (table, tail) = rest.split_at(rest.len() - FOOTER_LEN as usize);
-            if tail != footer(key) || !blocks_match(body, table) {
+            if !intact(key, body, rest) {
                 self.discard_corrupt(key, &path);
                 return None;
             }
@@ -357,7 +363,7 @@ impl DiskCache {
             warn!(path = %path.display(), error = %e, "disk cache read failed");
             return None;
         }
-        if !tail.ends_with(&footer(key)) || !blocks_match(&data, &tail) {
+        if !intact(key, &data, &tail) {
             self.discard_corrupt(key, &path);
             return None;
         }

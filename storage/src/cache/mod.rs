@@ -23,8 +23,8 @@ pub struct ChunkKey {
 /// `get` returns only the bytes that were stored under the key: a tier either verifies them
 /// against the key's digest or (the disk tier) checks them against checksums it computed
 /// when they were stored, which is why `put` must only ever be given verified chunks. A tier
-/// that finds a damaged entry discards it and reports a miss. Boxed futures keep the trait object-safe, so the store
-/// holds a list of tiers.
+/// that finds a damaged entry discards it and reports a miss. Boxed futures keep the trait
+/// object-safe, so the store holds a list of tiers.
 pub trait ChunkCache: Send + Sync + 'static {
     /// The chunk's bytes, verified, or `None` on a miss.
     fn get<'a>(&'a self, key: &'a ChunkKey) -> BoxFuture<'a, Result<Option<Bytes>>>;
