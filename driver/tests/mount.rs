@@ -491,3 +491,77 @@ fn a_slow_fetch_does_not_block_readers_of_cached_files() -> anyhow::Result<()> {
     assert_eq!(got.len(), 2 << 20);
     Ok(())
 }
+
+#[test]
+fn the_kernel_keeps_opens_symlinks_and_listings_and_first_reads_prefetch() -> anyhow::Result<()> {
+    let rt = runtime()?;
+    let registry = Registry::start()?;
+    let proxy = Proxy::start(&registry.host())?;
+    let big = Rng(77).bytes(12 << 20);
+    let layers = vec![Layer::gzip(vec![
+        Entry::file("dir/small", clip_e2e::text_bytes(5000, 3)),
+        Entry::file("dir/other", clip_e2e::text_bytes(700, 4)),
+        Entry::symlink("dir/link", "small"),
+        Entry::file("big", big.clone()),
+    ])];
+    let image = build_image(&layers, "linux", "amd64")?;
+    Pusher::new(&registry.host(), None).push_image("fs/kernel", "v1", &image)?;
+    let (index, client) = index(&rt, &format!("{}/fs/kernel:v1", proxy.host()))?;
+    let cache = tempfile::tempdir()?;
+    let served = serve(&rt, &index, &client, cache.path(), 1 << 30)?;
+    let counters = served.mount.as_ref().unwrap().counters().clone();
+    use std::sync::atomic::Ordering::Relaxed;
+
+    // An interpreter opening the same files, following the same links and listing the same
+    // directories over and over: the kernel asks once.
+    let small = std::fs::read(served.path().join("dir/small"))?;
+    for _ in 0..20 {
+        assert!(std::fs::read(served.path().join("dir/small"))? == small);
+        assert_eq!(
+            std::fs::read_link(served.path().join("dir/link"))?,
+            Path::new("small")
+        );
+        let mut names: Vec<String> = std::fs::read_dir(served.path().join("dir"))?
+            .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect::<Result<_, _>>()?;
+        names.sort();
+        assert_eq!(names, ["link", "other", "small"]);
+    }
+    assert_eq!(
+        small,
+        clip_e2e::text_bytes(5000, 3),
+        "the file read is the file written"
+    );
+    assert!(
+        counters.opens.load(Relaxed) <= 2,
+        "one open and one opendir at most reach the filesystem: {}",
+        counters.opens.load(Relaxed)
+    );
+    assert_eq!(counters.readlinks.load(Relaxed), 1, "the target was cached");
+
+    // The first read of a file starts fetching its first spans (16 MiB by default), as an
+    // open would: a reader that goes on finds them fetched.
+    let spans = index.layers[0].span_runs(0..index.layers[0].chunks.len() as u32);
+    assert!(spans.count() >= 3, "the file spans several checkpoints");
+    let f = std::fs::File::open(served.path().join("big"))?;
+    let mut head = vec![0u8; 4096];
+    f.read_exact_at(&mut head, 0)?;
+    assert!(head == big[..4096]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while served.store.stats().snapshot().prefetched_chunks == 0 || proxy.in_flight() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing was fetched ahead of the reader"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    rt.block_on(served.store.flush(Duration::from_secs(30)));
+    let fetched = proxy.blob_reads().len();
+    assert!(std::fs::read(served.path().join("big"))? == big);
+    assert_eq!(
+        proxy.blob_reads().len(),
+        fetched,
+        "the rest of the file had been fetched at its first read"
+    );
+    Ok(())
+}

@@ -24,6 +24,7 @@
 pub mod check;
 pub mod cleanup;
 pub mod fixtures;
+pub mod forward;
 pub mod http;
 pub mod image;
 pub mod kube_api;

@@ -683,3 +683,48 @@ async fn warming_up_negotiates_the_token_before_the_first_read() -> anyhow::Resu
     .await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warming_up_leaves_connections_for_parallel_fetches() -> anyhow::Result<()> {
+    use clip_storage::BlobSource;
+    let registry = Registry::start()?;
+    let forward = clip_e2e::forward::Forwarder::start(&registry.host())?;
+    let layers = vec![Layer::gzip(vec![clip_e2e::image::Entry::file(
+        "data",
+        Rng(9).bytes(1 << 20),
+    )])];
+    let (_, _) = push(&registry.host(), "warm/conns", &layers)?;
+    let index = index_of(&client(), &format!("{}/warm/conns:v1", forward.host())).await?;
+    let digest = index.layers[0].digest;
+    let blob = |i: u64| i * 100_000..i * 100_000 + 1000;
+
+    // A new mount's client: the warm-up opens the connections its first parallel fetches use.
+    let before = forward.connections();
+    let source =
+        Arc::new(client().repository(&index.source.repository, &index.source.manifest_digest)?);
+    source.warm_up(&digest).await;
+    let warmed = forward.connections() - before;
+    assert!(
+        (clip_storage::source::registry::WARM_UP_CONNECTIONS
+            ..=clip_storage::source::registry::WARM_UP_CONNECTIONS + 1)
+            .contains(&warmed),
+        "{warmed} connections"
+    );
+    let reads = (0..clip_storage::source::registry::WARM_UP_CONNECTIONS as u64).map(|i| {
+        let source = source.clone();
+        async move { source.fetch_range(&digest, blob(i)).await }
+    });
+    for (i, got) in futures::future::join_all(reads)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        assert_eq!(got?.len(), 1000, "read {i}");
+    }
+    assert_eq!(
+        forward.connections() - before,
+        warmed,
+        "the parallel reads found their connections open"
+    );
+    Ok(())
+}

@@ -21,6 +21,9 @@ use super::error::read_errno;
 /// including failed lookups (an interpreter probes hundreds of missing paths).
 const TTL: Duration = Duration::from_secs(24 * 3600);
 
+/// Asynchronous requests (read-ahead) the kernel keeps in flight to the filesystem.
+const MAX_BACKGROUND: u16 = 64;
+
 /// A read-only filesystem over one indexed image.
 pub struct ClipFs<S> {
     index: Arc<ImageIndex>,
@@ -32,6 +35,10 @@ pub struct ClipFs<S> {
     totals: (u64, u64),
     name: String,
     counters: Arc<FsCounters>,
+    /// The kernel skips opens once told so (FUSE_NO_OPEN_SUPPORT): the prefetch at open
+    /// then starts at a file's first read instead.
+    no_open: bool,
+    no_opendir: bool,
 }
 
 /// What the kernel asked of the filesystem (for metrics and tests).
@@ -40,6 +47,10 @@ pub struct FsCounters {
     pub lookups: std::sync::atomic::AtomicU64,
     pub negative_lookups: std::sync::atomic::AtomicU64,
     pub reads: std::sync::atomic::AtomicU64,
+    /// Opens of files and directories that reached the filesystem (none once the kernel
+    /// has been told it need not ask).
+    pub opens: std::sync::atomic::AtomicU64,
+    pub readlinks: std::sync::atomic::AtomicU64,
     /// Reads taken from the kernel and not answered yet.
     pub pending_reads: std::sync::atomic::AtomicU64,
 }
@@ -70,6 +81,8 @@ impl<S: BlobSource> ClipFs<S> {
             parents,
             name,
             counters: Arc::default(),
+            no_open: false,
+            no_opendir: false,
         }
     }
 
@@ -126,6 +139,22 @@ fn path_of(index: &ImageIndex, ino: u64) -> String {
 }
 
 impl<S: BlobSource> Filesystem for ClipFs<S> {
+    /// What the kernel may do without asking: lookups in one directory in parallel, keep
+    /// symlink targets in its cache, and (answered with ENOSYS on the first open) skip every
+    /// later open, opendir and release: a handle carries nothing here, and without an open
+    /// the kernel keeps a file's pages and a directory's listing cached. More read-ahead
+    /// requests in flight than fuser's default (16), for fetches that overlap.
+    fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
+        use fuser::InitFlags as F;
+        let offered = config.capabilities();
+        let _ =
+            config.add_capabilities((F::FUSE_PARALLEL_DIROPS | F::FUSE_CACHE_SYMLINKS) & offered);
+        let _ = config.set_max_background(MAX_BACKGROUND);
+        self.no_open = offered.contains(F::FUSE_NO_OPEN_SUPPORT);
+        self.no_opendir = offered.contains(F::FUSE_NO_OPENDIR_SUPPORT);
+        Ok(())
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         use std::sync::atomic::Ordering::Relaxed;
         self.counters.lookups.fetch_add(1, Relaxed);
@@ -155,6 +184,9 @@ impl<S: BlobSource> Filesystem for ClipFs<S> {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.counters
+            .readlinks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match self.index.node(Inode(ino.0)).map(|n| &n.content) {
             Some(Content::Symlink { target }) => reply.data(target),
             Some(_) => reply.error(Errno::EINVAL),
@@ -163,11 +195,16 @@ impl<S: BlobSource> Filesystem for ClipFs<S> {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.counters
+            .opens
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if flags.acc_mode() != OpenAccMode::O_RDONLY {
             return reply.error(Errno::EROFS);
         }
         match self.index.node(Inode(ino.0)) {
             Some(n) if n.kind == NodeKind::Directory => reply.error(Errno::EISDIR),
+            // Answered once: the kernel then opens files without asking (see init).
+            Some(_) if self.no_open => reply.error(Errno::ENOSYS),
             // No per-open state: the handle is always 0, and the page cache survives reopening.
             Some(n) => {
                 if let Content::File { layer, offset } = n.content {
@@ -206,6 +243,11 @@ impl<S: BlobSource> Filesystem for ClipFs<S> {
             return reply.data(&[]);
         }
         let len = u64::from(size).min(node.size - offset);
+        // Where an open would have started the prefetch of the file's first bytes.
+        if offset == 0 && self.no_open {
+            let _runtime = self.runtime.enter();
+            self.store.opened(layer, base..base + node.size);
+        }
         let node_size = node.size;
         let store = self.store.clone();
         let image = self.name.clone();
@@ -234,7 +276,13 @@ impl<S: BlobSource> Filesystem for ClipFs<S> {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.counters
+            .opens
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match self.index.node(Inode(ino.0)) {
+            Some(n) if n.kind == NodeKind::Directory && self.no_opendir => {
+                reply.error(Errno::ENOSYS)
+            }
             Some(n) if n.kind == NodeKind::Directory => reply.opened(
                 FileHandle(0),
                 FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,

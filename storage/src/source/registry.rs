@@ -260,6 +260,10 @@ fn is_loopback(host: &str) -> bool {
 /// How long a mount's registry warm-up may take (see [`RegistryBlobs::warm_up`]).
 pub const WARM_UP_LIMIT: Duration = Duration::from_secs(5);
 
+/// Connections a mount's warm-up leaves open to the registry (HTTP/1.1: one per concurrent
+/// fetch; over HTTP/2 they share one).
+pub const WARM_UP_CONNECTIONS: usize = 4;
+
 /// A value built once, on first use, outside any lock.
 type Lazy<T> = Arc<OnceLock<T>>;
 
@@ -723,7 +727,18 @@ impl RegistryBlobs {
             })
         };
         let outcome = match tokio::time::timeout(WARM_UP_LIMIT, probe).await {
-            Ok(Ok(())) => return,
+            Ok(Ok(())) => {
+                // More pooled connections, for the fetches a start-up makes in parallel (a
+                // file's first spans at open, read-ahead): each would otherwise pay for its
+                // connection (and TLS) on the first read that needs it.
+                let more = (0..WARM_UP_CONNECTIONS).map(|_| async {
+                    let (tx, _rx) = mpsc::channel(4);
+                    let mut sent = 0;
+                    let _ = self.fetch_once(&d, &(0..1), &tx, &mut sent).await;
+                });
+                let _ = tokio::time::timeout(WARM_UP_LIMIT, futures::future::join_all(more)).await;
+                return;
+            }
             Ok(Err(e)) => e,
             Err(_) => format!("no answer within {WARM_UP_LIMIT:?}"),
         };
