@@ -51,12 +51,21 @@ fn fixture() -> anyhow::Result<Fixture> {
 }
 
 fn spawn_mount(f: &Fixture, dir: &Path, extra: &[&str]) -> anyhow::Result<MountProcess> {
+    spawn_mount_of(&f.index_file, &f.cache, dir, extra)
+}
+
+fn spawn_mount_of(
+    index: &Path,
+    cache: &Path,
+    dir: &Path,
+    extra: &[&str],
+) -> anyhow::Result<MountProcess> {
     let child = clip()
         .arg("mount")
-        .arg(&f.index_file)
+        .arg(index)
         .arg(dir)
         .arg("--cache-dir")
-        .arg(&f.cache)
+        .arg(cache)
         .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -252,5 +261,114 @@ fn prefetch_fills_the_cache_so_the_image_reads_without_the_registry() -> anyhow:
     );
     signal(&child, libc::SIGTERM);
     assert!(child.wait()?.success());
+    Ok(())
+}
+
+/// Stops a mount with SIGTERM and returns what it printed.
+fn stop(mut child: MountProcess) -> anyhow::Result<String> {
+    signal(&child, libc::SIGTERM);
+    anyhow::ensure!(child.wait()?.success(), "clip mount failed");
+    let mut err = String::new();
+    child.stderr.take().map(|mut s| s.read_to_string(&mut err));
+    Ok(err)
+}
+
+#[test]
+fn a_start_up_profile_recorded_by_one_mount_is_fetched_ahead_by_the_next() -> anyhow::Result<()> {
+    let registry = Registry::start()?;
+    let proxy = clip_e2e::proxy::Proxy::start(&registry.host())?;
+    let files: Vec<Vec<u8>> = (0..8)
+        .map(|i| clip_e2e::Rng(40 + i).bytes(3 << 20))
+        .collect();
+    let layers = vec![clip_e2e::image::Layer::gzip(
+        files
+            .iter()
+            .enumerate()
+            .map(|(i, d)| clip_e2e::image::Entry::file(&format!("f{i}"), d.clone()))
+            .collect(),
+    )];
+    let image = build_image(&layers, "linux", "amd64")?;
+    Pusher::new(&registry.host(), None).push_image("cli/profile", "v1", &image)?;
+    let work = tempfile::tempdir()?;
+    let index = work.path().join("p.clipidx");
+    let out = clip()
+        .args(["index", &format!("{}/cli/profile:v1", proxy.host()), "-o"])
+        .arg(&index)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let profile = work.path().join("start.profile");
+    let profile_arg = profile.to_str().unwrap();
+    let dir = tempfile::tempdir()?;
+    let head = |i: usize| -> anyhow::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; 4096];
+        std::fs::File::open(dir.path().join(format!("f{i}")))?.read_exact_at(&mut buf, 1 << 20)?;
+        anyhow::ensure!(buf[..] == files[i][1 << 20..(1 << 20) + 4096], "f{i}");
+        Ok(())
+    };
+    // A start-up that reads a little of two files, far apart in the layer.
+    let no_open_prefetch = ["--open-prefetch", "0", "--readahead-spans", "0"];
+    let mut args = vec!["--startup-profile", profile_arg];
+    args.extend(no_open_prefetch);
+    let child = spawn_mount_of(&index, &work.path().join("cache-a"), dir.path(), &args)?;
+    head(6)?;
+    head(1)?;
+    stop(child)?;
+    let text = std::fs::read_to_string(&profile)?;
+    assert!(
+        text.starts_with("clip-startup-profile 1\n") && text.lines().count() >= 3,
+        "{text}"
+    );
+
+    // The next mount, on an empty cache: the spans those reads need are fetched before
+    // anything is read, and the same start-up then needs no registry request of its own.
+    wait::until("the proxy", Duration::from_secs(10), || {
+        proxy.in_flight() == 0
+    })?;
+    proxy.clear_log();
+    let child = spawn_mount_of(&index, &work.path().join("cache-b"), dir.path(), &args)?;
+    // (Not counting the warm-up's one-byte reads.)
+    wait::until("the profile's fetches", Duration::from_secs(30), || {
+        proxy
+            .blob_reads()
+            .iter()
+            .filter(|l| l.body_bytes > 1)
+            .count()
+            >= 2
+    })?;
+    std::thread::sleep(Duration::from_millis(500));
+    wait::until("the proxy", Duration::from_secs(10), || {
+        proxy.in_flight() == 0
+    })?;
+    let fetched = proxy.blob_reads().len();
+    head(6)?;
+    head(1)?;
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        proxy.blob_reads().len(),
+        fetched,
+        "the reads found their chunks fetched: {:?}",
+        proxy.log()
+    );
+    // A file the profile does not name is still read from the registry.
+    head(3)?;
+    assert!(proxy.blob_reads().len() > fetched);
+    stop(child)?;
+    let merged = std::fs::read_to_string(&profile)?;
+    assert!(merged.lines().count() > text.lines().count(), "{merged}");
+
+    // A damaged profile is reported and ignored: the mount serves the right bytes.
+    std::fs::write(&profile, "clip-startup-profile 1\nsha256:zz 1\n")?;
+    let child = spawn_mount_of(&index, &work.path().join("cache-c"), dir.path(), &args)?;
+    head(5)?;
+    let err = stop(child)?;
+    assert!(
+        err.contains("start-up profile not used") && err.contains("line 2"),
+        "{err}"
+    );
     Ok(())
 }

@@ -75,6 +75,9 @@ pub enum Error {
     #[error("{0}")]
     Shared(std::sync::Arc<Error>),
 
+    #[error("start-up profile: {0}")]
+    Profile(String),
+
     #[error("background task failed: {0}")]
     Task(String),
 

@@ -17,6 +17,7 @@ pub mod auth;
 pub mod cache;
 pub mod error;
 pub mod indexer;
+pub mod profile;
 pub mod reader;
 pub mod source;
 pub mod stats;

@@ -103,6 +103,8 @@ pub struct ChunkStore<S> {
     pending_puts: Arc<std::sync::atomic::AtomicUsize>,
     config: StoreConfig,
     stats: Arc<StoreStats>,
+    /// The chunks readers asked for first (a start-up profile, for a later mount).
+    recorder: crate::profile::Recorder,
 }
 
 impl<S> std::fmt::Debug for ChunkStore<S> {
@@ -141,6 +143,7 @@ impl<S: BlobSource> ChunkStore<S> {
             pending_puts: Arc::default(),
             stats: Arc::new(StoreStats::new(&names)),
             config,
+            recorder: crate::profile::Recorder::default(),
         })
     }
 
@@ -218,6 +221,7 @@ impl<S: BlobSource> ChunkStore<S> {
         if chunks.is_empty() {
             return Ok(Bytes::new());
         }
+        self.recorder.note(layer, chunks.clone());
         let end = file_end.min(l.uncompressed_size).max(offset + len);
         let last = l.chunks_covering(end - 1, 1)?.start;
         self.note_access(layer, chunks.end - 1, last);
@@ -818,6 +822,57 @@ impl<S: BlobSource> ChunkStore<S> {
         let spans = l.span_runs(chunks).collect();
         let this = self.clone();
         tokio::spawn(async move { this.bring(layer, spans, 0..0).await });
+    }
+
+    /// The chunks readers have asked for so far, first touch first (see [`crate::profile`]).
+    pub fn recorded_profile(&self) -> Vec<(usize, u32)> {
+        self.recorder.recorded()
+    }
+
+    /// Fetches the spans holding `chunks` (a start-up profile, in its order) that no local
+    /// tier holds, `readahead_runs` at a time, so that a program reading them finds them
+    /// fetched or on their way; the other fetch permits stay free for reads the profile did
+    /// not foresee. Returns at once; the fetches go on in the background.
+    pub fn replay(self: &Arc<Self>, chunks: &[(usize, u32)]) {
+        // One fetch per span, reaching the last chunk the profile wants of it (a zstd miss
+        // fetches up to its chunk only), in the order the profile first wants each span.
+        let mut spans: Vec<(usize, u32)> = Vec::new();
+        let mut at: HashMap<(usize, u32), usize> = HashMap::new();
+        for &(layer, c) in chunks {
+            let Ok(run) = self.span_run(layer, c) else {
+                continue;
+            };
+            match at.get(&(layer, run.start)) {
+                Some(&i) => spans[i].1 = spans[i].1.max(c),
+                None => {
+                    at.insert((layer, run.start), spans.len());
+                    spans.push((layer, c));
+                }
+            }
+        }
+        if spans.is_empty() {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            use futures::StreamExt;
+            let width = this.config.readahead_runs.max(1);
+            futures::stream::iter(spans)
+                .map(|(layer, c)| {
+                    let this = this.clone();
+                    async move {
+                        if this.whereabouts(layer, c).await != Whereabouts::Far {
+                            return;
+                        }
+                        if let Err(e) = this.chunk_for(layer, c, true).await {
+                            debug!(layer, chunk = c, error = %e, "start-up profile fetch failed");
+                        }
+                    }
+                })
+                .buffer_unordered(width)
+                .collect::<Vec<()>>()
+                .await;
+        });
     }
 
     /// Brings chunks closer ahead of a reader: the chunks of `spans` that no local tier holds

@@ -559,3 +559,98 @@ async fn a_chunk_file_from_before_checksums_is_verified_whole_then_read_in_part(
     assert_eq!(store.stats().snapshot().range_reads, 1);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_start_up_profile_fetches_what_the_reads_will_need_on_an_empty_cache()
+-> anyhow::Result<()> {
+    use clip_storage::profile;
+    let quiet = StoreConfig {
+        readahead_runs: 2,
+        preload_chunks: 0,
+        open_prefetch_bytes: 0,
+        ..StoreConfig::default()
+    };
+    let s = setup(quiet.clone()).await?;
+    let base = file_offset(&s);
+    let size = s.data.len() as u64;
+    let layer = s.store.index().layers[0].clone();
+    // A start-up reads a little here and there: three places in three spans.
+    let reads = [(15u64 << 20, 65536u64), (1 << 20, 4096), (9 << 20, 200_000)];
+    let mut want = Vec::new();
+    for &(off, len) in &reads {
+        let got = s
+            .store
+            .read_in_file(0, base + off, len, base + size)
+            .await?;
+        assert!(got[..] == s.data[off as usize..(off + len) as usize]);
+        for c in layer.chunks_covering(base + off, len)? {
+            want.push((0usize, c));
+        }
+    }
+    let recorded = s.store.recorded_profile();
+    assert_eq!(recorded, want, "first touch first, each chunk once");
+    let text = profile::encode(s.store.index(), &recorded);
+    assert_eq!(profile::decode(&text, s.store.index())?, recorded);
+
+    // A new mount with an empty cache replays it: one fetch per span, before any read.
+    settle(&s).await;
+    let before = s.requests();
+    let empty = tempfile::tempdir()?;
+    let store = ChunkStore::new(
+        s.store.index().clone(),
+        s.source.clone(),
+        vec![Arc::new(DiskCache::open(empty.path(), 1 << 30)?)],
+        None,
+        quiet,
+    );
+    store.replay(&recorded);
+    settle(&s).await;
+    let spans: std::collections::HashSet<Range<u32>> =
+        recorded.iter().map(|&(_, c)| layer.span_run(c)).collect();
+    assert_eq!(
+        s.requests() - before,
+        spans.len() as u32,
+        "one fetch per span the profile names"
+    );
+    for &(off, len) in &reads {
+        let got = store.read_in_file(0, base + off, len, base + size).await?;
+        assert!(got[..] == s.data[off as usize..(off + len) as usize]);
+    }
+    settle(&s).await;
+    assert_eq!(
+        s.requests() - before,
+        spans.len() as u32,
+        "the reads found everything fetched"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_bad_start_up_profile_is_refused_and_foreign_lines_are_skipped() -> anyhow::Result<()> {
+    use clip_storage::profile;
+    let s = setup(StoreConfig::default()).await?;
+    let index = s.store.index();
+    let layer = index.layers[0].digest;
+    let chunks = index.layers[0].chunks.len();
+    let other = Digest::of(b"another image's layer");
+    for bad in [
+        "",
+        "not a profile\n",
+        &format!("clip-startup-profile 1\n{layer}\n"),
+        "clip-startup-profile 1\nsha256:12 3\n",
+        &format!("clip-startup-profile 1\n{layer} -1\n"),
+        &format!("clip-startup-profile 1\n{layer} 99999999999\n"),
+    ] {
+        let err = profile::decode(bad, index).expect_err(bad);
+        assert!(err.to_string().contains("line"), "{err}");
+    }
+    let text = format!(
+        "clip-startup-profile 1\n{layer} 2\n{other} 1\n{layer} {chunks}\n\n{layer} 0\n{layer} 2\n"
+    );
+    assert_eq!(
+        profile::decode(&text, index)?,
+        vec![(0, 2), (0, 0)],
+        "another layer's line, a chunk past the end and a repeat are skipped"
+    );
+    Ok(())
+}
