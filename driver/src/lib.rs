@@ -16,6 +16,7 @@ pub mod fs;
 pub mod keeper;
 pub mod metrics;
 pub mod mounts;
+pub mod profile;
 pub mod socket;
 
 pub use error::{Error, Result};

@@ -1111,3 +1111,112 @@ async fn a_direct_image_indexed_on_one_node_is_read_on_another_from_redis_alone(
     assert!(!is_mounted(&target_a) && !is_mounted(&target_b));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_start_up_profile_learnt_on_one_node_is_fetched_ahead_on_the_next() -> anyhow::Result<()>
+{
+    let registry = Registry::start()?;
+    let files: Vec<Vec<u8>> = (0..8)
+        .map(|i| clip_e2e::Rng(60 + i).bytes(3 << 20))
+        .collect();
+    let layers = vec![Layer::gzip(
+        files
+            .iter()
+            .enumerate()
+            .map(|(i, d)| Entry::file(&format!("f{i}"), d.clone()))
+            .collect(),
+    )];
+    let image = build_image(&layers, "linux", "amd64")?;
+    let reference = Pusher::new(&registry.host(), None).push_image("csi/profile", "v1", &image)?;
+    let cluster = start_cluster().await?;
+    let redis_a = connect_redis(&cluster, |_| {}).await?;
+    let redis_b = connect_redis(&cluster, |_| {}).await?;
+    // No read-ahead of its own on either node: what is fetched ahead is the profile's doing.
+    let quiet = StoreConfig {
+        readahead_runs: 2,
+        preload_chunks: 0,
+        open_prefetch_bytes: 0,
+        ..StoreConfig::default()
+    };
+    let a = Plugin::start_with(Options {
+        redis: Some(redis_a.clone()),
+        store: quiet.clone(),
+        ..Options::default()
+    })
+    .await?;
+    let head = |target: &Path, i: usize| {
+        let path = target.join(format!("f{i}"));
+        let want = files[i][1 << 20..(1 << 20) + 4096].to_vec();
+        async move {
+            let got = read_at(&path, 1 << 20, 4096).await?;
+            anyhow::ensure!(got == want, "f{i}");
+            Ok::<(), anyhow::Error>(())
+        }
+    };
+
+    // Node A: a pod starts, reads a little of two files, and goes.
+    let target_a = a.target("a");
+    let mut node_a = a.node().await?;
+    node_a
+        .node_publish_volume(publish("vol-a", &target_a, &[("image", &reference)]))
+        .await?;
+    head(&target_a, 6).await?;
+    head(&target_a, 1).await?;
+    node_a
+        .node_unpublish_volume(kubelet::unpublish("vol-a", &target_a))
+        .await?;
+    let manifest: clip_index::Digest = image.manifest.digest.parse()?;
+    let kept = a.dir.path().join("state/profiles").join(manifest.hex());
+    assert!(
+        std::fs::read_to_string(&kept)?.lines().count() >= 3,
+        "node A kept the profile"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while redis_a.fetch_profile(&manifest, 1 << 20).await?.is_none() {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "node A never published the profile"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Node B, cold: publishing alone brings the profile's chunks to its disk (from Redis,
+    // where node A left them); the same start-up then finds them there.
+    let b = Plugin::start_with(Options {
+        redis: Some(redis_b.clone()),
+        store: quiet,
+        ..Options::default()
+    })
+    .await?;
+    let target_b = b.target("b");
+    b.node()
+        .await?
+        .node_publish_volume(publish("vol-b", &target_b, &[("image", &reference)]))
+        .await?;
+    let from_redis = |m: &str| metric(m, "clip_tier_bytes_total{tier=\"redis\"").unwrap_or(0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while from_redis(&b.ctx.metrics()) == 0 {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "node B fetched nothing ahead: {}",
+            b.ctx.metrics()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = from_redis(&b.ctx.metrics());
+    head(&target_b, 6).await?;
+    head(&target_b, 1).await?;
+    let metrics = b.ctx.metrics();
+    assert_eq!(
+        from_redis(&metrics),
+        before,
+        "the start-up's reads were served on the node: {metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "clip_source_requests_total{"),
+        Some(0),
+        "{metrics}"
+    );
+    Ok(())
+}

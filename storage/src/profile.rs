@@ -71,6 +71,17 @@ impl Recorder {
     }
 }
 
+/// What a mount leaves for the next: the chunks its readers asked for first, then those of
+/// the profile it replayed that they did not ask for (up to the limit), so a short mount
+/// does not make a profile forget what a longer one learnt.
+pub fn merge(recorded: &[(usize, u32)], replayed: &[(usize, u32)]) -> Vec<(usize, u32)> {
+    let seen: HashSet<_> = recorded.iter().collect();
+    let mut out = recorded.to_vec();
+    out.extend(replayed.iter().filter(|c| !seen.contains(c)));
+    out.truncate(RECORD_LIMIT);
+    out
+}
+
 /// The text of a profile of `chunks` of `index`.
 pub fn encode(index: &ImageIndex, chunks: &[(usize, u32)]) -> String {
     let mut out = format!("{HEADER}\n");
@@ -133,5 +144,15 @@ mod tests {
         assert_eq!(r.recorded(), [(1, 5), (1, 6), (0, 6), (0, 7), (1, 4)]);
         r.note(2, 0..(RECORD_LIMIT as u32 * 2));
         assert_eq!(r.recorded().len(), RECORD_LIMIT);
+    }
+
+    #[test]
+    fn a_saved_profile_keeps_what_this_mount_did_not_read() {
+        assert_eq!(
+            merge(&[(0, 3), (1, 1)], &[(1, 1), (0, 9), (0, 3)]),
+            [(0, 3), (1, 1), (0, 9)]
+        );
+        let long: Vec<(usize, u32)> = (0..RECORD_LIMIT as u32).map(|c| (0, c)).collect();
+        assert_eq!(merge(&[(1, 0)], &long).len(), RECORD_LIMIT);
     }
 }

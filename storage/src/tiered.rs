@@ -105,6 +105,8 @@ pub struct ChunkStore<S> {
     stats: Arc<StoreStats>,
     /// The chunks readers asked for first (a start-up profile, for a later mount).
     recorder: crate::profile::Recorder,
+    /// The profile this store replayed, if any.
+    replayed: Mutex<Vec<(usize, u32)>>,
 }
 
 impl<S> std::fmt::Debug for ChunkStore<S> {
@@ -144,6 +146,7 @@ impl<S: BlobSource> ChunkStore<S> {
             stats: Arc::new(StoreStats::new(&names)),
             config,
             recorder: crate::profile::Recorder::default(),
+            replayed: Mutex::default(),
         })
     }
 
@@ -829,11 +832,23 @@ impl<S: BlobSource> ChunkStore<S> {
         self.recorder.recorded()
     }
 
+    /// The profile to leave for the next mount: what was recorded, then what the replayed
+    /// profile named besides ([`crate::profile::merge`]); empty when nothing was read.
+    pub fn profile_to_save(&self) -> Vec<(usize, u32)> {
+        let recorded = self.recorder.recorded();
+        if recorded.is_empty() {
+            return recorded;
+        }
+        let replayed = self.replayed.lock().unwrap_or_else(|p| p.into_inner());
+        crate::profile::merge(&recorded, &replayed)
+    }
+
     /// Fetches the spans holding `chunks` (a start-up profile, in its order) that no local
     /// tier holds, `readahead_runs` at a time, so that a program reading them finds them
     /// fetched or on their way; the other fetch permits stay free for reads the profile did
     /// not foresee. Returns at once; the fetches go on in the background.
     pub fn replay(self: &Arc<Self>, chunks: &[(usize, u32)]) {
+        *self.replayed.lock().unwrap_or_else(|p| p.into_inner()) = chunks.to_vec();
         // One fetch per span, reaching the last chunk the profile wants of it (a zstd miss
         // fetches up to its chunk only), in the order the profile first wants each span.
         let mut spans: Vec<(usize, u32)> = Vec::new();

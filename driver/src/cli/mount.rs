@@ -198,14 +198,12 @@ pub async fn run(args: MountArgs) -> Result<()> {
     );
     let profile = (!args.no_startup_profile).then(|| {
         args.startup_profile.clone().unwrap_or_else(|| {
-            cache_dir
-                .join("profiles")
-                .join(index.source.manifest_digest.hex())
+            crate::profile::path_in(&cache_dir.join("profiles"), &index.source.manifest_digest)
         })
     });
     let replayed = profile
         .as_deref()
-        .and_then(|p| load_profile(p, &index))
+        .and_then(|p| crate::profile::load(p, &index))
         .unwrap_or_default();
     if !replayed.is_empty() {
         info!(
@@ -293,69 +291,12 @@ pub async fn run(args: MountArgs) -> Result<()> {
         tracing::warn!("some chunks were not written to the caches before exit");
     }
     if let Some(path) = &profile {
-        save_profile(path, &index, &store.recorded_profile(), &replayed);
+        crate::profile::save(path, &index, &store.profile_to_save());
     }
     if args.stats {
         print_stats(&store.snapshot());
     }
     Ok(())
-}
-
-/// The chunks a start-up profile file names; nothing (and a warning) when it cannot be
-/// used: the mount goes on without it.
-fn load_profile(path: &Path, index: &ImageIndex) -> Option<Vec<(usize, u32)>> {
-    use clip_storage::profile::{MAX_PROFILE_BYTES, decode};
-    use std::io::Read;
-    let warn = |why: String| {
-        tracing::warn!(path = %path.display(), "start-up profile not used: {why}");
-    };
-    let file = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
-        Err(e) => {
-            warn(e.to_string());
-            return None;
-        }
-    };
-    let mut text = String::new();
-    if let Err(e) = file.take(MAX_PROFILE_BYTES + 1).read_to_string(&mut text) {
-        warn(e.to_string());
-        return None;
-    }
-    if text.len() as u64 > MAX_PROFILE_BYTES {
-        warn(format!("larger than {MAX_PROFILE_BYTES} bytes"));
-        return None;
-    }
-    decode(&text, index).map_err(|e| warn(e.to_string())).ok()
-}
-
-/// Writes the chunks this mount's readers asked for first, then those of the profile it
-/// used that they did not ask for (up to the limit), so a short mount does not make a
-/// profile forget what a longer one learnt. Written to a temporary file, then renamed.
-fn save_profile(
-    path: &Path,
-    index: &ImageIndex,
-    recorded: &[(usize, u32)],
-    replayed: &[(usize, u32)],
-) {
-    use clip_storage::profile::{RECORD_LIMIT, encode};
-    if recorded.is_empty() {
-        return;
-    }
-    let seen: std::collections::HashSet<_> = recorded.iter().collect();
-    let mut chunks = recorded.to_vec();
-    chunks.extend(replayed.iter().filter(|c| !seen.contains(c)));
-    chunks.truncate(RECORD_LIMIT);
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    let written = path
-        .parent()
-        .map_or(Ok(()), std::fs::create_dir_all)
-        .and_then(|()| std::fs::write(&tmp, encode(index, &chunks)))
-        .and_then(|()| std::fs::rename(&tmp, path));
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        tracing::warn!(path = %path.display(), error = %e, "writing the start-up profile failed");
-    }
 }
 
 fn print_stats(s: &clip_storage::stats::StatsSnapshot) {

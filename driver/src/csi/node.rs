@@ -116,6 +116,61 @@ impl Drop for OpGuard<'_> {
     }
 }
 
+/// Replays the start-up profile at `path`, or else the one published in Redis, on the
+/// store (if it is still in use).
+async fn replay_profile(
+    store: &std::sync::Weak<ChunkStore<RegistryBlobs>>,
+    index: Arc<ImageIndex>,
+    path: &Path,
+    redis: Option<&Arc<RedisCache>>,
+) {
+    let manifest = index.source.manifest_digest;
+    let mut chunks = crate::profile::load(path, &index);
+    if chunks.is_none()
+        && let Some(r) = redis
+    {
+        match r
+            .fetch_profile(&manifest, clip_storage::profile::MAX_PROFILE_BYTES)
+            .await
+        {
+            Ok(Some(text)) => chunks = crate::profile::parse(&text, &index, "redis"),
+            Ok(None) => {}
+            Err(e) => tracing::debug!(error = %e, "no start-up profile from redis"),
+        }
+    }
+    if let (Some(chunks), Some(store)) = (chunks, store.upgrade())
+        && !chunks.is_empty()
+    {
+        info!(image = %manifest, chunks = chunks.len(), "fetching ahead what the start-up profile names");
+        store.replay(&chunks);
+    }
+}
+
+/// Writes an image's start-up profile to `path` and publishes it in Redis for the other
+/// nodes (in the background; a profile is an optimisation, so failures are only logged).
+fn keep_profile(
+    store: &ChunkStore<RegistryBlobs>,
+    path: &Path,
+    redis: Option<Arc<RedisCache>>,
+    runtime: &tokio::runtime::Handle,
+) {
+    let chunks = store.profile_to_save();
+    if chunks.is_empty() {
+        return;
+    }
+    let index = store.index().clone();
+    crate::profile::save(path, &index, &chunks);
+    if let Some(r) = redis {
+        let text = clip_storage::profile::encode(&index, &chunks);
+        runtime.spawn(async move {
+            let manifest = index.source.manifest_digest;
+            if let Err(e) = r.publish_profile(&manifest, &text).await {
+                tracing::debug!(error = %e, "publishing the start-up profile to redis failed");
+            }
+        });
+    }
+}
+
 /// Whether the FUSE mount at `dir` still answers (a dead server gives ENOTCONN).
 fn mount_alive(dir: &Path) -> bool {
     crate::fs::mount_responds(dir).is_ok()
@@ -251,6 +306,7 @@ impl NodeContext {
             self.redis.clone(),
             self.config.store.clone(),
         );
+        self.start_profile(&store);
         images.insert(
             digest,
             ImageEntry {
@@ -266,9 +322,37 @@ impl NodeContext {
         if let Some(e) = images.get_mut(digest) {
             e.refs = e.refs.saturating_sub(1);
             if e.refs == 0 {
+                let path = self.profile_path(&e.store);
+                keep_profile(&e.store, &path, self.redis.clone(), &self.runtime);
                 images.remove(digest);
             }
         }
+    }
+
+    /// Where this node keeps the start-up profile of an image.
+    fn profile_path(&self, store: &ChunkStore<RegistryBlobs>) -> PathBuf {
+        crate::profile::path_in(
+            &self.config.state_dir.join("profiles"),
+            &store.index().source.manifest_digest,
+        )
+    }
+
+    /// For a new image store: replays the image's start-up profile (this node's, else the
+    /// one a node published in Redis) and keeps what the store records once the recording
+    /// window is over (or earlier, when the image's last volume goes).
+    fn start_profile(&self, store: &Arc<ChunkStore<RegistryBlobs>>) {
+        let path = self.profile_path(store);
+        let redis = self.redis.clone();
+        let weak = Arc::downgrade(store);
+        let index = store.index().clone();
+        let runtime = self.runtime.clone();
+        self.runtime.spawn(async move {
+            replay_profile(&weak, index, &path, redis.as_ref()).await;
+            tokio::time::sleep(clip_storage::profile::RECORD_WINDOW).await;
+            if let Some(store) = weak.upgrade() {
+                keep_profile(&store, &path, redis, &runtime);
+            }
+        });
     }
 
     /// Registry access with the pod's pull secret, if it gave one. Clients are reused per

@@ -550,7 +550,6 @@ impl RedisCache {
         Ok(0)
     }
 
-    /// Whether an index with this digest is in Redis.
     /// Records that every chunk of index `digest` was copied into Redis (expires with the
     /// chunks' TTL, since evicted chunks make it untrue).
     pub async fn mark_warm(&self, digest: &Digest) -> Result<()> {
@@ -571,6 +570,37 @@ impl RedisCache {
         n.map(|n| n > 0).map_err(|e| redis_error(&self.config, &e))
     }
 
+    /// Stores the start-up profile of an image (by manifest digest), for every node;
+    /// expires with the chunks' TTL.
+    pub async fn publish_profile(&self, manifest: &Digest, text: &str) -> Result<()> {
+        let mut c = self.conn.clone();
+        let key = self.profile_key(manifest);
+        let r: redis::RedisResult<()> = match self.config.ttl {
+            Some(t) => c.set_ex(&key, text, t.as_secs().max(1)).await,
+            None => c.set(&key, text).await,
+        };
+        r.map_err(|e| redis_error(&self.config, &e))
+    }
+
+    /// The start-up profile a node published for an image, if any and if it is at most
+    /// `limit` bytes.
+    pub async fn fetch_profile(&self, manifest: &Digest, limit: u64) -> Result<Option<String>> {
+        let mut c = self.conn.clone();
+        let key = self.profile_key(manifest);
+        let len: redis::RedisResult<u64> = c.strlen(&key).await;
+        let len = len.map_err(|e| redis_error(&self.config, &e))?;
+        if len == 0 || len > limit {
+            return Ok(None);
+        }
+        let text: redis::RedisResult<Option<String>> = c.get(&key).await;
+        text.map_err(|e| redis_error(&self.config, &e))
+    }
+
+    fn profile_key(&self, manifest: &Digest) -> String {
+        format!("{}:p:{}", self.config.key_prefix, manifest.hex())
+    }
+
+    /// Whether an index with this digest is in Redis.
     pub async fn has_index(&self, digest: &Digest) -> Result<bool> {
         let mut c = self.conn.clone();
         let n: redis::RedisResult<i64> = c.exists(self.index_key(digest)).await;

@@ -1,0 +1,67 @@
+//! Start-up profiles ([`clip_storage::profile`]) kept in files: read when a mount starts,
+//! written when its recording is over. A profile that cannot be used is reported and
+//! ignored; the mount goes on without it.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use clip_index::{Digest, ImageIndex};
+use clip_storage::profile::{MAX_PROFILE_BYTES, decode, encode};
+
+/// Where a node or a cache keeps the profile of an image: `dir/MANIFEST-DIGEST`.
+pub fn path_in(dir: &Path, manifest: &Digest) -> PathBuf {
+    dir.join(manifest.hex())
+}
+
+/// The chunks a profile's text names; nothing (and a warning naming `origin`) when it is
+/// not a usable profile.
+pub fn parse(text: &str, index: &ImageIndex, origin: &str) -> Option<Vec<(usize, u32)>> {
+    if text.len() as u64 > MAX_PROFILE_BYTES {
+        tracing::warn!(%origin, error = %format!("larger than {MAX_PROFILE_BYTES} bytes"), "start-up profile not used");
+        return None;
+    }
+    match decode(text, index) {
+        Ok(chunks) => Some(chunks),
+        Err(e) => {
+            tracing::warn!(%origin, error = %e, "start-up profile not used");
+            None
+        }
+    }
+}
+
+/// The chunks the profile file at `path` names; nothing if there is none.
+pub fn load(path: &Path, index: &ImageIndex) -> Option<Vec<(usize, u32)>> {
+    let origin = path.display().to_string();
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::warn!(%origin, error = %e, "start-up profile not used");
+            return None;
+        }
+    };
+    let mut text = String::new();
+    if let Err(e) = file.take(MAX_PROFILE_BYTES + 1).read_to_string(&mut text) {
+        tracing::warn!(%origin, error = %e, "start-up profile not used");
+        return None;
+    }
+    parse(&text, index, &origin)
+}
+
+/// Writes a profile of `chunks` to `path` (a temporary file, then renamed); nothing when
+/// there is nothing to write. Failures are logged: a profile is an optimisation.
+pub fn save(path: &Path, index: &ImageIndex, chunks: &[(usize, u32)]) {
+    if chunks.is_empty() {
+        return;
+    }
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    let written = path
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| std::fs::write(&tmp, encode(index, chunks)))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        tracing::warn!(path = %path.display(), error = %e, "writing the start-up profile failed");
+    }
+}
