@@ -19,6 +19,17 @@ fn clip() -> Command {
     Command::new(env!("CARGO_BIN_EXE_clip"))
 }
 
+/// `clip index REFERENCE -o OUT`.
+fn index_to(reference: &str, out: &Path) -> anyhow::Result<()> {
+    let done = clip().args(["index", reference, "-o"]).arg(out).output()?;
+    anyhow::ensure!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    Ok(())
+}
+
 struct Fixture {
     _registry: Registry,
     index_file: std::path::PathBuf,
@@ -32,15 +43,7 @@ fn fixture() -> anyhow::Result<Fixture> {
     let reference = Pusher::new(&registry.host(), None).push_image("cli/mount", "v1", &image)?;
     let work = tempfile::tempdir()?;
     let index_file = work.path().join("image.clipidx");
-    let out = clip()
-        .args(["index", &reference, "-o"])
-        .arg(&index_file)
-        .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    index_to(&reference, &index_file)?;
     let cache = work.path().join("cache");
     Ok(Fixture {
         _registry: registry,
@@ -221,16 +224,7 @@ fn prefetch_fills_the_cache_so_the_image_reads_without_the_registry() -> anyhow:
     Pusher::new(&registry.host(), None).push_image("cli/prefetch", "v1", &image)?;
     let work = tempfile::tempdir()?;
     let index_file = work.path().join("p.clipidx");
-    let reference = format!("{}/cli/prefetch:v1", proxy.host());
-    let out = clip()
-        .args(["index", &reference, "-o"])
-        .arg(&index_file)
-        .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    index_to(&format!("{}/cli/prefetch:v1", proxy.host()), &index_file)?;
     let f = Fixture {
         _registry: registry,
         index_file,
@@ -291,15 +285,7 @@ fn a_start_up_profile_recorded_by_one_mount_is_fetched_ahead_by_the_next() -> an
     Pusher::new(&registry.host(), None).push_image("cli/profile", "v1", &image)?;
     let work = tempfile::tempdir()?;
     let index = work.path().join("p.clipidx");
-    let out = clip()
-        .args(["index", &format!("{}/cli/profile:v1", proxy.host()), "-o"])
-        .arg(&index)
-        .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    index_to(&format!("{}/cli/profile:v1", proxy.host()), &index)?;
     let profile = work.path().join("start.profile");
     let profile_arg = profile.to_str().unwrap();
     let dir = tempfile::tempdir()?;
