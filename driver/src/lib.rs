@@ -7,6 +7,7 @@
 //! - [`mounts`]: the node's persisted mount table.
 //! - [`keeper`]: holds FUSE connections across restarts of the node plugin.
 //! - [`socket`]: unix socket files the node's processes serve on.
+//! - [`profile`]: start-up profile files, read at mount and written when recorded.
 //! - [`error`]: the crate's error type.
 
 pub mod cli;

@@ -48,17 +48,26 @@ pub fn load(path: &Path, index: &ImageIndex) -> Option<Vec<(usize, u32)>> {
     parse(&text, index, &origin)
 }
 
-/// Writes a profile of `chunks` to `path` (a temporary file, then renamed); nothing when
-/// there is nothing to write. Failures are logged: a profile is an optimisation.
+/// Writes a profile of `chunks` to `path`; nothing when there is nothing to write.
 pub fn save(path: &Path, index: &ImageIndex, chunks: &[(usize, u32)]) {
-    if chunks.is_empty() {
-        return;
+    if !chunks.is_empty() {
+        save_text(path, &encode(index, chunks));
     }
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+}
+
+/// Writes a profile's text to `path`: to a temporary file of its own, synced, then
+/// renamed, so a reader sees the old profile or the new one. Failures are logged: a
+/// profile is an optimisation.
+pub fn save_text(path: &Path, text: &str) {
+    use std::io::Write;
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp-{}-{n}", std::process::id()));
     let written = path
         .parent()
         .map_or(Ok(()), std::fs::create_dir_all)
-        .and_then(|()| std::fs::write(&tmp, encode(index, chunks)))
+        .and_then(|()| std::fs::File::create(&tmp))
+        .and_then(|mut f| f.write_all(text.as_bytes()).and_then(|()| f.sync_all()))
         .and_then(|()| std::fs::rename(&tmp, path));
     if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);

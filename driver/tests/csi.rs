@@ -1167,11 +1167,19 @@ async fn a_start_up_profile_learnt_on_one_node_is_fetched_ahead_on_the_next() ->
         .await?;
     let manifest: clip_index::Digest = image.manifest.digest.parse()?;
     let kept = a.dir.path().join("state/profiles").join(manifest.hex());
+    // Written and published in the background once the volume is gone.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !kept.is_file() {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "node A never kept the profile"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(
         std::fs::read_to_string(&kept)?.lines().count() >= 3,
-        "node A kept the profile"
+        "the profile names the chunks node A read"
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while redis_a.fetch_profile(&manifest, 1 << 20).await?.is_none() {
         anyhow::ensure!(
             std::time::Instant::now() < deadline,
@@ -1203,8 +1211,16 @@ async fn a_start_up_profile_learnt_on_one_node_is_fetched_ahead_on_the_next() ->
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let before = from_redis(&b.ctx.metrics());
+    // Until the profile's fetches are over: the counter holds still.
+    let mut before = from_redis(&b.ctx.metrics());
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = from_redis(&b.ctx.metrics());
+        if now == before {
+            break;
+        }
+        before = now;
+    }
     head(&target_b, 6).await?;
     head(&target_b, 1).await?;
     let metrics = b.ctx.metrics();

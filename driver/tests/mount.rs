@@ -532,12 +532,15 @@ fn the_kernel_keeps_opens_symlinks_and_listings_and_first_reads_prefetch() -> an
         clip_e2e::text_bytes(5000, 3),
         "the file read is the file written"
     );
-    assert!(
-        counters.opens.load(Relaxed) <= 2,
-        "one open and one opendir at most reach the filesystem: {}",
-        counters.opens.load(Relaxed)
-    );
-    assert_eq!(counters.readlinks.load(Relaxed), 1, "the target was cached");
+    // No-open and cached symlinks: Linux 5.1 and 4.20.
+    if kernel_at_least(5, 1) {
+        assert!(
+            counters.opens.load(Relaxed) <= 2,
+            "one open and one opendir at most reach the filesystem: {}",
+            counters.opens.load(Relaxed)
+        );
+        assert_eq!(counters.readlinks.load(Relaxed), 1, "the target was cached");
+    }
 
     // The first read of a file starts fetching its first spans (16 MiB by default), as an
     // open would: a reader that goes on finds them fetched.
@@ -547,13 +550,23 @@ fn the_kernel_keeps_opens_symlinks_and_listings_and_first_reads_prefetch() -> an
     let mut head = vec![0u8; 4096];
     f.read_exact_at(&mut head, 0)?;
     assert!(head == big[..4096]);
+    // Until the fetches are over: something was fetched ahead and the count holds still.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while served.store.stats().snapshot().prefetched_chunks == 0 || proxy.in_flight() > 0 {
+    let mut last = (0, 0);
+    loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = (
+            served.store.stats().snapshot().prefetched_chunks,
+            proxy.blob_reads().len(),
+        );
+        if now.0 > 0 && now == last && proxy.in_flight() == 0 {
+            break;
+        }
         assert!(
             std::time::Instant::now() < deadline,
             "nothing was fetched ahead of the reader"
         );
-        std::thread::sleep(Duration::from_millis(20));
+        last = now;
     }
     rt.block_on(served.store.flush(Duration::from_secs(30)));
     let fetched = proxy.blob_reads().len();
@@ -564,4 +577,14 @@ fn the_kernel_keeps_opens_symlinks_and_listings_and_first_reads_prefetch() -> an
         "the rest of the file had been fetched at its first read"
     );
     Ok(())
+}
+
+/// Whether this kernel is at least `major.minor`.
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (major, minor)
 }

@@ -18,6 +18,7 @@
 //!   password, ACL users or TLS only (a CA and certificate made for the test).
 //! - [`token`]: a registry token server (Bearer flow) with a self-signed signing certificate.
 //! - [`http`]: the tiny blocking HTTP/1.1 client behind the above.
+//! - [`forward`]: a plain TCP forwarder that counts connections (pooled-connection tests).
 //! - [`node`]: how tests start `clip node` and `clip keeper` as processes.
 //! - [`wait`]: polling until another process has done something.
 

@@ -75,8 +75,8 @@ pub enum Error {
     #[error("{0}")]
     Shared(std::sync::Arc<Error>),
 
-    #[error("start-up profile: {0}")]
-    Profile(String),
+    #[error("start-up profile, line {line}: {reason}")]
+    Profile { line: usize, reason: String },
 
     #[error("background task failed: {0}")]
     Task(String),

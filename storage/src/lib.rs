@@ -11,6 +11,7 @@
 //! - [`stats`]: per-tier counters and read latency, with Prometheus text output.
 //! - [`indexer`]: builds an index by streaming layers from a registry in parallel.
 //! - [`reader`]: the range reader (checkpoint-based fetch, decode and verify).
+//! - [`profile`]: start-up profiles: the chunks a mount's readers asked for first.
 //! - [`error`]: the crate's error type.
 
 pub mod auth;

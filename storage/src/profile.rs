@@ -14,6 +14,7 @@
 use std::collections::HashSet;
 use std::ops::Range;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use clip_index::{Digest, ImageIndex};
@@ -33,6 +34,8 @@ const HEADER: &str = "clip-startup-profile 1";
 #[derive(Debug, Default)]
 pub struct Recorder {
     state: Mutex<RecorderState>,
+    /// The window or the limit is behind: reads no longer take the lock.
+    closed: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -45,20 +48,31 @@ struct RecorderState {
 impl Recorder {
     /// A reader wanted `chunks` of `layer`.
     pub fn note(&self, layer: usize, chunks: Range<u32>) {
+        if self.closed.load(Ordering::Relaxed) {
+            return;
+        }
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         let first = *s.first.get_or_insert(now);
         if now.duration_since(first) > RECORD_WINDOW {
+            self.closed.store(true, Ordering::Relaxed);
             return;
         }
         for c in chunks {
             if s.order.len() >= RECORD_LIMIT {
+                self.closed.store(true, Ordering::Relaxed);
                 return;
             }
             if s.seen.insert((layer, c)) {
                 s.order.push((layer, c));
             }
         }
+    }
+
+    /// When recording stops: [`RECORD_WINDOW`] after the first read (none yet: unknown).
+    pub fn window_end(&self) -> Option<Instant> {
+        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.first.map(|f| f + RECORD_WINDOW)
     }
 
     /// What was recorded: (layer number, chunk number), first touch first.
@@ -97,7 +111,10 @@ pub fn encode(index: &ImageIndex, chunks: &[(usize, u32)]) -> String {
 /// have, or past a layer's last chunk, are skipped; a file that is not a profile, or a
 /// line that is not `DIGEST NUMBER`, is an error.
 pub fn decode(text: &str, index: &ImageIndex) -> Result<Vec<(usize, u32)>> {
-    let bad = |line: usize, why: &str| Error::Profile(format!("line {line}: {why}"));
+    let bad = |line: usize, reason: &str| Error::Profile {
+        line,
+        reason: reason.to_owned(),
+    };
     let mut lines = text.lines();
     if lines.next().map(str::trim_end) != Some(HEADER) {
         return Err(bad(1, "not a clip start-up profile"));

@@ -832,6 +832,11 @@ impl<S: BlobSource> ChunkStore<S> {
         self.recorder.recorded()
     }
 
+    /// When this store stops recording its start-up profile (none before its first read).
+    pub fn profile_window_end(&self) -> Option<Instant> {
+        self.recorder.window_end()
+    }
+
     /// The profile to leave for the next mount: what was recorded, then what the replayed
     /// profile named besides ([`crate::profile::merge`]); empty when nothing was read.
     pub fn profile_to_save(&self) -> Vec<(usize, u32)> {
@@ -846,20 +851,29 @@ impl<S: BlobSource> ChunkStore<S> {
     /// Fetches the spans holding `chunks` (a start-up profile, in its order) that no local
     /// tier holds, `readahead_runs` at a time, so that a program reading them finds them
     /// fetched or on their way; the other fetch permits stay free for reads the profile did
-    /// not foresee. Returns at once; the fetches go on in the background.
-    pub fn replay(self: &Arc<Self>, chunks: &[(usize, u32)]) {
+    /// not foresee. Spans are taken in order while their decoded bytes fit in `budget` (a
+    /// share of the disk cache, so a profile never evicts what it brought). Returns at
+    /// once; the fetches go on in the background.
+    pub fn replay(self: &Arc<Self>, chunks: &[(usize, u32)], budget: u64) {
         *self.replayed.lock().unwrap_or_else(|p| p.into_inner()) = chunks.to_vec();
         // One fetch per span, reaching the last chunk the profile wants of it (a zstd miss
         // fetches up to its chunk only), in the order the profile first wants each span.
         let mut spans: Vec<(usize, u32)> = Vec::new();
         let mut at: HashMap<(usize, u32), usize> = HashMap::new();
+        let mut planned = 0u64;
         for &(layer, c) in chunks {
-            let Ok(run) = self.span_run(layer, c) else {
+            let (Ok(run), Ok(l)) = (self.span_run(layer, c), self.layer(layer)) else {
                 continue;
             };
             match at.get(&(layer, run.start)) {
                 Some(&i) => spans[i].1 = spans[i].1.max(c),
                 None => {
+                    let bytes = l.chunk_range(run.end.saturating_sub(1)).end
+                        - l.chunk_range(run.start).start;
+                    if planned + bytes > budget {
+                        continue;
+                    }
+                    planned += bytes;
                     at.insert((layer, run.start), spans.len());
                     spans.push((layer, c));
                 }
@@ -868,14 +882,18 @@ impl<S: BlobSource> ChunkStore<S> {
         if spans.is_empty() {
             return;
         }
-        let this = self.clone();
+        // Weak: a store whose last reader went does not live on to finish the profile.
+        let weak = Arc::downgrade(self);
+        let width = self.config.readahead_runs.max(1);
         tokio::spawn(async move {
             use futures::StreamExt;
-            let width = this.config.readahead_runs.max(1);
             futures::stream::iter(spans)
                 .map(|(layer, c)| {
-                    let this = this.clone();
+                    let weak = weak.clone();
                     async move {
+                        let Some(this) = weak.upgrade() else {
+                            return;
+                        };
                         if this.whereabouts(layer, c).await != Whereabouts::Far {
                             return;
                         }

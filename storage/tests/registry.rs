@@ -703,6 +703,8 @@ async fn warming_up_leaves_connections_for_parallel_fetches() -> anyhow::Result<
     let source =
         Arc::new(client().repository(&index.source.repository, &index.source.manifest_digest)?);
     source.warm_up(&digest).await;
+    // The client hands each finished connection back to its pool on a task of its own.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let warmed = forward.connections() - before;
     assert!(
         (clip_storage::source::registry::WARM_UP_CONNECTIONS

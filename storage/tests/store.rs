@@ -603,7 +603,7 @@ async fn a_start_up_profile_fetches_what_the_reads_will_need_on_an_empty_cache()
         None,
         quiet,
     );
-    store.replay(&recorded);
+    store.replay(&recorded, u64::MAX);
     settle(&s).await;
     let spans: std::collections::HashSet<Range<u32>> =
         recorded.iter().map(|&(_, c)| layer.span_run(c)).collect();
@@ -622,6 +622,28 @@ async fn a_start_up_profile_fetches_what_the_reads_will_need_on_an_empty_cache()
         spans.len() as u32,
         "the reads found everything fetched"
     );
+
+    // A budget of one span's bytes (a quarter of a small disk cache): one fetch, the first
+    // span the profile names.
+    let before = s.requests();
+    let first = layer.span_run(recorded[0].1);
+    let one = layer.chunk_range(first.end - 1).end - layer.chunk_range(first.start).start;
+    let empty = tempfile::tempdir()?;
+    let store = ChunkStore::new(
+        s.store.index().clone(),
+        s.source.clone(),
+        vec![Arc::new(DiskCache::open(empty.path(), 1 << 30)?)],
+        None,
+        StoreConfig::default(),
+    );
+    store.replay(&recorded, one);
+    settle(&s).await;
+    assert_eq!(s.requests() - before, 1, "only what fits in the budget");
+    let (off, len) = reads[0];
+    let got = store.read_in_file(0, base + off, len, base + size).await?;
+    assert!(got[..] == s.data[off as usize..(off + len) as usize]);
+    settle(&s).await;
+    assert_eq!(s.requests() - before, 1, "and it was the first span read");
     Ok(())
 }
 

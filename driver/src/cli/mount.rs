@@ -60,7 +60,11 @@ pub struct MountArgs {
     pub startup_profile: Option<PathBuf>,
 
     /// Neither use nor record a start-up profile.
-    #[arg(long, conflicts_with = "startup_profile")]
+    #[arg(
+        long,
+        conflicts_with = "startup_profile",
+        env = "CLIP_NO_STARTUP_PROFILE"
+    )]
     pub no_startup_profile: bool,
 
     #[command(flatten)]
@@ -210,7 +214,7 @@ pub async fn run(args: MountArgs) -> Result<()> {
             chunks = replayed.len(),
             "fetching ahead what the start-up profile names"
         );
-        store.replay(&replayed);
+        store.replay(&replayed, cache_size / 4);
     }
     let fsname = format!(
         "clip:{}@{}",

@@ -63,6 +63,9 @@ pub struct NodeConfig {
 struct ImageEntry {
     store: Arc<ChunkStore<RegistryBlobs>>,
     refs: usize,
+    /// Made for a pod that starts (not for one already running, re-served after a
+    /// restart): its reads are a start-up, worth keeping as the image's profile.
+    profiled: bool,
 }
 
 struct Active {
@@ -123,6 +126,7 @@ async fn replay_profile(
     index: Arc<ImageIndex>,
     path: &Path,
     redis: Option<&Arc<RedisCache>>,
+    budget: u64,
 ) {
     let manifest = index.source.manifest_digest;
     let mut chunks = crate::profile::load(path, &index);
@@ -142,7 +146,7 @@ async fn replay_profile(
         && !chunks.is_empty()
     {
         info!(image = %manifest, chunks = chunks.len(), "fetching ahead what the start-up profile names");
-        store.replay(&chunks);
+        store.replay(&chunks, budget);
     }
 }
 
@@ -150,7 +154,7 @@ async fn replay_profile(
 /// nodes (in the background; a profile is an optimisation, so failures are only logged).
 fn keep_profile(
     store: &ChunkStore<RegistryBlobs>,
-    path: &Path,
+    path: PathBuf,
     redis: Option<Arc<RedisCache>>,
     runtime: &tokio::runtime::Handle,
 ) {
@@ -159,16 +163,18 @@ fn keep_profile(
         return;
     }
     let index = store.index().clone();
-    crate::profile::save(path, &index, &chunks);
-    if let Some(r) = redis {
+    runtime.spawn(async move {
         let text = clip_storage::profile::encode(&index, &chunks);
-        runtime.spawn(async move {
-            let manifest = index.source.manifest_digest;
-            if let Err(e) = r.publish_profile(&manifest, &text).await {
-                tracing::debug!(error = %e, "publishing the start-up profile to redis failed");
-            }
-        });
-    }
+        let file = text.clone();
+        let _ = tokio::task::spawn_blocking(move || crate::profile::save_text(&path, &file)).await;
+        if let Some(r) = redis
+            && let Err(e) = r
+                .publish_profile(&index.source.manifest_digest, &text)
+                .await
+        {
+            tracing::debug!(error = %e, "publishing the start-up profile to redis failed");
+        }
+    });
 }
 
 /// Whether the FUSE mount at `dir` still answers (a dead server gives ENOTCONN).
@@ -278,12 +284,14 @@ impl NodeContext {
     }
 
     /// The shared store of an image (one index and one chunk cache per image per node).
+    /// A new store for a pod that `starts` replays and records the image's start-up profile.
     fn store_for(
         &self,
         digest: Digest,
         index: Arc<ImageIndex>,
         registry: &RegistryClient,
         volume: &str,
+        starts: bool,
     ) -> Result<Arc<ChunkStore<RegistryBlobs>>, CsiError> {
         let mut images = lock(&self.images);
         if let Some(e) = images.get_mut(&digest) {
@@ -306,26 +314,35 @@ impl NodeContext {
             self.redis.clone(),
             self.config.store.clone(),
         );
-        self.start_profile(&store);
+        if starts {
+            self.start_profile(&store);
+        }
         images.insert(
             digest,
             ImageEntry {
                 store: store.clone(),
                 refs: 1,
+                profiled: starts,
             },
         );
         Ok(store)
     }
 
     fn release_image(&self, digest: &Digest) {
-        let mut images = lock(&self.images);
-        if let Some(e) = images.get_mut(digest) {
-            e.refs = e.refs.saturating_sub(1);
-            if e.refs == 0 {
-                let path = self.profile_path(&e.store);
-                keep_profile(&e.store, &path, self.redis.clone(), &self.runtime);
-                images.remove(digest);
+        let gone = {
+            let mut images = lock(&self.images);
+            match images.get_mut(digest) {
+                Some(e) if e.refs > 1 => {
+                    e.refs -= 1;
+                    None
+                }
+                Some(_) => images.remove(digest),
+                None => None,
             }
+        };
+        if let Some(e) = gone.filter(|e| e.profiled) {
+            let path = self.profile_path(&e.store);
+            keep_profile(&e.store, path, self.redis.clone(), &self.runtime);
         }
     }
 
@@ -346,11 +363,24 @@ impl NodeContext {
         let weak = Arc::downgrade(store);
         let index = store.index().clone();
         let runtime = self.runtime.clone();
+        let budget = self.config.cache_bytes / 4;
         self.runtime.spawn(async move {
-            replay_profile(&weak, index, &path, redis.as_ref()).await;
-            tokio::time::sleep(clip_storage::profile::RECORD_WINDOW).await;
+            replay_profile(&weak, index, &path, redis.as_ref(), budget).await;
+            // Kept when the recording window (from the first read) is over.
+            loop {
+                let end = match weak.upgrade() {
+                    Some(store) => store.profile_window_end(),
+                    None => return,
+                };
+                let now = std::time::Instant::now();
+                match end {
+                    Some(end) if end <= now => break,
+                    Some(end) => tokio::time::sleep(end - now).await,
+                    None => tokio::time::sleep(clip_storage::profile::RECORD_WINDOW).await,
+                }
+            }
             if let Some(store) = weak.upgrade() {
-                keep_profile(&store, &path, redis, &runtime);
+                keep_profile(&store, path, redis, &runtime);
             }
         });
     }
@@ -778,7 +808,7 @@ impl NodeContext {
         if is_mounted(&target) {
             let _ = unmount_path(&target);
         }
-        let store = self.store_for(digest, index, &registry, &volume)?;
+        let store = self.store_for(digest, index, &registry, &volume, true)?;
         let secrets = Secrets(req.secrets.clone().into_iter().collect());
         let mounted = match self.mount_at(store, &target, &volume, &secrets) {
             Ok(m) => m,
@@ -1148,7 +1178,7 @@ impl NodeContext {
             }
         };
         let store = self
-            .store_for(digest, index, &registry, &rec.volume_id)
+            .store_for(digest, index, &registry, &rec.volume_id, false)
             .map_err(|e| e.to_string())?;
         Ok((digest, store))
     }

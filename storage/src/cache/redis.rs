@@ -587,13 +587,14 @@ impl RedisCache {
     pub async fn fetch_profile(&self, manifest: &Digest, limit: u64) -> Result<Option<String>> {
         let mut c = self.conn.clone();
         let key = self.profile_key(manifest);
-        let len: redis::RedisResult<u64> = c.strlen(&key).await;
-        let len = len.map_err(|e| redis_error(&self.config, &e))?;
-        if len == 0 || len > limit {
+        // One byte past the limit at most, so an oversized value is never read whole.
+        let end = isize::try_from(limit).unwrap_or(isize::MAX);
+        let got: redis::RedisResult<Vec<u8>> = c.getrange(&key, 0, end).await;
+        let got = got.map_err(|e| redis_error(&self.config, &e))?;
+        if got.is_empty() || got.len() as u64 > limit {
             return Ok(None);
         }
-        let text: redis::RedisResult<Option<String>> = c.get(&key).await;
-        text.map_err(|e| redis_error(&self.config, &e))
+        Ok(String::from_utf8(got).ok())
     }
 
     fn profile_key(&self, manifest: &Digest) -> String {
