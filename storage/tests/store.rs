@@ -166,6 +166,24 @@ impl Setup {
         ))
     }
 
+    /// A store over the same index and source with an empty disk cache of its own (a new
+    /// node), and that cache's directory.
+    fn on_empty_cache(
+        &self,
+        config: StoreConfig,
+    ) -> anyhow::Result<(Arc<ChunkStore<Counting>>, tempfile::TempDir)> {
+        let empty = tempfile::tempdir()?;
+        let disk = DiskCache::open(empty.path(), 1 << 30)?;
+        let store = ChunkStore::new(
+            self.store.index().clone(),
+            self.source.clone(),
+            vec![Arc::new(disk)],
+            None,
+            config,
+        );
+        Ok((store, empty))
+    }
+
     /// The end of the compressed bytes fetched so far (0 if nothing was).
     fn fetched_up_to(&self) -> u64 {
         let fetched = self.source.fetched.lock().unwrap();
@@ -595,14 +613,7 @@ async fn a_start_up_profile_fetches_what_the_reads_will_need_on_an_empty_cache()
     // A new mount with an empty cache replays it: one fetch per span, before any read.
     settle(&s).await;
     let before = s.requests();
-    let empty = tempfile::tempdir()?;
-    let store = ChunkStore::new(
-        s.store.index().clone(),
-        s.source.clone(),
-        vec![Arc::new(DiskCache::open(empty.path(), 1 << 30)?)],
-        None,
-        quiet,
-    );
+    let (store, _empty) = s.on_empty_cache(quiet)?;
     store.replay(&recorded, u64::MAX);
     settle(&s).await;
     let spans: std::collections::HashSet<Range<u32>> =
@@ -628,14 +639,7 @@ async fn a_start_up_profile_fetches_what_the_reads_will_need_on_an_empty_cache()
     let before = s.requests();
     let first = layer.span_run(recorded[0].1);
     let one = layer.chunk_range(first.end - 1).end - layer.chunk_range(first.start).start;
-    let empty = tempfile::tempdir()?;
-    let store = ChunkStore::new(
-        s.store.index().clone(),
-        s.source.clone(),
-        vec![Arc::new(DiskCache::open(empty.path(), 1 << 30)?)],
-        None,
-        StoreConfig::default(),
-    );
+    let (store, _empty) = s.on_empty_cache(StoreConfig::default())?;
     store.replay(&recorded, one);
     settle(&s).await;
     assert_eq!(s.requests() - before, 1, "only what fits in the budget");
