@@ -333,7 +333,11 @@ fn a_start_up_profile_recorded_by_one_mount_is_fetched_ahead_by_the_next() -> an
     let fetched = proxy.blob_reads().len();
     head(6)?;
     head(1)?;
+    // (The proxy logs a request once its whole response has gone through.)
     std::thread::sleep(Duration::from_millis(300));
+    wait::until("the proxy", Duration::from_secs(10), || {
+        proxy.in_flight() == 0
+    })?;
     assert_eq!(
         proxy.blob_reads().len(),
         fetched,
@@ -342,7 +346,11 @@ fn a_start_up_profile_recorded_by_one_mount_is_fetched_ahead_by_the_next() -> an
     );
     // A file the profile does not name is still read from the registry.
     head(3)?;
-    assert!(proxy.blob_reads().len() > fetched);
+    wait::until(
+        "a read of f3 from the registry",
+        Duration::from_secs(10),
+        || proxy.blob_reads().len() > fetched,
+    )?;
     stop(child)?;
     let merged = std::fs::read_to_string(&profile)?;
     assert!(merged.lines().count() > text.lines().count(), "{merged}");

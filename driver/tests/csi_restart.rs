@@ -108,5 +108,11 @@ async fn a_restarted_plugin_knows_its_volumes() -> anyhow::Result<()> {
     node.node_unpublish_volume(kubelet::unpublish("vol-2", &t2))
         .await?;
     assert!(!is_mounted(&t2));
+    // A re-served volume's reads are not a start-up: no profile is kept for them (the
+    // first plugin, killed, kept none either).
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let profiles = dir.path().join("state/profiles");
+    let kept = std::fs::read_dir(&profiles).map_or(0, |d| d.count());
+    assert_eq!(kept, 0, "profiles kept in {}", profiles.display());
     Ok(())
 }

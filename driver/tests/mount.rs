@@ -571,6 +571,10 @@ fn the_kernel_keeps_opens_symlinks_and_listings_and_first_reads_prefetch() -> an
     rt.block_on(served.store.flush(Duration::from_secs(30)));
     let fetched = proxy.blob_reads().len();
     assert!(std::fs::read(served.path().join("big"))? == big);
+    // (The proxy logs a request once its whole response has gone through.)
+    while proxy.in_flight() > 0 {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert_eq!(
         proxy.blob_reads().len(),
         fetched,
