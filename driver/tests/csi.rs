@@ -1133,7 +1133,7 @@ async fn a_start_up_profile_learnt_on_one_node_is_fetched_ahead_on_the_next() ->
     let redis_b = connect_redis(&cluster, |_| {}).await?;
     // No read-ahead of its own on either node: what is fetched ahead is the profile's doing.
     let quiet = StoreConfig {
-        readahead_runs: 2,
+        readahead_runs: 0,
         preload_chunks: 0,
         open_prefetch_bytes: 0,
         ..StoreConfig::default()
@@ -1144,11 +1144,13 @@ async fn a_start_up_profile_learnt_on_one_node_is_fetched_ahead_on_the_next() ->
         ..Options::default()
     })
     .await?;
+    // 2 MiB from 1 MiB into a file: several chunks, in one span or two.
+    const READ: usize = 2 << 20;
     let head = |target: &Path, i: usize| {
         let path = target.join(format!("f{i}"));
-        let want = files[i][1 << 20..(1 << 20) + 4096].to_vec();
+        let want = files[i][1 << 20..(1 << 20) + READ].to_vec();
         async move {
-            let got = read_at(&path, 1 << 20, 4096).await?;
+            let got = read_at(&path, 1 << 20, READ).await?;
             anyhow::ensure!(got == want, "f{i}");
             Ok::<(), anyhow::Error>(())
         }
@@ -1187,6 +1189,16 @@ async fn a_start_up_profile_learnt_on_one_node_is_fetched_ahead_on_the_next() ->
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+
+    // Node A left the chunks it read in Redis too (in the background).
+    let index_digest = redis_a
+        .index_for_manifest(&manifest)
+        .await?
+        .expect("node A shared the index it built");
+    let index = clip_index::decode(&redis_a.fetch_index(&index_digest).await?)?;
+    let mut keys = chunk_keys(&index, "/f6", 1 << 20, READ as u64)?;
+    keys.extend(chunk_keys(&index, "/f1", 1 << 20, READ as u64)?);
+    wait_in_redis(&redis_a, &keys).await?;
 
     // Node B, cold: publishing alone brings the profile's chunks to its disk (from Redis,
     // where node A left them); the same start-up then finds them there.

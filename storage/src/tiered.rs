@@ -856,9 +856,9 @@ impl<S: BlobSource> ChunkStore<S> {
     /// once; the fetches go on in the background.
     pub fn replay(self: &Arc<Self>, chunks: &[(usize, u32)], budget: u64) {
         *self.replayed.lock().unwrap_or_else(|p| p.into_inner()) = chunks.to_vec();
-        // One fetch per span, reaching the last chunk the profile wants of it (a zstd miss
-        // fetches up to its chunk only), in the order the profile first wants each span.
-        let mut spans: Vec<(usize, u32)> = Vec::new();
+        // The profile's chunks grouped by span, spans in the order the profile first wants
+        // them.
+        let mut spans: Vec<(usize, Vec<u32>)> = Vec::new();
         let mut at: HashMap<(usize, u32), usize> = HashMap::new();
         let mut planned = 0u64;
         for &(layer, c) in chunks {
@@ -866,7 +866,7 @@ impl<S: BlobSource> ChunkStore<S> {
                 continue;
             };
             match at.get(&(layer, run.start)) {
-                Some(&i) => spans[i].1 = spans[i].1.max(c),
+                Some(&i) => spans[i].1.push(c),
                 None => {
                     let bytes = l.chunk_range(run.end.saturating_sub(1)).end
                         - l.chunk_range(run.start).start;
@@ -875,7 +875,7 @@ impl<S: BlobSource> ChunkStore<S> {
                     }
                     planned += bytes;
                     at.insert((layer, run.start), spans.len());
-                    spans.push((layer, c));
+                    spans.push((layer, vec![c]));
                 }
             }
         }
@@ -888,17 +888,24 @@ impl<S: BlobSource> ChunkStore<S> {
         tokio::spawn(async move {
             use futures::StreamExt;
             futures::stream::iter(spans)
-                .map(|(layer, c)| {
+                .map(|(layer, mut wanted)| {
                     let weak = weak.clone();
                     async move {
-                        let Some(this) = weak.upgrade() else {
-                            return;
-                        };
-                        if this.whereabouts(layer, c).await != Whereabouts::Far {
-                            return;
-                        }
-                        if let Err(e) = this.chunk_for(layer, c, true).await {
-                            debug!(layer, chunk = c, error = %e, "start-up profile fetch failed");
+                        // Last chunk first: a miss on it fetches the whole span (zstd: up
+                        // to it), after which the others are near; from Redis each comes
+                        // on its own.
+                        wanted.sort_unstable_by(|a, b| b.cmp(a));
+                        for c in wanted {
+                            let Some(this) = weak.upgrade() else {
+                                return;
+                            };
+                            if this.whereabouts(layer, c).await != Whereabouts::Far {
+                                continue;
+                            }
+                            if let Err(e) = this.chunk_for(layer, c, true).await {
+                                debug!(layer, chunk = c, error = %e, "start-up profile fetch failed");
+                                return;
+                            }
                         }
                     }
                 })
