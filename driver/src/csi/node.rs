@@ -165,9 +165,12 @@ fn keep_profile(
     let index = store.index().clone();
     runtime.spawn(async move {
         let text = clip_storage::profile::encode(&index, &chunks);
-        let file = text.clone();
-        let _ = tokio::task::spawn_blocking(move || crate::profile::save_text(&path, &file)).await;
-        if let Some(r) = redis
+        let written = tokio::task::spawn_blocking(move || {
+            crate::profile::save_text(&path, &text);
+            text
+        })
+        .await;
+        if let (Some(r), Ok(text)) = (redis, written)
             && let Err(e) = r
                 .publish_profile(&index.source.manifest_digest, &text)
                 .await

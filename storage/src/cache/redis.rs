@@ -553,11 +553,16 @@ impl RedisCache {
     /// Records that every chunk of index `digest` was copied into Redis (expires with the
     /// chunks' TTL, since evicted chunks make it untrue).
     pub async fn mark_warm(&self, digest: &Digest) -> Result<()> {
-        let mut c = self.conn.clone();
         let key = format!("{}:w:{}", self.config.key_prefix, digest.hex());
+        self.set_expiring(&key, b"1").await
+    }
+
+    /// SET that expires with the chunks' TTL (never, when none is configured).
+    async fn set_expiring(&self, key: &str, value: &[u8]) -> Result<()> {
+        let mut c = self.conn.clone();
         let r: redis::RedisResult<()> = match self.config.ttl {
-            Some(t) => c.set_ex(&key, 1, t.as_secs().max(1)).await,
-            None => c.set(&key, 1).await,
+            Some(t) => c.set_ex(key, value, t.as_secs().max(1)).await,
+            None => c.set(key, value).await,
         };
         r.map_err(|e| redis_error(&self.config, &e))
     }
@@ -573,13 +578,8 @@ impl RedisCache {
     /// Stores the start-up profile of an image (by manifest digest), for every node;
     /// expires with the chunks' TTL.
     pub async fn publish_profile(&self, manifest: &Digest, text: &str) -> Result<()> {
-        let mut c = self.conn.clone();
-        let key = self.profile_key(manifest);
-        let r: redis::RedisResult<()> = match self.config.ttl {
-            Some(t) => c.set_ex(&key, text, t.as_secs().max(1)).await,
-            None => c.set(&key, text).await,
-        };
-        r.map_err(|e| redis_error(&self.config, &e))
+        self.set_expiring(&self.profile_key(manifest), text.as_bytes())
+            .await
     }
 
     /// The start-up profile a node published for an image, if any and if it is at most

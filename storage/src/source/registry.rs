@@ -712,13 +712,10 @@ impl RegistryBlobs {
         let _ = tokio::task::spawn_blocking(move || this.prepare()).await;
         let d = digest.to_string();
         let probe = async {
-            // Room for the whole (one byte) body: nothing needs to drain it.
-            let (tx, _rx) = mpsc::channel(4);
-            let mut sent = 0;
-            let mut got = self.fetch_once(&d, &(0..1), &tx, &mut sent).await;
+            let mut got = self.first_byte(&d).await;
             if matches!(got, Err(FetchError::Unauthorized)) {
                 self.authorize().await.map_err(|e| e.to_string())?;
-                got = self.fetch_once(&d, &(0..1), &tx, &mut sent).await;
+                got = self.first_byte(&d).await;
             }
             got.map_err(|e| match e {
                 FetchError::Http(e) => error_chain(&e),
@@ -731,11 +728,7 @@ impl RegistryBlobs {
                 // More pooled connections, for the fetches a start-up makes in parallel (a
                 // file's first spans at open, read-ahead): each would otherwise pay for its
                 // connection (and TLS) on the first read that needs it.
-                let more = (0..WARM_UP_CONNECTIONS).map(|_| async {
-                    let (tx, _rx) = mpsc::channel(4);
-                    let mut sent = 0;
-                    let _ = self.fetch_once(&d, &(0..1), &tx, &mut sent).await;
-                });
+                let more = (0..WARM_UP_CONNECTIONS).map(|_| self.first_byte(&d));
                 let _ = tokio::time::timeout(WARM_UP_LIMIT, futures::future::join_all(more)).await;
                 return;
             }
@@ -743,6 +736,14 @@ impl RegistryBlobs {
             Err(_) => format!("no answer within {WARM_UP_LIMIT:?}"),
         };
         tracing::debug!(source = %self.describe(), error = %outcome, "warming up the registry failed");
+    }
+
+    /// One request for the first byte of blob `d` (the warm-up's probe).
+    async fn first_byte(&self, d: &str) -> std::result::Result<(), FetchError> {
+        // Room for the whole (one byte) body: nothing needs to drain it.
+        let (tx, _rx) = mpsc::channel(4);
+        let mut sent = 0;
+        self.fetch_once(d, &(0..1), &tx, &mut sent).await
     }
 
     /// Makes sure credentials are known to the client before the first blob request.
