@@ -66,15 +66,28 @@ fn serve(
     cache: &Path,
     cache_bytes: u64,
 ) -> anyhow::Result<Served> {
+    serve_with(rt, index, client, cache, cache_bytes, StoreConfig::default())
+}
+
+/// [`serve`] with a store configured by `config` (whole files kept as it says).
+fn serve_with(
+    rt: &tokio::runtime::Runtime,
+    index: &Arc<ImageIndex>,
+    client: &RegistryClient,
+    cache: &Path,
+    cache_bytes: u64,
+    config: StoreConfig,
+) -> anyhow::Result<Served> {
     let source = client.repository(&index.source.repository, &index.source.manifest_digest)?;
-    let disk = DiskCache::open(cache, cache_bytes)?;
+    let disk = Arc::new(DiskCache::open(cache, cache_bytes)?);
     let store = ChunkStore::new(
         index.clone(),
         Arc::new(source),
-        vec![Arc::new(disk)],
+        vec![disk.clone()],
         None,
-        StoreConfig::default(),
+        config,
     );
+    store.keep_whole_files(disk);
     let dir = tempfile::tempdir()?;
     let m = mount(
         store.clone(),
@@ -591,4 +604,194 @@ fn kernel_at_least(major: u32, minor: u32) -> bool {
         .split(|c: char| !c.is_ascii_digit())
         .map(|p| p.parse::<u32>().unwrap_or(0));
     (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (major, minor)
+}
+
+/// Regular files under `dir`, recursively.
+fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            match e.file_type() {
+                Ok(t) if t.is_dir() => todo.push(e.path()),
+                Ok(t) if t.is_file() => found.push(e.path()),
+                _ => {}
+            }
+        }
+    }
+    found
+}
+
+/// The bytes of `path` as a shared library sees them: mapped, not read.
+fn mapped(path: &Path) -> anyhow::Result<Vec<u8>> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len() as usize;
+    // SAFETY: a private read-only mapping of an open file of `len` bytes, unmapped below.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    anyhow::ensure!(p != libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+    // SAFETY: the mapping is `len` readable bytes until munmap.
+    let bytes = unsafe { std::slice::from_raw_parts(p.cast::<u8>(), len) }.to_vec();
+    // SAFETY: p and len are the mapping made above.
+    unsafe { libc::munmap(p, len) };
+    Ok(bytes)
+}
+
+#[test]
+fn files_kept_whole_are_read_by_the_kernel_itself() -> anyhow::Result<()> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let rt = runtime()?;
+    let registry = Registry::start()?;
+    let busybox = std::fs::read("/bin/busybox")?;
+    let big = Rng(31).bytes(6 << 20);
+    let text = clip_e2e::text_bytes(3 << 20, 32);
+    let small = clip_e2e::text_bytes(5000, 33);
+    let layers = vec![Layer::gzip(vec![
+        Entry::File {
+            path: "bin/busybox".into(),
+            meta: Meta::new(0o755),
+            data: busybox.clone(),
+        },
+        Entry::symlink("bin/sh", "busybox"),
+        Entry::file("big", big.clone()),
+        Entry::file("text", text.clone()),
+        Entry::file("small", small.clone()),
+    ])];
+    let image = build_image(&layers, "linux", "amd64")?;
+    let reference = Pusher::new(&registry.host(), None).push_image("fs/whole", "v1", &image)?;
+    let (index, client) = index(&rt, &reference)?;
+    let cache = tempfile::tempdir()?;
+    let config = StoreConfig {
+        whole_file_min_bytes: 1 << 20,
+        ..StoreConfig::default()
+    };
+    // Passthrough: Linux 6.9, and CAP_SYS_ADMIN (the tests run as root).
+    let kernel_reads = kernel_at_least(6, 9);
+    let whole_dir = cache.path().join("files");
+
+    // First mount: files are read through clip; once closed, those of at least 1 MiB
+    // (their chunks all on disk now) are kept whole.
+    {
+        let served = serve_with(&rt, &index, &client, cache.path(), 1 << 30, config.clone())?;
+        let p = served.path();
+        assert!(std::fs::read(p.join("big"))? == big);
+        assert!(std::fs::read(p.join("text"))? == text);
+        assert!(std::fs::read(p.join("small"))? == small);
+        assert!(std::fs::read(p.join("bin/busybox"))? == busybox);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while kernel_reads && files_under(&whole_dir).len() < 3 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "files kept whole: {:?}",
+                files_under(&whole_dir)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    if !kernel_reads {
+        return Ok(());
+    }
+    let mut kept = files_under(&whole_dir);
+    kept.sort();
+    assert_eq!(kept.len(), 3, "big, text and busybox; not the small file");
+
+    // A new mount on that cache: the files are checked in full, then the kernel reads
+    // them itself, also when mapped or run, and clip sees no read of them.
+    let served = serve_with(&rt, &index, &client, cache.path(), 1 << 30, config.clone())?;
+    let p = served.path().to_owned();
+    let counters = served.mount.as_ref().unwrap().counters().clone();
+    let reads = counters.reads.load(Relaxed);
+    let big_file = std::fs::File::open(p.join("big"))?;
+    // A second open while the first is open shares its backing file.
+    assert!(std::fs::read(p.join("big"))? == big);
+    let mut buf = vec![0u8; 1 << 20];
+    big_file.read_exact_at(&mut buf, 3 << 20)?;
+    assert!(buf[..] == big[3 << 20..4 << 20]);
+    assert!(mapped(&p.join("text"))? == text);
+    let out = std::process::Command::new("chroot")
+        .arg(&p)
+        .args(["/bin/sh", "-c", "echo $((6 * 7)); busybox ls /"])
+        .output()?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "42\nbig\nbin\nsmall\ntext\n"
+    );
+    assert_eq!(
+        counters.reads.load(Relaxed),
+        reads,
+        "the kernel read the files itself"
+    );
+    assert!(counters.passthrough_opens.load(Relaxed) >= 4);
+    assert!(served.store.stats().snapshot().whole_files_opened >= 1);
+    drop(big_file);
+    // The small file is read through clip.
+    assert!(std::fs::read(p.join("small"))? == small);
+    assert!(counters.reads.load(Relaxed) > reads);
+    drop(served);
+
+    // An open served the usual way holds its inode to that way: an open of it meanwhile
+    // must not get a backing file (the kernel would fail it), and reads stay exact.
+    for f in &kept {
+        std::fs::remove_file(f)?;
+    }
+    let served = serve_with(&rt, &index, &client, cache.path(), 1 << 30, config.clone())?;
+    let p = served.path().to_owned();
+    let counters = served.mount.as_ref().unwrap().counters().clone();
+    let held = std::fs::File::open(p.join("text"))?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while files_under(&whole_dir).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "kept whole at open");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(std::fs::read(p.join("text"))? == text);
+    assert_eq!(counters.passthrough_opens.load(Relaxed), 0);
+    held.read_exact_at(&mut buf, 0)?;
+    assert!(buf[..] == text[..1 << 20]);
+    drop(held);
+    // Once the last such open is closed, the next open gets the backing file.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        assert!(std::fs::read(p.join("text"))? == text);
+        if counters.passthrough_opens.load(Relaxed) > 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never handed over");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(served);
+
+    // A damaged whole file is caught by the next process, removed, and the file read
+    // through clip: no wrong byte.
+    let kept = files_under(&whole_dir);
+    assert_eq!(kept.len(), 1);
+    let mut bytes = std::fs::read(&kept[0])?;
+    bytes[1000] ^= 0x20;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&kept[0])?
+        .write_all_at(&bytes[1000..1001], 1000)?;
+    let served = serve_with(&rt, &index, &client, cache.path(), 1 << 30, config)?;
+    let counters = served.mount.as_ref().unwrap().counters().clone();
+    assert!(std::fs::read(served.path().join("text"))? == text, "no wrong byte");
+    assert_eq!(counters.passthrough_opens.load(Relaxed), 0);
+    let events = served.store.snapshot().events;
+    assert!(
+        events.contains(&("disk".into(), "verify_failure".into(), 1)),
+        "{events:?}"
+    );
+    // (Its chunks are all on disk: it may be kept whole again, from them.)
+    if let Ok(again) = std::fs::read(&kept[0]) {
+        assert!(again == text, "the damaged file was replaced");
+    }
+    Ok(())
 }

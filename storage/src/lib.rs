@@ -23,6 +23,7 @@ pub mod reader;
 pub mod source;
 pub mod stats;
 pub mod tiered;
+mod whole;
 
 pub use auth::{Credentials, DockerConfig};
 pub use error::{Error, Result};

@@ -81,6 +81,9 @@ pub struct StoreStats {
     pub preloaded_chunks: AtomicU64,
     /// Small reads served from part of a chunk in a tier, verified by block digests.
     pub range_reads: AtomicU64,
+    /// Files handed to the kernel whole from local disk (FUSE passthrough), which it then
+    /// reads without asking.
+    pub whole_files_opened: AtomicU64,
     pub read_errors: AtomicU64,
     pub read_latency: Histogram,
     /// Latency of each cache tier's lookups (hits and misses), in tier order, then of
@@ -99,6 +102,7 @@ impl StoreStats {
             prefetched_chunks: AtomicU64::new(0),
             preloaded_chunks: AtomicU64::new(0),
             range_reads: AtomicU64::new(0),
+            whole_files_opened: AtomicU64::new(0),
             read_errors: AtomicU64::new(0),
             read_latency: Histogram::default(),
             tier_latency: tiers
@@ -133,6 +137,7 @@ impl StoreStats {
             prefetched_chunks: self.prefetched_chunks.load(Ordering::Relaxed),
             preloaded_chunks: self.preloaded_chunks.load(Ordering::Relaxed),
             range_reads: self.range_reads.load(Ordering::Relaxed),
+            whole_files_opened: self.whole_files_opened.load(Ordering::Relaxed),
             read_errors: self.read_errors.load(Ordering::Relaxed),
             read_latency: self.read_latency.snapshot(),
             tier_latency: self
@@ -169,6 +174,7 @@ pub struct StatsSnapshot {
     pub prefetched_chunks: u64,
     pub preloaded_chunks: u64,
     pub range_reads: u64,
+    pub whole_files_opened: u64,
     pub read_errors: u64,
     pub read_latency: HistogramSnapshot,
     /// Per tier ("source" last): latency of its lookups or fetches.
@@ -221,6 +227,11 @@ impl StatsSnapshot {
                 "clip_range_reads_total",
                 "Small reads served from part of a chunk in a cache tier, verified by block digests.",
                 self.range_reads,
+            ),
+            (
+                "clip_whole_files_opened_total",
+                "Opens answered with a whole file on local disk that the kernel reads itself (FUSE passthrough).",
+                self.whole_files_opened,
             ),
             (
                 "clip_read_errors_total",

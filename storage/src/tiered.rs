@@ -36,6 +36,9 @@ pub struct StoreConfig {
     pub preload_chunks: u32,
     /// Uncompressed bytes from the start of a file fetched when it is opened (0: none).
     pub open_prefetch_bytes: u64,
+    /// Files at least this large are kept whole on local disk, for FUSE passthrough, once
+    /// the store is given a disk cache for them ([`Self::keep_whole_files`]); 0: none.
+    pub whole_file_min_bytes: u64,
 }
 
 impl Default for StoreConfig {
@@ -46,6 +49,7 @@ impl Default for StoreConfig {
             readahead_runs: 4,
             preload_chunks: 8,
             open_prefetch_bytes: 16 << 20,
+            whole_file_min_bytes: 0,
         }
     }
 }
@@ -107,6 +111,8 @@ pub struct ChunkStore<S> {
     recorder: crate::profile::Recorder,
     /// The profile this store replayed, if any.
     replayed: Mutex<Vec<(usize, u32)>>,
+    /// Whole files for passthrough, when kept ([`Self::keep_whole_files`]).
+    pub(crate) whole: std::sync::OnceLock<crate::whole::WholeFiles>,
 }
 
 impl<S> std::fmt::Debug for ChunkStore<S> {
@@ -147,11 +153,16 @@ impl<S: BlobSource> ChunkStore<S> {
             config,
             recorder: crate::profile::Recorder::default(),
             replayed: Mutex::default(),
+            whole: std::sync::OnceLock::new(),
         })
     }
 
     pub fn index(&self) -> &Arc<ImageIndex> {
         &self.index
+    }
+
+    pub fn config(&self) -> &StoreConfig {
+        &self.config
     }
 
     pub fn stats(&self) -> &Arc<StoreStats> {

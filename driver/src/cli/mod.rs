@@ -160,6 +160,13 @@ pub struct StoreArgs {
     /// Bytes from the start of a file fetched as soon as it is opened (0: none).
     #[arg(long, default_value = "16MiB", env = "CLIP_OPEN_PREFETCH")]
     pub open_prefetch: String,
+
+    /// Files at least this large are kept whole in the disk cache once all their chunks
+    /// are there, and later opens hand them to the kernel, which reads them itself at
+    /// local-disk speed (FUSE passthrough: Linux 6.9 and CAP_SYS_ADMIN, else unused).
+    /// 0 turns it off.
+    #[arg(long, default_value = "1MiB", env = "CLIP_PASSTHROUGH_MIN_SIZE")]
+    pub passthrough_min_size: String,
 }
 
 impl StoreArgs {
@@ -169,6 +176,7 @@ impl StoreArgs {
             fetch_concurrency: self.fetch_concurrency,
             readahead_runs: self.readahead_spans,
             open_prefetch_bytes: parse_size(&self.open_prefetch)?,
+            whole_file_min_bytes: parse_size(&self.passthrough_min_size)?,
             ..clip_storage::StoreConfig::default()
         })
     }

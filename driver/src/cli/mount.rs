@@ -186,10 +186,10 @@ pub async fn run(args: MountArgs) -> Result<()> {
     )
     .await?;
     let source = client.repository(&index.source.repository, &index.source.manifest_digest)?;
-    let disk = DiskCache::open(&cache_dir.join("chunks"), cache_size)?;
+    let disk = Arc::new(DiskCache::open(&cache_dir.join("chunks"), cache_size)?);
     // Connection, TLS and credentials while the mount comes up, not at the first read.
     source.warm_up_for(&index, |d| disk.contains(d), redis.is_some());
-    let mut tiers: Vec<Arc<dyn ChunkCache>> = vec![Arc::new(disk)];
+    let mut tiers: Vec<Arc<dyn ChunkCache>> = vec![disk.clone()];
     if let Some(r) = &redis {
         tiers.push(r.clone());
     }
@@ -200,6 +200,7 @@ pub async fn run(args: MountArgs) -> Result<()> {
         redis.clone(),
         store_config,
     );
+    store.keep_whole_files(disk);
     let profile = (!args.no_startup_profile).then(|| {
         args.startup_profile.clone().unwrap_or_else(|| {
             crate::profile::path_in(&cache_dir.join("profiles"), &index.source.manifest_digest)
@@ -226,6 +227,7 @@ pub async fn run(args: MountArgs) -> Result<()> {
         clone_fd: true,
         allow_other: true,
         readahead_kb: u32::try_from(parse_size(&args.kernel_readahead)? / 1024).unwrap_or(u32::MAX),
+        passthrough: true,
     };
     // Listen before mounting: a signal that comes as soon as the mount appears must unmount
     // it, not kill the process and leave it dead.

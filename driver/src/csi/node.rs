@@ -317,6 +317,7 @@ impl NodeContext {
             self.redis.clone(),
             self.config.store.clone(),
         );
+        store.keep_whole_files(self.disk.clone());
         if starts {
             self.start_profile(&store);
         }

@@ -16,6 +16,7 @@ use tracing::warn;
 
 use super::attr::{attr, file_type};
 use super::error::read_errno;
+use super::passthrough::{Backings, Opened};
 
 /// The image never changes under a mount: let the kernel cache names and attributes,
 /// including failed lookups (an interpreter probes hundreds of missing paths).
@@ -39,6 +40,9 @@ pub struct ClipFs<S> {
     /// then starts at a file's first read instead.
     no_open: bool,
     no_opendir: bool,
+    /// Hand files the store keeps whole to the kernel (FUSE passthrough), if it agrees.
+    want_passthrough: bool,
+    backings: Backings,
 }
 
 /// What the kernel asked of the filesystem (for metrics and tests).
@@ -50,6 +54,8 @@ pub struct FsCounters {
     /// Opens of files and directories that reached the filesystem (none once the kernel
     /// has been told it need not ask).
     pub opens: std::sync::atomic::AtomicU64,
+    /// Opens answered with a whole file on local disk, which the kernel then reads itself.
+    pub passthrough_opens: std::sync::atomic::AtomicU64,
     pub readlinks: std::sync::atomic::AtomicU64,
     /// Reads taken from the kernel and not answered yet.
     pub pending_reads: std::sync::atomic::AtomicU64,
@@ -62,7 +68,14 @@ impl<S> std::fmt::Debug for ClipFs<S> {
 }
 
 impl<S: BlobSource> ClipFs<S> {
-    pub fn new(store: Arc<ChunkStore<S>>, runtime: tokio::runtime::Handle, name: String) -> Self {
+    /// A filesystem over `store`; with `passthrough`, files the store keeps whole are handed
+    /// to the kernel (when it supports that and this process may).
+    pub fn new(
+        store: Arc<ChunkStore<S>>,
+        runtime: tokio::runtime::Handle,
+        name: String,
+        passthrough: bool,
+    ) -> Self {
         let index = store.index().clone();
         let mut parents = vec![1u64; index.inode_count() as usize + 1];
         for ino in 1..=index.inode_count() {
@@ -83,6 +96,8 @@ impl<S: BlobSource> ClipFs<S> {
             counters: Arc::default(),
             no_open: false,
             no_opendir: false,
+            want_passthrough: passthrough,
+            backings: Backings::default(),
         }
     }
 
@@ -150,6 +165,19 @@ impl<S: BlobSource> Filesystem for ClipFs<S> {
         let _ =
             config.add_capabilities((F::FUSE_PARALLEL_DIROPS | F::FUSE_CACHE_SYMLINKS) & offered);
         let _ = config.set_max_background(MAX_BACKGROUND);
+        // Passthrough needs every open (to hand over the backing file), so it replaces
+        // the no-open mode; the backing files must not be on a stacked filesystem.
+        if self.want_passthrough
+            && self.store.keeps_whole_files()
+            && offered.contains(F::FUSE_PASSTHROUGH)
+            && super::passthrough::may_register()
+            && config.set_max_stack_depth(1).is_ok()
+            && config.add_capabilities(F::FUSE_PASSTHROUGH).is_ok()
+        {
+            self.backings.enable(true);
+            self.no_opendir = offered.contains(F::FUSE_NO_OPENDIR_SUPPORT);
+            return Ok(());
+        }
         self.no_open = offered.contains(F::FUSE_NO_OPEN_SUPPORT);
         self.no_opendir = offered.contains(F::FUSE_NO_OPENDIR_SUPPORT);
         Ok(())
@@ -205,13 +233,33 @@ impl<S: BlobSource> Filesystem for ClipFs<S> {
             Some(n) if n.kind == NodeKind::Directory => reply.error(Errno::EISDIR),
             // Answered once: the kernel then opens files without asking (see init).
             Some(_) if self.no_open => reply.error(Errno::ENOSYS),
-            // No per-open state: the handle is always 0, and the page cache survives reopening.
             Some(n) => {
-                if let Content::File { layer, offset } = n.content {
-                    let _runtime = self.runtime.enter();
-                    self.store.opened(layer as usize, offset..offset + n.size);
+                let Content::File { layer, offset } = n.content else {
+                    return reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+                };
+                let (layer, size) = (layer as usize, n.size);
+                let _runtime = self.runtime.enter();
+                if self.backings.enabled() && self.store.keeps_whole(size) {
+                    let opened = self.backings.open(
+                        ino.0,
+                        FopenFlags::FOPEN_KEEP_CACHE,
+                        || self.store.whole_file(layer, offset, size),
+                        reply,
+                    );
+                    if opened == Opened::Backing {
+                        self.counters
+                            .passthrough_opens
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        return;
+                    }
+                    // Kept whole for a later open, if its chunks are all on local disk.
+                    self.store.keep_whole(layer, offset, size);
+                } else {
+                    // No per-open state: the handle is 0, and the page cache survives
+                    // reopening.
+                    reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
                 }
-                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
+                self.store.opened(layer, offset..offset + size);
             }
             None => reply.error(Errno::ENOENT),
         }
@@ -273,6 +321,29 @@ impl<S: BlobSource> Filesystem for ClipFs<S> {
                 .pending_reads
                 .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         });
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+        if !self.backings.release(ino.0, fh) {
+            return;
+        }
+        // Its reads brought its chunks: keep it whole for the next open.
+        if let Some(n) = self.index.node(Inode(ino.0))
+            && let Content::File { layer, offset } = n.content
+        {
+            let _runtime = self.runtime.enter();
+            self.store.keep_whole(layer as usize, offset, n.size);
+        }
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {

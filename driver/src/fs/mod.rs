@@ -7,6 +7,7 @@
 mod attr;
 mod error;
 mod filesystem;
+mod passthrough;
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -33,6 +34,10 @@ pub struct MountOptions {
     /// The kernel's read-ahead for files of the mount, KiB (0: the kernel's default,
     /// 128 KiB). Larger read-ahead means fewer, larger FUSE reads of a sequential reader.
     pub readahead_kb: u32,
+    /// Hand files kept whole on local disk to the kernel, which reads them itself (FUSE
+    /// passthrough, Linux 6.9, CAP_SYS_ADMIN; see [`clip_storage::ChunkStore::keep_whole_files`]).
+    /// Never for a mount taken over from another process.
+    pub passthrough: bool,
 }
 
 impl Default for MountOptions {
@@ -43,6 +48,7 @@ impl Default for MountOptions {
             clone_fd: true,
             allow_other: true,
             readahead_kb: 1024,
+            passthrough: true,
         }
     }
 }
@@ -167,7 +173,7 @@ pub fn mount<S: BlobSource>(
     options: &MountOptions,
     runtime: tokio::runtime::Handle,
 ) -> std::io::Result<Mount> {
-    let fs = ClipFs::new(store, runtime, options.fsname.clone());
+    let fs = ClipFs::new(store, runtime, options.fsname.clone(), options.passthrough);
     let counters = fs.counters();
     let session = fuser::Session::new(fs, dir, &session_config(options))?;
     let device = session.as_fd().try_clone_to_owned()?;
@@ -208,7 +214,9 @@ pub fn resume<S: BlobSource>(
             format!("nothing is mounted at {}", dir.display()),
         )
     })?;
-    let fs = ClipFs::new(store, runtime, options.fsname.clone());
+    // The previous server's opens are unknown here, and a backing file for an inode it
+    // had open the usual way would make the open fail (see `passthrough`).
+    let fs = ClipFs::new(store, runtime, options.fsname.clone(), false);
     let counters = fs.counters();
     let mut config = session_config(options);
     config.mount_options.clear();

@@ -24,6 +24,15 @@ use tracing::{debug, warn};
 use super::{ChunkCache, ChunkKey};
 use crate::error::{Error, Result};
 
+mod whole;
+
+pub use whole::whole_key;
+
+/// Where chunk files are, under the cache directory.
+const CHUNK_DIR: &str = "chunks";
+/// Where whole files are, under the cache directory.
+const WHOLE_DIR: &str = "files";
+
 /// Bytes of chunk data covered by one stored checksum.
 const CHECK_BLOCK: u64 = 64 * 1024;
 /// Ends every chunk file with checksums, after the chunk's digest.
@@ -71,6 +80,23 @@ struct Entry {
     pins: u32,
     /// Reserved by a writer whose file is not in place yet: not readable.
     writing: bool,
+    /// A whole file of an image (see [`whole`]), not a chunk.
+    whole: bool,
+    /// A whole file checked in full by this process (its checksum matched).
+    verified: bool,
+}
+
+impl Entry {
+    fn new(size: u64, tick: u64, whole: bool) -> Self {
+        Self {
+            size,
+            tick,
+            pins: 0,
+            writing: false,
+            whole,
+            verified: false,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -88,6 +114,8 @@ pub struct DiskStats {
     pub evicted: AtomicU64,
     /// Chunks not stored because every other chunk was being read and the cap was reached.
     pub skipped: AtomicU64,
+    /// Whole files kept (see [`whole`]).
+    pub whole_kept: AtomicU64,
 }
 
 /// Chunks on local disk under `dir`, at most `capacity` bytes.
@@ -107,31 +135,34 @@ impl DiskCache {
             tier: "disk",
             detail: format!("{}: {e}", dir.display()),
         };
-        std::fs::create_dir_all(dir.join("chunks")).map_err(io)?;
+        std::fs::create_dir_all(dir.join(CHUNK_DIR)).map_err(io)?;
         let tmp = dir.join("tmp");
         // Leftovers of a crash are never valid chunks.
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).map_err(io)?;
         }
         std::fs::create_dir_all(&tmp).map_err(io)?;
+        std::fs::create_dir_all(dir.join(WHOLE_DIR)).map_err(io)?;
         let mut found = Vec::new();
-        for shard in std::fs::read_dir(dir.join("chunks")).map_err(io)? {
-            let shard = shard.map_err(io)?.path();
-            let Ok(files) = std::fs::read_dir(&shard) else {
-                continue;
-            };
-            for f in files.flatten() {
-                let name = f.file_name().to_string_lossy().into_owned();
-                let Ok(digest) = format!("sha256:{name}").parse::<Digest>() else {
-                    std::fs::remove_file(f.path()).ok();
+        for (sub, whole) in [(CHUNK_DIR, false), (WHOLE_DIR, true)] {
+            for shard in std::fs::read_dir(dir.join(sub)).map_err(io)? {
+                let shard = shard.map_err(io)?.path();
+                let Ok(files) = std::fs::read_dir(&shard) else {
                     continue;
                 };
-                let Ok(meta) = f.metadata() else { continue };
-                let used = meta.modified().ok();
-                found.push((used, digest, meta.len()));
+                for f in files.flatten() {
+                    let name = f.file_name().to_string_lossy().into_owned();
+                    let Ok(digest) = format!("sha256:{name}").parse::<Digest>() else {
+                        std::fs::remove_file(f.path()).ok();
+                        continue;
+                    };
+                    let Ok(meta) = f.metadata() else { continue };
+                    let used = meta.modified().ok();
+                    found.push((used, digest, meta.len(), whole));
+                }
             }
         }
-        found.sort_by_key(|(used, _, _)| *used);
+        found.sort_by_key(|(used, _, _, _)| *used);
         let cache = Self {
             dir: dir.to_owned(),
             capacity: capacity.max(1),
@@ -141,18 +172,10 @@ impl DiskCache {
         };
         {
             let mut s = cache.lock();
-            for (_, digest, size) in found {
+            for (_, digest, size, whole) in found {
                 s.tick += 1;
                 let tick = s.tick;
-                s.entries.insert(
-                    digest,
-                    Entry {
-                        size,
-                        tick,
-                        pins: 0,
-                        writing: false,
-                    },
-                );
+                s.entries.insert(digest, Entry::new(size, tick, whole));
                 s.order.insert(tick, digest);
                 s.bytes += size;
             }
@@ -165,9 +188,16 @@ impl DiskCache {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Where a chunk's file is.
     fn path(&self, digest: &Digest) -> PathBuf {
+        self.path_of(digest, false)
+    }
+
+    /// Where a chunk's file (or, `whole`, a whole file's) is.
+    fn path_of(&self, digest: &Digest, whole: bool) -> PathBuf {
         let hex = digest.hex();
-        self.dir.join("chunks").join(&hex[..2]).join(hex)
+        let sub = if whole { WHOLE_DIR } else { CHUNK_DIR };
+        self.dir.join(sub).join(&hex[..2]).join(hex)
     }
 
     /// Bytes the chunk files take on disk (chunks, checksums and footers).
@@ -217,12 +247,16 @@ impl DiskCache {
 
     fn forget(&self, digest: &Digest) {
         let mut s = self.lock();
-        if let Some(e) = s.entries.remove(digest) {
-            s.order.remove(&e.tick);
-            s.bytes -= e.size;
-        }
+        let whole = match s.entries.remove(digest) {
+            Some(e) => {
+                s.order.remove(&e.tick);
+                s.bytes -= e.size;
+                e.whole
+            }
+            None => false,
+        };
         drop(s);
-        std::fs::remove_file(self.path(digest)).ok();
+        std::fs::remove_file(self.path_of(digest, whole)).ok();
     }
 
     /// Removes least recently used, unpinned chunks until under the cap. The files go while
@@ -247,7 +281,7 @@ impl DiskCache {
                 }
                 if let Some(e) = s.entries.remove(&digest) {
                     s.bytes -= e.size;
-                    victims.push(digest);
+                    victims.push((digest, e.whole));
                 }
             }
             for (tick, digest) in skipped {
@@ -255,10 +289,10 @@ impl DiskCache {
             }
             s
         };
-        for d in victims {
+        for (d, whole) in victims {
             self.stats.evicted.fetch_add(1, Ordering::Relaxed);
-            if let Err(e) = std::fs::remove_file(self.path(&d)) {
-                debug!(digest = %d, error = %e, "evicted chunk file already gone");
+            if let Err(e) = std::fs::remove_file(self.path_of(&d, whole)) {
+                debug!(digest = %d, error = %e, "evicted file already gone");
             }
         }
         drop(s);
@@ -461,10 +495,9 @@ impl ChunkCache for DiskCache {
                 s.entries.insert(
                     key.digest,
                     Entry {
-                        size,
-                        tick,
                         pins: 1,
                         writing: true,
+                        ..Entry::new(size, tick, false)
                     },
                 );
                 s.order.insert(tick, key.digest);
@@ -512,6 +545,7 @@ impl ChunkCache for DiskCache {
             ("verify_failure", self.stats.corrupt.load(Ordering::Relaxed)),
             ("evicted", self.stats.evicted.load(Ordering::Relaxed)),
             ("skipped_full", self.stats.skipped.load(Ordering::Relaxed)),
+            ("whole_files_kept", self.stats.whole_kept.load(Ordering::Relaxed)),
         ]
     }
 

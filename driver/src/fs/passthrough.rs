@@ -1,0 +1,208 @@
+//! FUSE passthrough (Linux 6.9): a file the store keeps whole on local disk is handed to
+//! the kernel at open as a backing file, and the kernel reads it (and maps it) itself,
+//! with no request per read and its own read-ahead, at local-disk speed.
+//!
+//! The kernel puts each inode in one mode at a time: while any open of it uses a backing
+//! file, every other open must use the same backing file, and while any open of it is
+//! served the usual way (reads asked of this filesystem), none may use one; an open that
+//! breaks the rule fails with EIO. So opens are counted per inode here: a file goes
+//! through a backing file only when no usual open of it is left, and one backing file is
+//! registered per inode and reused. It is released some time after the last open of it
+//! closes (the kernel may still be finishing that close when the release reaches us).
+//!
+//! A server that took over a live connection does not know what the previous one had
+//! open, so it uses no backing files (see `mount::resume`): it answers the first open
+//! ENOSYS, after which the kernel opens files without asking, and such opens are outside
+//! the mode rule.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use fuser::{BackingId, FileHandle, FopenFlags, ReplyOpen};
+use tracing::warn;
+
+/// Handle of an open served through a backing file.
+pub const FH_BACKING: FileHandle = FileHandle(1);
+/// Handle of an open served the usual way, of a file that may later get a backing file.
+pub const FH_COUNTED: FileHandle = FileHandle(2);
+
+/// How long a backing file stays registered after its inode's last open closed.
+const IDLE: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Default)]
+struct Slot {
+    backing: Option<BackingId>,
+    /// Opens answered with the backing file and not released.
+    backed: u32,
+    /// Opens answered the usual way and not released.
+    usual: u32,
+    /// When `backed` last fell to zero.
+    idle_since: Option<Instant>,
+}
+
+impl Slot {
+    fn unused(&self) -> bool {
+        self.backing.is_none() && self.backed == 0 && self.usual == 0
+    }
+}
+
+/// The backing files of one mount and the opens of each inode.
+#[derive(Debug)]
+pub struct Backings {
+    enabled: AtomicBool,
+    slots: Mutex<HashMap<u64, Slot>>,
+    last_sweep: Mutex<Instant>,
+}
+
+/// How an open was answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opened {
+    /// With a backing file: the kernel reads the file itself.
+    Backing,
+    /// The usual way; the caller may start keeping the file whole for a later open.
+    Usual,
+}
+
+impl Default for Backings {
+    fn default() -> Self {
+        Self {
+            enabled: AtomicBool::new(false),
+            slots: Mutex::default(),
+            last_sweep: Mutex::new(Instant::now()),
+        }
+    }
+}
+
+impl Backings {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Slot>> {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Turns passthrough on (the kernel agreed at INIT) or off.
+    pub fn enable(&self, on: bool) {
+        self.enabled.store(on, Ordering::Relaxed);
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
+    /// Answers an open of `ino`: with its registered backing file, or one from `whole`
+    /// (called without the lock held, as it may read the whole file to check it) when no
+    /// usual open of it is left, else the usual way with `flags`.
+    pub fn open(
+        &self,
+        ino: u64,
+        flags: FopenFlags,
+        whole: impl FnOnce() -> Option<std::fs::File>,
+        reply: ReplyOpen,
+    ) -> Opened {
+        {
+            let mut slots = self.lock();
+            let slot = slots.entry(ino).or_default();
+            if let Some(id) = &slot.backing {
+                slot.backed += 1;
+                slot.idle_since = None;
+                reply.opened_passthrough(FH_BACKING, FopenFlags::empty(), id);
+                return Opened::Backing;
+            }
+            if slot.usual > 0 {
+                slot.usual += 1;
+                reply.opened(FH_COUNTED, flags);
+                return Opened::Usual;
+            }
+        }
+        let file = if self.enabled() { whole() } else { None };
+        let mut slots = self.lock();
+        let slot = slots.entry(ino).or_default();
+        // Another open of the inode may have been answered meanwhile: follow it.
+        if slot.backing.is_none()
+            && slot.usual == 0
+            && self.enabled()
+            && let Some(file) = file
+        {
+            match reply.open_backing(&file) {
+                Ok(id) => slot.backing = Some(id),
+                Err(e) => {
+                    warn!(error = %e, "the kernel refused a backing file; files are read through clip from now on");
+                    self.enable(false);
+                }
+            }
+        }
+        match &slot.backing {
+            Some(id) => {
+                slot.backed += 1;
+                slot.idle_since = None;
+                reply.opened_passthrough(FH_BACKING, FopenFlags::empty(), id);
+                Opened::Backing
+            }
+            None => {
+                slot.usual += 1;
+                reply.opened(FH_COUNTED, flags);
+                Opened::Usual
+            }
+        }
+    }
+
+    /// An open of `ino` answered with `fh` was closed. True when it was the last usual
+    /// open of a file with no backing file (the next open may get one).
+    pub fn release(&self, ino: u64, fh: FileHandle) -> bool {
+        let mut last_usual = false;
+        {
+            let mut slots = self.lock();
+            if let Some(slot) = slots.get_mut(&ino) {
+                if fh == FH_BACKING {
+                    slot.backed = slot.backed.saturating_sub(1);
+                    if slot.backed == 0 {
+                        slot.idle_since = Some(Instant::now());
+                    }
+                } else if fh == FH_COUNTED {
+                    slot.usual = slot.usual.saturating_sub(1);
+                    last_usual = slot.usual == 0 && slot.backing.is_none();
+                }
+                if slot.unused() {
+                    slots.remove(&ino);
+                }
+            }
+        }
+        self.sweep();
+        last_usual
+    }
+
+    /// Releases backing files idle for [`IDLE`] (at most one sweep a second).
+    fn sweep(&self) {
+        let now = Instant::now();
+        {
+            let mut last = self.last_sweep.lock().unwrap_or_else(|p| p.into_inner());
+            if now.duration_since(*last) < Duration::from_secs(1) {
+                return;
+            }
+            *last = now;
+        }
+        let mut slots = self.lock();
+        for slot in slots.values_mut() {
+            if slot.backed == 0 && slot.idle_since.is_some_and(|t| now.duration_since(t) >= IDLE)
+            {
+                slot.backing = None;
+                slot.idle_since = None;
+            }
+        }
+        slots.retain(|_, s| !s.unused());
+    }
+
+}
+
+/// Whether this process may register backing files: the kernel asks for CAP_SYS_ADMIN.
+pub fn may_register() -> bool {
+    const CAP_SYS_ADMIN: u32 = 21;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << CAP_SYS_ADMIN) != 0)
+}

@@ -1,0 +1,467 @@
+//! Whole files of an image, kept beside the chunks so that the kernel can read them itself
+//! (FUSE passthrough) instead of asking the filesystem for every read.
+//!
+//! A whole file is copied from chunks this cache already holds, each part checked against
+//! its chunk's block checksums on the way, and holds exactly the file's bytes (the kernel
+//! serves it as the file, so nothing may follow them). What it should hold is sealed in an
+//! extended attribute written with it: the file's key, its length and the CRC-32C of all its
+//! bytes. The kernel's reads cannot be checked one by one, so the whole file is read and
+//! matched against its seal the first time a process hands it out; a damaged, torn or
+//! foreign file is removed and counted like a damaged chunk. Whole files share the cache's
+//! cap and least-recently-used order with the chunks.
+
+use std::fs::File;
+use std::ops::Range;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
+
+use clip_index::Digest;
+use tracing::{debug, warn};
+
+use super::{DiskCache, Entry};
+use crate::cache::ChunkKey;
+use crate::error::{Error, Result};
+
+/// The extended attribute that seals a whole file.
+const SEAL: &std::ffi::CStr = c"user.clip.whole";
+/// The seal: the file's key, its length (little-endian), the CRC-32C of its bytes.
+const SEAL_LEN: usize = 32 + 8 + 4;
+/// Bytes read at a time when a whole file is copied or checked (memory stays flat).
+const STEP: u32 = 4 << 20;
+
+/// The key of the whole file that is `len` bytes at uncompressed `offset` of the layer with
+/// digest `layer`: the same bytes in every image that shares the layer.
+pub fn whole_key(layer: &Digest, offset: u64, len: u64) -> Digest {
+    let mut id = Vec::with_capacity(64);
+    id.extend_from_slice(b"clip whole file\0");
+    id.extend_from_slice(&layer.0);
+    id.extend_from_slice(&offset.to_le_bytes());
+    id.extend_from_slice(&len.to_le_bytes());
+    Digest::of(&id)
+}
+
+fn seal(key: &Digest, len: u64, crc: u32) -> [u8; SEAL_LEN] {
+    let mut s = [0u8; SEAL_LEN];
+    s[..32].copy_from_slice(&key.0);
+    s[32..40].copy_from_slice(&len.to_le_bytes());
+    s[40..].copy_from_slice(&crc.to_le_bytes());
+    s
+}
+
+/// The seal stored on `file`, if it has one of the right size.
+fn read_seal(file: &File) -> Option<[u8; SEAL_LEN]> {
+    let mut s = [0u8; SEAL_LEN];
+    // SAFETY: the descriptor is open and `s` is a writable buffer of SEAL_LEN bytes.
+    let n = unsafe {
+        libc::fgetxattr(
+            file.as_raw_fd(),
+            SEAL.as_ptr(),
+            s.as_mut_ptr().cast(),
+            SEAL_LEN,
+        )
+    };
+    (n == SEAL_LEN as isize).then_some(s)
+}
+
+fn write_seal(file: &File, seal: &[u8; SEAL_LEN]) -> std::io::Result<()> {
+    // SAFETY: the descriptor is open and `seal` is a readable buffer of SEAL_LEN bytes.
+    let r = unsafe {
+        libc::fsetxattr(
+            file.as_raw_fd(),
+            SEAL.as_ptr(),
+            seal.as_ptr().cast(),
+            SEAL_LEN,
+            0,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Whether `file` holds the `len` bytes its seal names for `key`: its length, every byte
+/// read and summed, and the seal compared.
+fn matches_seal(file: &File, key: &Digest, len: u64) -> std::io::Result<bool> {
+    if file.metadata()?.len() != len {
+        return Ok(false);
+    }
+    let Some(stored) = read_seal(file) else {
+        return Ok(false);
+    };
+    // SAFETY: a hint about the open descriptor; no memory is passed.
+    unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
+    let mut buf = vec![0u8; STEP as usize];
+    let (mut at, mut crc) = (0u64, 0u32);
+    while at < len {
+        let n = (len - at).min(u64::from(STEP)) as usize;
+        file.read_exact_at(&mut buf[..n], at)?;
+        crc = crc32c::crc32c_append(crc, &buf[..n]);
+        at += n as u64;
+    }
+    Ok(stored == seal(key, len, crc))
+}
+
+impl DiskCache {
+    /// Whether a whole file is kept under `key` (in place, not being written).
+    pub fn has_whole(&self, key: &Digest) -> bool {
+        self.lock()
+            .entries
+            .get(key)
+            .is_some_and(|e| e.whole && !e.writing)
+    }
+
+    /// The whole file kept under `key`, which must be `len` bytes, opened read-only and
+    /// checked: the first time this process opens it, every byte is read and matched
+    /// against its seal. `None` on a miss, and for a damaged file, which is removed.
+    pub fn open_whole(&self, key: &Digest, len: u64) -> Option<File> {
+        if !self.lock().entries.get(key).is_some_and(|e| e.whole) || !self.pin(key) {
+            return None;
+        }
+        let found = self.open_whole_pinned(key, len);
+        self.unpin(key);
+        found
+    }
+
+    fn open_whole_pinned(&self, key: &Digest, len: u64) -> Option<File> {
+        let path = self.path_of(key, true);
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "disk cache read failed");
+                self.forget(key);
+                return None;
+            }
+        };
+        let verified = self.lock().entries.get(key).is_some_and(|e| e.verified);
+        if verified && file.metadata().is_ok_and(|m| m.len() == len) {
+            return Some(file);
+        }
+        match matches_seal(&file, key, len) {
+            Ok(true) => {
+                if let Some(e) = self.lock().entries.get_mut(key) {
+                    e.verified = true;
+                }
+                Some(file)
+            }
+            Ok(false) => {
+                self.stats.corrupt.fetch_add(1, Ordering::Relaxed);
+                warn!(path = %path.display(), "damaged whole file in the disk cache; discarding it");
+                self.forget(key);
+                None
+            }
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "disk cache read failed");
+                self.forget(key);
+                None
+            }
+        }
+    }
+
+    /// Keeps a whole file under `key`, `len` bytes made of `parts` (chunk, bytes of it) in
+    /// order, copied from the chunks this cache holds. `Ok(false)` when it is not kept: a
+    /// chunk is missing or damaged, the file would take more than a quarter of the cap, or
+    /// it does not fit beside what is being read. Every part is checked as it is copied.
+    pub fn store_whole(
+        &self,
+        key: &Digest,
+        len: u64,
+        parts: &[(ChunkKey, Range<u32>)],
+    ) -> Result<bool> {
+        let total: u64 = parts.iter().map(|(_, r)| u64::from(r.end - r.start)).sum();
+        if len == 0 || total != len || len > self.capacity / 4 {
+            return Ok(false);
+        }
+        // The chunks stay while they are copied, whatever the reservation below evicts.
+        let mut pinned = Vec::with_capacity(parts.len());
+        for (k, _) in parts {
+            if !self.pin(&k.digest) {
+                pinned.iter().for_each(|d| self.unpin(d));
+                return Ok(false);
+            }
+            pinned.push(k.digest);
+        }
+        let kept = self.reserve_and_copy(key, len, parts);
+        pinned.iter().for_each(|d| self.unpin(d));
+        kept
+    }
+
+    fn reserve_and_copy(
+        &self,
+        key: &Digest,
+        len: u64,
+        parts: &[(ChunkKey, Range<u32>)],
+    ) -> Result<bool> {
+        {
+            let mut s = self.lock();
+            if s.entries.contains_key(key) {
+                return Ok(s.entries.get(key).is_some_and(|e| !e.writing));
+            }
+            s.tick += 1;
+            let tick = s.tick;
+            s.entries.insert(
+                *key,
+                Entry {
+                    pins: 1,
+                    writing: true,
+                    ..Entry::new(len, tick, true)
+                },
+            );
+            s.order.insert(tick, *key);
+            s.bytes += len;
+        }
+        self.evict();
+        if self.lock().bytes > self.capacity {
+            self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+            self.forget(key);
+            return Ok(false);
+        }
+        let copied = self.copy_whole(key, len, parts);
+        let kept = matches!(copied, Ok(true));
+        {
+            let mut s = self.lock();
+            match s.entries.get_mut(key) {
+                Some(e) if kept => {
+                    e.writing = false;
+                    // Written from checked chunks: what is on disk is what was summed.
+                    e.verified = true;
+                }
+                Some(_) => {}
+                // Dropped while it was written: its file must not stay uncounted.
+                None if kept => {
+                    std::fs::remove_file(self.path_of(key, true)).ok();
+                }
+                None => {}
+            }
+        }
+        if kept {
+            self.unpin(key);
+            self.stats.whole_kept.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.forget(key);
+        }
+        copied
+    }
+
+    /// Writes the file to a temporary name, seals it and renames it into place.
+    fn copy_whole(&self, key: &Digest, len: u64, parts: &[(ChunkKey, Range<u32>)]) -> Result<bool> {
+        let io = |e: std::io::Error| Error::Cache {
+            tier: "disk",
+            detail: format!("keeping whole file {key}: {e}"),
+        };
+        let seq = self.temp_seq.fetch_add(1, Ordering::Relaxed);
+        let tmp = self
+            .dir
+            .join("tmp")
+            .join(format!("{}.{}.{seq}", key.hex(), std::process::id()));
+        let file = File::create(&tmp).map_err(io)?;
+        let mut crc = 0u32;
+        let mut at = 0u64;
+        for (chunk, range) in parts {
+            let mut from = range.start;
+            while from < range.end {
+                let to = range.end.min(from.saturating_add(STEP));
+                let Some(bytes) = self.read_part(chunk, from..to) else {
+                    debug!(chunk = %chunk.digest, "a chunk of a whole file is gone; not kept");
+                    std::fs::remove_file(&tmp).ok();
+                    return Ok(false);
+                };
+                crc = crc32c::crc32c_append(crc, &bytes);
+                if let Err(e) = file.write_all_at(&bytes, at) {
+                    std::fs::remove_file(&tmp).ok();
+                    return Err(io(e));
+                }
+                at += bytes.len() as u64;
+                from = to;
+            }
+        }
+        let dest = self.path_of(key, true);
+        let placed = write_seal(&file, &seal(key, len, crc))
+            .and_then(|()| std::fs::create_dir_all(dest.parent().unwrap_or(&self.dir)))
+            .and_then(|()| std::fs::rename(&tmp, &dest));
+        if let Err(e) = placed {
+            std::fs::remove_file(&tmp).ok();
+            return Err(io(e));
+        }
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::cache::ChunkCache;
+
+    fn chunk(seed: u32, len: u32) -> (ChunkKey, Bytes) {
+        let data: Vec<u8> = (0..len)
+            .map(|i| (i.wrapping_mul(31).wrapping_add(seed) % 251) as u8)
+            .collect();
+        let data = Bytes::from(data);
+        (
+            ChunkKey {
+                digest: Digest::of(&data),
+                len,
+            },
+            data,
+        )
+    }
+
+    /// Two chunks in the cache and a file made of the end of one and the start of the
+    /// other: its parts and its bytes.
+    async fn two_chunks(c: &DiskCache) -> Result<(Vec<(ChunkKey, Range<u32>)>, Vec<u8>)> {
+        let (a, da) = chunk(1, 300_000);
+        let (b, db) = chunk(2, 200_000);
+        c.put(&a, da.clone()).await?;
+        c.put(&b, db.clone()).await?;
+        let parts = vec![(a, 100_000..300_000), (b, 0..150_000)];
+        let want = [&da[100_000..], &db[..150_000]].concat();
+        Ok((parts, want))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn keeps_checks_and_reopens_a_whole_file() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let key = whole_key(&Digest::of(b"layer"), 100_000, 350_000);
+        {
+            let c = DiskCache::open(dir.path(), 10 << 20)?;
+            let (parts, want) = two_chunks(&c).await?;
+            assert!(c.open_whole(&key, 350_000).is_none(), "a miss");
+            assert!(c.store_whole(&key, 350_000, &parts)?);
+            assert!(c.has_whole(&key));
+            let got = std::fs::read(c.path_of(&key, true))?;
+            assert_eq!(got, want, "the file holds exactly the file's bytes");
+            assert!(c.open_whole(&key, 350_000).is_some());
+        }
+        // A new process checks it in full before handing it out, and counts it in the cap.
+        let c = DiskCache::open(dir.path(), 10 << 20)?;
+        assert!(c.bytes() >= 350_000);
+        let f = c.open_whole(&key, 350_000).expect("kept across processes");
+        let mut got = vec![0u8; 350_000];
+        f.read_exact_at(&mut got, 0)?;
+        assert!(c.lock().entries.get(&key).is_some_and(|e| e.verified));
+        assert!(c.open_whole(&key, 349_999).is_none(), "not that length");
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn read_in_full_once_per_process() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let key = whole_key(&Digest::of(b"layer"), 0, 350_000);
+        let path = {
+            let c = DiskCache::open(dir.path(), 10 << 20)?;
+            let (parts, _) = two_chunks(&c).await?;
+            assert!(c.store_whole(&key, 350_000, &parts)?);
+            c.path_of(&key, true)
+        };
+        let c = DiskCache::open(dir.path(), 10 << 20)?;
+        assert!(c.open_whole(&key, 350_000).is_some());
+        // Damage after this process checked the file goes unseen until the next process
+        // (the cost of not reading the whole file at every open)...
+        let seal = read_seal(&File::open(&path)?).expect("sealed");
+        let mut bytes = std::fs::read(&path)?;
+        bytes[5] ^= 1;
+        std::fs::write(&path, &bytes)?;
+        write_seal(&File::open(&path)?, &seal)?;
+        assert!(c.open_whole(&key, 350_000).is_some());
+        // ...which checks it again.
+        let c = DiskCache::open(dir.path(), 10 << 20)?;
+        assert!(c.open_whole(&key, 350_000).is_none());
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_damaged_torn_or_unsealed_whole_file_is_removed() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let key = whole_key(&Digest::of(b"layer"), 0, 350_000);
+        let path;
+        {
+            let c = DiskCache::open(dir.path(), 10 << 20)?;
+            let (parts, _) = two_chunks(&c).await?;
+            assert!(c.store_whole(&key, 350_000, &parts)?);
+            path = c.path_of(&key, true);
+        }
+        let good = std::fs::read(&path)?;
+        let seal_of = |p: &std::path::Path| read_seal(&File::open(p).unwrap());
+        let stored = seal_of(&path).expect("sealed");
+        for damage in ["flip", "truncate", "unseal", "other key"] {
+            let mut bytes = good.clone();
+            match damage {
+                "flip" => bytes[123_456] ^= 1,
+                "truncate" => bytes.truncate(349_000),
+                _ => {}
+            }
+            std::fs::write(&path, &bytes)?;
+            match damage {
+                "unseal" => {}
+                "other key" => {
+                    let other = whole_key(&Digest::of(b"another layer"), 0, 350_000);
+                    write_seal(&File::open(&path)?, &seal(&other, 350_000, 0))?
+                }
+                _ => write_seal(&File::open(&path)?, &stored)?,
+            }
+            let c = DiskCache::open(dir.path(), 10 << 20)?;
+            assert!(c.has_whole(&key));
+            assert!(c.open_whole(&key, 350_000).is_none(), "{damage} is caught");
+            assert!(!path.exists(), "{damage}: the file is removed");
+            assert!(!c.has_whole(&key));
+            assert_eq!(c.stats.corrupt.load(Ordering::Relaxed), 1);
+        }
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn not_kept_without_every_chunk_or_room() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let c = DiskCache::open(dir.path(), 10 << 20)?;
+        let (parts, _) = two_chunks(&c).await?;
+        let key = whole_key(&Digest::of(b"layer"), 0, 350_000);
+        let (missing, _) = chunk(3, 1000);
+        let with_missing = [parts[0].clone(), (missing, 0..1000)];
+        assert!(!c.store_whole(&key, 201_000, &with_missing)?);
+        assert!(!c.has_whole(&key));
+        assert!(!c.store_whole(&key, 1, &parts)?, "parts must add up");
+        // Damage in a chunk is caught on the way: no whole file, and the chunk goes.
+        let chunk_path = c.path(&parts[1].0.digest);
+        let mut bytes = std::fs::read(&chunk_path)?;
+        bytes[10] ^= 1;
+        std::fs::write(&chunk_path, &bytes)?;
+        assert!(!c.store_whole(&key, 350_000, &parts)?);
+        assert!(!c.has_whole(&key));
+        assert!(!c.contains(&parts[1].0.digest));
+        assert!(
+            !std::fs::read_dir(dir.path().join("tmp"))?.any(|_| true),
+            "no temporary file left"
+        );
+
+        let small = tempfile::tempdir()?;
+        let c = DiskCache::open(small.path(), 1_200_000)?;
+        let (parts, _) = two_chunks(&c).await?;
+        assert!(
+            !c.store_whole(&key, 350_000, &parts)?,
+            "over a quarter of the cap"
+        );
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn whole_files_share_the_cap_and_are_evicted_like_chunks() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let c = DiskCache::open(dir.path(), 1_600_000)?;
+        let (parts, _) = two_chunks(&c).await?;
+        let key = whole_key(&Digest::of(b"layer"), 0, 350_000);
+        assert!(c.store_whole(&key, 350_000, &parts)?);
+        // Newer chunks push the older entries out, the whole file among them.
+        for seed in 10..20 {
+            let (k, d) = chunk(seed, 150_000);
+            c.put(&k, d).await?;
+        }
+        assert!(c.bytes() <= 1_600_000);
+        assert!(!c.has_whole(&key));
+        assert!(!c.path_of(&key, true).exists());
+        Ok(())
+    }
+}
