@@ -66,7 +66,14 @@ fn serve(
     cache: &Path,
     cache_bytes: u64,
 ) -> anyhow::Result<Served> {
-    serve_with(rt, index, client, cache, cache_bytes, StoreConfig::default())
+    serve_with(
+        rt,
+        index,
+        client,
+        cache,
+        cache_bytes,
+        StoreConfig::default(),
+    )
 }
 
 /// [`serve`] with a store configured by `config` (whole files kept as it says).
@@ -525,6 +532,38 @@ fn the_kernel_keeps_opens_symlinks_and_listings_and_first_reads_prefetch() -> an
     let counters = served.mount.as_ref().unwrap().counters().clone();
     use std::sync::atomic::Ordering::Relaxed;
 
+    // A listing brings every entry's attributes (READDIRPLUS): a program that lists a
+    // directory and then looks at its entries does not make the kernel ask for each.
+    let listed = std::fs::read_dir(served.path().join("dir"))?.count();
+    assert_eq!(listed, 3);
+    let lookups = counters.lookups.load(Relaxed);
+    assert_eq!(
+        std::fs::metadata(served.path().join("dir/other"))?.len(),
+        700
+    );
+    assert!(std::fs::symlink_metadata(served.path().join("dir/link"))?.is_symlink());
+    assert_eq!(
+        counters.lookups.load(Relaxed),
+        lookups,
+        "entries known from the listing"
+    );
+    // `isatty` on a file is answered at once (and counted; the kernel asks every time).
+    let file = std::fs::File::open(served.path().join("dir/other"))?;
+    // SAFETY: isatty on an open descriptor.
+    let tty = unsafe { libc::isatty(std::os::fd::AsRawFd::as_raw_fd(&file)) };
+    assert_eq!(tty, 0);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::ENOTTY)
+    );
+    assert_eq!(counters.ioctls.load(Relaxed), 1);
+    let metrics = counters.to_prometheus("image=\"x\"");
+    assert!(
+        metrics.contains("clip_fs_requests_total{op=\"ioctl\",image=\"x\"} 1\n"),
+        "{metrics}"
+    );
+    drop(file);
+
     // An interpreter opening the same files, following the same links and listing the same
     // directories over and over: the kernel asks once.
     let small = std::fs::read(served.path().join("dir/small"))?;
@@ -638,7 +677,11 @@ fn mapped(path: &Path) -> anyhow::Result<Vec<u8>> {
             0,
         )
     };
-    anyhow::ensure!(p != libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+    anyhow::ensure!(
+        p != libc::MAP_FAILED,
+        "mmap: {}",
+        std::io::Error::last_os_error()
+    );
     // SAFETY: the mapping is `len` readable bytes until munmap.
     let bytes = unsafe { std::slice::from_raw_parts(p.cast::<u8>(), len) }.to_vec();
     // SAFETY: p and len are the mapping made above.
@@ -721,7 +764,11 @@ fn files_kept_whole_are_read_by_the_kernel_itself() -> anyhow::Result<()> {
         .arg(&p)
         .args(["/bin/sh", "-c", "echo $((6 * 7)); busybox ls /"])
         .output()?;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
         "42\nbig\nbin\nsmall\ntext\n"
@@ -782,7 +829,10 @@ fn files_kept_whole_are_read_by_the_kernel_itself() -> anyhow::Result<()> {
         .write_all_at(&bytes[1000..1001], 1000)?;
     let served = serve_with(&rt, &index, &client, cache.path(), 1 << 30, config)?;
     let counters = served.mount.as_ref().unwrap().counters().clone();
-    assert!(std::fs::read(served.path().join("text"))? == text, "no wrong byte");
+    assert!(
+        std::fs::read(served.path().join("text"))? == text,
+        "no wrong byte"
+    );
     assert_eq!(counters.passthrough_opens.load(Relaxed), 0);
     let events = served.store.snapshot().events;
     assert!(

@@ -103,7 +103,10 @@ impl<S: BlobSource> ChunkStore<S> {
             let on_disk = parts.iter().all(|(k, _)| w.disk.contains(&k.digest));
             let permit = w.permit.clone().acquire_owned().await;
             if !on_disk || permit.is_err() {
-                w.busy.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+                w.busy
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&key);
                 return;
             }
             let disk = w.disk.clone();
@@ -114,7 +117,10 @@ impl<S: BlobSource> ChunkStore<S> {
                 Ok(Err(e)) => debug!(layer, offset, len, error = %e, "keeping a whole file failed"),
                 Err(e) => debug!(error = %e, "the whole-file copy ended early"),
             }
-            w.busy.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+            w.busy
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&key);
         });
     }
 

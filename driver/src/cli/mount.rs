@@ -260,8 +260,10 @@ pub async fn run(args: MountArgs) -> Result<()> {
             .map_err(|e| Error::Config(format!("--metrics-addr {addr}: {e}")))?;
         let metrics_store = store.clone();
         let labels = format!("image=\"{}\"", fsname.replace('"', ""));
-        let render: Arc<dyn Fn() -> String + Send + Sync> =
-            Arc::new(move || metrics_store.snapshot().to_prometheus(&labels));
+        let fs_counters = mounted.counters().clone();
+        let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || {
+            metrics_store.snapshot().to_prometheus(&labels) + &fs_counters.to_prometheus(&labels)
+        });
         let mut rx = stop_rx.clone();
         tokio::spawn(crate::metrics::serve(listener, render, async move {
             let _ = rx.changed().await;

@@ -9,8 +9,9 @@ use clip_index::{Content, ImageIndex, Inode, NodeKind};
 use clip_storage::{BlobSource, ChunkStore};
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
-    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    INodeNo, IoctlFlags, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyOpen, ReplyStatfs, ReplyXattr,
+    Request,
 };
 use tracing::warn;
 
@@ -57,8 +58,43 @@ pub struct FsCounters {
     /// Opens answered with a whole file on local disk, which the kernel then reads itself.
     pub passthrough_opens: std::sync::atomic::AtomicU64,
     pub readlinks: std::sync::atomic::AtomicU64,
+    pub getattrs: std::sync::atomic::AtomicU64,
+    pub releases: std::sync::atomic::AtomicU64,
+    /// getxattr and listxattr.
+    pub xattrs: std::sync::atomic::AtomicU64,
+    /// ioctls (a program asking whether a file is a terminal); the kernel sends every one.
+    pub ioctls: std::sync::atomic::AtomicU64,
     /// Reads taken from the kernel and not answered yet.
     pub pending_reads: std::sync::atomic::AtomicU64,
+}
+
+impl FsCounters {
+    /// Prometheus text of the requests the kernel sent, by kind, with `labels`.
+    pub fn to_prometheus(&self, labels: &str) -> String {
+        use std::sync::atomic::Ordering::Relaxed;
+        let sep = if labels.is_empty() { "" } else { "," };
+        let mut s = String::from(
+            "# HELP clip_fs_requests_total Requests the kernel sent to the filesystem, by kind (lookup_miss: lookups of missing names, also counted as lookups; open_passthrough: opens answered with a whole file the kernel reads itself, also counted as opens).\n# TYPE clip_fs_requests_total counter\n",
+        );
+        for (op, v) in [
+            ("lookup", &self.lookups),
+            ("lookup_miss", &self.negative_lookups),
+            ("getattr", &self.getattrs),
+            ("open", &self.opens),
+            ("open_passthrough", &self.passthrough_opens),
+            ("read", &self.reads),
+            ("release", &self.releases),
+            ("readlink", &self.readlinks),
+            ("xattr", &self.xattrs),
+            ("ioctl", &self.ioctls),
+        ] {
+            s.push_str(&format!(
+                "clip_fs_requests_total{{op=\"{op}\"{sep}{labels}}} {}\n",
+                v.load(Relaxed)
+            ));
+        }
+        s
+    }
 }
 
 impl<S> std::fmt::Debug for ClipFs<S> {
@@ -155,15 +191,18 @@ fn path_of(index: &ImageIndex, ino: u64) -> String {
 
 impl<S: BlobSource> Filesystem for ClipFs<S> {
     /// What the kernel may do without asking: lookups in one directory in parallel, keep
-    /// symlink targets in its cache, and (answered with ENOSYS on the first open) skip every
+    /// symlink targets in its cache, learn every entry of a directory it lists (with its
+    /// attributes: READDIRPLUS, so a program that lists and then opens or stats causes no
+    /// lookup), and (answered with ENOSYS on the first open) skip every
     /// later open, opendir and release: a handle carries nothing here, and without an open
     /// the kernel keeps a file's pages and a directory's listing cached. More read-ahead
     /// requests in flight than fuser's default (16), for fetches that overlap.
     fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
         use fuser::InitFlags as F;
         let offered = config.capabilities();
-        let _ =
-            config.add_capabilities((F::FUSE_PARALLEL_DIROPS | F::FUSE_CACHE_SYMLINKS) & offered);
+        let _ = config.add_capabilities(
+            (F::FUSE_PARALLEL_DIROPS | F::FUSE_CACHE_SYMLINKS | F::FUSE_DO_READDIRPLUS) & offered,
+        );
         let _ = config.set_max_background(MAX_BACKGROUND);
         // Passthrough needs every open (to hand over the backing file), so it replaces
         // the no-open mode; the backing files must not be on a stacked filesystem.
@@ -205,6 +244,9 @@ impl<S: BlobSource> Filesystem for ClipFs<S> {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.counters
+            .getattrs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match self.attr_of(ino.0) {
             Some(a) => reply.attr(&TTL, &a),
             None => reply.error(Errno::ENOENT),
@@ -334,6 +376,9 @@ impl<S: BlobSource> Filesystem for ClipFs<S> {
         reply: ReplyEmpty,
     ) {
         reply.ok();
+        self.counters
+            .releases
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if !self.backings.release(ino.0, fh) {
             return;
         }
@@ -444,6 +489,9 @@ impl<S: BlobSource> Filesystem for ClipFs<S> {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        self.counters
+            .xattrs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let Some(node) = self.index.node(Inode(ino.0)) else {
             return reply.error(Errno::ENOENT);
         };
@@ -454,6 +502,9 @@ impl<S: BlobSource> Filesystem for ClipFs<S> {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        self.counters
+            .xattrs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let Some(node) = self.index.node(Inode(ino.0)) else {
             return reply.error(Errno::ENOENT);
         };
@@ -463,6 +514,37 @@ impl<S: BlobSource> Filesystem for ClipFs<S> {
             names.push(0);
         }
         Self::xattr_reply(&names, size, reply);
+    }
+
+    /// Nothing to write back: ENOSYS, and the kernel stops sending flushes.
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    /// No file here is a terminal or takes ioctls. The kernel asks for every one (an
+    /// interpreter's `isatty` on each file it opens), so answer at once, unlogged.
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        self.counters
+            .ioctls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        reply.error(Errno::ENOTTY);
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {

@@ -183,7 +183,10 @@ impl Backings {
         }
         let mut slots = self.lock();
         for slot in slots.values_mut() {
-            if slot.backed == 0 && slot.idle_since.is_some_and(|t| now.duration_since(t) >= IDLE)
+            if slot.backed == 0
+                && slot
+                    .idle_since
+                    .is_some_and(|t| now.duration_since(t) >= IDLE)
             {
                 slot.backing = None;
                 slot.idle_since = None;
@@ -191,7 +194,6 @@ impl Backings {
         }
         slots.retain(|_, s| !s.unused());
     }
-
 }
 
 /// Whether this process may register backing files: the kernel asks for CAP_SYS_ADMIN.

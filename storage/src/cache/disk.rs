@@ -545,7 +545,10 @@ impl ChunkCache for DiskCache {
             ("verify_failure", self.stats.corrupt.load(Ordering::Relaxed)),
             ("evicted", self.stats.evicted.load(Ordering::Relaxed)),
             ("skipped_full", self.stats.skipped.load(Ordering::Relaxed)),
-            ("whole_files_kept", self.stats.whole_kept.load(Ordering::Relaxed)),
+            (
+                "whole_files_kept",
+                self.stats.whole_kept.load(Ordering::Relaxed),
+            ),
         ]
     }
 
