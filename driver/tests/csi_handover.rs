@@ -76,10 +76,25 @@ fn start_keeper(dir: &Path, hold_seconds: u64) -> anyhow::Result<Process> {
 }
 
 fn start_node(dir: &Path) -> anyhow::Result<Process> {
+    start_node_with(dir, &[])
+}
+
+fn start_node_with(dir: &Path, extra: &[&str]) -> anyhow::Result<Process> {
     let mut args = clip_e2e::node::node_args(dir, "n1");
     args.push("--keeper-socket".into());
     args.push(keeper_socket(dir).into());
+    args.extend(extra.iter().map(Into::into));
     Process::start(clip(), args, &clip_e2e::node::socket(dir))
+}
+
+/// The value of metric `name` (summed over its series) on a plugin's metrics endpoint.
+fn metric(port: u16, name: &str) -> anyhow::Result<u64> {
+    let r = clip_e2e::http::request("GET", &format!("http://127.0.0.1:{port}/metrics"), &[], &[])?;
+    Ok(String::from_utf8_lossy(&r.body)
+        .lines()
+        .filter(|l| l.split(['{', ' ']).next() == Some(name))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
+        .sum())
 }
 
 async fn client(dir: &Path) -> anyhow::Result<NodeClient<Channel>> {
@@ -448,5 +463,83 @@ async fn a_private_image_reads_on_after_the_hand_over() -> anyhow::Result<()> {
         "the read of uncached chunks",
     );
     assert!(std::fs::read(&out)? == big[BIG / 2..BIG / 2 + (2 << 20)]);
+    Ok(())
+}
+
+/// Files the kernel reads itself (FUSE passthrough of a whole copy on local disk) under
+/// the first plugin stay right after a hand-over: open ones read on, and new opens of them
+/// (and of files open the usual way) succeed, though the next plugin knows nothing of
+/// what the first one had open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_read_by_the_kernel_itself_survive_a_hand_over() -> anyhow::Result<()> {
+    if !clip_driver::fs::kernel_resends() {
+        return Ok(()); // passthrough and FUSE_NOTIFY_RESEND: Linux 6.9
+    }
+    let registry = Registry::start()?;
+    let (reference, big, other) = push_image(&registry.host(), None)?;
+    let (dir, target, _detach) = work_dir()?;
+    let _keeper = start_keeper(dir.path(), 60)?;
+    let port = clip_e2e::free_port()?;
+    let metrics_addr = format!("127.0.0.1:{port}");
+    let with_metrics = ["--metrics-addr", metrics_addr.as_str()];
+    let mut first = start_node_with(dir.path(), &with_metrics)?;
+    publish(&mut client(dir.path()).await?, &target, &reference).await?;
+
+    // Read once through clip, big.bin is then kept whole; the next open hands it to the
+    // kernel, and a reader keeps that open. other.bin is held open the usual way.
+    assert!(std::fs::read(target.join("data/big.bin"))? == big);
+    let files = dir.path().join("cache/files");
+    wait::until("big.bin to be kept whole", Duration::from_secs(30), || {
+        std::fs::read_dir(&files).is_ok_and(|d| {
+            d.flatten()
+                .any(|s| std::fs::read_dir(s.path()).is_ok_and(|mut f| f.next().is_some()))
+        })
+    })?;
+    let out = dir.path().join("out");
+    let other_out = dir.path().join("other-out");
+    let go = dir.path().join("go");
+    nix_mkfifo(&go)?;
+    let mut reader = sh(
+        r#"exec 3<"$1" 4<"$2" && dd bs=1M count=1 iflag=fullblock status=none <&3 >"$3.head" && read x <"$5" && cat <&3 >"$3" && cat <&4 >"$4""#,
+        &[
+            &target.join("data/big.bin"),
+            &target.join("data/other.bin"),
+            &out,
+            &other_out,
+            &go,
+        ],
+    )?;
+    wait::until("the first MiB to be read", Duration::from_secs(30), || {
+        std::fs::metadata(out.with_extension("head")).map_or(0, |m| m.len()) >= 1 << 20
+    })?;
+    wait_open(&reader, 4)?;
+    assert!(
+        metric(port, "clip_whole_files_opened_total")? >= 1,
+        "big.bin was handed to the kernel"
+    );
+
+    // The plugin is killed and the next one takes the mount over. New opens of both files
+    // while the old ones are still open get the right bytes (a backing file of its own
+    // for big.bin, or none for other.bin, would make the kernel fail them with EIO).
+    first.signal(libc::SIGKILL);
+    let _second = start_node(dir.path())?;
+    for _ in 0..2 {
+        assert!(std::fs::read(target.join("data/big.bin"))? == big);
+        assert!(std::fs::read(target.join("data/other.bin"))? == other);
+    }
+    let _go = signal_fifo(&go)?;
+    succeeded(
+        &mut reader,
+        Duration::from_secs(60),
+        "the held files' reader",
+    );
+    assert!(std::fs::read(&out)? == big[1 << 20..]);
+    assert!(std::fs::read(&other_out)? == other);
+    // And once they are closed.
+    assert!(std::fs::read(target.join("data/big.bin"))? == big);
+    let mut node = client(dir.path()).await?;
+    node.node_unpublish_volume(kubelet::unpublish("vol-1", &target))
+        .await?;
+    assert!(!is_mounted(&target));
     Ok(())
 }

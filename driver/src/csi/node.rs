@@ -656,9 +656,10 @@ impl NodeContext {
         Digest::of(text.as_bytes()).to_string()
     }
 
-    fn mount_options(&self, store: &ChunkStore<RegistryBlobs>) -> MountOptions {
+    fn mount_options(&self, store: &ChunkStore<RegistryBlobs>, volume: &str) -> MountOptions {
         let index = store.index();
         MountOptions {
+            backing_record: Some(self.backing_record(volume)),
             fsname: format!(
                 "clip:{}@{}",
                 index.source.repository, index.source.manifest_digest
@@ -668,6 +669,14 @@ impl NodeContext {
             clone_fd: self.config.keeper_socket.is_none(),
             ..MountOptions::default()
         }
+    }
+
+    /// Where a volume's mount records the backing files it handed to the kernel.
+    fn backing_record(&self, volume: &str) -> PathBuf {
+        self.config
+            .state_dir
+            .join("backing")
+            .join(Digest::of(volume.as_bytes()).hex())
     }
 
     fn mount_at(
@@ -683,7 +692,7 @@ impl NodeContext {
                 target.display()
             ))
         })?;
-        let options = self.mount_options(&store);
+        let options = self.mount_options(&store, volume);
         let m = mount(store, target, &options, self.runtime.clone()).map_err(|e| {
             CsiError::Internal(format!(
                 "volume {volume}: mounting at {}: {e}",
@@ -907,6 +916,7 @@ impl NodeContext {
             }
         }
         self.release_kept(&volume);
+        let _ = std::fs::remove_file(self.backing_record(&volume));
         lock(&self.table).remove(&volume).map_err(|e| {
             CsiError::Internal(format!("volume {volume}: saving the mount table: {e}"))
         })?;
@@ -1204,7 +1214,7 @@ impl NodeContext {
                 return false;
             }
         };
-        let options = self.mount_options(&store);
+        let options = self.mount_options(&store, &rec.volume_id);
         let scratch = self.config.state_dir.join("handover");
         match resume(
             store,

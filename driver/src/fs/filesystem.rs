@@ -105,12 +105,13 @@ impl<S> std::fmt::Debug for ClipFs<S> {
 
 impl<S: BlobSource> ClipFs<S> {
     /// A filesystem over `store`; with `passthrough`, files the store keeps whole are handed
-    /// to the kernel (when it supports that and this process may).
-    pub fn new(
+    /// to the kernel (when it supports that and this process may), through `backings`.
+    pub(super) fn new(
         store: Arc<ChunkStore<S>>,
         runtime: tokio::runtime::Handle,
         name: String,
         passthrough: bool,
+        backings: Backings,
     ) -> Self {
         let index = store.index().clone();
         let mut parents = vec![1u64; index.inode_count() as usize + 1];
@@ -133,7 +134,7 @@ impl<S: BlobSource> ClipFs<S> {
             no_open: false,
             no_opendir: false,
             want_passthrough: passthrough,
-            backings: Backings::default(),
+            backings,
         }
     }
 
@@ -204,6 +205,13 @@ impl<S: BlobSource> Filesystem for ClipFs<S> {
             (F::FUSE_PARALLEL_DIROPS | F::FUSE_CACHE_SYMLINKS | F::FUSE_DO_READDIRPLUS) & offered,
         );
         let _ = config.set_max_background(MAX_BACKGROUND);
+        // Taken over from a server that handed files to the kernel: opens of those must
+        // be answered with their backing files (so no no-open mode either).
+        if self.backings.has_inherited() {
+            self.backings.enable(true);
+            self.no_opendir = offered.contains(F::FUSE_NO_OPENDIR_SUPPORT);
+            return Ok(());
+        }
         // Passthrough needs every open (to hand over the backing file), so it replaces
         // the no-open mode; the backing files must not be on a stacked filesystem.
         if self.want_passthrough
@@ -281,7 +289,9 @@ impl<S: BlobSource> Filesystem for ClipFs<S> {
                 };
                 let (layer, size) = (layer as usize, n.size);
                 let _runtime = self.runtime.enter();
-                if self.backings.enabled() && self.store.keeps_whole(size) {
+                if self.backings.enabled()
+                    && (self.store.keeps_whole(size) || self.backings.knows(ino.0))
+                {
                     let opened = self.backings.open(
                         ino.0,
                         FopenFlags::FOPEN_KEEP_CACHE,

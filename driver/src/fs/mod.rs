@@ -16,6 +16,7 @@ use std::sync::Arc;
 use clip_storage::{BlobSource, ChunkStore};
 
 pub use filesystem::{ClipFs, FsCounters};
+use passthrough::Backings;
 
 /// How to mount.
 #[derive(Debug, Clone)]
@@ -36,8 +37,13 @@ pub struct MountOptions {
     pub readahead_kb: u32,
     /// Hand files kept whole on local disk to the kernel, which reads them itself (FUSE
     /// passthrough, Linux 6.9, CAP_SYS_ADMIN; see [`clip_storage::ChunkStore::keep_whole_files`]).
-    /// Never for a mount taken over from another process.
+    /// A mount taken over from another process hands over only the files the previous
+    /// process had.
     pub passthrough: bool,
+    /// Where the mount records the backing files it handed to the kernel, for a process
+    /// that takes it over (see [`resume`]). Without it, a taken-over mount fails new
+    /// opens of files the previous process had handed over while they are still open.
+    pub backing_record: Option<PathBuf>,
 }
 
 impl Default for MountOptions {
@@ -49,6 +55,7 @@ impl Default for MountOptions {
             allow_other: true,
             readahead_kb: 1024,
             passthrough: true,
+            backing_record: None,
         }
     }
 }
@@ -173,7 +180,13 @@ pub fn mount<S: BlobSource>(
     options: &MountOptions,
     runtime: tokio::runtime::Handle,
 ) -> std::io::Result<Mount> {
-    let fs = ClipFs::new(store, runtime, options.fsname.clone(), options.passthrough);
+    let fs = ClipFs::new(
+        store,
+        runtime,
+        options.fsname.clone(),
+        options.passthrough,
+        Backings::fresh(options.backing_record.clone()),
+    );
     let counters = fs.counters();
     let session = fuser::Session::new(fs, dir, &session_config(options))?;
     let device = session.as_fd().try_clone_to_owned()?;
@@ -214,9 +227,15 @@ pub fn resume<S: BlobSource>(
             format!("nothing is mounted at {}", dir.display()),
         )
     })?;
-    // The previous server's opens are unknown here, and a backing file for an inode it
-    // had open the usual way would make the open fail (see `passthrough`).
-    let fs = ClipFs::new(store, runtime, options.fsname.clone(), false);
+    // The previous server's usual opens are unknown here, and a new backing file for an
+    // inode it had open would make the open fail: only its own are used (`passthrough`).
+    let fs = ClipFs::new(
+        store,
+        runtime,
+        options.fsname.clone(),
+        false,
+        Backings::inherited(options.backing_record.clone()),
+    );
     let counters = fs.counters();
     let mut config = session_config(options);
     config.mount_options.clear();

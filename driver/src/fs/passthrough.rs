@@ -10,12 +10,16 @@
 //! registered per inode and reused. It is released some time after the last open of it
 //! closes (the kernel may still be finishing that close when the release reaches us).
 //!
-//! A server that took over a live connection does not know what the previous one had
-//! open, so it uses no backing files (see `mount::resume`): it answers the first open
-//! ENOSYS, after which the kernel opens files without asking, and such opens are outside
-//! the mode rule.
+//! A server that takes over a live connection must answer new opens of an inode the
+//! previous server had handed to the kernel with that same backing file, or the kernel
+//! fails them. So each mount records the backing ids it registered, inode by inode, in a
+//! file (written before an open is answered with a new one, and before one is released);
+//! the next server reads it and answers opens of those inodes with those ids, and never
+//! registers new ones (it cannot know which inodes the previous server had open the usual
+//! way).
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -34,6 +38,11 @@ const IDLE: Duration = Duration::from_secs(30);
 #[derive(Debug, Default)]
 struct Slot {
     backing: Option<BackingId>,
+    /// The kernel's number for `backing` (or for a previous server's backing file, until
+    /// an open wraps it).
+    raw: Option<u32>,
+    /// Registered by a previous server: kept for the life of the mount.
+    inherited: bool,
     /// Opens answered with the backing file and not released.
     backed: u32,
     /// Opens answered the usual way and not released.
@@ -44,7 +53,7 @@ struct Slot {
 
 impl Slot {
     fn unused(&self) -> bool {
-        self.backing.is_none() && self.backed == 0 && self.usual == 0
+        self.raw.is_none() && self.backed == 0 && self.usual == 0
     }
 }
 
@@ -54,6 +63,10 @@ pub struct Backings {
     enabled: AtomicBool,
     slots: Mutex<HashMap<u64, Slot>>,
     last_sweep: Mutex<Instant>,
+    /// Where the registered ids are recorded for a later server.
+    record: Option<PathBuf>,
+    /// Taken over: only the previous server's backing files are used.
+    inherited_only: bool,
 }
 
 /// How an open was answered.
@@ -65,17 +78,82 @@ pub enum Opened {
     Usual,
 }
 
-impl Default for Backings {
-    fn default() -> Self {
+impl Backings {
+    /// For a new mount, recording its backing ids in `record` (an old record there is
+    /// removed).
+    pub fn fresh(record: Option<PathBuf>) -> Self {
+        if let Some(path) = &record {
+            let _ = std::fs::remove_file(path);
+        }
         Self {
             enabled: AtomicBool::new(false),
             slots: Mutex::default(),
             last_sweep: Mutex::new(Instant::now()),
+            record,
+            inherited_only: false,
         }
     }
-}
 
-impl Backings {
+    /// For a mount taken over from a server that recorded its backing ids in `record`.
+    pub fn inherited(record: Option<PathBuf>) -> Self {
+        let slots: HashMap<u64, Slot> = record
+            .as_deref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let (ino, id) = l.split_once(' ')?;
+                Some((ino.parse().ok()?, id.parse().ok()?))
+            })
+            .map(|(ino, id)| {
+                let slot = Slot {
+                    raw: Some(id),
+                    inherited: true,
+                    ..Slot::default()
+                };
+                (ino, slot)
+            })
+            .collect();
+        Self {
+            enabled: AtomicBool::new(false),
+            slots: Mutex::new(slots),
+            last_sweep: Mutex::new(Instant::now()),
+            record,
+            inherited_only: true,
+        }
+    }
+
+    /// Whether a previous server left backing files that opens must keep using.
+    pub fn has_inherited(&self) -> bool {
+        self.lock().values().any(|s| s.inherited)
+    }
+
+    /// Whether `ino` has a backing file (opens of it must use it).
+    pub fn knows(&self, ino: u64) -> bool {
+        self.lock().get(&ino).is_some_and(|s| s.raw.is_some())
+    }
+
+    /// Writes the registered ids to the record (called with the slots locked, so records
+    /// are written in the order of the changes).
+    fn write_record(&self, slots: &HashMap<u64, Slot>) {
+        let Some(path) = &self.record else { return };
+        let mut text = String::new();
+        for (ino, slot) in slots {
+            if let Some(id) = slot.raw {
+                text.push_str(&format!("{ino} {id}\n"));
+            }
+        }
+        let tmp = path.with_extension("tmp");
+        let written = path
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::write(&tmp, text))
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = written {
+            warn!(path = %path.display(), error = %e, "recording backing files failed; a later server may fail opens of them");
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Slot>> {
         self.slots.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -102,13 +180,19 @@ impl Backings {
         {
             let mut slots = self.lock();
             let slot = slots.entry(ino).or_default();
+            if let (None, Some(raw)) = (&slot.backing, slot.raw) {
+                // SAFETY: the previous server registered this id on this connection and
+                // never closed it (its record says so); it is closed only when this
+                // wrapper drops.
+                slot.backing = Some(unsafe { reply.wrap_backing(raw) });
+            }
             if let Some(id) = &slot.backing {
                 slot.backed += 1;
                 slot.idle_since = None;
                 reply.opened_passthrough(FH_BACKING, FopenFlags::empty(), id);
                 return Opened::Backing;
             }
-            if slot.usual > 0 {
+            if slot.usual > 0 || self.inherited_only {
                 slot.usual += 1;
                 reply.opened(FH_COUNTED, flags);
                 return Opened::Usual;
@@ -118,19 +202,33 @@ impl Backings {
         let mut slots = self.lock();
         let slot = slots.entry(ino).or_default();
         // Another open of the inode may have been answered meanwhile: follow it.
+        let mut registered = false;
         if slot.backing.is_none()
             && slot.usual == 0
             && self.enabled()
             && let Some(file) = file
         {
             match reply.open_backing(&file) {
-                Ok(id) => slot.backing = Some(id),
+                Ok(id) => {
+                    let raw = id.into_raw();
+                    // SAFETY: just registered on this connection; closed when dropped.
+                    slot.backing = Some(unsafe { reply.wrap_backing(raw) });
+                    slot.raw = Some(raw);
+                    registered = true;
+                }
                 Err(e) => {
                     warn!(error = %e, "the kernel refused a backing file; files are read through clip from now on");
                     self.enable(false);
                 }
             }
         }
+        if registered {
+            self.write_record(&slots);
+        }
+        let Some(slot) = slots.get_mut(&ino) else {
+            reply.opened(FH_COUNTED, flags);
+            return Opened::Usual;
+        };
         match &slot.backing {
             Some(id) => {
                 slot.backed += 1;
@@ -182,17 +280,26 @@ impl Backings {
             *last = now;
         }
         let mut slots = self.lock();
+        let mut closing = Vec::new();
         for slot in slots.values_mut() {
-            if slot.backed == 0
+            if !slot.inherited
+                && slot.backed == 0
                 && slot
                     .idle_since
                     .is_some_and(|t| now.duration_since(t) >= IDLE)
             {
-                slot.backing = None;
+                closing.extend(slot.backing.take());
+                slot.raw = None;
                 slot.idle_since = None;
             }
         }
+        if closing.is_empty() {
+            return;
+        }
         slots.retain(|_, s| !s.unused());
+        // Out of the record before the kernel forgets them.
+        self.write_record(&slots);
+        drop(closing);
     }
 }
 
