@@ -87,12 +87,13 @@ fn start_node_with(dir: &Path, extra: &[&str]) -> anyhow::Result<Process> {
     Process::start(clip(), args, &clip_e2e::node::socket(dir))
 }
 
-/// The value of metric `name` (summed over its series) on a plugin's metrics endpoint.
-fn metric(port: u16, name: &str) -> anyhow::Result<u64> {
+/// The value of metric `name` (summed over its series that contain `label`) on a
+/// plugin's metrics endpoint.
+fn metric(port: u16, name: &str, label: &str) -> anyhow::Result<u64> {
     let r = clip_e2e::http::request("GET", &format!("http://127.0.0.1:{port}/metrics"), &[], &[])?;
     Ok(String::from_utf8_lossy(&r.body)
         .lines()
-        .filter(|l| l.split(['{', ' ']).next() == Some(name))
+        .filter(|l| l.split(['{', ' ']).next() == Some(name) && l.contains(label))
         .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
         .sum())
 }
@@ -488,12 +489,8 @@ async fn files_read_by_the_kernel_itself_survive_a_hand_over() -> anyhow::Result
     // Read once through clip, big.bin is then kept whole; the next open hands it to the
     // kernel, and a reader keeps that open. other.bin is held open the usual way.
     assert!(std::fs::read(target.join("data/big.bin"))? == big);
-    let files = dir.path().join("cache/files");
     wait::until("big.bin to be kept whole", Duration::from_secs(30), || {
-        std::fs::read_dir(&files).is_ok_and(|d| {
-            d.flatten()
-                .any(|s| std::fs::read_dir(s.path()).is_ok_and(|mut f| f.next().is_some()))
-        })
+        metric(port, "clip_tier_events_total", "whole_files_kept").unwrap_or(0) >= 1
     })?;
     let out = dir.path().join("out");
     let other_out = dir.path().join("other-out");
@@ -514,7 +511,7 @@ async fn files_read_by_the_kernel_itself_survive_a_hand_over() -> anyhow::Result
     })?;
     wait_open(&reader, 4)?;
     assert!(
-        metric(port, "clip_whole_files_opened_total")? >= 1,
+        metric(port, "clip_whole_files_opened_total", "")? >= 1,
         "big.bin was handed to the kernel"
     );
 

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use clip_index::Digest;
 use tokio::sync::Semaphore;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::cache::ChunkKey;
 use crate::cache::disk::{DiskCache, whole_key};
@@ -27,6 +27,8 @@ pub(crate) struct WholeFiles {
     min_len: u64,
     /// Files being copied now.
     busy: Mutex<HashSet<Digest>>,
+    /// Files whose copy failed (not tried again by this store).
+    failed: Mutex<HashSet<Digest>>,
     /// One copy at a time: it competes with the program for the disk.
     permit: Arc<Semaphore>,
 }
@@ -44,6 +46,7 @@ impl<S: BlobSource> ChunkStore<S> {
             disk,
             min_len,
             busy: Mutex::default(),
+            failed: Mutex::default(),
             permit: Arc::new(Semaphore::new(1)),
         });
     }
@@ -69,11 +72,7 @@ impl<S: BlobSource> ChunkStore<S> {
     pub fn whole_file(&self, layer: usize, offset: u64, len: u64) -> Option<File> {
         let w = self.whole.get().filter(|w| len >= w.min_len)?;
         let key = self.whole_key(layer, offset, len)?;
-        let file = w.disk.open_whole(&key, len)?;
-        self.stats()
-            .whole_files_opened
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Some(file)
+        w.disk.open_whole(&key, len)
     }
 
     /// Starts keeping the file of `len` bytes at `offset` of `layer` whole, in the
@@ -86,7 +85,12 @@ impl<S: BlobSource> ChunkStore<S> {
         let Some(key) = self.whole_key(layer, offset, len) else {
             return;
         };
-        if w.disk.has_whole(&key) {
+        let failed = w
+            .failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&key);
+        if failed || w.disk.has_whole(&key) {
             return;
         }
         let Some(parts) = self.parts(layer, offset, len) else {
@@ -114,7 +118,14 @@ impl<S: BlobSource> ChunkStore<S> {
                 tokio::task::spawn_blocking(move || disk.store_whole(&key, len, &parts)).await;
             match kept {
                 Ok(Ok(kept)) => debug!(layer, offset, len, kept, "whole file"),
-                Ok(Err(e)) => debug!(layer, offset, len, error = %e, "keeping a whole file failed"),
+                Ok(Err(e)) => {
+                    // (A cache directory without user xattrs fails every copy.)
+                    warn!(layer, offset, len, error = %e, "keeping a whole file failed; not tried again");
+                    w.failed
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(key);
+                }
                 Err(e) => debug!(error = %e, "the whole-file copy ended early"),
             }
             w.busy

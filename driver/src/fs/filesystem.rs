@@ -43,7 +43,7 @@ pub struct ClipFs<S> {
     no_opendir: bool,
     /// Hand files the store keeps whole to the kernel (FUSE passthrough), if it agrees.
     want_passthrough: bool,
-    backings: Backings,
+    backings: Arc<Backings>,
 }
 
 /// What the kernel asked of the filesystem (for metrics and tests).
@@ -134,7 +134,7 @@ impl<S: BlobSource> ClipFs<S> {
             no_open: false,
             no_opendir: false,
             want_passthrough: passthrough,
-            backings,
+            backings: Arc::new(backings),
         }
     }
 
@@ -289,28 +289,36 @@ impl<S: BlobSource> Filesystem for ClipFs<S> {
                 };
                 let (layer, size) = (layer as usize, n.size);
                 let _runtime = self.runtime.enter();
-                if self.backings.enabled()
-                    && (self.store.keeps_whole(size) || self.backings.knows(ino.0))
-                {
-                    let opened = self.backings.open(
-                        ino.0,
-                        FopenFlags::FOPEN_KEEP_CACHE,
-                        || self.store.whole_file(layer, offset, size),
-                        reply,
-                    );
-                    if opened == Opened::Backing {
-                        self.counters
-                            .passthrough_opens
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        return;
+                // An inode with a backing file: every open must use it.
+                let known = self.backings.knows(ino.0);
+                if known || (self.backings.enabled() && self.store.keeps_whole(size)) {
+                    let (backings, store) = (self.backings.clone(), self.store.clone());
+                    let counters = self.counters.clone();
+                    let open = move || {
+                        let whole = || store.whole_file(layer, offset, size);
+                        let opened =
+                            backings.open(ino.0, FopenFlags::FOPEN_KEEP_CACHE, whole, reply);
+                        if opened == Opened::Backing {
+                            use std::sync::atomic::Ordering::Relaxed;
+                            counters.passthrough_opens.fetch_add(1, Relaxed);
+                            store.stats().whole_files_opened.fetch_add(1, Relaxed);
+                            return;
+                        }
+                        // Kept whole for a later open, if its chunks are all on local disk.
+                        store.keep_whole(layer, offset, size);
+                        store.opened(layer, offset..offset + size);
+                    };
+                    if known {
+                        open();
+                    } else {
+                        // Its first open in this process reads the whole copy to check it:
+                        // not on a FUSE worker, which other readers are waiting for.
+                        self.runtime.spawn_blocking(open);
                     }
-                    // Kept whole for a later open, if its chunks are all on local disk.
-                    self.store.keep_whole(layer, offset, size);
-                } else {
-                    // No per-open state: the handle is 0, and the page cache survives
-                    // reopening.
-                    reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+                    return;
                 }
+                // No per-open state: the handle is 0, and the page cache survives reopening.
+                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
                 self.store.opened(layer, offset..offset + size);
             }
             None => reply.error(Errno::ENOENT),

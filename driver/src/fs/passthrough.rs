@@ -32,7 +32,9 @@ pub const FH_BACKING: FileHandle = FileHandle(1);
 /// Handle of an open served the usual way, of a file that may later get a backing file.
 pub const FH_COUNTED: FileHandle = FileHandle(2);
 
-/// How long a backing file stays registered after its inode's last open closed.
+/// How long a backing file stays registered after its inode's last open closed (checked
+/// at opens and releases, so on a mount nobody uses it stays registered: as does the
+/// whole file it names, on disk, if the cache evicted it meanwhile).
 const IDLE: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Default)]
@@ -133,13 +135,16 @@ impl Backings {
         self.lock().get(&ino).is_some_and(|s| s.raw.is_some())
     }
 
-    /// Writes the registered ids to the record (called with the slots locked, so records
-    /// are written in the order of the changes).
-    fn write_record(&self, slots: &HashMap<u64, Slot>) {
-        let Some(path) = &self.record else { return };
+    /// Writes the registered ids, but those of `leaving`, to the record (called with the
+    /// slots locked, so records are written in the order of the changes). False if the
+    /// record could not be written: the change must then not happen.
+    fn write_record(&self, slots: &HashMap<u64, Slot>, leaving: &[u64]) -> bool {
+        let Some(path) = &self.record else {
+            return true;
+        };
         let mut text = String::new();
         for (ino, slot) in slots {
-            if let Some(id) = slot.raw {
+            if let Some(id) = slot.raw.filter(|_| !leaving.contains(ino)) {
                 text.push_str(&format!("{ino} {id}\n"));
             }
         }
@@ -149,8 +154,12 @@ impl Backings {
             .map_or(Ok(()), std::fs::create_dir_all)
             .and_then(|()| std::fs::write(&tmp, text))
             .and_then(|()| std::fs::rename(&tmp, path));
-        if let Err(e) = written {
-            warn!(path = %path.display(), error = %e, "recording backing files failed; a later server may fail opens of them");
+        match written {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "recording backing files failed; files are read through clip until it works");
+                false
+            }
         }
     }
 
@@ -177,6 +186,7 @@ impl Backings {
         whole: impl FnOnce() -> Option<std::fs::File>,
         reply: ReplyOpen,
     ) -> Opened {
+        self.sweep();
         {
             let mut slots = self.lock();
             let slot = slots.entry(ino).or_default();
@@ -222,8 +232,13 @@ impl Backings {
                 }
             }
         }
-        if registered {
-            self.write_record(&slots);
+        // A backing file a later server would not know of must not be handed out.
+        if registered
+            && !self.write_record(&slots, &[])
+            && let Some(slot) = slots.get_mut(&ino)
+        {
+            slot.backing = None;
+            slot.raw = None;
         }
         let Some(slot) = slots.get_mut(&ino) else {
             reply.opened(FH_COUNTED, flags);
@@ -280,26 +295,29 @@ impl Backings {
             *last = now;
         }
         let mut slots = self.lock();
-        let mut closing = Vec::new();
-        for slot in slots.values_mut() {
-            if !slot.inherited
-                && slot.backed == 0
-                && slot
-                    .idle_since
-                    .is_some_and(|t| now.duration_since(t) >= IDLE)
-            {
-                closing.extend(slot.backing.take());
+        let idle: Vec<u64> = slots
+            .iter()
+            .filter(|(_, s)| {
+                !s.inherited
+                    && s.backed == 0
+                    && s.raw.is_some()
+                    && s.idle_since.is_some_and(|t| now.duration_since(t) >= IDLE)
+            })
+            .map(|(ino, _)| *ino)
+            .collect();
+        // Out of the record before the kernel forgets them (else kept, and tried again).
+        if idle.is_empty() || !self.write_record(&slots, &idle) {
+            return;
+        }
+        for ino in idle {
+            if let Some(slot) = slots.get_mut(&ino) {
+                // Dropping the id closes it.
+                slot.backing = None;
                 slot.raw = None;
                 slot.idle_since = None;
             }
         }
-        if closing.is_empty() {
-            return;
-        }
         slots.retain(|_, s| !s.unused());
-        // Out of the record before the kernel forgets them.
-        self.write_record(&slots);
-        drop(closing);
     }
 }
 
