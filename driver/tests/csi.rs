@@ -215,23 +215,11 @@ async fn kubelet_publishes_reads_runs_and_unpublishes_idempotently() -> anyhow::
     assert!(passwd.starts_with(b"root:x:0:0:root:/root:/bin/ash"));
     let t = target.clone();
     let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("chroot")
-            .arg(&t)
-            .args([
-                "/bin/sh",
-                "-c",
-                "echo ran from the volume; busybox cat /etc/shadow",
-            ])
-            .output()
+        clip_e2e::check::run_in_root(&t, "echo ran from the volume; busybox cat /etc/shadow")
     })
     .await??;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
+        out,
         "ran from the volume\nrecreated in the same layer as its whiteout"
     );
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clip_driver::fs::{Mount, MountOptions, is_mounted, mount};
 use clip_e2e::Rng;
-use clip_e2e::check::assert_dir_matches;
+use clip_e2e::check::{assert_dir_matches, run_in_root};
 use clip_e2e::fixtures;
 use clip_e2e::image::{Entry, Layer, Meta, Pusher, build_image};
 use clip_e2e::model::{Kind, expected_tree};
@@ -163,42 +163,39 @@ fn nix_statfs(p: &Path) -> anyhow::Result<libc::statvfs> {
     Ok(s)
 }
 
-#[test]
-fn busybox_runs_from_the_mount() -> anyhow::Result<()> {
-    let rt = runtime()?;
-    let registry = Registry::start()?;
-    let busybox = std::fs::read("/bin/busybox")?;
-    let layers = vec![Layer::gzip(vec![
+/// The host's static busybox as the image's /bin/busybox, and /bin/sh linking to it.
+fn busybox_entries(busybox: Vec<u8>) -> [Entry; 2] {
+    [
         Entry::File {
             path: "bin/busybox".into(),
             meta: Meta::new(0o755),
             data: busybox,
         },
         Entry::symlink("bin/sh", "busybox"),
-        Entry::file("etc/greeting", b"hello from the image\n".to_vec()),
-    ])];
+    ]
+}
+
+#[test]
+fn busybox_runs_from_the_mount() -> anyhow::Result<()> {
+    let rt = runtime()?;
+    let registry = Registry::start()?;
+    let busybox = std::fs::read("/bin/busybox")?;
+    let mut entries = busybox_entries(busybox).to_vec();
+    entries.push(Entry::file(
+        "etc/greeting",
+        b"hello from the image\n".to_vec(),
+    ));
+    let layers = vec![Layer::gzip(entries)];
     let image = build_image(&layers, "linux", "amd64")?;
     let reference = Pusher::new(&registry.host(), None).push_image("fs/busybox", "v1", &image)?;
     let (index, client) = index(&rt, &reference)?;
     let cache = tempfile::tempdir()?;
     let served = serve(&rt, &index, &client, cache.path(), 1 << 30)?;
-    let out = std::process::Command::new("chroot")
-        .arg(served.path())
-        .args([
-            "/bin/sh",
-            "-c",
-            "busybox cat /etc/greeting; echo $((6 * 7)); busybox ls /bin",
-        ])
-        .output()?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "hello from the image\n42\nbusybox\nsh\n"
-    );
+    let out = run_in_root(
+        served.path(),
+        "busybox cat /etc/greeting; echo $((6 * 7)); busybox ls /bin",
+    )?;
+    assert_eq!(out, "hello from the image\n42\nbusybox\nsh\n");
     Ok(())
 }
 
@@ -698,17 +695,13 @@ fn files_kept_whole_are_read_by_the_kernel_itself() -> anyhow::Result<()> {
     let big = Rng(31).bytes(6 << 20);
     let text = clip_e2e::text_bytes(3 << 20, 32);
     let small = clip_e2e::text_bytes(5000, 33);
-    let layers = vec![Layer::gzip(vec![
-        Entry::File {
-            path: "bin/busybox".into(),
-            meta: Meta::new(0o755),
-            data: busybox.clone(),
-        },
-        Entry::symlink("bin/sh", "busybox"),
+    let mut entries = busybox_entries(busybox.clone()).to_vec();
+    entries.extend([
         Entry::file("big", big.clone()),
         Entry::file("text", text.clone()),
         Entry::file("small", small.clone()),
-    ])];
+    ]);
+    let layers = vec![Layer::gzip(entries)];
     let image = build_image(&layers, "linux", "amd64")?;
     let reference = Pusher::new(&registry.host(), None).push_image("fs/whole", "v1", &image)?;
     let (index, client) = index(&rt, &reference)?;
@@ -760,19 +753,8 @@ fn files_kept_whole_are_read_by_the_kernel_itself() -> anyhow::Result<()> {
     big_file.read_exact_at(&mut buf, 3 << 20)?;
     assert!(buf[..] == big[3 << 20..4 << 20]);
     assert!(mapped(&p.join("text"))? == text);
-    let out = std::process::Command::new("chroot")
-        .arg(&p)
-        .args(["/bin/sh", "-c", "echo $((6 * 7)); busybox ls /"])
-        .output()?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "42\nbig\nbin\nsmall\ntext\n"
-    );
+    let out = run_in_root(&p, "echo $((6 * 7)); busybox ls /")?;
+    assert_eq!(out, "42\nbig\nbin\nsmall\ntext\n");
     assert_eq!(
         counters.reads.load(Relaxed),
         reads,

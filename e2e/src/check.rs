@@ -157,3 +157,20 @@ pub fn assert_dir_matches(root: &Path, expected: &Tree) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Runs `script` with `/bin/sh` of the tree at `root` (chroot; root only) and returns what
+/// it printed; an error, with its stderr, if it failed.
+pub fn run_in_root(root: &Path, script: &str) -> anyhow::Result<String> {
+    let out = std::process::Command::new("chroot")
+        .arg(root)
+        .args(["/bin/sh", "-c", script])
+        .output()
+        .context("running chroot")?;
+    ensure!(
+        out.status.success(),
+        "{script}: {}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
