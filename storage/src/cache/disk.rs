@@ -99,6 +99,17 @@ impl Entry {
     }
 }
 
+/// What [`DiskCache::reserve`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reservation {
+    /// Space reserved: write the file, then [`DiskCache::settle`].
+    Made,
+    /// Already there (`readable`), or being written by someone else.
+    Present { readable: bool },
+    /// No room beside what is being read.
+    Skipped,
+}
+
 #[derive(Debug, Default)]
 struct State {
     entries: HashMap<Digest, Entry>,
@@ -243,6 +254,73 @@ impl DiskCache {
         if evict {
             self.evict();
         }
+    }
+
+    /// Reserves `size` bytes for `digest` (a chunk, or with `whole` a whole file) before
+    /// its file is written: a pinned entry nobody reads yet, with what the cap needs
+    /// evicted first, so the directory never holds more than the cap, not even while the
+    /// file is written. Finish with [`Self::settle`] when [`Reservation::Made`].
+    fn reserve(&self, digest: &Digest, size: u64, whole: bool) -> Reservation {
+        {
+            let mut s = self.lock();
+            if let Some(e) = s.entries.get(digest) {
+                return Reservation::Present {
+                    readable: !e.writing,
+                };
+            }
+            s.tick += 1;
+            let tick = s.tick;
+            s.entries.insert(
+                *digest,
+                Entry {
+                    pins: 1,
+                    writing: true,
+                    ..Entry::new(size, tick, whole)
+                },
+            );
+            s.order.insert(tick, *digest);
+            s.bytes += size;
+        }
+        self.evict();
+        // Everything else is being read (pinned): skip this one rather than exceed the cap.
+        if self.lock().bytes > self.capacity {
+            self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+            self.forget(digest);
+            return Reservation::Skipped;
+        }
+        Reservation::Made
+    }
+
+    /// Ends a reservation of [`Self::reserve`] (with the same `whole`): with `written`, the
+    /// file is in place and readable (and, written from checked bytes by this process,
+    /// counts as checked); else the entry goes.
+    fn settle(&self, digest: &Digest, whole: bool, written: bool) {
+        if !written {
+            self.forget(digest);
+            return;
+        }
+        {
+            let mut s = self.lock();
+            match s.entries.get_mut(digest) {
+                Some(e) => {
+                    e.writing = false;
+                    e.verified = true;
+                }
+                // Dropped while it was written: its file must not stay uncounted.
+                None => {
+                    std::fs::remove_file(self.path_of(digest, whole)).ok();
+                }
+            }
+        }
+        self.unpin(digest);
+    }
+
+    /// A new temporary file name for `digest`'s file, in the directory cleared at open.
+    fn temp_path(&self, digest: &Digest) -> PathBuf {
+        let seq = self.temp_seq.fetch_add(1, Ordering::Relaxed);
+        self.dir
+            .join("tmp")
+            .join(format!("{}.{}.{seq}", digest.hex(), std::process::id()))
     }
 
     fn forget(&self, digest: &Digest) {
@@ -410,11 +488,7 @@ impl DiskCache {
             tier: "disk",
             detail: format!("writing chunk {}: {e}", key.digest),
         };
-        let seq = self.temp_seq.fetch_add(1, Ordering::Relaxed);
-        let tmp =
-            self.dir
-                .join("tmp")
-                .join(format!("{}.{}.{seq}", key.digest.hex(), std::process::id()));
+        let tmp = self.temp_path(&key.digest);
         let table = checksums(data);
         let written = std::fs::File::create(&tmp).and_then(|mut f| {
             use std::io::Write;
@@ -483,51 +557,13 @@ impl ChunkCache for DiskCache {
             if size > self.capacity || data.len() != key.len as usize {
                 return Ok(());
             }
-            // Reserve the space (pinned) and evict first, so the directory never holds more
-            // than the cap, not even while this chunk is being written.
-            {
-                let mut s = self.lock();
-                if s.entries.contains_key(&key.digest) {
-                    return Ok(());
-                }
-                s.tick += 1;
-                let tick = s.tick;
-                s.entries.insert(
-                    key.digest,
-                    Entry {
-                        pins: 1,
-                        writing: true,
-                        ..Entry::new(size, tick, false)
-                    },
-                );
-                s.order.insert(tick, key.digest);
-                s.bytes += size;
-            }
-            self.evict();
-            // Everything else is being read (pinned): skip this chunk rather than exceed
-            // the cap; it stays in memory and the next miss stores it.
-            if self.lock().bytes > self.capacity {
-                self.stats.skipped.fetch_add(1, Ordering::Relaxed);
-                self.forget(&key.digest);
+            // (Skipped: the chunk stays in memory and the next miss stores it.)
+            if self.reserve(&key.digest, size, false) != Reservation::Made {
                 return Ok(());
             }
             let written = blocking(|| self.write(key, &data));
-            if let Err(e) = written {
-                self.forget(&key.digest);
-                return Err(e);
-            }
-            {
-                let mut s = self.lock();
-                match s.entries.get_mut(&key.digest) {
-                    Some(e) => e.writing = false,
-                    // Dropped while it was written: its file must not stay uncounted.
-                    None => {
-                        std::fs::remove_file(self.path(&key.digest)).ok();
-                    }
-                }
-            }
-            self.unpin(&key.digest);
-            Ok(())
+            self.settle(&key.digest, false, written.is_ok());
+            written
         }
         .boxed()
     }

@@ -19,7 +19,7 @@ use std::sync::atomic::Ordering;
 use clip_index::Digest;
 use tracing::{debug, warn};
 
-use super::{DiskCache, Entry};
+use super::{DiskCache, Reservation};
 use crate::cache::ChunkKey;
 use crate::error::{Error, Result};
 
@@ -194,53 +194,16 @@ impl DiskCache {
         len: u64,
         parts: &[(ChunkKey, Range<u32>)],
     ) -> Result<bool> {
-        {
-            let mut s = self.lock();
-            if s.entries.contains_key(key) {
-                return Ok(s.entries.get(key).is_some_and(|e| !e.writing));
-            }
-            s.tick += 1;
-            let tick = s.tick;
-            s.entries.insert(
-                *key,
-                Entry {
-                    pins: 1,
-                    writing: true,
-                    ..Entry::new(len, tick, true)
-                },
-            );
-            s.order.insert(tick, *key);
-            s.bytes += len;
-        }
-        self.evict();
-        if self.lock().bytes > self.capacity {
-            self.stats.skipped.fetch_add(1, Ordering::Relaxed);
-            self.forget(key);
-            return Ok(false);
+        match self.reserve(key, len, true) {
+            Reservation::Made => {}
+            Reservation::Present { readable } => return Ok(readable),
+            Reservation::Skipped => return Ok(false),
         }
         let copied = self.copy_whole(key, len, parts);
         let kept = matches!(copied, Ok(true));
-        {
-            let mut s = self.lock();
-            match s.entries.get_mut(key) {
-                Some(e) if kept => {
-                    e.writing = false;
-                    // Written from checked chunks: what is on disk is what was summed.
-                    e.verified = true;
-                }
-                Some(_) => {}
-                // Dropped while it was written: its file must not stay uncounted.
-                None if kept => {
-                    std::fs::remove_file(self.path_of(key, true)).ok();
-                }
-                None => {}
-            }
-        }
+        self.settle(key, true, kept);
         if kept {
-            self.unpin(key);
             self.stats.whole_kept.fetch_add(1, Ordering::Relaxed);
-        } else {
-            self.forget(key);
         }
         copied
     }
@@ -251,11 +214,7 @@ impl DiskCache {
             tier: "disk",
             detail: format!("keeping whole file {key}: {e}"),
         };
-        let seq = self.temp_seq.fetch_add(1, Ordering::Relaxed);
-        let tmp = self
-            .dir
-            .join("tmp")
-            .join(format!("{}.{}.{seq}", key.hex(), std::process::id()));
+        let tmp = self.temp_path(key);
         let file = File::create(&tmp).map_err(io)?;
         let mut crc = 0u32;
         let mut at = 0u64;
