@@ -187,7 +187,7 @@ impl<S: BlobSource> ChunkStore<S> {
             .ok_or(Error::NoSuchLayer(layer))
     }
 
-    fn key(&self, layer: usize, c: u32) -> Result<ChunkKey> {
+    pub(crate) fn key(&self, layer: usize, c: u32) -> Result<ChunkKey> {
         let l = self.layer(layer)?;
         let chunk = l.chunks.get(c as usize).ok_or(Error::NoSuchLayer(layer))?;
         let r = l.chunk_range(c);
@@ -253,10 +253,10 @@ impl<S: BlobSource> ChunkStore<S> {
 
     /// The bytes of `offset..offset + len` of `layer` that lie in chunk `c`.
     async fn part(self: &Arc<Self>, layer: usize, c: u32, offset: u64, len: u64) -> Result<Bytes> {
-        let r = self.layer(layer)?.chunk_range(c);
-        // Both fit in u32: a chunk is at most chunk_size (u32) long.
-        let from = (offset.max(r.start) - r.start) as u32;
-        let to = ((offset + len).min(r.end) - r.start) as u32;
+        let Range {
+            start: from,
+            end: to,
+        } = self.bytes_in_chunk(layer, c, offset, len)?;
         if let Some(b) = self.partial(layer, c, from..to).await {
             return Ok(b);
         }
@@ -264,6 +264,25 @@ impl<S: BlobSource> ChunkStore<S> {
             .chunk(layer, c)
             .await?
             .slice(from as usize..to as usize))
+    }
+
+    /// Where the bytes of `offset..offset + len` of `layer` that lie in chunk `c` are in
+    /// that chunk.
+    pub(crate) fn bytes_in_chunk(
+        &self,
+        layer: usize,
+        c: u32,
+        offset: u64,
+        len: u64,
+    ) -> Result<Range<u32>> {
+        let r = self.layer(layer)?.chunk_range(c);
+        // Both fit in u32 (a chunk is at most chunk_size, a u32, long) unless the range
+        // misses the chunk.
+        let within = |at: u64| {
+            u32::try_from(at.clamp(r.start, r.end) - r.start)
+                .map_err(|_| Error::Task(format!("chunk {c} of layer {layer} too long")))
+        };
+        Ok(within(offset)?..within(offset + len)?)
     }
 
     /// A small read of chunk `c` (bytes `want` of it) served from part of the chunk in a

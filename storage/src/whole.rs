@@ -102,32 +102,7 @@ impl<S: BlobSource> ChunkStore<S> {
         let this = self.clone();
         tokio::spawn(async move {
             let Some(w) = this.whole.get() else { return };
-            // The reads that just ended may have left chunks on their way to the disk.
-            this.flush(WRITES_WAIT).await;
-            let on_disk = parts.iter().all(|(k, _)| w.disk.contains(&k.digest));
-            let permit = w.permit.clone().acquire_owned().await;
-            if !on_disk || permit.is_err() {
-                w.busy
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&key);
-                return;
-            }
-            let disk = w.disk.clone();
-            let kept =
-                tokio::task::spawn_blocking(move || disk.store_whole(&key, len, &parts)).await;
-            match kept {
-                Ok(Ok(kept)) => debug!(layer, offset, len, kept, "whole file"),
-                Ok(Err(e)) => {
-                    // (A cache directory without user xattrs fails every copy.)
-                    warn!(layer, offset, len, error = %e, "keeping a whole file failed; not tried again");
-                    w.failed
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(key);
-                }
-                Err(e) => debug!(error = %e, "the whole-file copy ended early"),
-            }
+            this.copy_whole(w, key, len, parts, (layer, offset)).await;
             w.busy
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -135,21 +110,50 @@ impl<S: BlobSource> ChunkStore<S> {
         });
     }
 
+    /// Copies the file `key` (`len` bytes of `parts`; `at` is its layer and offset, for
+    /// logs) into a whole file, once the chunks on their way to the disk are there, if all
+    /// of them are.
+    async fn copy_whole(
+        &self,
+        w: &WholeFiles,
+        key: Digest,
+        len: u64,
+        parts: Vec<(ChunkKey, Range<u32>)>,
+        (layer, offset): (usize, u64),
+    ) {
+        // The reads that just ended may have left chunks on their way to the disk.
+        self.flush(WRITES_WAIT).await;
+        if !parts.iter().all(|(k, _)| w.disk.contains(&k.digest)) {
+            return;
+        }
+        let Ok(_permit) = w.permit.clone().acquire_owned().await else {
+            return;
+        };
+        let disk = w.disk.clone();
+        let kept = tokio::task::spawn_blocking(move || disk.store_whole(&key, len, &parts)).await;
+        match kept {
+            Ok(Ok(kept)) => debug!(layer, offset, len, kept, "whole file"),
+            Ok(Err(e)) => {
+                // (A cache directory without user xattrs fails every copy.)
+                warn!(layer, offset, len, error = %e, "keeping a whole file failed; not tried again");
+                w.failed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(key);
+            }
+            Err(e) => debug!(error = %e, "the whole-file copy ended early"),
+        }
+    }
+
     /// The chunks holding `len` bytes at `offset` of `layer`, with the bytes of each.
     fn parts(&self, layer: usize, offset: u64, len: u64) -> Option<Vec<(ChunkKey, Range<u32>)>> {
         let l = self.index().layers.get(layer)?;
-        let chunks = l.chunks_covering(offset, len).ok()?;
-        let mut parts = Vec::with_capacity(chunks.len());
-        for c in chunks {
-            let r = l.chunk_range(c);
-            let key = ChunkKey {
-                digest: l.chunks.get(c as usize)?.digest,
-                len: u32::try_from(r.end - r.start).ok()?,
-            };
-            let from = u32::try_from(offset.max(r.start) - r.start).ok()?;
-            let to = u32::try_from((offset + len).min(r.end) - r.start).ok()?;
-            parts.push((key, from..to));
-        }
-        Some(parts)
+        l.chunks_covering(offset, len)
+            .ok()?
+            .map(|c| {
+                let key = self.key(layer, c).ok()?;
+                Some((key, self.bytes_in_chunk(layer, c, offset, len).ok()?))
+            })
+            .collect()
     }
 }
