@@ -194,10 +194,11 @@ impl<S: BlobSource> Filesystem for ClipFs<S> {
     /// What the kernel may do without asking: lookups in one directory in parallel, keep
     /// symlink targets in its cache, learn every entry of a directory it lists (with its
     /// attributes: READDIRPLUS, so a program that lists and then opens or stats causes no
-    /// lookup), and (answered with ENOSYS on the first open) skip every
-    /// later open, opendir and release: a handle carries nothing here, and without an open
-    /// the kernel keeps a file's pages and a directory's listing cached. More read-ahead
-    /// requests in flight than fuser's default (16), for fetches that overlap.
+    /// lookup), skip every later opendir (answered with ENOSYS on the first), and either
+    /// read files kept whole itself (passthrough, which needs every open) or skip every
+    /// later open and release (answered with ENOSYS on the first open: a handle carries
+    /// nothing here, and without an open the kernel keeps a file's pages cached). More
+    /// read-ahead requests in flight than fuser's default (16), for fetches that overlap.
     fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
         use fuser::InitFlags as F;
         let offered = config.capabilities();
@@ -205,11 +206,11 @@ impl<S: BlobSource> Filesystem for ClipFs<S> {
             (F::FUSE_PARALLEL_DIROPS | F::FUSE_CACHE_SYMLINKS | F::FUSE_DO_READDIRPLUS) & offered,
         );
         let _ = config.set_max_background(MAX_BACKGROUND);
+        self.no_opendir = offered.contains(F::FUSE_NO_OPENDIR_SUPPORT);
         // Taken over from a server that handed files to the kernel: opens of those must
         // be answered with their backing files (so no no-open mode either).
         if self.backings.has_inherited() {
             self.backings.enable(true);
-            self.no_opendir = offered.contains(F::FUSE_NO_OPENDIR_SUPPORT);
             return Ok(());
         }
         // Passthrough needs every open (to hand over the backing file), so it replaces
@@ -222,11 +223,9 @@ impl<S: BlobSource> Filesystem for ClipFs<S> {
             && config.add_capabilities(F::FUSE_PASSTHROUGH).is_ok()
         {
             self.backings.enable(true);
-            self.no_opendir = offered.contains(F::FUSE_NO_OPENDIR_SUPPORT);
             return Ok(());
         }
         self.no_open = offered.contains(F::FUSE_NO_OPEN_SUPPORT);
-        self.no_opendir = offered.contains(F::FUSE_NO_OPENDIR_SUPPORT);
         Ok(())
     }
 

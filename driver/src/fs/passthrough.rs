@@ -57,6 +57,24 @@ impl Slot {
     fn unused(&self) -> bool {
         self.raw.is_none() && self.backed == 0 && self.usual == 0
     }
+
+    /// Answers an open with the backing file if there is one, else the usual way with
+    /// `flags`, and counts it.
+    fn answer(&mut self, flags: FopenFlags, reply: ReplyOpen) -> Opened {
+        match &self.backing {
+            Some(id) => {
+                self.backed += 1;
+                self.idle_since = None;
+                reply.opened_passthrough(FH_BACKING, FopenFlags::empty(), id);
+                Opened::Backing
+            }
+            None => {
+                self.usual += 1;
+                reply.opened(FH_COUNTED, flags);
+                Opened::Usual
+            }
+        }
+    }
 }
 
 /// The backing files of one mount and the opens of each inode.
@@ -196,16 +214,8 @@ impl Backings {
                 // wrapper drops.
                 slot.backing = Some(unsafe { reply.wrap_backing(raw) });
             }
-            if let Some(id) = &slot.backing {
-                slot.backed += 1;
-                slot.idle_since = None;
-                reply.opened_passthrough(FH_BACKING, FopenFlags::empty(), id);
-                return Opened::Backing;
-            }
-            if slot.usual > 0 || self.inherited_only {
-                slot.usual += 1;
-                reply.opened(FH_COUNTED, flags);
-                return Opened::Usual;
+            if slot.backing.is_some() || slot.usual > 0 || self.inherited_only {
+                return slot.answer(flags, reply);
             }
         }
         let file = if self.enabled() { whole() } else { None };
@@ -240,23 +250,7 @@ impl Backings {
             slot.backing = None;
             slot.raw = None;
         }
-        let Some(slot) = slots.get_mut(&ino) else {
-            reply.opened(FH_COUNTED, flags);
-            return Opened::Usual;
-        };
-        match &slot.backing {
-            Some(id) => {
-                slot.backed += 1;
-                slot.idle_since = None;
-                reply.opened_passthrough(FH_BACKING, FopenFlags::empty(), id);
-                Opened::Backing
-            }
-            None => {
-                slot.usual += 1;
-                reply.opened(FH_COUNTED, flags);
-                Opened::Usual
-            }
-        }
+        slots.entry(ino).or_default().answer(flags, reply)
     }
 
     /// An open of `ino` answered with `fh` was closed. True when it was the last usual
