@@ -100,7 +100,8 @@ pub fn index_layer<R: Read>(blob: R, spec: &LayerSpec, opts: &IndexOptions) -> R
             chunk_size: opts.chunk_size,
             checkpoints: summary.checkpoints,
             chunks: summary.chunks,
-            block_size: crate::layer::BLOCK_SIZE,
+            // A chunk smaller than a block is one block (the digests restart at every chunk).
+            block_size: crate::layer::BLOCK_SIZE.min(opts.chunk_size),
             blocks: summary.blocks,
         },
         entries,

@@ -215,6 +215,41 @@ fn a_stream_that_ends_early_or_lies_is_an_error() -> anyhow::Result<()> {
 }
 
 #[test]
+fn an_index_of_chunks_smaller_than_a_block_is_read_back() -> anyhow::Result<()> {
+    // `clip index --chunk-size` takes 4 KiB and up: below the 64 KiB block, every chunk is
+    // one block, and the index must still pass its own validation.
+    let t = sample_tar(1 << 20, 5);
+    let blob = gzip(&t, 1);
+    for chunk_size in [4096, 50_000, 65_535] {
+        let opts = IndexOptions {
+            chunk_size,
+            checkpoint_span: 1 << 18,
+            verify_diff_id: false,
+        };
+        let spec = LayerSpec {
+            media_type: MEDIA[1].into(),
+            digest: None,
+            diff_id: None,
+        };
+        let built = index_layer(blob.as_slice(), &spec, &opts)?;
+        let index = clip_index::assemble(clip_index::ImageSource::default(), vec![built])?;
+        let back = clip_index::decode(&clip_index::encode(&index)?)?;
+        assert_eq!(back, index, "chunk size {chunk_size}");
+        let layer = &back.layers[0];
+        let n = layer.chunks.len() as u32;
+        let plan = layer.plan(0..n);
+        let chunks = decode_chunks(layer, &plan, &blob[..plan.compressed.end as usize])?;
+        for (i, chunk) in chunks.iter().enumerate() {
+            assert_eq!(
+                layer.chunk_blocks(i as u32),
+                &[clip_index::Digest::of(chunk)]
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
 fn gzip_chunks_decode_from_checkpoints() -> anyhow::Result<()> {
     let t = sample_tar(12 << 20, 1);
     check_random_ranges(&gzip(&t, 1), &t, MEDIA[1], 1 << 20)
