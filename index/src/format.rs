@@ -3,18 +3,22 @@
 //! ```text
 //! header (56 bytes): magic "CLIPINDX" | version u32 LE | flags u32 LE (0)
 //!                    | body length u64 LE | sha256 of the body (32 bytes)
-//! body:              zstd frame of the payload
-//! payload:           source | layers (checkpoints, chunks, block digests) | nodes
+//! body (version 3):  metadata length u64 LE | zstd frame of the metadata | bulk
+//! metadata:          source | layers (checkpoints, chunks, block digests) | nodes
 //!                    | directory entries
+//! bulk:              every checkpoint's window, then every layer's block digests, in
+//!                    the order the metadata names them
 //! ```
 //!
-//! Version 2 added each layer's block size and block digests after its chunks; version 1
-//! files (no block digests) are still read.
+//! The bulk is what does not compress (the windows are zstd frames of their own, the block
+//! digests are sha256 digests): kept out of the metadata's frame, it costs no inflating when
+//! an index is read, which a mount waits for. The body's digest is computed beside the
+//! parse, on a second thread.
 //!
-//! ```text
-//! ```
+//! Older versions are still read. Version 1 had no block digests; versions 1 and 2 kept
+//! everything in one zstd frame (body = the frame, windows and block digests in it).
 //!
-//! Integers in the payload are LEB128 varints. Decoding checks the digest, every bound and
+//! Integers in the metadata are LEB128 varints. Decoding checks the digest, every bound and
 //! the tree's shape before an [`ImageIndex`] is handed out, so a corrupt or hostile file gives
 //! an error, never a panic or an out-of-range access later.
 
@@ -27,7 +31,7 @@ use crate::layer::{Checkpoint, Chunk, Compression, LayerIndex};
 use crate::node::{Content, Dirent, Inode, Node, NodeKind, Xattr};
 
 pub const MAGIC: &[u8; 8] = b"CLIPINDX";
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// The oldest version [`decode`] reads.
 pub const OLDEST_VERSION: u32 = 1;
 pub const HEADER_LEN: usize = 56;
@@ -40,8 +44,18 @@ pub fn encode(index: &ImageIndex) -> Result<Vec<u8>> {
     encode_version(index, VERSION)
 }
 
-/// Serialises an index in format `version` (1 drops the block digests).
-fn encode_version(index: &ImageIndex, version: u32) -> Result<Vec<u8>> {
+/// Serialises an index in format `version` ([`OLDEST_VERSION`]..=[`VERSION`]; 1 drops the
+/// block digests), for tests and tools that need an older file.
+pub fn encode_version(index: &ImageIndex, version: u32) -> Result<Vec<u8>> {
+    if !(OLDEST_VERSION..=VERSION).contains(&version) {
+        return Err(Error::UnsupportedVersion {
+            found: version,
+            supported: VERSION,
+        });
+    }
+    // From version 3 the windows and block digests go to the bulk, after the metadata.
+    let split = version >= 3;
+    let mut bulk = Vec::new();
     let mut w = Writer::default();
     let s = &index.source;
     w.bytes(s.repository.as_bytes());
@@ -63,7 +77,12 @@ fn encode_version(index: &ImageIndex, version: u32) -> Result<Vec<u8>> {
             w.u8(c.bits);
             w.uint(c.uncompressed_offset);
             w.u8(u8::from(c.raw_deflate));
-            w.bytes(&c.window);
+            if split {
+                w.uint(c.window.len() as u64);
+                bulk.extend_from_slice(&c.window);
+            } else {
+                w.bytes(&c.window);
+            }
         }
         w.uint(l.chunks.len() as u64);
         let mut prev = 0;
@@ -76,7 +95,11 @@ fn encode_version(index: &ImageIndex, version: u32) -> Result<Vec<u8>> {
             w.uint(u64::from(l.block_size));
             w.uint(l.blocks.len() as u64);
             for b in &l.blocks {
-                w.digest(b);
+                if split {
+                    bulk.extend_from_slice(&b.0);
+                } else {
+                    w.digest(b);
+                }
             }
         }
     }
@@ -120,7 +143,16 @@ fn encode_version(index: &ImageIndex, version: u32) -> Result<Vec<u8>> {
         w.bytes(&d.name);
         w.uint(d.inode.0);
     }
-    let body = zstd::bulk::compress(&w.0, PAYLOAD_LEVEL)?;
+    let frame = zstd::bulk::compress(&w.0, PAYLOAD_LEVEL)?;
+    let body = if split {
+        let mut body = Vec::with_capacity(8 + frame.len() + bulk.len());
+        body.extend_from_slice(&(frame.len() as u64).to_le_bytes());
+        body.extend_from_slice(&frame);
+        body.extend_from_slice(&bulk);
+        body
+    } else {
+        frame
+    };
     let mut out = Vec::with_capacity(HEADER_LEN + body.len());
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&version.to_le_bytes());
@@ -166,15 +198,44 @@ pub fn decode(bytes: &[u8]) -> Result<ImageIndex> {
     }
     let mut want = [0u8; 32];
     want.copy_from_slice(&bytes[24..56]);
-    let got = Digest::of(body);
+    // The digest on a second thread while the body is parsed; a body that does not match
+    // it is refused whatever the parse found.
+    let (got, parsed) = std::thread::scope(|s| {
+        let digest = s.spawn(|| Digest::of(body));
+        let parsed = parse_body(body, version);
+        // A panic in sha256 is not something a hostile input can cause; hash here then.
+        let got = digest.join().unwrap_or_else(|_| Digest::of(body));
+        (got, parsed)
+    });
     if got.0 != want {
         return Err(Error::CorruptIndex(format!(
             "body digest {got} does not match the header's {}",
             Digest(want)
         )));
     }
+    let index = parsed?;
+    validate(&index)?;
+    Ok(index)
+}
+
+/// The index in a body whose digest matched (or is being checked beside this).
+fn parse_body(body: &[u8], version: u32) -> Result<ImageIndex> {
+    let (frame, bulk) = if version >= 3 {
+        let len = body
+            .get(..8)
+            .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()))
+            .ok_or_else(|| Error::CorruptIndex("body ends before its metadata".into()))?;
+        let end = usize::try_from(len)
+            .ok()
+            .and_then(|l| l.checked_add(8))
+            .filter(|&e| e <= body.len())
+            .ok_or_else(|| Error::CorruptIndex("metadata runs past the body".into()))?;
+        (&body[8..end], Some(&body[end..]))
+    } else {
+        (body, None)
+    };
     let mut payload = Vec::new();
-    zstd::stream::read::Decoder::new(body)
+    zstd::stream::read::Decoder::new(frame)
         .map_err(|e| Error::CorruptIndex(format!("payload: {e}")))?
         .take(MAX_PAYLOAD + 1)
         .read_to_end(&mut payload)
@@ -182,9 +243,7 @@ pub fn decode(bytes: &[u8]) -> Result<ImageIndex> {
     if payload.len() as u64 > MAX_PAYLOAD {
         return Err(Error::CorruptIndex("payload too large".into()));
     }
-    let index = parse_payload(&payload, version)?;
-    validate(&index)?;
-    Ok(index)
+    parse_payload(&payload, bulk, version)
 }
 
 /// The digest that names an encoded index (sha256 of the whole file).
@@ -192,8 +251,15 @@ pub fn index_digest(encoded: &[u8]) -> Digest {
     Digest::of(encoded)
 }
 
-fn parse_payload(p: &[u8], version: u32) -> Result<ImageIndex> {
+/// Parses a payload; `bulk` holds the windows and block digests (version 3), or they are
+/// in the payload (`None`).
+fn parse_payload(p: &[u8], bulk: Option<&[u8]>, version: u32) -> Result<ImageIndex> {
     let mut r = Reader { buf: p, pos: 0 };
+    let split = bulk.is_some();
+    let mut b = Reader {
+        buf: bulk.unwrap_or_default(),
+        pos: 0,
+    };
     let source = ImageSource {
         repository: r.string()?,
         manifest_digest: r.digest()?,
@@ -219,7 +285,12 @@ fn parse_payload(p: &[u8], version: u32) -> Result<ImageIndex> {
                 bits: r.u8()?,
                 uncompressed_offset: r.uint()?,
                 raw_deflate: r.u8()? != 0,
-                window: r.bytes()?.to_vec(),
+                window: if split {
+                    let n = r.uint()?;
+                    b.fixed(n, 1)?.to_vec()
+                } else {
+                    r.bytes()?.to_vec()
+                },
             });
         }
         let n_chunks = r.count(33)?;
@@ -238,11 +309,20 @@ fn parse_payload(p: &[u8], version: u32) -> Result<ImageIndex> {
         let (block_size, blocks) = if version >= 2 {
             let size = u32::try_from(r.uint()?)
                 .map_err(|_| Error::CorruptIndex("block size too large".into()))?;
-            let n = r.count(32)?;
-            let mut blocks = Vec::with_capacity(n);
-            for _ in 0..n {
-                blocks.push(r.digest()?);
-            }
+            let blocks = if split {
+                let n = r.uint()?;
+                b.fixed(n, 32)?
+                    .chunks_exact(32)
+                    .map(|d| Digest(d.try_into().unwrap_or_default()))
+                    .collect()
+            } else {
+                let n = r.count(32)?;
+                let mut blocks = Vec::with_capacity(n);
+                for _ in 0..n {
+                    blocks.push(r.digest()?);
+                }
+                blocks
+            };
             (size, blocks)
         } else {
             (0, Vec::new())
@@ -321,7 +401,7 @@ fn parse_payload(p: &[u8], version: u32) -> Result<ImageIndex> {
             inode: Inode(r.uint()?),
         });
     }
-    if r.pos != p.len() {
+    if r.pos != p.len() || b.pos != b.buf.len() {
         return Err(Error::CorruptIndex(
             "trailing bytes after the payload".into(),
         ));
@@ -578,6 +658,18 @@ impl<'a> Reader<'a> {
         Ok(n as usize)
     }
 
+    /// The next `n` items of `size` bytes each, as one slice.
+    fn fixed(&mut self, n: u64, size: usize) -> Result<&'a [u8]> {
+        let left = (self.buf.len() - self.pos) as u64;
+        let len = n
+            .checked_mul(size as u64)
+            .filter(|&l| l <= left)
+            .ok_or_else(Self::truncated)? as usize;
+        let b = &self.buf[self.pos..self.pos + len];
+        self.pos += len;
+        Ok(b)
+    }
+
     fn bytes(&mut self) -> Result<&'a [u8]> {
         let n = self.count(1)?;
         let b = &self.buf[self.pos..self.pos + n];
@@ -606,24 +698,33 @@ impl<'a> Reader<'a> {
 mod tests {
     use super::*;
     use crate::{IndexOptions, LayerSpec, assemble, index_layer};
-    use clip_e2e::image::{Compression as TarCompression, Entry, Layer, layer_tar};
+    use clip_e2e::image::{Compression as TarCompression, Entry, Layer, compress, layer_tar};
 
     fn sample() -> ImageIndex {
+        sample_in(
+            TarCompression::Plain,
+            "application/vnd.oci.image.layer.v1.tar",
+        )
+    }
+
+    fn sample_in(compression: TarCompression, media_type: &str) -> ImageIndex {
         let entries = vec![
             Entry::file("small", b"hello".to_vec()),
             Entry::file("big", clip_e2e::Rng(5).bytes(700_000)),
         ];
-        let tar = layer_tar(&Layer::with(entries, TarCompression::Plain)).unwrap();
+        let tar = layer_tar(&Layer::with(entries, compression)).unwrap();
+        let (_, blob) = compress(&tar, compression).unwrap();
         let spec = LayerSpec {
-            media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+            media_type: media_type.into(),
             digest: None,
             diff_id: None,
         };
         let opts = IndexOptions {
             chunk_size: 300_000,
+            checkpoint_span: 200_000,
             ..IndexOptions::default()
         };
-        let build = index_layer(tar.as_slice(), &spec, &opts).unwrap();
+        let build = index_layer(blob.as_slice(), &spec, &opts).unwrap();
         assemble(ImageSource::default(), vec![build]).unwrap()
     }
 
@@ -645,6 +746,95 @@ mod tests {
         assert!(old.layers[0].blocks.is_empty() && old.layers[0].chunk_blocks(0).is_empty());
         assert_eq!(old.layers[0].chunks, l.chunks);
         assert_eq!(old.nodes, index.nodes);
+        Ok(())
+    }
+
+    /// A gzip image with several checkpoints (windows) and block digests.
+    fn gzip_sample() -> ImageIndex {
+        let index = sample_in(
+            TarCompression::Gzip { members: 1 },
+            "application/vnd.oci.image.layer.v1.tar+gzip",
+        );
+        assert!(index.layers[0].checkpoints.len() > 2);
+        assert!(!index.layers[0].blocks.is_empty());
+        index
+    }
+
+    /// A version 3 file around `body`, with the header's length and digest right.
+    fn sealed(body: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&3u32.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+        out.extend_from_slice(&Digest::of(body).0);
+        out.extend_from_slice(body);
+        out
+    }
+
+    #[test]
+    fn version_3_keeps_windows_and_block_digests_after_the_compressed_metadata() -> Result<()> {
+        let index = gzip_sample();
+        let file = encode(&index)?;
+        assert_eq!(u32::from_le_bytes(file[8..12].try_into().unwrap()), 3);
+        let body = &file[HEADER_LEN..];
+        let meta = u64::from_le_bytes(body[..8].try_into().unwrap()) as usize;
+        let l = &index.layers[0];
+        let mut bulk: Vec<u8> = l
+            .checkpoints
+            .iter()
+            .flat_map(|c| c.window.clone())
+            .collect();
+        bulk.extend(l.blocks.iter().flat_map(|d| d.0));
+        assert_eq!(
+            &body[8 + meta..],
+            &bulk[..],
+            "the bulk, uncompressed, after the frame"
+        );
+        assert_eq!(decode(&file)?, index);
+        // Files of the versions before are still read.
+        assert_eq!(decode(&encode_version(&index, 2)?)?, index);
+        assert!(encode_version(&index, 4).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn version_3_bodies_that_lie_about_their_parts_are_refused() -> Result<()> {
+        let index = gzip_sample();
+        let file = encode(&index)?;
+        let body = &file[HEADER_LEN..];
+        let meta = u64::from_le_bytes(body[..8].try_into().unwrap());
+        let with_len = |len: u64| {
+            let mut b = body.to_vec();
+            b[..8].copy_from_slice(&len.to_le_bytes());
+            b
+        };
+        let mut longer_bulk = body.to_vec();
+        longer_bulk.push(0);
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("metadata past the body", with_len(u64::MAX)),
+            (
+                "metadata just past the body",
+                with_len(body.len() as u64 - 7),
+            ),
+            ("metadata into the bulk", with_len(meta + 1)),
+            ("metadata cut short", with_len(meta - 1)),
+            ("no metadata length", body[..5].to_vec()),
+            ("bulk cut short", body[..body.len() - 1].to_vec()),
+            ("bulk with a byte more", longer_bulk),
+            ("no bulk", body[..8 + meta as usize].to_vec()),
+        ];
+        for (what, b) in cases {
+            let r = decode(&sealed(&b));
+            assert!(matches!(r, Err(Error::CorruptIndex(_))), "{what}: {r:?}");
+        }
+        // A damaged frame under the old digest: the digest is what is reported.
+        let mut damaged = file.clone();
+        damaged[HEADER_LEN + 20] ^= 0x55;
+        match decode(&damaged) {
+            Err(Error::CorruptIndex(m)) => assert!(m.contains("digest"), "{m}"),
+            other => panic!("{other:?}"),
+        }
         Ok(())
     }
 

@@ -10,7 +10,7 @@ use std::fs;
 use std::io::Read;
 use std::path::Path;
 
-use clip_index::format::HEADER_LEN;
+use clip_index::format::{HEADER_LEN, encode_version};
 use clip_index::{ImageSource, LayerSpec, assemble, encode, index_layer};
 use clip_index_fuzz::{GZIP, TAR, fuzz_options, gzip, sample_tar, upper_tar, zstd_frames};
 
@@ -83,9 +83,13 @@ fn main() -> Result<()> {
         platform: "linux/amd64".into(),
         ..ImageSource::default()
     };
-    let encoded = encode(&assemble(source, builds)?)?;
+    let index = assemble(source, builds)?;
+    let encoded = encode(&index)?;
+    // The payload seed is version 2's (one frame, windows and block digests inline), which
+    // is what the fuzz target seals payloads as.
     let mut payload = Vec::new();
-    zstd::stream::read::Decoder::new(&encoded[HEADER_LEN..])?.read_to_end(&mut payload)?;
+    zstd::stream::read::Decoder::new(&encode_version(&index, 2)?[HEADER_LEN..])?
+        .read_to_end(&mut payload)?;
     write(&seeds, "decode_index", "image.clip", &encoded)?;
     write(&seeds, "decode_index", "image.payload", &payload)?;
     Ok(())

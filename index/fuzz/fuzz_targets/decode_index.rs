@@ -1,6 +1,7 @@
 //! Arbitrary bytes into `clip_index::decode`, three ways: as they are; resealed, with the
-//! header's magic, version, length and digest made right so mutations reach the zstd body;
-//! and as the payload itself, compressed and sealed, so mutations reach the parser and
+//! header's magic, version (the current one), length and digest made right so mutations
+//! reach the body (metadata length, zstd frame, bulk); and as a version 2 payload (windows
+//! and block digests inline), compressed and sealed, so mutations reach the parser and
 //! `validate`. Whatever decodes must answer lookups without panicking, agree with itself
 //! (`walk`, `resolve`, `lookup`, `plan`), and survive `decode(encode(x)) == x`.
 #![no_main]
@@ -9,9 +10,9 @@ use clip_index::format::{HEADER_LEN, MAGIC, VERSION};
 use clip_index::{Content, Digest, ImageIndex, Inode, decode, encode};
 use libfuzzer_sys::fuzz_target;
 
-fn seal(body: &[u8], into: &mut Vec<u8>) {
+fn seal(body: &[u8], version: u32, into: &mut Vec<u8>) {
     into.extend_from_slice(MAGIC);
-    into.extend_from_slice(&VERSION.to_le_bytes());
+    into.extend_from_slice(&version.to_le_bytes());
     into.extend_from_slice(&0u32.to_le_bytes());
     into.extend_from_slice(&(body.len() as u64).to_le_bytes());
     into.extend_from_slice(&Digest::of(body).0);
@@ -21,14 +22,14 @@ fn seal(body: &[u8], into: &mut Vec<u8>) {
 fn resealed(data: &[u8]) -> Option<Vec<u8>> {
     let body = data.get(HEADER_LEN..)?;
     let mut out = Vec::with_capacity(data.len());
-    seal(body, &mut out);
+    seal(body, VERSION, &mut out);
     Some(out)
 }
 
 fn wrapped_payload(data: &[u8]) -> Option<Vec<u8>> {
     let body = zstd::bulk::compress(data, 1).ok()?;
     let mut out = Vec::with_capacity(HEADER_LEN + body.len());
-    seal(&body, &mut out);
+    seal(&body, 2, &mut out);
     Some(out)
 }
 
