@@ -330,6 +330,7 @@ fn a_cache_smaller_than_the_image_stays_under_its_cap() -> anyhow::Result<()> {
 
 #[test]
 fn cached_files_survive_a_registry_outage_and_uncached_ones_recover() -> anyhow::Result<()> {
+    use std::sync::atomic::Ordering::Relaxed;
     let rt = runtime()?;
     let registry = Registry::start()?;
     let proxy = Proxy::start(&registry.host())?;
@@ -357,14 +358,25 @@ fn cached_files_survive_a_registry_outage_and_uncached_ones_recover() -> anyhow:
     // A new mount over the same disk cache, registry gone: no page cache, no memory tier.
     proxy.set_refuse(true);
     let served = serve(&rt, &index, &client, cache.path(), 1 << 30)?;
+    let counters = served.mount.as_ref().unwrap().counters().clone();
     assert!(
         std::fs::read(served.path().join("warm"))? == warm,
         "warm file from disk"
     );
+    // Its data on local disk, reads were answered by the worker that took them (those not
+    // were of chunks that read-ahead was loading at that moment).
+    let (reads, at_once) = (
+        counters.reads.load(Relaxed),
+        counters.reads_at_once.load(Relaxed),
+    );
+    assert!(at_once > 0 && at_once <= reads, "{at_once} of {reads}");
     let f = std::fs::File::open(served.path().join("cold"))?;
     let mut buf = vec![0u8; 4096];
     let err = f.read_exact_at(&mut buf, 44 << 20).err();
     assert_eq!(err.and_then(|e| e.raw_os_error()), Some(libc::EIO));
+    // The reads that needed the registry went to the runtime, not answered at once.
+    assert!(counters.reads.load(Relaxed) > reads);
+    assert_eq!(counters.reads_at_once.load(Relaxed), at_once);
     assert!(
         is_mounted(served.path()),
         "the mount survives a failed read"

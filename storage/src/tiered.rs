@@ -223,6 +223,40 @@ impl<S: BlobSource> ChunkStore<S> {
         result
     }
 
+    /// [`Self::read_in_file`] without waiting: the read's result when every chunk it needs
+    /// is in memory or in a local tier and no fetch or load of them is under way, so that
+    /// it costs at most local disk reads; `None` (nothing read) otherwise. For a caller on a
+    /// thread that must not wait for the network, such as a FUSE worker, which saves the
+    /// hand-over to the runtime that an async read takes. Call it inside the runtime's
+    /// context ([`tokio::runtime::Handle::enter`]): a read may start read-ahead.
+    pub fn read_now(
+        self: &Arc<Self>,
+        layer: usize,
+        offset: u64,
+        len: u64,
+        file_end: u64,
+    ) -> Option<Result<Bytes>> {
+        use futures::FutureExt;
+        let l = self.layer(layer).ok()?;
+        for c in l.chunks_covering(offset, len).ok()? {
+            let key = self.key(layer, c).ok()?;
+            if self.memory.contains(&key.digest) {
+                continue;
+            }
+            if self.is_near(layer, c, &key) {
+                return None; // being fetched or loaded: that is a wait
+            }
+            let mut local = self.tiers.iter().filter(|t| t.is_local());
+            if !local.any(|t| t.contains(&key).now_or_never() == Some(true)) {
+                return None;
+            }
+        }
+        // Every await below is on local tiers, which answer without yielding; a race (the
+        // chunk evicted meanwhile) leaves it pending, and it is dropped with nothing lost.
+        self.read_in_file(layer, offset, len, file_end)
+            .now_or_never()
+    }
+
     async fn read_inner(
         self: &Arc<Self>,
         layer: usize,

@@ -52,6 +52,8 @@ pub struct FsCounters {
     pub lookups: std::sync::atomic::AtomicU64,
     pub negative_lookups: std::sync::atomic::AtomicU64,
     pub reads: std::sync::atomic::AtomicU64,
+    /// Reads answered on the worker that took them (their data in memory or on local disk).
+    pub reads_at_once: std::sync::atomic::AtomicU64,
     /// Opens of files and directories that reached the filesystem (none once the kernel
     /// has been told it need not ask).
     pub opens: std::sync::atomic::AtomicU64,
@@ -74,7 +76,7 @@ impl FsCounters {
         use std::sync::atomic::Ordering::Relaxed;
         let sep = if labels.is_empty() { "" } else { "," };
         let mut s = String::from(
-            "# HELP clip_fs_requests_total Requests the kernel sent to the filesystem, by kind (lookup_miss: lookups of missing names, also counted as lookups; open_passthrough: opens answered with a whole file the kernel reads itself, also counted as opens).\n# TYPE clip_fs_requests_total counter\n",
+            "# HELP clip_fs_requests_total Requests the kernel sent to the filesystem, by kind (lookup_miss: lookups of missing names, also counted as lookups; open_passthrough: opens answered with a whole file the kernel reads itself, also counted as opens; read_at_once: reads answered without waiting, their data in memory or on local disk, also counted as reads).\n# TYPE clip_fs_requests_total counter\n",
         );
         for (op, v) in [
             ("lookup", &self.lookups),
@@ -83,6 +85,7 @@ impl FsCounters {
             ("open", &self.opens),
             ("open_passthrough", &self.passthrough_opens),
             ("read", &self.reads),
+            ("read_at_once", &self.reads_at_once),
             ("release", &self.releases),
             ("readlink", &self.readlinks),
             ("xattr", &self.xattrs),
@@ -350,25 +353,16 @@ impl<S: BlobSource> Filesystem for ClipFs<S> {
             return reply.data(&[]);
         }
         let len = u64::from(size).min(node.size - offset);
+        let _runtime = self.runtime.enter();
         // Where an open would have started the prefetch of the file's first bytes.
         if offset == 0 && self.no_open {
-            let _runtime = self.runtime.enter();
             self.store.opened(layer, base..base + node.size);
         }
-        let node_size = node.size;
-        let store = self.store.clone();
-        let image = self.name.clone();
-        let index = self.index.clone();
-        // The worker thread goes back to the kernel at once; a slow fetch blocks only this read.
-        let counters = self.counters.clone();
-        counters
-            .pending_reads
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        self.runtime.spawn(async move {
-            match store
-                .read_in_file(layer, base + offset, len, base + node_size)
-                .await
-            {
+        let (from, end) = (base + offset, base + node.size);
+        let answer = {
+            let image = self.name.clone();
+            let index = self.index.clone();
+            move |result: clip_storage::Result<bytes::Bytes>| match result {
                 Ok(bytes) => reply.data(&bytes),
                 Err(e) => {
                     let path = path_of(&index, ino.0);
@@ -376,6 +370,23 @@ impl<S: BlobSource> Filesystem for ClipFs<S> {
                     reply.error(read_errno(&e));
                 }
             }
+        };
+        // Data on local disk or in memory: read here, which spares the hand-over to the
+        // runtime (a wake-up of another thread) that the kernel's reader would wait for.
+        if let Some(result) = self.store.read_now(layer, from, len, end) {
+            self.counters
+                .reads_at_once
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return answer(result);
+        }
+        let store = self.store.clone();
+        // The worker thread goes back to the kernel at once; a slow fetch blocks only this read.
+        let counters = self.counters.clone();
+        counters
+            .pending_reads
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.runtime.spawn(async move {
+            answer(store.read_in_file(layer, from, len, end).await);
             counters
                 .pending_reads
                 .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
