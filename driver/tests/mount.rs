@@ -699,6 +699,51 @@ fn mapped(path: &Path) -> anyhow::Result<Vec<u8>> {
 }
 
 #[test]
+fn small_files_with_local_data_are_in_the_page_cache_before_their_first_read() -> anyhow::Result<()>
+{
+    use std::sync::atomic::Ordering::Relaxed;
+    if !kernel_at_least(6, 9) {
+        return Ok(()); // opens reach clip only with passthrough
+    }
+    let rt = runtime()?;
+    let registry = Registry::start()?;
+    let one = clip_e2e::text_bytes(5000, 41);
+    let two = clip_e2e::text_bytes(7000, 42);
+    let mid = clip_e2e::text_bytes(200 << 10, 43);
+    let layers = vec![Layer::gzip(vec![
+        Entry::file("one", one.clone()),
+        Entry::file("two", two.clone()),
+        Entry::file("mid", mid.clone()),
+    ])];
+    let image = build_image(&layers, "linux", "amd64")?;
+    let reference = Pusher::new(&registry.host(), None).push_image("fs/push", "v1", &image)?;
+    let (index, client) = index(&rt, &reference)?;
+    let cache = tempfile::tempdir()?;
+    let config = StoreConfig {
+        whole_file_min_bytes: 1 << 20,
+        ..StoreConfig::default()
+    };
+    let served = serve_with(&rt, &index, &client, cache.path(), 1 << 30, config)?;
+    let p = served.path();
+    let counters = served.mount.as_ref().unwrap().counters().clone();
+    // Nothing local yet: the first file is read the usual way, from the registry.
+    assert!(std::fs::read(p.join("one"))? == one);
+    let reads = counters.reads.load(Relaxed);
+    assert!(reads > 0);
+    assert_eq!(counters.pushes.load(Relaxed), 0);
+    // The second is in the chunk that came with it: in the page cache before any read.
+    assert!(std::fs::read(p.join("two"))? == two);
+    assert_eq!(counters.reads.load(Relaxed), reads);
+    assert_eq!(counters.pushes.load(Relaxed), 1);
+    // Above the size limit: read the usual way.
+    assert!(mid.len() as u64 > clip_driver::fs::PUSH_MAX);
+    assert!(std::fs::read(p.join("mid"))? == mid);
+    assert!(counters.reads.load(Relaxed) > reads);
+    assert_eq!(counters.pushes.load(Relaxed), 1);
+    Ok(())
+}
+
+#[test]
 fn files_kept_whole_are_read_by_the_kernel_itself() -> anyhow::Result<()> {
     use std::sync::atomic::Ordering::Relaxed;
     let rt = runtime()?;
@@ -775,9 +820,13 @@ fn files_kept_whole_are_read_by_the_kernel_itself() -> anyhow::Result<()> {
     assert!(counters.passthrough_opens.load(Relaxed) >= 4);
     assert!(served.store.stats().snapshot().whole_files_opened >= 1);
     drop(big_file);
-    // The small file is read through clip.
-    assert!(std::fs::read(p.join("small"))? == small);
-    assert!(counters.reads.load(Relaxed) > reads);
+    // The small file, its data on disk, was put in the page cache at its open: no read
+    // either, and opened again it is not put there again.
+    for _ in 0..2 {
+        assert!(std::fs::read(p.join("small"))? == small);
+    }
+    assert_eq!(counters.reads.load(Relaxed), reads);
+    assert_eq!(counters.pushes.load(Relaxed), 1);
     drop(served);
 
     // An open served the usual way holds its inode to that way: an open of it meanwhile

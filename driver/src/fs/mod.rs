@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use clip_storage::{BlobSource, ChunkStore};
 
-pub use filesystem::{ClipFs, FsCounters};
+pub use filesystem::{ClipFs, FsCounters, PUSH_MAX};
 use passthrough::Backings;
 
 /// How to mount.
@@ -188,7 +188,9 @@ pub fn mount<S: BlobSource>(
         Backings::fresh(options.backing_record.clone()),
     );
     let counters = fs.counters();
+    let notifier = fs.notifier_slot();
     let session = fuser::Session::new(fs, dir, &session_config(options))?;
+    let _ = notifier.set(session.notifier());
     let device = session.as_fd().try_clone_to_owned()?;
     let session = session.spawn()?;
     if options.readahead_kb > 0
@@ -237,6 +239,7 @@ pub fn resume<S: BlobSource>(
         Backings::inherited(options.backing_record.clone()),
     );
     let counters = fs.counters();
+    let notifier = fs.notifier_slot();
     let mut config = session_config(options);
     config.mount_options.clear();
     let session = initialised_on_scratch(fs, scratch, config)?;
@@ -252,6 +255,7 @@ pub fn resume<S: BlobSource>(
     if r < 0 {
         return Err(std::io::Error::last_os_error());
     }
+    let _ = notifier.set(session.notifier());
     if let Err(e) = resend(&device) {
         tracing::warn!(dir = %dir.display(), error = %e, "the kernel cannot send unanswered requests again (Linux 6.9 can); a read in flight at the hand-over may wait until it is interrupted");
     }
