@@ -710,11 +710,18 @@ fn small_files_with_local_data_are_in_the_page_cache_before_their_first_read() -
     let one = clip_e2e::text_bytes(5000, 41);
     let two = clip_e2e::text_bytes(7000, 42);
     let mid = clip_e2e::text_bytes(200 << 10, 43);
-    let layers = vec![Layer::gzip(vec![
+    let many: Vec<Vec<u8>> = (0..20)
+        .map(|i| clip_e2e::text_bytes(3000, 50 + i))
+        .collect();
+    let mut entries = vec![
         Entry::file("one", one.clone()),
         Entry::file("two", two.clone()),
         Entry::file("mid", mid.clone()),
-    ])];
+    ];
+    for (i, data) in many.iter().enumerate() {
+        entries.push(Entry::file(&format!("many/f{i}"), data.clone()));
+    }
+    let layers = vec![Layer::gzip(entries)];
     let image = build_image(&layers, "linux", "amd64")?;
     let reference = Pusher::new(&registry.host(), None).push_image("fs/push", "v1", &image)?;
     let (index, client) = index(&rt, &reference)?;
@@ -740,6 +747,28 @@ fn small_files_with_local_data_are_in_the_page_cache_before_their_first_read() -
     assert!(std::fs::read(p.join("mid"))? == mid);
     assert!(counters.reads.load(Relaxed) > reads);
     assert_eq!(counters.pushes.load(Relaxed), 1);
+    // Eight programs opening the same small files at once: each file is put in the page
+    // cache once, by its first open, the others waiting for it; every byte is right.
+    let reads = counters.reads.load(Relaxed);
+    let many = Arc::new(many);
+    let readers: Vec<_> = (0..8)
+        .map(|t| {
+            let (p, many) = (p.to_owned(), many.clone());
+            std::thread::spawn(move || -> anyhow::Result<()> {
+                for k in 0..many.len() {
+                    let i = (k + t * 3) % many.len();
+                    let got = std::fs::read(p.join(format!("many/f{i}")))?;
+                    anyhow::ensure!(got == many[i], "many/f{i}");
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for r in readers {
+        r.join().map_err(|_| anyhow::anyhow!("reader thread"))??;
+    }
+    assert_eq!(counters.pushes.load(Relaxed), 1 + many.len() as u64);
+    assert_eq!(counters.reads.load(Relaxed), reads);
     Ok(())
 }
 

@@ -52,8 +52,11 @@ pub struct ClipFs<S> {
     backings: Arc<Backings>,
     /// Where the mount puts the session's notifier once the session exists.
     notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
-    /// One bit per inode: its data was put in the page cache (or is being).
-    pushed: Vec<std::sync::atomic::AtomicU64>,
+    /// One bit per inode: its first open came (and decided whether to put its data in the
+    /// page cache: once, whatever came of it).
+    claimed: Vec<std::sync::atomic::AtomicU64>,
+    /// One bit per inode: that first open is done with the page cache.
+    settled: Vec<std::sync::atomic::AtomicU64>,
 }
 
 /// What the kernel asked of the filesystem (for metrics and tests).
@@ -139,9 +142,12 @@ impl<S: BlobSource> ClipFs<S> {
             }
         }
         let stats = index.stats();
-        let pushed = (0..=index_words(&index))
-            .map(|_| Default::default())
-            .collect();
+        let bits = || {
+            (0..=index_words(&index))
+                .map(|_| Default::default())
+                .collect()
+        };
+        let (claimed, settled) = (bits(), bits());
         Self {
             totals: (stats.file_bytes.div_ceil(4096), stats.inodes as u64),
             index,
@@ -155,7 +161,8 @@ impl<S: BlobSource> ClipFs<S> {
             want_passthrough: passthrough,
             backings: Arc::new(backings),
             notifier: Arc::default(),
-            pushed,
+            claimed,
+            settled,
         }
     }
 
@@ -165,30 +172,41 @@ impl<S: BlobSource> ClipFs<S> {
     }
 
     /// Puts the data of file `ino` (`size` bytes at `offset` of `layer`) in the kernel's page
-    /// cache, the first time it is opened, when all of it is in memory or on local disk:
-    /// its reads then need no request (the open's answer comes after, and the kernel keeps
-    /// the pages: FOPEN_KEEP_CACHE). Anything else, and the reads come as usual.
+    /// cache at its first open in this mount, when all of it is in memory or on local disk:
+    /// its reads then need no request (the open is answered after, and the kernel keeps the
+    /// pages: FOPEN_KEEP_CACHE). Anything else, and the reads come as usual.
+    ///
+    /// Only at the first open, and other opens of the inode meanwhile wait for it: the
+    /// kernel writes the pages under their locks, which a read in progress holds until it is
+    /// answered, and this worker must not wait for a read that needs a worker. Before its
+    /// first open is answered, no reader of the inode exists; a session taken over from
+    /// another process (whose opens are unknown) never does this.
     fn push_pages(&self, ino: u64, layer: usize, offset: u64, size: u64) {
-        use std::sync::atomic::Ordering::Relaxed;
+        use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
+        if !self.want_passthrough || size == 0 || size > PUSH_MAX {
+            return;
+        }
         let Some(notifier) = self.notifier.get() else {
             return;
         };
         let (word, bit) = ((ino / 64) as usize, 1u64 << (ino % 64));
-        let Some(w) = self.pushed.get(word) else {
+        let (Some(claimed), Some(settled)) = (self.claimed.get(word), self.settled.get(word))
+        else {
             return;
         };
-        if size == 0 || size > PUSH_MAX || w.fetch_or(bit, Relaxed) & bit != 0 {
+        if claimed.fetch_or(bit, AcqRel) & bit != 0 {
+            // A local read of at most PUSH_MAX bytes, then the pages: soon over.
+            while settled.load(Acquire) & bit == 0 {
+                std::thread::sleep(Duration::from_micros(50));
+            }
             return;
         }
-        let pushed = match self.store.read_now(layer, offset, size, offset + size) {
-            Some(Ok(bytes)) => notifier.store(INodeNo(ino), 0, &bytes).is_ok(),
-            _ => false,
-        };
-        if pushed {
+        if let Some(Ok(bytes)) = self.store.read_now(layer, offset, size, offset + size)
+            && notifier.store(INodeNo(ino), 0, &bytes).is_ok()
+        {
             self.counters.pushes.fetch_add(1, Relaxed);
-        } else {
-            w.fetch_and(!bit, Relaxed);
         }
+        settled.fetch_or(bit, Release);
     }
 
     pub fn counters(&self) -> Arc<FsCounters> {
