@@ -201,12 +201,19 @@ impl<S: BlobSource> ClipFs<S> {
             }
             return;
         }
+        // Settled however this ends, a panic included: other opens wait for it.
+        struct Settle<'a>(&'a std::sync::atomic::AtomicU64, u64);
+        impl Drop for Settle<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_or(self.1, Release);
+            }
+        }
+        let _settle = Settle(settled, bit);
         if let Some(Ok(bytes)) = self.store.read_now(layer, offset, size, offset + size)
             && notifier.store(INodeNo(ino), 0, &bytes).is_ok()
         {
             self.counters.pushes.fetch_add(1, Relaxed);
         }
-        settled.fetch_or(bit, Release);
     }
 
     pub fn counters(&self) -> Arc<FsCounters> {
