@@ -33,4 +33,4 @@ pub use source::BlobSource;
 pub use source::registry::{
     LayerDescriptor, Platform, RegistryBlobs, RegistryClient, RegistryConfig, ResolvedImage,
 };
-pub use tiered::{ChunkStore, StoreConfig};
+pub use tiered::{ChunkStore, ReadNow, StoreConfig};

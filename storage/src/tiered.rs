@@ -87,6 +87,23 @@ type ChunkFuture = Shared<BoxFuture<'static, Result<Bytes, Arc<Error>>>>;
 /// Where a fetch hands each decoded chunk: to whoever waits for it.
 type ChunkSender = tokio::sync::oneshot::Sender<Result<Bytes, Arc<Error>>>;
 
+/// What [`ChunkStore::read_now`] made of a read it could start.
+pub enum ReadNow {
+    /// Read, right away.
+    Done(Result<Bytes>),
+    /// Started, and waiting after all: spawn it to finish it.
+    Later(BoxFuture<'static, Result<Bytes>>),
+}
+
+impl std::fmt::Debug for ReadNow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Done(r) => f.debug_tuple("Done").field(r).finish(),
+            Self::Later(_) => f.write_str("Later(..)"),
+        }
+    }
+}
+
 /// Reads chunks of one image through the tiers.
 pub struct ChunkStore<S> {
     index: Arc<ImageIndex>,
@@ -223,20 +240,21 @@ impl<S: BlobSource> ChunkStore<S> {
         result
     }
 
-    /// [`Self::read_in_file`] without waiting: the read's result when every chunk it needs
-    /// is in memory or in a local tier and no fetch or load of them is under way, so that
-    /// it costs at most local disk reads; `None` (nothing read) otherwise. For a caller on a
-    /// thread that must not wait for the network, such as a FUSE worker, which saves the
-    /// hand-over to the runtime that an async read takes. Call it inside the runtime's
-    /// context ([`tokio::runtime::Handle::enter`]): a read may start read-ahead.
+    /// [`Self::read_in_file`] without waiting, when every chunk it needs is in memory or in
+    /// a local tier and no fetch or load of them is under way, so that it costs at most
+    /// local disk reads: polled once here, it is [`ReadNow::Done`], or [`ReadNow::Later`] in
+    /// the rare race (a chunk evicted meanwhile) that leaves it waiting, for the caller to
+    /// spawn. `None` (nothing started) otherwise. For a caller on a thread that must not
+    /// wait for the network, such as a FUSE worker, which saves the hand-over to the
+    /// runtime that an async read takes. Call it inside the runtime's context
+    /// ([`tokio::runtime::Handle::enter`]): a read may start read-ahead.
     pub fn read_now(
         self: &Arc<Self>,
         layer: usize,
         offset: u64,
         len: u64,
         file_end: u64,
-    ) -> Option<Result<Bytes>> {
-        use futures::FutureExt;
+    ) -> Option<ReadNow> {
         let l = self.layer(layer).ok()?;
         for c in l.chunks_covering(offset, len).ok()? {
             let key = self.key(layer, c).ok()?;
@@ -251,10 +269,17 @@ impl<S: BlobSource> ChunkStore<S> {
                 return None;
             }
         }
-        // Every await below is on local tiers, which answer without yielding; a race (the
-        // chunk evicted meanwhile) leaves it pending, and it is dropped with nothing lost.
-        self.read_in_file(layer, offset, len, file_end)
-            .now_or_never()
+        let this = self.clone();
+        let mut read: BoxFuture<'static, Result<Bytes>> =
+            Box::pin(async move { this.read_in_file(layer, offset, len, file_end).await });
+        let waker = futures::task::noop_waker();
+        match read
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(&waker))
+        {
+            std::task::Poll::Ready(result) => Some(ReadNow::Done(result)),
+            std::task::Poll::Pending => Some(ReadNow::Later(read)),
+        }
     }
 
     async fn read_inner(

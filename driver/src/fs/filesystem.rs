@@ -18,6 +18,7 @@ use tracing::warn;
 use super::attr::{attr, file_type};
 use super::error::read_errno;
 use super::passthrough::{Backings, Opened};
+use clip_storage::ReadNow;
 
 /// The image never changes under a mount: let the kernel cache names and attributes,
 /// including failed lookups (an interpreter probes hundreds of missing paths).
@@ -209,10 +210,18 @@ impl<S: BlobSource> ClipFs<S> {
             }
         }
         let _settle = Settle(settled, bit);
-        if let Some(Ok(bytes)) = self.store.read_now(layer, offset, size, offset + size)
-            && notifier.store(INodeNo(ino), 0, &bytes).is_ok()
-        {
-            self.counters.pushes.fetch_add(1, Relaxed);
+        match self.store.read_now(layer, offset, size, offset + size) {
+            Some(ReadNow::Done(Ok(bytes))) => {
+                if notifier.store(INodeNo(ino), 0, &bytes).is_ok() {
+                    self.counters.pushes.fetch_add(1, Relaxed);
+                }
+            }
+            // Finished in the background (the chunks it loads serve the reads to come), not
+            // waited for here.
+            Some(ReadNow::Later(read)) => {
+                self.runtime.spawn(read);
+            }
+            Some(ReadNow::Done(Err(_))) | None => {}
         }
     }
 
@@ -454,20 +463,26 @@ impl<S: BlobSource> Filesystem for ClipFs<S> {
         };
         // Data on local disk or in memory: read here, which spares the hand-over to the
         // runtime (a wake-up of another thread) that the kernel's reader would wait for.
-        if let Some(result) = self.store.read_now(layer, from, len, end) {
-            self.counters
-                .reads_at_once
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return answer(result);
-        }
-        let store = self.store.clone();
+        let read = match self.store.read_now(layer, from, len, end) {
+            Some(ReadNow::Done(result)) => {
+                self.counters
+                    .reads_at_once
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return answer(result);
+            }
+            Some(ReadNow::Later(read)) => read,
+            None => {
+                let store = self.store.clone();
+                Box::pin(async move { store.read_in_file(layer, from, len, end).await })
+            }
+        };
         // The worker thread goes back to the kernel at once; a slow fetch blocks only this read.
         let counters = self.counters.clone();
         counters
             .pending_reads
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.runtime.spawn(async move {
-            answer(store.read_in_file(layer, from, len, end).await);
+            answer(read.await);
             counters
                 .pending_reads
                 .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
