@@ -292,6 +292,19 @@ async fn twenty_volumes_of_one_image_share_one_index_build() -> anyhow::Result<(
         "each layer streamed once: {:?}",
         proxy.log()
     );
+    // A second image beside it: the node's metrics stay one valid exposition, each
+    // family once, and each volume's filesystem has its own requests.
+    let other = build_image(&busybox_layers()?, "linux", "amd64")?;
+    Pusher::new(&registry.host(), None).push_image("csi/other", "v1", &other)?;
+    let mut node = plugin.node().await?;
+    let other_target = plugin.target("other");
+    node.node_publish_volume(publish(
+        "vol-other",
+        &other_target,
+        &[("image", &format!("{}/csi/other:v1", proxy.host()))],
+    ))
+    .await?;
+    assert_eq!(read(other_target.join("etc/passwd")).await?.len(), 68);
     let metrics = plugin.ctx.metrics();
     assert!(
         metrics
@@ -299,13 +312,66 @@ async fn twenty_volumes_of_one_image_share_one_index_build() -> anyhow::Result<(
             .any(|l| l.starts_with("clip_image_volumes{") && l.ends_with(" 20")),
         "{metrics}"
     );
-    let mut node = plugin.node().await?;
+    let images = metrics
+        .lines()
+        .filter(|l| l.starts_with("clip_image_volumes{"))
+        .count();
+    assert_eq!(images, 2, "{metrics}");
+    assert_well_formed(&metrics);
+    let lookups = metric(
+        &metrics,
+        "clip_fs_requests_total{op=\"lookup\",volume_id=\"vol-other\"",
+    );
+    assert!(lookups.is_some_and(|n| n > 0), "{metrics}");
+    node.node_unpublish_volume(kubelet::unpublish("vol-other", &other_target))
+        .await?;
     for (i, t) in targets.iter().enumerate() {
         node.node_unpublish_volume(kubelet::unpublish(&format!("vol-{i}"), t))
             .await?;
         assert!(!is_mounted(t));
     }
     Ok(())
+}
+
+/// A Prometheus text exposition that a scrape accepts: at most one `# HELP` and one `# TYPE`
+/// per family, and the lines of a family together (a family left is never met again).
+fn assert_well_formed(text: &str) {
+    let mut typed = std::collections::HashSet::new();
+    let mut headers = std::collections::HashSet::new();
+    for l in text.lines() {
+        if let Some(rest) = l.strip_prefix("# TYPE ") {
+            typed.insert(rest.split(' ').next().unwrap_or_default().to_owned());
+        }
+        if l.starts_with("# ") {
+            assert!(headers.insert(l.to_owned()), "header twice: {l}\n{text}");
+        }
+    }
+    let family = |l: &str| -> String {
+        let name = l
+            .strip_prefix("# HELP ")
+            .or_else(|| l.strip_prefix("# TYPE "))
+            .unwrap_or(l)
+            .split(['{', ' '])
+            .next()
+            .unwrap_or_default();
+        for suffix in ["_bucket", "_sum", "_count"] {
+            if let Some(base) = name.strip_suffix(suffix)
+                && typed.contains(base)
+            {
+                return base.to_owned();
+            }
+        }
+        name.to_owned()
+    };
+    let mut left = std::collections::HashSet::new();
+    let mut current = String::new();
+    for l in text.lines().filter(|l| !l.is_empty()) {
+        let f = family(l);
+        if f != current {
+            assert!(!left.contains(&f), "family {f} split\n{text}");
+            left.insert(std::mem::replace(&mut current, f));
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

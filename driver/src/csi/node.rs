@@ -1265,9 +1265,10 @@ impl NodeContext {
         }
     }
 
-    /// Prometheus text for every image served and every volume.
+    /// Prometheus text for every image served and every volume: each image's store, the
+    /// requests each volume's filesystem had from the kernel, and what is published.
     pub fn metrics(&self) -> String {
-        let mut out = String::new();
+        let mut parts = Vec::new();
         let images: Vec<(Digest, Arc<ChunkStore<RegistryBlobs>>, usize)> = lock(&self.images)
             .iter()
             .map(|(d, e)| (*d, e.store.clone(), e.refs))
@@ -1278,10 +1279,18 @@ impl NodeContext {
                 "index=\"{d}\",image=\"{}@{}\"",
                 src.repository, src.manifest_digest
             );
-            out.push_str(&store.snapshot().to_prometheus(&labels));
-            out.push_str(&format!("clip_image_volumes{{{labels}}} {refs}\n"));
+            parts.push(store.snapshot().to_prometheus(&labels));
+            parts.push(format!(
+                "# HELP clip_image_volumes Volumes published of an image.\n# TYPE clip_image_volumes gauge\nclip_image_volumes{{{labels}}} {refs}\n"
+            ));
         }
-        out.push_str(
+        for (volume, a) in lock(&self.active).iter() {
+            if let Some(m) = &a.mount {
+                let labels = format!("volume_id=\"{volume}\",index=\"{}\"", a.index_digest);
+                parts.push(m.counters().to_prometheus(&labels));
+            }
+        }
+        let mut out = String::from(
             "# HELP clip_volume_info A published volume.\n# TYPE clip_volume_info gauge\n",
         );
         for r in lock(&self.table).records() {
@@ -1293,7 +1302,8 @@ impl NodeContext {
                 r.volume_id, r.pod_namespace, r.pod_name, r.index_digest
             ));
         }
-        out
+        parts.push(out);
+        crate::metrics::merge(parts)
     }
 
     /// The pod and image of a published volume, for log lines.
