@@ -77,12 +77,9 @@ pub fn encode_version(index: &ImageIndex, version: u32) -> Result<Vec<u8>> {
             w.u8(c.bits);
             w.uint(c.uncompressed_offset);
             w.u8(u8::from(c.raw_deflate));
-            if split {
-                w.uint(c.window.len() as u64);
-                bulk.extend_from_slice(&c.window);
-            } else {
-                w.bytes(&c.window);
-            }
+            w.uint(c.window.len() as u64);
+            let out = if split { &mut bulk } else { &mut w.0 };
+            out.extend_from_slice(&c.window);
         }
         w.uint(l.chunks.len() as u64);
         let mut prev = 0;
@@ -94,12 +91,9 @@ pub fn encode_version(index: &ImageIndex, version: u32) -> Result<Vec<u8>> {
         if version >= 2 {
             w.uint(u64::from(l.block_size));
             w.uint(l.blocks.len() as u64);
+            let out = if split { &mut bulk } else { &mut w.0 };
             for b in &l.blocks {
-                if split {
-                    bulk.extend_from_slice(&b.0);
-                } else {
-                    w.digest(b);
-                }
+                out.extend_from_slice(&b.0);
             }
         }
     }
@@ -290,11 +284,10 @@ fn parse_payload(p: &[u8], bulk: Option<&[u8]>, version: u32) -> Result<ImageInd
                 bits: r.u8()?,
                 uncompressed_offset: r.uint()?,
                 raw_deflate: r.u8()? != 0,
-                window: if split {
+                window: {
                     let n = r.uint()?;
-                    b.fixed(n, 1)?.to_vec()
-                } else {
-                    r.bytes()?.to_vec()
+                    let from = if split { &mut b } else { &mut r };
+                    from.fixed(n, 1)?.to_vec()
                 },
             });
         }
@@ -314,20 +307,13 @@ fn parse_payload(p: &[u8], bulk: Option<&[u8]>, version: u32) -> Result<ImageInd
         let (block_size, blocks) = if version >= 2 {
             let size = u32::try_from(r.uint()?)
                 .map_err(|_| Error::CorruptIndex("block size too large".into()))?;
-            let blocks = if split {
-                let n = r.uint()?;
-                b.fixed(n, 32)?
-                    .chunks_exact(32)
-                    .map(|d| Digest(d.try_into().unwrap_or_default()))
-                    .collect()
-            } else {
-                let n = r.count(32)?;
-                let mut blocks = Vec::with_capacity(n);
-                for _ in 0..n {
-                    blocks.push(r.digest()?);
-                }
-                blocks
-            };
+            let n = r.uint()?;
+            let from = if split { &mut b } else { &mut r };
+            let blocks = from
+                .fixed(n, 32)?
+                .chunks_exact(32)
+                .map(|d| Digest(d.try_into().unwrap_or_default()))
+                .collect();
             (size, blocks)
         } else {
             (0, Vec::new())
@@ -676,10 +662,8 @@ impl<'a> Reader<'a> {
     }
 
     fn bytes(&mut self) -> Result<&'a [u8]> {
-        let n = self.count(1)?;
-        let b = &self.buf[self.pos..self.pos + n];
-        self.pos += n;
-        Ok(b)
+        let n = self.uint()?;
+        self.fixed(n, 1)
     }
 
     fn string(&mut self) -> Result<String> {
