@@ -258,14 +258,11 @@ impl<S: BlobSource> ChunkStore<S> {
         let l = self.layer(layer).ok()?;
         for c in l.chunks_covering(offset, len).ok()? {
             let key = self.key(layer, c).ok()?;
-            if self.memory.contains(&key.digest) {
-                continue;
-            }
-            if self.is_near(layer, c, &key) {
-                return None; // being fetched or loaded: that is a wait
-            }
-            let mut local = self.tiers.iter().filter(|t| t.is_local());
-            if !local.any(|t| t.contains(&key).now_or_never() == Some(true)) {
+            // In memory, or in a local tier with no fetch or load of it under way (which
+            // `whereabouts` calls near, like memory: that would be a wait).
+            if !self.memory.contains(&key.digest)
+                && self.whereabouts(layer, c).now_or_never() != Some(Whereabouts::Local)
+            {
                 return None;
             }
         }
