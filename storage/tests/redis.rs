@@ -280,6 +280,12 @@ async fn killing_a_master_never_fails_a_read() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn with_the_whole_cluster_down_reads_use_the_registry_then_return_to_redis()
 -> anyhow::Result<()> {
+    // The store's and the Redis client's logs are printed if this test fails.
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter("clip_storage=debug,redis=info")
+        .try_init();
+    let _serial = ONE_AT_A_TIME.lock().await;
     let mut w = world().await?;
     let n = node(&w, false, 0).await?;
     read_all(&w, &n.store).await?;
@@ -305,9 +311,17 @@ async fn with_the_whole_cluster_down_reads_use_the_registry_then_return_to_redis
         if counter(&n, "hit") > before {
             break;
         }
-        anyhow::ensure!(Instant::now() < deadline, "reads never came back to redis");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "reads never came back to redis: {:?}",
+            n.redis.counters()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    assert!(
+        counter(&n, "reconnect") > 0,
+        "a fresh connection was built from the seeds while the breaker was open"
+    );
     Ok(())
 }
 

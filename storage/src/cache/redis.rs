@@ -6,15 +6,18 @@
 //! - Cluster-wide single-flight: before a registry fetch a node takes a lease
 //!   (`SET PREFIX:l:<run> token NX PX lease`); others wait a bounded time for the chunks to
 //!   appear, then fetch themselves. A crashed holder delays others by at most the lease.
-//! - Failure: every operation has a timeout; a circuit breaker stops calling a dead cluster
-//!   and probes it again after a cool-down. Redis trouble is a cache miss, never a failed read.
+//! - Failure: every operation has a timeout; a circuit breaker stops calling a failing
+//!   cluster. While it is open a background probe builds a fresh connection from the seed
+//!   nodes every cool-down; the first that answers replaces the old one and closes the
+//!   breaker, so a cluster restarted whole is used again. Redis trouble is a cache miss,
+//!   never a failed read, and no read waits for a probe.
 //! - Every chunk read is verified; a mismatch deletes the key and reports a miss.
 //! - Indexes are stored under their digest in parts of under 1 MiB, with no TTL.
 //! - TLS trusts the system's CAs, or only those of a configured CA file (a private CA).
 
 use std::path::PathBuf;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -22,9 +25,9 @@ use clip_index::Digest;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use redis::AsyncCommands;
-use redis::cluster::ClusterClientBuilder;
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{ChunkCache, ChunkKey};
 use crate::error::{Error, Result};
@@ -58,7 +61,7 @@ pub struct RedisConfig {
     pub lease_wait: Duration,
     /// Consecutive failures that open the circuit breaker.
     pub breaker_threshold: u32,
-    /// How long the breaker stays open before one probe is let through.
+    /// Pause between probes (fresh connections from the seeds) while the breaker is open.
     pub breaker_cooldown: Duration,
 }
 
@@ -97,20 +100,23 @@ pub struct RedisStats {
     pub lease_wait_hits: AtomicU64,
     pub latency_us: AtomicU64,
     pub ops: AtomicU64,
+    /// Fresh connections built from the seeds while the breaker was open.
+    pub reconnects: AtomicU64,
 }
 
 #[derive(Debug, Default)]
 struct BreakerState {
     failures: u32,
-    open_until: Option<Instant>,
+    open: bool,
 }
 
-/// Stops calling a failing cluster for a while; lets one call through after the cool-down.
+/// Stops calling a failing cluster: after `threshold` consecutive failures every operation
+/// is skipped, and reads go to the next tier, until the background probe
+/// ([`probe_until_answered`]) gets an answer on a fresh connection.
 #[derive(Debug)]
 struct Breaker {
     state: Mutex<BreakerState>,
     threshold: u32,
-    cooldown: Duration,
 }
 
 impl Breaker {
@@ -119,44 +125,35 @@ impl Breaker {
     }
 
     fn allow(&self) -> bool {
-        let mut s = self.lock();
-        match s.open_until {
-            Some(t) if Instant::now() < t => false,
-            Some(_) => {
-                // Half-open: this call is the probe; others wait for its verdict.
-                s.open_until = Some(Instant::now() + self.cooldown);
-                true
-            }
-            None => true,
-        }
+        !self.lock().open
     }
 
     fn success(&self) {
         let mut s = self.lock();
-        if s.open_until.is_some() {
+        if s.open {
             info!("redis is answering again; closing the circuit breaker");
         }
         s.failures = 0;
-        s.open_until = None;
+        s.open = false;
     }
 
-    fn failure(&self) {
+    /// Records a failure; true when this one opened the breaker.
+    fn failure(&self) -> bool {
         let mut s = self.lock();
-        s.failures += 1;
-        if s.failures >= self.threshold && s.open_until.is_none() {
-            warn!(
-                failures = s.failures,
-                cooldown_ms = self.cooldown.as_millis() as u64,
-                "redis keeps failing; opening the circuit breaker and reading from the registry"
-            );
+        s.failures = s.failures.saturating_add(1);
+        if s.failures < self.threshold || s.open {
+            return false;
         }
-        if s.failures >= self.threshold {
-            s.open_until = Some(Instant::now() + self.cooldown);
-        }
+        s.open = true;
+        warn!(
+            failures = s.failures,
+            "redis keeps failing; opening the circuit breaker and reading from the registry"
+        );
+        true
     }
 
     fn is_open(&self) -> bool {
-        self.lock().open_until.is_some_and(|t| Instant::now() < t)
+        self.lock().open
     }
 }
 
@@ -171,12 +168,71 @@ pub enum Lease {
     Unavailable,
 }
 
+/// What the cache and its background probe share.
+struct Shared {
+    client: ClusterClient,
+    /// The connection in use; replaced by the probe's fresh one when the breaker closes.
+    conn: RwLock<ClusterConnection>,
+    breaker: Breaker,
+    /// Pause between probes while the breaker is open.
+    cooldown: Duration,
+    /// Bound on building a fresh connection (the probe).
+    connect_limit: Duration,
+    stats: Arc<RedisStats>,
+}
+
+impl Shared {
+    fn conn(&self) -> ClusterConnection {
+        self.conn.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// A new connection from the seed nodes that answered a PING within `limit`; `None` when the
+/// limit passed first.
+async fn answering(
+    client: &ClusterClient,
+    limit: Duration,
+) -> Option<redis::RedisResult<ClusterConnection>> {
+    let build = async {
+        let mut conn = client.get_async_connection().await?;
+        redis::cmd("PING").query_async::<String>(&mut conn).await?;
+        Ok(conn)
+    };
+    tokio::time::timeout(limit, build).await.ok()
+}
+
+/// While the breaker is open: every cool-down, builds a fresh connection from the seed nodes;
+/// the first that answers replaces the old connection and closes the breaker. Reads never
+/// wait for a probe. The old connection is not trusted to come back by itself: its repair of
+/// node connections can stall when all of them went stale at once (the whole cluster
+/// restarted), which would leave the cache unused for good. Ends when the cache is dropped.
+async fn probe_until_answered(shared: std::sync::Weak<Shared>) {
+    loop {
+        let Some(cooldown) = shared.upgrade().map(|s| s.cooldown) else {
+            return;
+        };
+        tokio::time::sleep(cooldown).await;
+        let Some(s) = shared.upgrade() else {
+            return;
+        };
+        match answering(&s.client, s.connect_limit).await {
+            Some(Ok(conn)) => {
+                *s.conn.write().unwrap_or_else(|p| p.into_inner()) = conn;
+                s.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                s.breaker.success();
+                return;
+            }
+            Some(Err(e)) => debug!(error = %e, "the redis cluster is still unreachable"),
+            None => debug!("the redis cluster is still unreachable (no answer in time)"),
+        }
+    }
+}
+
 /// The Redis Cluster tier.
 pub struct RedisCache {
-    conn: ClusterConnection,
+    shared: Arc<Shared>,
     config: RedisConfig,
-    breaker: Breaker,
-    pub stats: RedisStats,
+    pub stats: Arc<RedisStats>,
     token_seq: AtomicU64,
 }
 
@@ -264,32 +320,36 @@ impl RedisCache {
             builder = builder.username(u);
         }
         let client = builder.build().map_err(|e| redis_error(&config, &e))?;
-        let connect = client.get_async_connection();
-        let mut conn = match tokio::time::timeout(config.connect_timeout * 3, connect).await {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => return Err(redis_error(&config, &e)),
-            Err(_) => {
+        let connect_limit = config.connect_timeout * 3;
+        let conn = match answering(&client, connect_limit).await {
+            Some(Ok(c)) => c,
+            Some(Err(e)) => return Err(redis_error(&config, &e)),
+            None => {
                 return Err(Error::Cache {
                     tier: "redis",
                     detail: format!(
                         "cluster {}: no answer within {:?} (are the seed addresses right and reachable?)",
                         config.seeds.join(","),
-                        config.connect_timeout * 3
+                        connect_limit
                     ),
                 });
             }
         };
-        let probe: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut conn).await;
-        probe.map_err(|e| redis_error(&config, &e))?;
+        let stats = Arc::<RedisStats>::default();
         Ok(Self {
-            conn,
-            breaker: Breaker {
-                state: Mutex::new(BreakerState::default()),
-                threshold: config.breaker_threshold.max(1),
+            shared: Arc::new(Shared {
+                client,
+                conn: RwLock::new(conn),
+                breaker: Breaker {
+                    state: Mutex::new(BreakerState::default()),
+                    threshold: config.breaker_threshold.max(1),
+                },
                 cooldown: config.breaker_cooldown,
-            },
+                connect_limit,
+                stats: stats.clone(),
+            }),
             config,
-            stats: RedisStats::default(),
+            stats,
             token_seq: AtomicU64::new(0),
         })
     }
@@ -303,14 +363,14 @@ impl RedisCache {
     where
         F: std::future::Future<Output = redis::RedisResult<T>>,
     {
-        if !self.breaker.allow() {
+        if !self.shared.breaker.allow() {
             self.stats
                 .skipped_open_breaker
                 .fetch_add(1, Ordering::Relaxed);
             return None;
         }
         let started = Instant::now();
-        let result = tokio::time::timeout(self.config.op_timeout, op(self.conn.clone())).await;
+        let result = tokio::time::timeout(self.config.op_timeout, op(self.shared.conn())).await;
         self.stats.ops.fetch_add(1, Ordering::Relaxed);
         self.stats.latency_us.fetch_add(
             u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
@@ -318,18 +378,16 @@ impl RedisCache {
         );
         match result {
             Ok(Ok(v)) => {
-                self.breaker.success();
+                self.shared.breaker.success();
                 Some(v)
             }
             Ok(Err(e)) => {
-                self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                self.breaker.failure();
+                self.failed();
                 warn!(op = what, error = %e, "redis operation failed; falling back");
                 None
             }
             Err(_) => {
-                self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                self.breaker.failure();
+                self.failed();
                 warn!(
                     op = what,
                     timeout_ms = self.config.op_timeout.as_millis() as u64,
@@ -340,9 +398,24 @@ impl RedisCache {
         }
     }
 
+    /// Counts a failed operation; the one that opens the breaker starts the probe.
+    fn failed(&self) {
+        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        if self.shared.breaker.failure() {
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    rt.spawn(probe_until_answered(Arc::downgrade(&self.shared)));
+                }
+                // No runtime to probe on (not reached from the async operations): try the
+                // old connection again rather than stay open for good.
+                Err(_) => self.shared.breaker.success(),
+            }
+        }
+    }
+
     /// Whether the breaker currently keeps clip away from the cluster.
     pub fn is_degraded(&self) -> bool {
-        self.breaker.is_open()
+        self.shared.breaker.is_open()
     }
 
     /// Tries to take the registry-fetch lease for `name` (a run of chunks).
@@ -420,7 +493,7 @@ impl RedisCache {
 
     /// The index published for an image manifest, if any.
     pub async fn index_for_manifest(&self, manifest: &Digest) -> Result<Option<Digest>> {
-        let mut c = self.conn.clone();
+        let mut c = self.shared.conn();
         let key = format!("{}:m:{}", self.config.key_prefix, manifest.hex());
         let v: redis::RedisResult<Option<String>> = c.get(&key).await;
         match v.map_err(|e| redis_error(&self.config, &e))? {
@@ -438,7 +511,7 @@ impl RedisCache {
         let timeout = self.config.op_timeout * 4;
         for (i, p) in parts.iter().enumerate() {
             let key = format!("{base}:{i}");
-            let mut c = self.conn.clone();
+            let mut c = self.shared.conn();
             let set: redis::RedisResult<()> =
                 match tokio::time::timeout(timeout, c.set(&key, *p)).await {
                     Ok(r) => r,
@@ -452,7 +525,7 @@ impl RedisCache {
             set.map_err(|e| redis_error(&self.config, &e))?;
         }
         let head = format!("{} {}", parts.len(), encoded.len());
-        let mut c = self.conn.clone();
+        let mut c = self.shared.conn();
         let set: redis::RedisResult<()> = c.set(&base, head).await;
         set.map_err(|e| redis_error(&self.config, &e))?;
         if let Some(m) = manifest {
@@ -466,7 +539,7 @@ impl RedisCache {
     /// Fetches and verifies an index published under `digest`.
     pub async fn fetch_index(&self, digest: &Digest) -> Result<Vec<u8>> {
         let base = self.index_key(digest);
-        let mut c = self.conn.clone();
+        let mut c = self.shared.conn();
         let head: redis::RedisResult<Option<String>> = c.get(&base).await;
         let head = head
             .map_err(|e| redis_error(&self.config, &e))?
@@ -506,7 +579,7 @@ impl RedisCache {
 
     /// Records `owner` (e.g. a ClipImage `namespace/name`) as a user of an index.
     pub async fn add_index_owner(&self, digest: &Digest, owner: &str) -> Result<()> {
-        let mut c = self.conn.clone();
+        let mut c = self.shared.conn();
         let key = format!("{}:o:{}", self.config.key_prefix, digest.hex());
         let r: redis::RedisResult<i64> = c.sadd(&key, owner).await;
         r.map(|_| ()).map_err(|e| redis_error(&self.config, &e))
@@ -520,7 +593,7 @@ impl RedisCache {
         owner: &str,
         manifest: Option<&Digest>,
     ) -> Result<u64> {
-        let mut c = self.conn.clone();
+        let mut c = self.shared.conn();
         let key = format!("{}:o:{}", self.config.key_prefix, digest.hex());
         let _: redis::RedisResult<i64> = c.srem(&key, owner).await;
         let left: redis::RedisResult<u64> = c.scard(&key).await;
@@ -559,7 +632,7 @@ impl RedisCache {
 
     /// SET that expires with the chunks' TTL (never, when none is configured).
     async fn set_expiring(&self, key: &str, value: &[u8]) -> Result<()> {
-        let mut c = self.conn.clone();
+        let mut c = self.shared.conn();
         let r: redis::RedisResult<()> = match self.config.ttl {
             Some(t) => c.set_ex(key, value, t.as_secs().max(1)).await,
             None => c.set(key, value).await,
@@ -569,7 +642,7 @@ impl RedisCache {
 
     /// Whether every chunk of index `digest` was copied into Redis (see [`Self::mark_warm`]).
     pub async fn is_warm(&self, digest: &Digest) -> Result<bool> {
-        let mut c = self.conn.clone();
+        let mut c = self.shared.conn();
         let key = format!("{}:w:{}", self.config.key_prefix, digest.hex());
         let n: redis::RedisResult<i64> = c.exists(&key).await;
         n.map(|n| n > 0).map_err(|e| redis_error(&self.config, &e))
@@ -585,7 +658,7 @@ impl RedisCache {
     /// The start-up profile a node published for an image, if any and if it is at most
     /// `limit` bytes.
     pub async fn fetch_profile(&self, manifest: &Digest, limit: u64) -> Result<Option<String>> {
-        let mut c = self.conn.clone();
+        let mut c = self.shared.conn();
         let key = self.profile_key(manifest);
         // One byte past the limit at most, so an oversized value is never read whole.
         let end = isize::try_from(limit).unwrap_or(isize::MAX);
@@ -603,7 +676,7 @@ impl RedisCache {
 
     /// Whether an index with this digest is in Redis.
     pub async fn has_index(&self, digest: &Digest) -> Result<bool> {
-        let mut c = self.conn.clone();
+        let mut c = self.shared.conn();
         let n: redis::RedisResult<i64> = c.exists(self.index_key(digest)).await;
         n.map(|n| n > 0).map_err(|e| redis_error(&self.config, &e))
     }
@@ -639,6 +712,7 @@ impl RedisCache {
             ("lease_taken", s.leases_taken.load(Ordering::Relaxed)),
             ("lease_wait", s.lease_waits.load(Ordering::Relaxed)),
             ("lease_wait_hit", s.lease_wait_hits.load(Ordering::Relaxed)),
+            ("reconnect", s.reconnects.load(Ordering::Relaxed)),
         ]
     }
 }
