@@ -32,6 +32,8 @@ pub use whole::whole_key;
 const CHUNK_DIR: &str = "chunks";
 /// Where whole files are, under the cache directory.
 const WHOLE_DIR: &str = "files";
+/// Where the records of whole files checked in this boot are (see [`whole`]).
+const CHECKED_DIR: &str = "checked";
 
 /// Bytes of chunk data covered by one stored checksum.
 const CHECK_BLOCK: u64 = 64 * 1024;
@@ -127,6 +129,11 @@ pub struct DiskStats {
     pub skipped: AtomicU64,
     /// Whole files kept (see [`whole`]).
     pub whole_kept: AtomicU64,
+    /// Whole files read in full and matched against their seal.
+    pub whole_checked: AtomicU64,
+    /// Whole files handed out on the record that they were checked in this boot and have
+    /// not changed since.
+    pub whole_trusted: AtomicU64,
 }
 
 /// Chunks on local disk under `dir`, at most `capacity` bytes.
@@ -136,6 +143,9 @@ pub struct DiskCache {
     capacity: u64,
     state: Mutex<State>,
     temp_seq: AtomicU64,
+    /// This boot's id (`/proc/sys/kernel/random/boot_id`); `None` if unreadable, and then
+    /// every process checks every whole file itself.
+    boot_id: Option<String>,
     pub stats: DiskStats,
 }
 
@@ -154,6 +164,7 @@ impl DiskCache {
         }
         std::fs::create_dir_all(&tmp).map_err(io)?;
         std::fs::create_dir_all(dir.join(WHOLE_DIR)).map_err(io)?;
+        std::fs::create_dir_all(dir.join(CHECKED_DIR)).map_err(io)?;
         let mut found = Vec::new();
         for (sub, whole) in [(CHUNK_DIR, false), (WHOLE_DIR, true)] {
             for shard in std::fs::read_dir(dir.join(sub)).map_err(io)? {
@@ -179,6 +190,10 @@ impl DiskCache {
             capacity: capacity.max(1),
             state: Mutex::new(State::default()),
             temp_seq: AtomicU64::new(0),
+            boot_id: std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+                .ok()
+                .map(|b| b.trim().to_owned())
+                .filter(|b| !b.is_empty()),
             stats: DiskStats::default(),
         };
         {
@@ -307,9 +322,7 @@ impl DiskCache {
                     e.verified = true;
                 }
                 // Dropped while it was written: its file must not stay uncounted.
-                None => {
-                    std::fs::remove_file(self.path_of(digest, whole)).ok();
-                }
+                None => self.remove_file_of(digest, whole),
             }
         }
         self.unpin(digest);
@@ -334,7 +347,17 @@ impl DiskCache {
             None => false,
         };
         drop(s);
-        std::fs::remove_file(self.path_of(digest, whole)).ok();
+        self.remove_file_of(digest, whole);
+    }
+
+    /// Removes a chunk's or whole file's file, and a whole file's check record.
+    fn remove_file_of(&self, digest: &Digest, whole: bool) {
+        if let Err(e) = std::fs::remove_file(self.path_of(digest, whole)) {
+            debug!(digest = %digest, error = %e, "cache file already gone");
+        }
+        if whole {
+            std::fs::remove_file(self.checked_path(digest)).ok();
+        }
     }
 
     /// Removes least recently used, unpinned chunks until under the cap. The files go while
@@ -369,9 +392,7 @@ impl DiskCache {
         };
         for (d, whole) in victims {
             self.stats.evicted.fetch_add(1, Ordering::Relaxed);
-            if let Err(e) = std::fs::remove_file(self.path_of(&d, whole)) {
-                debug!(digest = %d, error = %e, "evicted file already gone");
-            }
+            self.remove_file_of(&d, whole);
         }
         drop(s);
     }

@@ -6,20 +6,29 @@
 //! serves it as the file, so nothing may follow them). What it should hold is sealed in an
 //! extended attribute written with it: the file's key, its length and the CRC-32C of all its
 //! bytes. The kernel's reads cannot be checked one by one, so the whole file is read and
-//! matched against its seal the first time a process hands it out; a damaged, torn or
-//! foreign file is removed and counted like a damaged chunk. Whole files share the cache's
-//! cap and least-recently-used order with the chunks.
+//! matched against its seal before it is handed out; a damaged, torn or foreign file is
+//! removed and counted like a damaged chunk. Whole files share the cache's cap and
+//! least-recently-used order with the chunks.
+//!
+//! A file written or checked is recorded in `checked/`: this boot's id, the file's device,
+//! inode, change time (ctime) and length. A later process of the same boot that finds the
+//! record true hands the file out without reading it again: any write, truncation or
+//! attribute change through the filesystem moves the ctime (which no program can set back),
+//! and a new boot (a power loss may tear unsynced files) or a replaced file does not match.
+//! What such a record cannot see is damage beneath the filesystem within one boot (a disk
+//! returning wrong bytes without an error), as for every file the kernel reads.
 
 use std::fs::File;
 use std::ops::Range;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
 use clip_index::Digest;
 use tracing::{debug, warn};
 
-use super::{DiskCache, Reservation};
+use super::{CHECKED_DIR, DiskCache, Reservation};
 use crate::cache::ChunkKey;
 use crate::error::{Error, Result};
 
@@ -104,7 +113,53 @@ fn matches_seal(file: &File, key: &Digest, len: u64) -> std::io::Result<bool> {
     Ok(stored == seal(key, len, crc))
 }
 
+/// What a check record says of `file` for `key`: the boot, the file's identity and last
+/// change, and its length.
+fn check_record(boot: &str, key: &Digest, file: &File) -> std::io::Result<String> {
+    let m = file.metadata()?;
+    Ok(format!(
+        "clip whole file checked\n{boot}\n{}\n{} {} {} {} {}\n",
+        key.hex(),
+        m.dev(),
+        m.ino(),
+        m.ctime(),
+        m.ctime_nsec(),
+        m.len()
+    ))
+}
+
 impl DiskCache {
+    /// Where the record that the whole file under `key` was checked in this boot is.
+    pub(super) fn checked_path(&self, key: &Digest) -> PathBuf {
+        self.dir.join(CHECKED_DIR).join(key.hex())
+    }
+
+    /// Records that `file` (the whole file under `key`, in place) holds what its seal says,
+    /// for later processes of this boot. Best effort: without a record they check it.
+    fn record_checked(&self, key: &Digest, file: &File) {
+        let Some(boot) = &self.boot_id else { return };
+        let tmp = self.temp_path(key);
+        let written = check_record(boot, key, file)
+            .and_then(|r| std::fs::write(&tmp, r))
+            .and_then(|()| std::fs::rename(&tmp, self.checked_path(key)));
+        if let Err(e) = written {
+            debug!(key = %key, error = %e, "recording a checked whole file failed");
+            std::fs::remove_file(&tmp).ok();
+        }
+    }
+
+    /// Whether `file` (the whole file under `key`) was checked in this boot and has not
+    /// changed since.
+    fn checked_this_boot(&self, key: &Digest, file: &File) -> bool {
+        let Some(boot) = &self.boot_id else {
+            return false;
+        };
+        let Ok(stored) = std::fs::read_to_string(self.checked_path(key)) else {
+            return false;
+        };
+        check_record(boot, key, file).is_ok_and(|now| now == stored)
+    }
+
     /// Whether a whole file is kept under `key` (in place, not being written).
     pub fn has_whole(&self, key: &Digest) -> bool {
         self.lock()
@@ -115,7 +170,8 @@ impl DiskCache {
 
     /// The whole file kept under `key`, which must be `len` bytes, opened read-only and
     /// checked: the first time this process opens it, every byte is read and matched
-    /// against its seal. `None` on a miss, and for a damaged file, which is removed.
+    /// against its seal, unless a record says it was checked in this boot and has not
+    /// changed since. `None` on a miss, and for a damaged file, which is removed.
     pub fn open_whole(&self, key: &Digest, len: u64) -> Option<File> {
         if !self.lock().entries.get(key).is_some_and(|e| e.whole) || !self.pin(key) {
             return None;
@@ -136,14 +192,25 @@ impl DiskCache {
             }
         };
         let verified = self.lock().entries.get(key).is_some_and(|e| e.verified);
-        if verified && file.metadata().is_ok_and(|m| m.len() == len) {
+        let right_length = file.metadata().is_ok_and(|m| m.len() == len);
+        if verified && right_length {
             return Some(file);
         }
+        let mark_verified = || {
+            if let Some(e) = self.lock().entries.get_mut(key) {
+                e.verified = true;
+            }
+        };
+        if right_length && self.checked_this_boot(key, &file) {
+            self.stats.whole_trusted.fetch_add(1, Ordering::Relaxed);
+            mark_verified();
+            return Some(file);
+        }
+        self.stats.whole_checked.fetch_add(1, Ordering::Relaxed);
         match matches_seal(&file, key, len) {
             Ok(true) => {
-                if let Some(e) = self.lock().entries.get_mut(key) {
-                    e.verified = true;
-                }
+                mark_verified();
+                self.record_checked(key, &file);
                 Some(file)
             }
             Ok(false) => {
@@ -244,6 +311,8 @@ impl DiskCache {
             std::fs::remove_file(&tmp).ok();
             return Err(io(e));
         }
+        // Written from checked chunks just now: as good as read and matched in full.
+        self.record_checked(key, &file);
         Ok(true)
     }
 }
@@ -295,7 +364,7 @@ mod tests {
             assert_eq!(got, want, "the file holds exactly the file's bytes");
             assert!(c.open_whole(&key, 350_000).is_some());
         }
-        // A new process checks it in full before handing it out, and counts it in the cap.
+        // A new process counts it in the cap and hands it out checked.
         let c = DiskCache::open(dir.path(), 10 << 20)?;
         assert!(c.bytes() >= 350_000);
         let f = c.open_whole(&key, 350_000).expect("kept across processes");
@@ -306,8 +375,16 @@ mod tests {
         Ok(())
     }
 
+    /// Reads and checks in full: (checked, trusted on this boot's record).
+    fn checks(c: &DiskCache) -> (u64, u64) {
+        (
+            c.stats.whole_checked.load(Ordering::Relaxed),
+            c.stats.whole_trusted.load(Ordering::Relaxed),
+        )
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn read_in_full_once_per_process() -> Result<()> {
+    async fn read_in_full_once_per_boot_unless_the_file_changed() -> Result<()> {
         let dir = tempfile::tempdir()?;
         let key = whole_key(&Digest::of(b"layer"), 0, 350_000);
         let path = {
@@ -316,19 +393,65 @@ mod tests {
             assert!(c.store_whole(&key, 350_000, &parts)?);
             c.path_of(&key, true)
         };
+        // Written from checked chunks in this boot: a later process trusts it unread.
         let c = DiskCache::open(dir.path(), 10 << 20)?;
         assert!(c.open_whole(&key, 350_000).is_some());
-        // Damage after this process checked the file goes unseen until the next process
-        // (the cost of not reading the whole file at every open)...
+        assert_eq!(checks(&c), (0, 1));
+        // Damage after this process took the file goes unseen by it (the cost of not reading
+        // the whole file at every open)...
         let seal = read_seal(&File::open(&path)?).expect("sealed");
         let mut bytes = std::fs::read(&path)?;
         bytes[5] ^= 1;
         std::fs::write(&path, &bytes)?;
         write_seal(&File::open(&path)?, &seal)?;
         assert!(c.open_whole(&key, 350_000).is_some());
-        // ...which checks it again.
+        // ...but a write moved the file's ctime, so the next process reads it in full.
         let c = DiskCache::open(dir.path(), 10 << 20)?;
         assert!(c.open_whole(&key, 350_000).is_none());
+        assert_eq!(checks(&c), (1, 0));
+        assert!(!path.exists() && !c.checked_path(&key).exists());
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_new_boot_or_a_lost_record_means_a_full_check() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let key = whole_key(&Digest::of(b"layer"), 0, 350_000);
+        {
+            let c = DiskCache::open(dir.path(), 10 << 20)?;
+            let (parts, _) = two_chunks(&c).await?;
+            assert!(c.store_whole(&key, 350_000, &parts)?);
+        }
+        // Another boot: read in full, then recorded for that boot.
+        let mut c = DiskCache::open(dir.path(), 10 << 20)?;
+        c.boot_id = Some("another boot".into());
+        assert!(c.open_whole(&key, 350_000).is_some());
+        assert_eq!(checks(&c), (1, 0));
+        let mut c = DiskCache::open(dir.path(), 10 << 20)?;
+        c.boot_id = Some("another boot".into());
+        assert!(c.open_whole(&key, 350_000).is_some());
+        assert_eq!(checks(&c), (0, 1));
+        // No record (or no boot id to match it against): read in full.
+        std::fs::remove_file(c.checked_path(&key))?;
+        let c = DiskCache::open(dir.path(), 10 << 20)?;
+        assert!(c.open_whole(&key, 350_000).is_some());
+        assert_eq!(checks(&c), (1, 0));
+        let mut c = DiskCache::open(dir.path(), 10 << 20)?;
+        c.boot_id = None;
+        assert!(c.open_whole(&key, 350_000).is_some());
+        assert_eq!(checks(&c), (1, 0));
+        // A record of another file (a copy put in its place) does not match.
+        let c = DiskCache::open(dir.path(), 10 << 20)?;
+        let path = c.path_of(&key, true);
+        let copy = dir.path().join("copy");
+        std::fs::copy(&path, &copy)?;
+        write_seal(
+            &File::open(&copy)?,
+            &read_seal(&File::open(&path)?).expect("sealed"),
+        )?;
+        std::fs::rename(&copy, &path)?;
+        assert!(c.open_whole(&key, 350_000).is_some(), "same bytes, sealed");
+        assert_eq!(checks(&c), (1, 0));
         Ok(())
     }
 
@@ -413,6 +536,7 @@ mod tests {
         let (parts, _) = two_chunks(&c).await?;
         let key = whole_key(&Digest::of(b"layer"), 0, 350_000);
         assert!(c.store_whole(&key, 350_000, &parts)?);
+        assert!(c.checked_path(&key).exists(), "recorded as checked");
         // Newer chunks push the older entries out, the whole file among them.
         for seed in 10..20 {
             let (k, d) = chunk(seed, 150_000);
@@ -421,6 +545,7 @@ mod tests {
         assert!(c.bytes() <= 1_600_000);
         assert!(!c.has_whole(&key));
         assert!(!c.path_of(&key, true).exists());
+        assert!(!c.checked_path(&key).exists(), "its record went with it");
         Ok(())
     }
 }
