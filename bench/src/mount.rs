@@ -130,6 +130,17 @@ pub(crate) fn time_cat(path: &Path) -> anyhow::Result<Duration> {
     Ok(t.elapsed())
 }
 
+/// Opens `path` and reads 4 KiB from the middle: what a program that wants a little of a
+/// large file waits for.
+fn time_middle_read(path: &Path) -> anyhow::Result<Duration> {
+    use std::os::unix::fs::FileExt;
+    let t = Instant::now();
+    let f = std::fs::File::open(path)?;
+    let mut buf = [0u8; 4096];
+    f.read_exact_at(&mut buf, (f.metadata()?.len() / 2) & !4095)?;
+    Ok(t.elapsed())
+}
+
 /// `threads` threads each read `reads` random ranges of 4 KiB..1 MiB; returns bytes read.
 fn random_reads(path: &Path, threads: usize, reads: u64) -> anyhow::Result<u64> {
     let size = std::fs::metadata(path)?.len();
@@ -864,6 +875,12 @@ impl Bench {
             local_hot.offer(time_cat(local)?, ());
         }
         let (local_hot, ()) = local_hot.get()?;
+        let mut local_middle = Best::new();
+        for _ in 0..self.runs {
+            self.drop_caches();
+            local_middle.offer(time_middle_read(local)?, ());
+        }
+        let (local_middle, ()) = local_middle.get()?;
 
         // Cold, then hot in the same mount.
         let mut cold = Best::new();
@@ -896,7 +913,14 @@ impl Bench {
         let (hot_t, ()) = hot.get()?;
 
         let mut warm = Best::new();
+        let mut warm_middle = Best::new();
         for _ in 0..self.runs {
+            // A new process on the warm cache that wants 4 KiB of the file...
+            self.drop_caches();
+            let m = self.mount(&index, &cache)?;
+            warm_middle.offer(time_middle_read(&in_mount)?, ());
+            m.stop()?;
+            // ...and one that reads all of it.
             self.drop_caches();
             let before = self.link_bytes();
             let m = self.mount(&index, &cache)?;
@@ -908,6 +932,7 @@ impl Bench {
             warm.offer(took, (metrics, self.link_bytes() - before, cpu));
         }
         let (warm_t, (warm_m, warm_link, warm_cpu)) = warm.get()?;
+        let (warm_middle, ()) = warm_middle.get()?;
         std::fs::remove_dir_all(&cache)?;
 
         println!(
@@ -952,6 +977,12 @@ impl Bench {
             ),
         );
         row("clip hot (page cache, same mount)", hot_t, String::new());
+        println!(
+            "open and read 4 KiB at the middle, new process, cold page cache: local disk {:.1} ms, clip warm {:.1} ms ({:.2}x the local time)",
+            1e3 * secs(local_middle),
+            1e3 * secs(warm_middle),
+            secs(warm_middle) / secs(local_middle)
+        );
         let decoded = clip_index::decode(&std::fs::read(&index)?)?;
         let (runs, run_bytes) = whole_layer_runs(&decoded.layers[0]);
         println!(
