@@ -375,6 +375,17 @@ mod tests {
         Ok(())
     }
 
+    /// A cache directory holding one whole file (written by a process that has ended), and
+    /// the file's key.
+    async fn one_whole_file_kept() -> Result<(tempfile::TempDir, Digest)> {
+        let dir = tempfile::tempdir()?;
+        let key = whole_key(&Digest::of(b"layer"), 0, 350_000);
+        let c = DiskCache::open(dir.path(), 10 << 20)?;
+        let (parts, _) = two_chunks(&c).await?;
+        assert!(c.store_whole(&key, 350_000, &parts)?);
+        Ok((dir, key))
+    }
+
     /// Reads and checks in full: (checked, trusted on this boot's record).
     fn checks(c: &DiskCache) -> (u64, u64) {
         (
@@ -385,16 +396,10 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn read_in_full_once_per_boot_unless_the_file_changed() -> Result<()> {
-        let dir = tempfile::tempdir()?;
-        let key = whole_key(&Digest::of(b"layer"), 0, 350_000);
-        let path = {
-            let c = DiskCache::open(dir.path(), 10 << 20)?;
-            let (parts, _) = two_chunks(&c).await?;
-            assert!(c.store_whole(&key, 350_000, &parts)?);
-            c.path_of(&key, true)
-        };
+        let (dir, key) = one_whole_file_kept().await?;
         // Written from checked chunks in this boot: a later process trusts it unread.
         let c = DiskCache::open(dir.path(), 10 << 20)?;
+        let path = c.path_of(&key, true);
         assert!(c.open_whole(&key, 350_000).is_some());
         assert_eq!(checks(&c), (0, 1));
         // Damage after this process took the file goes unseen by it (the cost of not reading
@@ -415,13 +420,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_new_boot_or_a_lost_record_means_a_full_check() -> Result<()> {
-        let dir = tempfile::tempdir()?;
-        let key = whole_key(&Digest::of(b"layer"), 0, 350_000);
-        {
-            let c = DiskCache::open(dir.path(), 10 << 20)?;
-            let (parts, _) = two_chunks(&c).await?;
-            assert!(c.store_whole(&key, 350_000, &parts)?);
-        }
+        let (dir, key) = one_whole_file_kept().await?;
         // Another boot: read in full, then recorded for that boot.
         let mut c = DiskCache::open(dir.path(), 10 << 20)?;
         c.boot_id = Some("another boot".into());
