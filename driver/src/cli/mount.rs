@@ -175,10 +175,9 @@ pub async fn run(args: MountArgs) -> Result<()> {
             args.dir.display()
         )));
     }
-    // The disk cache takes stock of its files (a walk of its directories) while the index
-    // is read and checked: both come before the mount, on separate cores.
-    let chunk_dir = cache_dir.join("chunks");
-    let opening = tokio::task::spawn_blocking(move || DiskCache::open(&chunk_dir, cache_size));
+    // The disk cache takes stock of its files (a walk of its directories) in the
+    // background: the mount does not wait for it.
+    let disk = DiskCache::open_in_background(&cache_dir.join("chunks"), cache_size)?;
     let client = args.registry.client()?;
     let redis = args.redis.connect().await?;
     let index = index_for_mount(
@@ -190,7 +189,6 @@ pub async fn run(args: MountArgs) -> Result<()> {
     )
     .await?;
     let source = client.repository(&index.source.repository, &index.source.manifest_digest)?;
-    let disk = Arc::new(opening.await.map_err(std::io::Error::other)??);
     // Connection, TLS and credentials while the mount comes up, not at the first read.
     source.warm_up_for(&index, |d| disk.contains(d), redis.is_some());
     let mut tiers: Vec<Arc<dyn ChunkCache>> = vec![disk.clone()];

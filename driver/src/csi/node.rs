@@ -194,11 +194,11 @@ impl NodeContext {
         lookup: Option<Arc<dyn ClipImageLookup>>,
         runtime: tokio::runtime::Handle,
     ) -> crate::Result<Arc<Self>> {
-        let disk = DiskCache::open(&config.cache_dir, config.cache_bytes)?;
+        let disk = DiskCache::open_in_background(&config.cache_dir, config.cache_bytes)?;
         let table = MountTable::load(&config.state_dir.join("volumes.json"))?;
         Ok(Arc::new(Self {
             config,
-            disk: Arc::new(disk),
+            disk,
             redis,
             lookup,
             runtime,

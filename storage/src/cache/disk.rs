@@ -10,10 +10,11 @@
 //! caught and the chunk refetched. Files from before the checksums (exactly the chunk's
 //! length) are verified by sha256 when read whole and rewritten with checksums.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use clip_index::Digest;
@@ -35,12 +36,40 @@ const WHOLE_DIR: &str = "files";
 /// Where the records of whole files checked in this boot are (see [`whole`]).
 const CHECKED_DIR: &str = "checked";
 
+/// Eviction ranks below this go to the files found by the walk at open, oldest first; the
+/// files used meanwhile rank above.
+const WALKED_TICKS: u64 = 1 << 48;
+
 /// Bytes of chunk data covered by one stored checksum.
 const CHECK_BLOCK: u64 = 64 * 1024;
 /// Ends every chunk file with checksums, after the chunk's digest.
 const MAGIC: &[u8; 8] = b"CLIPCRC1";
 /// The footer: the chunk's sha256, then [`MAGIC`].
 const FOOTER_LEN: u64 = 32 + MAGIC.len() as u64;
+
+/// Puts the calling thread's disk reads behind everyone else's (the idle I/O class, where
+/// the device's scheduler honours it) and its CPU time too: background upkeep must not
+/// slow the reads of a program that is starting.
+fn background_priority() {
+    const IOPRIO_WHO_PROCESS: libc::c_long = 1;
+    const IOPRIO_CLASS_IDLE: libc::c_long = 3;
+    const IOPRIO_CLASS_SHIFT: u32 = 13;
+    // SAFETY: plain syscalls on the calling thread (0), with no memory passed.
+    unsafe {
+        libc::syscall(
+            libc::SYS_ioprio_set,
+            IOPRIO_WHO_PROCESS,
+            0 as libc::c_long,
+            IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT,
+        );
+        libc::setpriority(libc::PRIO_PROCESS, 0, 19);
+    }
+}
+
+/// The digest a cache file is named by (its hex), if the name is one.
+fn digest_named(name: &OsStr) -> Option<Digest> {
+    format!("sha256:{}", name.to_str()?).parse().ok()
+}
 
 /// Size on disk of a chunk of `len` bytes: the bytes, a CRC-32C per block, the footer.
 fn stored_len(len: u32) -> u64 {
@@ -118,6 +147,8 @@ struct State {
     order: BTreeMap<u64, Digest>,
     tick: u64,
     bytes: u64,
+    /// Files removed while the walk at open goes on, which it may still have seen.
+    gone: HashSet<Digest>,
 }
 
 /// Counters of what the disk cache did.
@@ -142,6 +173,8 @@ pub struct DiskCache {
     dir: PathBuf,
     capacity: u64,
     state: Mutex<State>,
+    /// The walk at open has not counted every file yet (see [`Self::adopt`]).
+    stocking: AtomicBool,
     temp_seq: AtomicU64,
     /// This boot's id (`/proc/sys/kernel/random/boot_id`); `None` if unreadable, and then
     /// every process checks every whole file itself.
@@ -150,8 +183,38 @@ pub struct DiskCache {
 }
 
 impl DiskCache {
-    /// Opens (or creates) a cache directory and takes stock of what it holds.
+    /// Opens (or creates) a cache directory and takes stock of what it holds (a walk of
+    /// every file, which on a large cache with a cold page cache takes a while: see
+    /// [`Self::open_in_background`]).
     pub fn open(dir: &Path, capacity: u64) -> Result<Self> {
+        let cache = Self::open_unstocked(dir, capacity)?;
+        cache.take_stock();
+        Ok(cache)
+    }
+
+    /// Opens a cache directory at once and takes stock of it on a thread of its own. Until
+    /// that walk ends, a file it has not reached yet is looked for where its digest puts
+    /// it, so every file already there serves reads from the start; the cap counts the
+    /// files seen so far, and the walk ends with an eviction down to the cap.
+    pub fn open_in_background(dir: &Path, capacity: u64) -> Result<Arc<Self>> {
+        let cache = Arc::new(Self::open_unstocked(dir, capacity)?);
+        let walker = cache.clone();
+        std::thread::Builder::new()
+            .name("clip-disk-stock".into())
+            .spawn(move || {
+                background_priority();
+                walker.take_stock()
+            })
+            .map_err(|e| Error::Cache {
+                tier: "disk",
+                detail: format!("starting the walk of {}: {e}", dir.display()),
+            })?;
+        Ok(cache)
+    }
+
+    /// The directories made and leftovers of a crash cleared, nothing counted yet: files
+    /// are found by [`Self::adopt`] until [`Self::take_stock`] has walked them all.
+    fn open_unstocked(dir: &Path, capacity: u64) -> Result<Self> {
         let io = |e: std::io::Error| Error::Cache {
             tier: "disk",
             detail: format!("{}: {e}", dir.display()),
@@ -165,49 +228,120 @@ impl DiskCache {
         std::fs::create_dir_all(&tmp).map_err(io)?;
         std::fs::create_dir_all(dir.join(WHOLE_DIR)).map_err(io)?;
         std::fs::create_dir_all(dir.join(CHECKED_DIR)).map_err(io)?;
-        let mut found = Vec::new();
-        for (sub, whole) in [(CHUNK_DIR, false), (WHOLE_DIR, true)] {
-            for shard in std::fs::read_dir(dir.join(sub)).map_err(io)? {
-                let shard = shard.map_err(io)?.path();
-                let Ok(files) = std::fs::read_dir(&shard) else {
-                    continue;
-                };
-                for f in files.flatten() {
-                    let name = f.file_name().to_string_lossy().into_owned();
-                    let Ok(digest) = format!("sha256:{name}").parse::<Digest>() else {
-                        std::fs::remove_file(f.path()).ok();
-                        continue;
-                    };
-                    let Ok(meta) = f.metadata() else { continue };
-                    let used = meta.modified().ok();
-                    found.push((used, digest, meta.len(), whole));
-                }
-            }
-        }
-        found.sort_by_key(|(used, _, _, _)| *used);
-        let cache = Self {
+        Ok(Self {
             dir: dir.to_owned(),
             capacity: capacity.max(1),
-            state: Mutex::new(State::default()),
+            // Files used while the walk goes on rank above every file it finds.
+            state: Mutex::new(State {
+                tick: WALKED_TICKS,
+                ..State::default()
+            }),
+            stocking: AtomicBool::new(true),
             temp_seq: AtomicU64::new(0),
             boot_id: std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
                 .ok()
                 .map(|b| b.trim().to_owned())
                 .filter(|b| !b.is_empty()),
             stats: DiskStats::default(),
-        };
+        })
+    }
+
+    /// Walks the cache's files and counts those not counted yet, least recently modified
+    /// first in the eviction order; removes files with names that are no digest and check
+    /// records whose whole file is gone; then evicts down to the cap.
+    fn take_stock(&self) {
+        let found = self.walk();
+        self.count(found);
+    }
+
+    /// Every file under the cache's directories: when it was last modified, its digest,
+    /// its size and whether it is a whole file. Files named by no digest are removed.
+    fn walk(&self) -> Vec<(Option<std::time::SystemTime>, Digest, u64, bool)> {
+        let mut found = Vec::new();
+        for (sub, whole) in [(CHUNK_DIR, false), (WHOLE_DIR, true)] {
+            let Ok(shards) = std::fs::read_dir(self.dir.join(sub)) else {
+                warn!(dir = %self.dir.join(sub).display(), "disk cache directory unreadable");
+                continue;
+            };
+            for shard in shards.flatten() {
+                let Ok(files) = std::fs::read_dir(shard.path()) else {
+                    continue;
+                };
+                for f in files.flatten() {
+                    let Some(digest) = digest_named(&f.file_name()) else {
+                        std::fs::remove_file(f.path()).ok();
+                        continue;
+                    };
+                    let Ok(meta) = f.metadata() else { continue };
+                    found.push((meta.modified().ok(), digest, meta.len(), whole));
+                }
+            }
+        }
+        found
+    }
+
+    /// Ends the stock-taking with what [`Self::walk`] found.
+    fn count(&self, mut found: Vec<(Option<std::time::SystemTime>, Digest, u64, bool)>) {
+        found.sort_by_key(|(used, _, _, _)| *used);
         {
-            let mut s = cache.lock();
+            let mut s = self.lock();
+            let mut tick = 0;
             for (_, digest, size, whole) in found {
-                s.tick += 1;
-                let tick = s.tick;
+                // Counted already (found by adopt, or written meanwhile), or removed
+                // meanwhile (its file gone after the walk saw it).
+                if s.entries.contains_key(&digest) || s.gone.contains(&digest) {
+                    continue;
+                }
+                tick += 1;
                 s.entries.insert(digest, Entry::new(size, tick, whole));
                 s.order.insert(tick, digest);
                 s.bytes += size;
             }
+            s.gone = HashSet::new();
+            self.stocking.store(false, Ordering::Release);
         }
-        cache.evict();
-        Ok(cache)
+        self.sweep_records();
+        self.evict();
+    }
+
+    /// Removes check records (see [`whole`]) whose whole file is not kept.
+    fn sweep_records(&self) {
+        let Ok(records) = std::fs::read_dir(self.dir.join(CHECKED_DIR)) else {
+            return;
+        };
+        for r in records.flatten() {
+            let kept = digest_named(&r.file_name())
+                .is_some_and(|d| self.lock().entries.get(&d).is_some_and(|e| e.whole));
+            if !kept {
+                std::fs::remove_file(r.path()).ok();
+            }
+        }
+    }
+
+    /// While the walk of [`Self::take_stock`] goes on: counts the file of `digest` (a chunk,
+    /// or with `whole` a whole file) if it is there and not counted yet, so that it serves
+    /// reads before the walk reaches it.
+    fn adopt(&self, digest: &Digest, whole: bool) {
+        if !self.stocking.load(Ordering::Acquire) || self.lock().entries.contains_key(digest) {
+            return;
+        }
+        let Ok(meta) = std::fs::symlink_metadata(self.path_of(digest, whole)) else {
+            return;
+        };
+        let mut s = self.lock();
+        if !meta.is_file()
+            || !self.stocking.load(Ordering::Acquire)
+            || s.entries.contains_key(digest)
+            || s.gone.contains(digest)
+        {
+            return;
+        }
+        s.tick += 1;
+        let tick = s.tick;
+        s.entries
+            .insert(*digest, Entry::new(meta.len(), tick, whole));
+        s.order.insert(tick, *digest);
+        s.bytes += meta.len();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -237,11 +371,13 @@ impl DiskCache {
 
     /// Whether the chunk's file is in place (not still being written).
     pub fn contains(&self, digest: &Digest) -> bool {
+        self.adopt(digest, false);
         self.lock().entries.get(digest).is_some_and(|e| !e.writing)
     }
 
-    /// Marks a chunk used and pinned; `false` if absent.
+    /// Marks a chunk (or a whole file adopted before) used and pinned; `false` if absent.
     fn pin(&self, digest: &Digest) -> bool {
+        self.adopt(digest, false);
         let mut s = self.lock();
         s.tick += 1;
         let tick = s.tick;
@@ -276,6 +412,7 @@ impl DiskCache {
     /// evicted first, so the directory never holds more than the cap, not even while the
     /// file is written. Finish with [`Self::settle`] when [`Reservation::Made`].
     fn reserve(&self, digest: &Digest, size: u64, whole: bool) -> Reservation {
+        self.adopt(digest, whole);
         {
             let mut s = self.lock();
             if let Some(e) = s.entries.get(digest) {
@@ -346,6 +483,9 @@ impl DiskCache {
             }
             None => false,
         };
+        if self.stocking.load(Ordering::Acquire) {
+            s.gone.insert(*digest);
+        }
         drop(s);
         self.remove_file_of(digest, whole);
     }
@@ -383,6 +523,9 @@ impl DiskCache {
                 if let Some(e) = s.entries.remove(&digest) {
                     s.bytes -= e.size;
                     victims.push((digest, e.whole));
+                    if self.stocking.load(Ordering::Acquire) {
+                        s.gone.insert(digest);
+                    }
                 }
             }
             for (tick, digest) in skipped {
@@ -851,6 +994,87 @@ mod tests {
         );
         assert!(!c.contains(&k2.digest), "the newcomer did not fit");
         Ok(())
+    }
+
+    /// A cache holding `n` chunks of 1000 bytes, reopened without its walk.
+    async fn reopened_unwalked(
+        n: u8,
+        cap: u64,
+    ) -> Result<(tempfile::TempDir, DiskCache, Vec<(ChunkKey, Bytes)>)> {
+        let dir = tempfile::tempdir()?;
+        let chunks: Vec<_> = (0..n).map(|i| chunk(i, 1000)).collect();
+        {
+            let c = DiskCache::open(dir.path(), 1 << 20)?;
+            for (k, d) in &chunks {
+                c.put(k, d.clone()).await?;
+            }
+        }
+        let c = DiskCache::open_unstocked(dir.path(), cap)?;
+        Ok((dir, c, chunks))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn files_serve_reads_before_the_walk_reaches_them() -> Result<()> {
+        let (_dir, c, chunks) = reopened_unwalked(3, 1 << 20).await?;
+        assert_eq!(c.bytes(), 0, "nothing counted before the walk");
+        assert_eq!(c.get(&chunks[0].0).await?, Some(chunks[0].1.clone()));
+        assert!(c.contains(&chunks[1].0.digest));
+        assert_eq!(
+            c.bytes(),
+            2 * stored_len(1000),
+            "the files used are counted"
+        );
+        let (absent, _) = chunk(9, 1000);
+        assert!(!c.contains(&absent.digest));
+        c.take_stock();
+        assert_eq!(
+            c.bytes(),
+            3 * stored_len(1000),
+            "the walk counts the rest, and nothing twice"
+        );
+        assert_eq!(c.get(&chunks[2].0).await?, Some(chunks[2].1.clone()));
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_walk_ends_under_the_cap_keeping_what_was_used_meanwhile() -> Result<()> {
+        let (dir, c, chunks) = reopened_unwalked(4, 2 * stored_len(1000)).await?;
+        // Used while the walk goes on: it outranks every file the walk finds.
+        assert!(c.get(&chunks[0].0).await?.is_some());
+        c.take_stock();
+        assert!(c.bytes() <= 2 * stored_len(1000));
+        assert!(
+            c.contains(&chunks[0].0.digest),
+            "the chunk read meanwhile stays"
+        );
+        let files = walkdir_count(&dir.path().join(CHUNK_DIR));
+        assert_eq!(files, 2, "evicted files are gone from the disk");
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_file_removed_during_the_walk_is_not_counted_again() -> Result<()> {
+        let (_dir, c, chunks) = reopened_unwalked(2, 1 << 20).await?;
+        let found = c.walk();
+        // Found damaged by a read after the walk saw it: removed, and must stay uncounted.
+        let path = c.path(&chunks[0].0.digest);
+        let mut bytes = std::fs::read(&path)?;
+        bytes[3] ^= 1;
+        std::fs::write(&path, &bytes)?;
+        assert!(c.get(&chunks[0].0).await?.is_none());
+        c.count(found);
+        assert!(!c.contains(&chunks[0].0.digest));
+        assert_eq!(c.bytes(), stored_len(1000));
+        Ok(())
+    }
+
+    fn walkdir_count(dir: &Path) -> usize {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|shard| std::fs::read_dir(shard.path()).map_or(0, |f| f.count()))
+            .sum()
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -162,6 +162,7 @@ impl DiskCache {
 
     /// Whether a whole file is kept under `key` (in place, not being written).
     pub fn has_whole(&self, key: &Digest) -> bool {
+        self.adopt(key, true);
         self.lock()
             .entries
             .get(key)
@@ -173,6 +174,7 @@ impl DiskCache {
     /// against its seal, unless a record says it was checked in this boot and has not
     /// changed since. `None` on a miss, and for a damaged file, which is removed.
     pub fn open_whole(&self, key: &Digest, len: u64) -> Option<File> {
+        self.adopt(key, true);
         if !self.lock().entries.get(key).is_some_and(|e| e.whole) || !self.pin(key) {
             return None;
         }
@@ -451,6 +453,29 @@ mod tests {
         std::fs::rename(&copy, &path)?;
         assert!(c.open_whole(&key, 350_000).is_some(), "same bytes, sealed");
         assert_eq!(checks(&c), (1, 0));
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn served_before_the_walk_which_sweeps_records_of_files_gone() -> Result<()> {
+        let (dir, key) = one_whole_file_kept().await?;
+        // A record left by a crash between removing a whole file and its record.
+        let stale = whole_key(&Digest::of(b"layer"), 1, 2);
+        let c = DiskCache::open_unstocked(dir.path(), 10 << 20)?;
+        std::fs::write(c.checked_path(&stale), "boot")?;
+        assert!(c.has_whole(&key), "found where its key puts it");
+        let f = c.open_whole(&key, 350_000).expect("served before the walk");
+        assert_eq!(f.metadata()?.len(), 350_000);
+        assert_eq!(checks(&c), (0, 1), "and trusted on this boot's record");
+        c.take_stock();
+        assert!(
+            !c.checked_path(&stale).exists(),
+            "the stale record is swept"
+        );
+        assert!(c.checked_path(&key).exists(), "a kept file's record stays");
+        assert!(c.open_whole(&key, 350_000).is_some());
+        let walked_at_open = DiskCache::open(dir.path(), 10 << 20)?;
+        assert_eq!(c.bytes(), walked_at_open.bytes(), "nothing counted twice");
         Ok(())
     }
 
