@@ -631,6 +631,49 @@ async fn an_acl_user_reads_and_writes_and_a_wrong_password_fails_at_start() -> a
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_whose_acl_does_not_cover_clips_commands_fails_at_start() -> anyhow::Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let cluster = ClusterOptions::new()
+        .password("harness-only")
+        .user("elsewhere on >s ~other:* +@all")
+        .user("nowrites on >s ~clip:* +@all -set")
+        .user("noscripts on >s ~clip:* +@all -@scripting")
+        .user("clip on >s ~clip:* +@all")
+        .start()?;
+    let as_user = |user: &str| RedisConfig {
+        username: Some(user.into()),
+        password: Some("s".into()),
+        ..redis_config(cluster.seeds())
+    };
+    for (user, command) in [
+        ("elsewhere", "SET"),
+        ("nowrites", "SET"),
+        ("noscripts", "EVALSHA/EVAL"),
+    ] {
+        let e = RedisCache::connect(as_user(user))
+            .await
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains(command), "{user}: {e}");
+        assert!(
+            e.contains(&format!("the Redis user {user} may not")) && e.contains("~clip:*"),
+            "{user}: {e}"
+        );
+    }
+    // The check leaves nothing behind.
+    let cache = RedisCache::connect(as_user("clip")).await?;
+    let (key, data) = loose_chunk(1);
+    cache.put(&key, data.clone()).await?;
+    assert_eq!(cache.get(&key).await?, Some(data));
+    for port in cluster.masters()? {
+        let keys = cluster.cli_on(port, &["KEYS", "clip:probe:*"])?;
+        assert!(keys.trim().is_empty(), "master {port}: {keys}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_cluster_is_used_with_its_ca_file_and_refused_without_it() -> anyhow::Result<()> {
     let _serial = ONE_AT_A_TIME.lock().await;
     let cluster = ClusterOptions::new().tls().start()?;

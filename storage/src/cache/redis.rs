@@ -271,6 +271,80 @@ fn redis_error(config: &RedisConfig, e: &redis::RedisError) -> Error {
     }
 }
 
+/// Runs once each kind of command clip sends (a write that expires, a range read, an
+/// existence check, a script, a delete) on a key of its own under `prefix`, so that a user
+/// whose ACL does not allow them, or a cluster that refuses writes, fails at start rather
+/// than turning every later read into a quiet fallback. The failing command on error.
+async fn may_use_keys(
+    conn: &mut ClusterConnection,
+    prefix: &str,
+) -> std::result::Result<(), (&'static str, redis::RedisError)> {
+    let key = format!(
+        "{prefix}:probe:{}:{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos())
+    );
+    let set: redis::RedisResult<()> = redis::cmd("SET")
+        .arg(&key)
+        .arg("1")
+        .arg("PX")
+        .arg(60_000)
+        .query_async(conn)
+        .await;
+    set.map_err(|e| ("SET", e))?;
+    let reads = async {
+        let read: redis::RedisResult<Vec<u8>> = conn.getrange(&key, 0, 0).await;
+        read.map_err(|e| ("GETRANGE", e))?;
+        let exists: redis::RedisResult<i64> = conn.exists(&key).await;
+        exists.map_err(|e| ("EXISTS", e))?;
+        let script: redis::RedisResult<i64> =
+            redis::Script::new("return redis.call('exists', KEYS[1])")
+                .key(&key)
+                .invoke_async(conn)
+                .await;
+        script.map_err(|e| ("EVALSHA/EVAL", e))
+    }
+    .await;
+    // Removed whatever failed (it would expire within a minute anyway).
+    let del: redis::RedisResult<i64> = conn.del(&key).await;
+    reads?;
+    del.map_err(|e| ("DEL", e))?;
+    Ok(())
+}
+
+/// What [`may_use_keys`] found, with what to change.
+fn access_error(config: &RedisConfig, command: &str, e: &redis::RedisError) -> Error {
+    let text = e.to_string();
+    let prefix = &config.key_prefix;
+    let code = e.code().unwrap_or_default().to_ascii_uppercase();
+    let hint = if code == "NOPERM" {
+        format!(
+            " (the Redis user{} may not run it on clip's keys: grant it ~{prefix}:* with +get +set +getrange +exists +del +evalsha +eval +script, or +@all)",
+            config
+                .username
+                .as_deref()
+                .map(|u| format!(" {u}"))
+                .unwrap_or_default()
+        )
+    } else if code == "OOM" {
+        " (the cluster is full and evicts nothing: clip expects maxmemory-policy allkeys-lru)"
+            .to_owned()
+    } else if code == "READONLY" {
+        " (a seed node is a replica that refuses writes)".to_owned()
+    } else {
+        String::new()
+    };
+    Error::Cache {
+        tier: "redis",
+        detail: format!(
+            "cluster {}: {command} on {prefix}:probe:... failed: {text}{hint}",
+            config.seeds.join(",")
+        ),
+    }
+}
+
 impl RedisCache {
     /// Connects to the cluster and checks it answers, so bad settings fail at start.
     pub async fn connect(config: RedisConfig) -> Result<Self> {
@@ -335,6 +409,10 @@ impl RedisCache {
                 });
             }
         };
+        let mut probe = conn.clone();
+        if let Err((command, e)) = may_use_keys(&mut probe, &config.key_prefix).await {
+            return Err(access_error(&config, command, &e));
+        }
         let stats = Arc::<RedisStats>::default();
         Ok(Self {
             shared: Arc::new(Shared {
