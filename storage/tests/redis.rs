@@ -12,7 +12,7 @@ use clip_e2e::registry::Registry;
 use clip_e2e::{Rng, text_bytes};
 use clip_index::{Content, Digest, ImageIndex, IndexOptions};
 use clip_storage::cache::disk::DiskCache;
-use clip_storage::cache::redis::{Lease, RedisCache, RedisConfig};
+use clip_storage::cache::redis::{Lease, REDIS_COMMANDS, RedisCache, RedisConfig};
 use clip_storage::cache::{ChunkCache, ChunkKey};
 use clip_storage::{ChunkStore, RegistryBlobs, RegistryClient, RegistryConfig, StoreConfig};
 
@@ -633,12 +633,15 @@ async fn an_acl_user_reads_and_writes_and_a_wrong_password_fails_at_start() -> a
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_whose_acl_does_not_cover_clips_commands_fails_at_start() -> anyhow::Result<()> {
     let _serial = ONE_AT_A_TIME.lock().await;
+    // The rules the error message and the chart name, exactly.
+    let exact = format!("clip on >s ~clip:* -@all {REDIS_COMMANDS}");
     let cluster = ClusterOptions::new()
         .password("harness-only")
         .user("elsewhere on >s ~other:* +@all")
         .user("nowrites on >s ~clip:* +@all -set")
+        .user("noexpiry on >s ~clip:* +@all -setex")
         .user("noscripts on >s ~clip:* +@all -@scripting")
-        .user("clip on >s ~clip:* +@all")
+        .user(&exact)
         .start()?;
     let as_user = |user: &str| RedisConfig {
         username: Some(user.into()),
@@ -648,6 +651,7 @@ async fn a_user_whose_acl_does_not_cover_clips_commands_fails_at_start() -> anyh
     for (user, command) in [
         ("elsewhere", "SET"),
         ("nowrites", "SET"),
+        ("noexpiry", "SETEX"),
         ("noscripts", "EVALSHA/EVAL"),
     ] {
         let e = RedisCache::connect(as_user(user))
@@ -661,11 +665,20 @@ async fn a_user_whose_acl_does_not_cover_clips_commands_fails_at_start() -> anyh
             "{user}: {e}"
         );
     }
-    // The check leaves nothing behind.
+    // Granted exactly those, clip works; and the check leaves nothing behind.
     let cache = RedisCache::connect(as_user("clip")).await?;
-    let (key, data) = loose_chunk(1);
-    cache.put(&key, data.clone()).await?;
-    assert_eq!(cache.get(&key).await?, Some(data));
+    for seed in 1..=6 {
+        let (key, data) = loose_chunk(seed);
+        cache.put(&key, data.clone()).await?;
+        assert_eq!(cache.get(&key).await?, Some(data), "chunk {seed}");
+    }
+    let Lease::Acquired(token) = cache.try_lease("span").await else {
+        panic!("no lease: {:?}", cache.counters());
+    };
+    assert!(cache.lease_held("span").await);
+    cache.release_lease("span", &token).await;
+    assert!(!cache.lease_held("span").await, "released by the script");
+    assert_eq!(counter_of(&cache, "error"), 0, "{:?}", cache.counters());
     for port in cluster.masters()? {
         let keys = cluster.cli_on(port, &["KEYS", "clip:probe:*"])?;
         assert!(keys.trim().is_empty(), "master {port}: {keys}");

@@ -177,7 +177,11 @@ pub async fn run(args: MountArgs) -> Result<()> {
     }
     // The disk cache takes stock of its files (a walk of its directories) in the
     // background: the mount does not wait for it.
-    let disk = DiskCache::open_in_background(&cache_dir.join("chunks"), cache_size)?;
+    let chunk_dir = cache_dir.join("chunks");
+    let disk =
+        tokio::task::spawn_blocking(move || DiskCache::open_in_background(&chunk_dir, cache_size))
+            .await
+            .map_err(std::io::Error::other)??;
     let client = args.registry.client()?;
     let redis = args.redis.connect().await?;
     let index = index_for_mount(

@@ -47,20 +47,22 @@ const MAGIC: &[u8; 8] = b"CLIPCRC1";
 /// The footer: the chunk's sha256, then [`MAGIC`].
 const FOOTER_LEN: u64 = 32 + MAGIC.len() as u64;
 
-/// Puts the calling thread's disk reads behind everyone else's (the idle I/O class, where
-/// the device's scheduler honours it) and its CPU time too: background upkeep must not
-/// slow the reads of a program that is starting.
+/// Puts the calling thread's disk reads behind everyone else's of its class (best effort,
+/// lowest level, where the device's scheduler honours it; not the idle class, which a busy
+/// disk could starve for good) and its CPU time too: background upkeep must not slow the
+/// reads of a program that is starting.
 fn background_priority() {
     const IOPRIO_WHO_PROCESS: libc::c_long = 1;
-    const IOPRIO_CLASS_IDLE: libc::c_long = 3;
+    const IOPRIO_CLASS_BE: libc::c_long = 2;
     const IOPRIO_CLASS_SHIFT: u32 = 13;
+    const LOWEST_LEVEL: libc::c_long = 7;
     // SAFETY: plain syscalls on the calling thread (0), with no memory passed.
     unsafe {
         libc::syscall(
             libc::SYS_ioprio_set,
             IOPRIO_WHO_PROCESS,
             0 as libc::c_long,
-            IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT,
+            (IOPRIO_CLASS_BE << IOPRIO_CLASS_SHIFT) | LOWEST_LEVEL,
         );
         libc::setpriority(libc::PRIO_PROCESS, 0, 19);
     }
@@ -198,17 +200,31 @@ impl DiskCache {
     /// files seen so far, and the walk ends with an eviction down to the cap.
     pub fn open_in_background(dir: &Path, capacity: u64) -> Result<Arc<Self>> {
         let cache = Arc::new(Self::open_unstocked(dir, capacity)?);
-        let walker = cache.clone();
-        std::thread::Builder::new()
+        let this = cache.clone();
+        // Only the walk goes at low priority: counting and evicting hold the lock every
+        // read needs, so they run at the usual priority, on the thread that waits for it.
+        let stock = move || {
+            let found = std::thread::scope(|s| {
+                let walk = std::thread::Builder::new()
+                    .name("clip-disk-walk".into())
+                    .spawn_scoped(s, || {
+                        background_priority();
+                        this.walk()
+                    });
+                match walk {
+                    Ok(walk) => walk.join().unwrap_or_else(|_| this.walk()),
+                    Err(_) => this.walk(),
+                }
+            });
+            this.count(found);
+        };
+        let started = std::thread::Builder::new()
             .name("clip-disk-stock".into())
-            .spawn(move || {
-                background_priority();
-                walker.take_stock()
-            })
-            .map_err(|e| Error::Cache {
-                tier: "disk",
-                detail: format!("starting the walk of {}: {e}", dir.display()),
-            })?;
+            .spawn(stock);
+        if let Err(e) = started {
+            warn!(dir = %dir.display(), error = %e, "no thread for the disk cache's walk; walking it now");
+            cache.take_stock();
+        }
         Ok(cache)
     }
 
@@ -409,8 +425,9 @@ impl DiskCache {
 
     /// Reserves `size` bytes for `digest` (a chunk, or with `whole` a whole file) before
     /// its file is written: a pinned entry nobody reads yet, with what the cap needs
-    /// evicted first, so the directory never holds more than the cap, not even while the
-    /// file is written. Finish with [`Self::settle`] when [`Reservation::Made`].
+    /// evicted first, so the directory never holds more than the cap (once the walk at
+    /// open has counted every file), not even while the file is written. Finish with
+    /// [`Self::settle`] when [`Reservation::Made`].
     fn reserve(&self, digest: &Digest, size: u64, whole: bool) -> Reservation {
         self.adopt(digest, whole);
         {

@@ -271,78 +271,98 @@ fn redis_error(config: &RedisConfig, e: &redis::RedisError) -> Error {
     }
 }
 
-/// Runs once each kind of command clip sends (a write that expires, a range read, an
-/// existence check, a script, a delete) on a key of its own under `prefix`, so that a user
-/// whose ACL does not allow them, or a cluster that refuses writes, fails at start rather
-/// than turning every later read into a quiet fallback. The failing command on error.
+/// The commands clip sends, as ACL rules: what a Redis user needs on clip's keys (besides
+/// `~PREFIX:*`). The node plugin's are probed at connect; the set commands are the
+/// controller's (the owners of an index), whose failures it reports as they come.
+pub const REDIS_COMMANDS: &str = "+get +set +setex +getrange +exists +del +evalsha +eval +script|load +sadd +srem +scard +ping +cluster|slots";
+
+/// Runs once each kind of command clip sends (the writes of a lease and of an expiring
+/// chunk, a read, a range read, an existence check, the lease's release script, a delete)
+/// on a key of its own under `prefix`, so that a user whose ACL does not allow them, or a
+/// cluster that refuses writes, fails at start rather than turning every later read into
+/// a quiet fallback. The failing command on error.
 async fn may_use_keys(
     conn: &mut ClusterConnection,
     prefix: &str,
 ) -> std::result::Result<(), (&'static str, redis::RedisError)> {
-    let key = format!(
-        "{prefix}:probe:{}:{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos())
-    );
-    let set: redis::RedisResult<()> = redis::cmd("SET")
+    use std::hash::{BuildHasher, Hasher};
+    let nonce = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    let key = format!("{prefix}:probe:{nonce:016x}");
+    let lease: redis::RedisResult<Option<String>> = redis::cmd("SET")
         .arg(&key)
         .arg("1")
+        .arg("NX")
         .arg("PX")
         .arg(60_000)
         .query_async(conn)
         .await;
-    set.map_err(|e| ("SET", e))?;
-    let reads = async {
-        let read: redis::RedisResult<Vec<u8>> = conn.getrange(&key, 0, 0).await;
-        read.map_err(|e| ("GETRANGE", e))?;
+    lease.map_err(|e| ("SET", e))?;
+    let used = async {
+        let write: redis::RedisResult<()> = conn.set_ex(&key, "1", 60).await;
+        write.map_err(|e| ("SETEX", e))?;
+        let read: redis::RedisResult<Option<Vec<u8>>> = conn.get(&key).await;
+        read.map_err(|e| ("GET", e))?;
+        let part: redis::RedisResult<Vec<u8>> = conn.getrange(&key, 0, 0).await;
+        part.map_err(|e| ("GETRANGE", e))?;
         let exists: redis::RedisResult<i64> = conn.exists(&key).await;
         exists.map_err(|e| ("EXISTS", e))?;
-        let script: redis::RedisResult<i64> =
-            redis::Script::new("return redis.call('exists', KEYS[1])")
-                .key(&key)
-                .invoke_async(conn)
-                .await;
+        let script: redis::RedisResult<i64> = redis::Script::new(RELEASE_SCRIPT)
+            .key(&key)
+            .arg("1")
+            .invoke_async(conn)
+            .await;
         script.map_err(|e| ("EVALSHA/EVAL", e))
     }
     .await;
     // Removed whatever failed (it would expire within a minute anyway).
     let del: redis::RedisResult<i64> = conn.del(&key).await;
-    reads?;
+    used?;
     del.map_err(|e| ("DEL", e))?;
     Ok(())
 }
 
-/// What [`may_use_keys`] found, with what to change.
-fn access_error(config: &RedisConfig, command: &str, e: &redis::RedisError) -> Error {
+/// Deletes a lease if its value is still the caller's token.
+const RELEASE_SCRIPT: &str = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
+
+/// What [`may_use_keys`] found: an error of the settings (`Err`, with what to change), or
+/// `Ok` for trouble of the moment (a timeout, a cluster failing over), which the circuit
+/// breaker deals with like any other.
+fn access_error(
+    config: &RedisConfig,
+    command: &str,
+    e: &redis::RedisError,
+) -> std::result::Result<(), Error> {
     let text = e.to_string();
     let prefix = &config.key_prefix;
     let code = e.code().unwrap_or_default().to_ascii_uppercase();
-    let hint = if code == "NOPERM" {
-        format!(
-            " (the Redis user{} may not run it on clip's keys: grant it ~{prefix}:* with +get +set +getrange +exists +del +evalsha +eval +script, or +@all)",
+    let hint = match code.as_str() {
+        "NOPERM" => format!(
+            " (the Redis user{} may not run it on clip's keys: grant it ~{prefix}:* {REDIS_COMMANDS}, or +@all)",
             config
                 .username
                 .as_deref()
                 .map(|u| format!(" {u}"))
                 .unwrap_or_default()
-        )
-    } else if code == "OOM" {
-        " (the cluster is full and evicts nothing: clip expects maxmemory-policy allkeys-lru)"
-            .to_owned()
-    } else if code == "READONLY" {
-        " (a seed node is a replica that refuses writes)".to_owned()
-    } else {
-        String::new()
+        ),
+        "OOM" => {
+            " (the cluster is full and evicts nothing: clip expects maxmemory-policy allkeys-lru)"
+                .to_owned()
+        }
+        "READONLY" => " (a seed node is a replica that refuses writes)".to_owned(),
+        _ => {
+            warn!(command, error = %text, "redis: checking clip's commands at start failed; going on");
+            return Ok(());
+        }
     };
-    Error::Cache {
+    Err(Error::Cache {
         tier: "redis",
         detail: format!(
             "cluster {}: {command} on {prefix}:probe:... failed: {text}{hint}",
             config.seeds.join(",")
         ),
-    }
+    })
 }
 
 impl RedisCache {
@@ -411,7 +431,7 @@ impl RedisCache {
         };
         let mut probe = conn.clone();
         if let Err((command, e)) = may_use_keys(&mut probe, &config.key_prefix).await {
-            return Err(access_error(&config, command, &e));
+            access_error(&config, command, &e)?;
         }
         let stats = Arc::<RedisStats>::default();
         Ok(Self {
@@ -540,13 +560,11 @@ impl RedisCache {
         let token = token.to_owned();
         let _: Option<i64> = self
             .run("release", |mut c| async move {
-                redis::Script::new(
-                    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end",
-                )
-                .key(&key)
-                .arg(&token)
-                .invoke_async(&mut c)
-                .await
+                redis::Script::new(RELEASE_SCRIPT)
+                    .key(&key)
+                    .arg(&token)
+                    .invoke_async(&mut c)
+                    .await
             })
             .await;
     }
@@ -894,5 +912,29 @@ impl ChunkCache for RedisCache {
 
     fn counters(&self) -> Vec<(&'static str, u64)> {
         RedisCache::counters(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_errors_of_the_settings_stop_the_start() {
+        let config = RedisConfig {
+            seeds: vec!["127.0.0.1:1".into()],
+            ..RedisConfig::default()
+        };
+        // Trouble of the moment: left to the breaker.
+        let timeout = redis::RedisError::from(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "no answer",
+        ));
+        assert!(access_error(&config, "SET", &timeout).is_ok());
+        let refused = redis::RedisError::from(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "refused",
+        ));
+        assert!(access_error(&config, "GET", &refused).is_ok());
     }
 }
