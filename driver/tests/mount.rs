@@ -85,6 +85,22 @@ fn serve_with(
     cache_bytes: u64,
     config: StoreConfig,
 ) -> anyhow::Result<Served> {
+    let options = MountOptions {
+        fsname: "clip:test".into(),
+        ..MountOptions::default()
+    };
+    serve_with_options(rt, index, client, cache, cache_bytes, config, &options)
+}
+
+fn serve_with_options(
+    rt: &tokio::runtime::Runtime,
+    index: &Arc<ImageIndex>,
+    client: &RegistryClient,
+    cache: &Path,
+    cache_bytes: u64,
+    config: StoreConfig,
+    options: &MountOptions,
+) -> anyhow::Result<Served> {
     let source = client.repository(&index.source.repository, &index.source.manifest_digest)?;
     let disk = Arc::new(DiskCache::open(cache, cache_bytes)?);
     let store = ChunkStore::new(
@@ -96,15 +112,7 @@ fn serve_with(
     );
     store.keep_whole_files(disk);
     let dir = tempfile::tempdir()?;
-    let m = mount(
-        store.clone(),
-        dir.path(),
-        &MountOptions {
-            fsname: "clip:test".into(),
-            ..MountOptions::default()
-        },
-        rt.handle().clone(),
-    )?;
+    let m = mount(store.clone(), dir.path(), options, rt.handle().clone())?;
     Ok(Served {
         store,
         mount: Some(m),
@@ -827,8 +835,22 @@ fn files_kept_whole_are_read_by_the_kernel_itself() -> anyhow::Result<()> {
     assert_eq!(kept.len(), 3, "big, text and busybox; not the small file");
 
     // A new mount on that cache: the files are checked in full, then the kernel reads
-    // them itself, also when mapped or run, and clip sees no read of them.
-    let served = serve_with(&rt, &index, &client, cache.path(), 1 << 30, config.clone())?;
+    // them itself, also when mapped or run, and clip sees no read of them. (Backing files
+    // go 2 s after their last open closed here, 30 s by default.)
+    let idle = MountOptions {
+        fsname: "clip:test".into(),
+        backing_idle: Duration::from_secs(2),
+        ..MountOptions::default()
+    };
+    let served = serve_with_options(
+        &rt,
+        &index,
+        &client,
+        cache.path(),
+        1 << 30,
+        config.clone(),
+        &idle,
+    )?;
     let p = served.path().to_owned();
     let counters = served.mount.as_ref().unwrap().counters().clone();
     let reads = counters.reads.load(Relaxed);
@@ -856,6 +878,25 @@ fn files_kept_whole_are_read_by_the_kernel_itself() -> anyhow::Result<()> {
     }
     assert_eq!(counters.reads.load(Relaxed), reads);
     assert_eq!(counters.pushes.load(Relaxed), 1);
+    // Nothing open and nobody using the mount: its backing files are released all the
+    // same (the kernel holds each open, and with it a whole file the cache may evict).
+    assert!(counters.backing_files.load(Relaxed) >= 1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while counters.backing_files.load(Relaxed) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "backing files still registered on an idle mount"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let opens = counters.passthrough_opens.load(Relaxed);
+    assert!(std::fs::read(p.join("big"))? == big);
+    assert_eq!(counters.passthrough_opens.load(Relaxed), opens + 1);
+    assert_eq!(
+        counters.reads.load(Relaxed),
+        reads,
+        "handed to the kernel again"
+    );
     drop(served);
 
     // An open served the usual way holds its inode to that way: an open of it meanwhile

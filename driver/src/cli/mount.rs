@@ -235,6 +235,7 @@ pub async fn run(args: MountArgs) -> Result<()> {
         readahead_kb: u32::try_from(parse_size(&args.kernel_readahead)? / 1024).unwrap_or(u32::MAX),
         passthrough: true,
         backing_record: None,
+        ..MountOptions::default()
     };
     // Listen before mounting: a signal that comes as soon as the mount appears must unmount
     // it, not kill the process and leave it dead.

@@ -84,6 +84,8 @@ pub struct FsCounters {
     pub ioctls: std::sync::atomic::AtomicU64,
     /// Reads taken from the kernel and not answered yet.
     pub pending_reads: std::sync::atomic::AtomicU64,
+    /// Backing files registered with the kernel now (a gauge).
+    pub backing_files: std::sync::atomic::AtomicU64,
 }
 
 impl FsCounters {
@@ -113,6 +115,10 @@ impl FsCounters {
                 v.load(Relaxed)
             ));
         }
+        s.push_str(&format!(
+            "# HELP clip_fs_backing_files Files handed to the kernel (FUSE passthrough) whose backing files are registered now.\n# TYPE clip_fs_backing_files gauge\nclip_fs_backing_files{{{labels}}} {}\n",
+            self.backing_files.load(Relaxed)
+        ));
         s
     }
 }
@@ -149,6 +155,9 @@ impl<S: BlobSource> ClipFs<S> {
                 .collect()
         };
         let (claimed, settled) = (bits(), bits());
+        let counters = Arc::<FsCounters>::default();
+        let backings = Arc::new(backings.reporting_to(counters.clone()));
+        backings.watch(&runtime);
         Self {
             totals: (stats.file_bytes.div_ceil(4096), stats.inodes as u64),
             index,
@@ -156,11 +165,11 @@ impl<S: BlobSource> ClipFs<S> {
             runtime,
             parents,
             name,
-            counters: Arc::default(),
+            counters,
             no_open: false,
             no_opendir: false,
             want_passthrough: passthrough,
-            backings: Arc::new(backings),
+            backings,
             notifier: Arc::default(),
             claimed,
             settled,

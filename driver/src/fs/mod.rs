@@ -44,6 +44,8 @@ pub struct MountOptions {
     /// that takes it over (see [`resume`]). Without it, a taken-over mount fails new
     /// opens of files the previous process had handed over while they are still open.
     pub backing_record: Option<PathBuf>,
+    /// How long a file's backing file stays registered after its last open closed.
+    pub backing_idle: std::time::Duration,
 }
 
 impl Default for MountOptions {
@@ -56,6 +58,7 @@ impl Default for MountOptions {
             readahead_kb: 1024,
             passthrough: true,
             backing_record: None,
+            backing_idle: passthrough::IDLE,
         }
     }
 }
@@ -185,7 +188,7 @@ pub fn mount<S: BlobSource>(
         runtime,
         options.fsname.clone(),
         options.passthrough,
-        Backings::fresh(options.backing_record.clone()),
+        Backings::fresh(options.backing_record.clone()).with_idle(options.backing_idle),
     );
     let counters = fs.counters();
     let notifier = fs.notifier_slot();
@@ -236,7 +239,7 @@ pub fn resume<S: BlobSource>(
         runtime,
         options.fsname.clone(),
         false,
-        Backings::inherited(options.backing_record.clone()),
+        Backings::inherited(options.backing_record.clone()).with_idle(options.backing_idle),
     );
     let counters = fs.counters();
     let notifier = fs.notifier_slot();

@@ -20,22 +20,25 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fuser::{BackingId, FileHandle, FopenFlags, ReplyOpen};
 use tracing::warn;
+
+use super::filesystem::FsCounters;
 
 /// Handle of an open served through a backing file.
 pub const FH_BACKING: FileHandle = FileHandle(1);
 /// Handle of an open served the usual way, of a file that may later get a backing file.
 pub const FH_COUNTED: FileHandle = FileHandle(2);
 
-/// How long a backing file stays registered after its inode's last open closed (checked
-/// at opens and releases, so on a mount nobody uses it stays registered: as does the
-/// whole file it names, on disk, if the cache evicted it meanwhile).
-const IDLE: Duration = Duration::from_secs(30);
+/// How long a backing file stays registered after its inode's last open closed, by
+/// default. Checked at opens and releases, and by a task every half of it, so that on a
+/// mount nobody uses the backing files go too (and with them the whole files they name,
+/// if the cache evicted those meanwhile: the kernel holds them open).
+pub const IDLE: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Default)]
 struct Slot {
@@ -87,6 +90,10 @@ pub struct Backings {
     record: Option<PathBuf>,
     /// Taken over: only the previous server's backing files are used.
     inherited_only: bool,
+    /// How long a backing file stays registered after its last open closed.
+    idle: Duration,
+    /// Where the number of registered backing files is shown.
+    counters: Option<Arc<FsCounters>>,
 }
 
 /// How an open was answered.
@@ -111,6 +118,8 @@ impl Backings {
             last_sweep: Mutex::new(Instant::now()),
             record,
             inherited_only: false,
+            idle: IDLE,
+            counters: None,
         }
     }
 
@@ -140,6 +149,44 @@ impl Backings {
             last_sweep: Mutex::new(Instant::now()),
             record,
             inherited_only: true,
+            idle: IDLE,
+            counters: None,
+        }
+    }
+
+    /// With backing files released `idle` after their last open closed.
+    pub fn with_idle(mut self, idle: Duration) -> Self {
+        self.idle = idle;
+        self
+    }
+
+    /// Showing the number of registered backing files in `counters`.
+    pub(super) fn reporting_to(mut self, counters: Arc<FsCounters>) -> Self {
+        self.counters = Some(counters);
+        self.report(&self.lock());
+        self
+    }
+
+    /// Sweeps every half of the idle time on `runtime`, until the mount's filesystem (the
+    /// last holder of these backings) is gone.
+    pub(super) fn watch(self: &Arc<Self>, runtime: &tokio::runtime::Handle) {
+        let this = Arc::downgrade(self);
+        let every = (self.idle / 2).max(Duration::from_millis(100));
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(backings) = this.upgrade() else {
+                    return;
+                };
+                backings.sweep();
+            }
+        });
+    }
+
+    fn report(&self, slots: &HashMap<u64, Slot>) {
+        if let Some(c) = &self.counters {
+            let n = slots.values().filter(|s| s.raw.is_some()).count();
+            c.backing_files.store(n as u64, Ordering::Relaxed);
         }
     }
 
@@ -250,6 +297,7 @@ impl Backings {
             slot.backing = None;
             slot.raw = None;
         }
+        self.report(&slots);
         slots.entry(ino).or_default().answer(flags, reply)
     }
 
@@ -278,12 +326,13 @@ impl Backings {
         last_usual
     }
 
-    /// Releases backing files idle for [`IDLE`] (at most one sweep a second).
+    /// Releases backing files idle for the idle time (at most one sweep a second, or per
+    /// half of a shorter idle time).
     fn sweep(&self) {
         let now = Instant::now();
         {
             let mut last = self.last_sweep.lock().unwrap_or_else(|p| p.into_inner());
-            if now.duration_since(*last) < Duration::from_secs(1) {
+            if now.duration_since(*last) < (self.idle / 2).min(Duration::from_secs(1)) {
                 return;
             }
             *last = now;
@@ -295,7 +344,8 @@ impl Backings {
                 !s.inherited
                     && s.backed == 0
                     && s.raw.is_some()
-                    && s.idle_since.is_some_and(|t| now.duration_since(t) >= IDLE)
+                    && s.idle_since
+                        .is_some_and(|t| now.duration_since(t) >= self.idle)
             })
             .map(|(ino, _)| *ino)
             .collect();
@@ -312,6 +362,7 @@ impl Backings {
             }
         }
         slots.retain(|_, s| !s.unused());
+        self.report(&slots);
     }
 }
 
