@@ -73,26 +73,21 @@ fn serve(
         cache,
         cache_bytes,
         StoreConfig::default(),
+        &test_mount(),
     )
 }
 
-/// [`serve`] with a store configured by `config` (whole files kept as it says).
-fn serve_with(
-    rt: &tokio::runtime::Runtime,
-    index: &Arc<ImageIndex>,
-    client: &RegistryClient,
-    cache: &Path,
-    cache_bytes: u64,
-    config: StoreConfig,
-) -> anyhow::Result<Served> {
-    let options = MountOptions {
+/// The mount options of these tests.
+fn test_mount() -> MountOptions {
+    MountOptions {
         fsname: "clip:test".into(),
         ..MountOptions::default()
-    };
-    serve_with_options(rt, index, client, cache, cache_bytes, config, &options)
+    }
 }
 
-fn serve_with_options(
+/// [`serve`] with a store configured by `config` (whole files kept as it says) and a mount
+/// by `options`.
+fn serve_with(
     rt: &tokio::runtime::Runtime,
     index: &Arc<ImageIndex>,
     client: &RegistryClient,
@@ -738,7 +733,15 @@ fn small_files_with_local_data_are_in_the_page_cache_before_their_first_read() -
         whole_file_min_bytes: 1 << 20,
         ..StoreConfig::default()
     };
-    let served = serve_with(&rt, &index, &client, cache.path(), 1 << 30, config)?;
+    let served = serve_with(
+        &rt,
+        &index,
+        &client,
+        cache.path(),
+        1 << 30,
+        config,
+        &test_mount(),
+    )?;
     let p = served.path();
     let counters = served.mount.as_ref().unwrap().counters().clone();
     // Nothing local yet: the first file is read the usual way, from the registry.
@@ -804,6 +807,18 @@ fn files_kept_whole_are_read_by_the_kernel_itself() -> anyhow::Result<()> {
         whole_file_min_bytes: 1 << 20,
         ..StoreConfig::default()
     };
+    // Mounts of the image on this cache.
+    let mount_on_cache = |options: &MountOptions| {
+        serve_with(
+            &rt,
+            &index,
+            &client,
+            cache.path(),
+            1 << 30,
+            config.clone(),
+            options,
+        )
+    };
     // Passthrough: Linux 6.9, and CAP_SYS_ADMIN (the tests run as root).
     let kernel_reads = kernel_at_least(6, 9);
     let whole_dir = cache.path().join("files");
@@ -811,7 +826,7 @@ fn files_kept_whole_are_read_by_the_kernel_itself() -> anyhow::Result<()> {
     // First mount: files are read through clip; once closed, those of at least 1 MiB
     // (their chunks all on disk now) are kept whole.
     {
-        let served = serve_with(&rt, &index, &client, cache.path(), 1 << 30, config.clone())?;
+        let served = mount_on_cache(&test_mount())?;
         let p = served.path();
         assert!(std::fs::read(p.join("big"))? == big);
         assert!(std::fs::read(p.join("text"))? == text);
@@ -838,19 +853,10 @@ fn files_kept_whole_are_read_by_the_kernel_itself() -> anyhow::Result<()> {
     // them itself, also when mapped or run, and clip sees no read of them. (Backing files
     // go 2 s after their last open closed here, 30 s by default.)
     let idle = MountOptions {
-        fsname: "clip:test".into(),
         backing_idle: Duration::from_secs(2),
-        ..MountOptions::default()
+        ..test_mount()
     };
-    let served = serve_with_options(
-        &rt,
-        &index,
-        &client,
-        cache.path(),
-        1 << 30,
-        config.clone(),
-        &idle,
-    )?;
+    let served = mount_on_cache(&idle)?;
     let p = served.path().to_owned();
     let counters = served.mount.as_ref().unwrap().counters().clone();
     let reads = counters.reads.load(Relaxed);
@@ -904,7 +910,7 @@ fn files_kept_whole_are_read_by_the_kernel_itself() -> anyhow::Result<()> {
     for f in &kept {
         std::fs::remove_file(f)?;
     }
-    let served = serve_with(&rt, &index, &client, cache.path(), 1 << 30, config.clone())?;
+    let served = mount_on_cache(&test_mount())?;
     let p = served.path().to_owned();
     let counters = served.mount.as_ref().unwrap().counters().clone();
     let held = std::fs::File::open(p.join("text"))?;
@@ -940,7 +946,7 @@ fn files_kept_whole_are_read_by_the_kernel_itself() -> anyhow::Result<()> {
         .write(true)
         .open(&kept[0])?
         .write_all_at(&bytes[1000..1001], 1000)?;
-    let served = serve_with(&rt, &index, &client, cache.path(), 1 << 30, config)?;
+    let served = mount_on_cache(&test_mount())?;
     let counters = served.mount.as_ref().unwrap().counters().clone();
     assert!(
         std::fs::read(served.path().join("text"))? == text,
