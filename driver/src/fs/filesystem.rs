@@ -393,14 +393,12 @@ impl<S: BlobSource> Filesystem for ClipFs<S> {
                 let known = self.backings.knows(ino.0);
                 if known || (self.backings.enabled() && self.store.keeps_whole(size)) {
                     let (backings, store) = (self.backings.clone(), self.store.clone());
-                    let counters = self.counters.clone();
                     let open = move || {
                         let whole = || store.whole_file(layer, offset, size);
                         let opened =
                             backings.open(ino.0, FopenFlags::FOPEN_KEEP_CACHE, whole, reply);
                         if opened == Opened::Backing {
                             use std::sync::atomic::Ordering::Relaxed;
-                            counters.passthrough_opens.fetch_add(1, Relaxed);
                             store.stats().whole_files_opened.fetch_add(1, Relaxed);
                             return;
                         }

@@ -262,7 +262,7 @@ impl Backings {
                 slot.backing = Some(unsafe { reply.wrap_backing(raw) });
             }
             if slot.backing.is_some() || slot.usual > 0 || self.inherited_only {
-                return slot.answer(flags, reply);
+                return self.answer(slot, flags, reply);
             }
         }
         let file = if self.enabled() { whole() } else { None };
@@ -298,7 +298,19 @@ impl Backings {
             slot.raw = None;
         }
         self.report(&slots);
-        slots.entry(ino).or_default().answer(flags, reply)
+        let slot = slots.entry(ino).or_default();
+        self.answer(slot, flags, reply)
+    }
+
+    /// [`Slot::answer`], counting an open answered with a backing file before the answer
+    /// (a program sees the count once its open returns).
+    fn answer(&self, slot: &mut Slot, flags: FopenFlags, reply: ReplyOpen) -> Opened {
+        if slot.backing.is_some()
+            && let Some(c) = &self.counters
+        {
+            c.passthrough_opens.fetch_add(1, Ordering::Relaxed);
+        }
+        slot.answer(flags, reply)
     }
 
     /// An open of `ino` answered with `fh` was closed. True when it was the last usual
