@@ -153,6 +153,33 @@ struct State {
     gone: HashSet<Digest>,
 }
 
+impl State {
+    /// The next rank in the eviction order: used most recently.
+    fn next_tick(&mut self) -> u64 {
+        self.tick += 1;
+        self.tick
+    }
+
+    /// Counts `entry` under `digest`, ranked at its tick.
+    fn add(&mut self, digest: Digest, entry: Entry) {
+        self.order.insert(entry.tick, digest);
+        self.bytes += entry.size;
+        self.entries.insert(digest, entry);
+    }
+
+    /// Uncounts `digest`, whose file is about to go; while the walk at open goes on
+    /// (`stocking`) it is remembered, so that the walk does not count it again.
+    fn remove(&mut self, digest: &Digest, stocking: bool) -> Option<Entry> {
+        if stocking {
+            self.gone.insert(*digest);
+        }
+        let e = self.entries.remove(digest)?;
+        self.order.remove(&e.tick);
+        self.bytes -= e.size;
+        Some(e)
+    }
+}
+
 /// Counters of what the disk cache did.
 #[derive(Debug, Default)]
 pub struct DiskStats {
@@ -309,9 +336,7 @@ impl DiskCache {
                     continue;
                 }
                 tick += 1;
-                s.entries.insert(digest, Entry::new(size, tick, whole));
-                s.order.insert(tick, digest);
-                s.bytes += size;
+                s.add(digest, Entry::new(size, tick, whole));
             }
             s.gone = HashSet::new();
             self.stocking.store(false, Ordering::Release);
@@ -352,12 +377,8 @@ impl DiskCache {
         {
             return;
         }
-        s.tick += 1;
-        let tick = s.tick;
-        s.entries
-            .insert(*digest, Entry::new(meta.len(), tick, whole));
-        s.order.insert(tick, *digest);
-        s.bytes += meta.len();
+        let tick = s.next_tick();
+        s.add(*digest, Entry::new(meta.len(), tick, whole));
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -395,8 +416,7 @@ impl DiskCache {
     fn pin(&self, digest: &Digest) -> bool {
         self.adopt(digest, false);
         let mut s = self.lock();
-        s.tick += 1;
-        let tick = s.tick;
+        let tick = s.next_tick();
         let Some(e) = s.entries.get_mut(digest).filter(|e| !e.writing) else {
             return false;
         };
@@ -437,9 +457,8 @@ impl DiskCache {
                     readable: !e.writing,
                 };
             }
-            s.tick += 1;
-            let tick = s.tick;
-            s.entries.insert(
+            let tick = s.next_tick();
+            s.add(
                 *digest,
                 Entry {
                     pins: 1,
@@ -447,8 +466,6 @@ impl DiskCache {
                     ..Entry::new(size, tick, whole)
                 },
             );
-            s.order.insert(tick, *digest);
-            s.bytes += size;
         }
         self.evict();
         // Everything else is being read (pinned): skip this one rather than exceed the cap.
@@ -491,20 +508,9 @@ impl DiskCache {
     }
 
     fn forget(&self, digest: &Digest) {
-        let mut s = self.lock();
-        let whole = match s.entries.remove(digest) {
-            Some(e) => {
-                s.order.remove(&e.tick);
-                s.bytes -= e.size;
-                e.whole
-            }
-            None => false,
-        };
-        if self.stocking.load(Ordering::Acquire) {
-            s.gone.insert(*digest);
-        }
-        drop(s);
-        self.remove_file_of(digest, whole);
+        let stocking = self.stocking.load(Ordering::Acquire);
+        let removed = self.lock().remove(digest, stocking);
+        self.remove_file_of(digest, removed.is_some_and(|e| e.whole));
     }
 
     /// Removes a chunk's or whole file's file, and a whole file's check record.
@@ -537,12 +543,8 @@ impl DiskCache {
                     skipped.push((tick, digest));
                     continue;
                 }
-                if let Some(e) = s.entries.remove(&digest) {
-                    s.bytes -= e.size;
+                if let Some(e) = s.remove(&digest, self.stocking.load(Ordering::Acquire)) {
                     victims.push((digest, e.whole));
-                    if self.stocking.load(Ordering::Acquire) {
-                        s.gone.insert(digest);
-                    }
                 }
             }
             for (tick, digest) in skipped {

@@ -174,8 +174,7 @@ impl DiskCache {
     /// against its seal, unless a record says it was checked in this boot and has not
     /// changed since. `None` on a miss, and for a damaged file, which is removed.
     pub fn open_whole(&self, key: &Digest, len: u64) -> Option<File> {
-        self.adopt(key, true);
-        if !self.lock().entries.get(key).is_some_and(|e| e.whole) || !self.pin(key) {
+        if !self.has_whole(key) || !self.pin(key) {
             return None;
         }
         let found = self.open_whole_pinned(key, len);
