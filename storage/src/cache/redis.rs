@@ -290,14 +290,8 @@ async fn may_use_keys(
         .build_hasher()
         .finish();
     let key = format!("{prefix}:probe:{nonce:016x}");
-    let lease: redis::RedisResult<Option<String>> = redis::cmd("SET")
-        .arg(&key)
-        .arg("1")
-        .arg("NX")
-        .arg("PX")
-        .arg(60_000)
-        .query_async(conn)
-        .await;
+    let lease: redis::RedisResult<Option<String>> =
+        lease_command(&key, "1", 60_000).query_async(conn).await;
     lease.map_err(|e| ("SET", e))?;
     let used = async {
         let write: redis::RedisResult<()> = conn.set_ex(&key, "1", 60).await;
@@ -321,6 +315,13 @@ async fn may_use_keys(
     used?;
     del.map_err(|e| ("DEL", e))?;
     Ok(())
+}
+
+/// Takes the lease `key` for `ms` milliseconds with `token`, if nobody holds it.
+fn lease_command(key: &str, token: &str, ms: u64) -> redis::Cmd {
+    let mut cmd = redis::cmd("SET");
+    cmd.arg(key).arg(token).arg("NX").arg("PX").arg(ms);
+    cmd
 }
 
 /// Deletes a lease if its value is still the caller's token.
@@ -415,7 +416,7 @@ impl RedisCache {
         }
         let client = builder.build().map_err(|e| redis_error(&config, &e))?;
         let connect_limit = config.connect_timeout * 3;
-        let conn = match answering(&client, connect_limit).await {
+        let mut conn = match answering(&client, connect_limit).await {
             Some(Ok(c)) => c,
             Some(Err(e)) => return Err(redis_error(&config, &e)),
             None => {
@@ -429,8 +430,7 @@ impl RedisCache {
                 });
             }
         };
-        let mut probe = conn.clone();
-        if let Err((command, e)) = may_use_keys(&mut probe, &config.key_prefix).await {
+        if let Err((command, e)) = may_use_keys(&mut conn, &config.key_prefix).await {
             access_error(&config, command, &e)?;
         }
         let stats = Arc::<RedisStats>::default();
@@ -531,14 +531,7 @@ impl RedisCache {
         let t = token.clone();
         let got: Option<Option<String>> = self
             .run("lease", |mut c| async move {
-                redis::cmd("SET")
-                    .arg(&key)
-                    .arg(&t)
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(ms)
-                    .query_async(&mut c)
-                    .await
+                lease_command(&key, &t, ms).query_async(&mut c).await
             })
             .await;
         match got {
