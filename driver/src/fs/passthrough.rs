@@ -112,15 +112,7 @@ impl Backings {
         if let Some(path) = &record {
             let _ = std::fs::remove_file(path);
         }
-        Self {
-            enabled: AtomicBool::new(false),
-            slots: Mutex::default(),
-            last_sweep: Mutex::new(Instant::now()),
-            record,
-            inherited_only: false,
-            idle: IDLE,
-            counters: None,
-        }
+        Self::with_slots(HashMap::new(), record, false)
     }
 
     /// For a mount taken over from a server that recorded its backing ids in `record`.
@@ -143,12 +135,20 @@ impl Backings {
                 (ino, slot)
             })
             .collect();
+        Self::with_slots(slots, record, true)
+    }
+
+    fn with_slots(
+        slots: HashMap<u64, Slot>,
+        record: Option<PathBuf>,
+        inherited_only: bool,
+    ) -> Self {
         Self {
             enabled: AtomicBool::new(false),
             slots: Mutex::new(slots),
             last_sweep: Mutex::new(Instant::now()),
             record,
-            inherited_only: true,
+            inherited_only,
             idle: IDLE,
             counters: None,
         }
