@@ -507,9 +507,27 @@ impl DiskCache {
             .join(format!("{}.{}.{seq}", digest.hex(), std::process::id()))
     }
 
+    /// Drops the writer's own reservation of `digest` (not written, or no room for it) and
+    /// whatever file is under its name.
     fn forget(&self, digest: &Digest) {
+        self.drop_entry(digest, true);
+    }
+
+    /// Drops a copy of `digest` found damaged or unreadable, unless a writer is placing a
+    /// new one meanwhile (its rename replaces the damaged file).
+    fn discard(&self, digest: &Digest) {
+        self.drop_entry(digest, false);
+    }
+
+    /// The entry and its file go under the lock: a writer that reserves the same digest
+    /// next must not have its new file removed by this.
+    fn drop_entry(&self, digest: &Digest, writer: bool) {
         let stocking = self.stocking.load(Ordering::Acquire);
-        let removed = self.lock().remove(digest, stocking);
+        let mut s = self.lock();
+        if !writer && s.entries.get(digest).is_some_and(|e| e.writing) {
+            return;
+        }
+        let removed = s.remove(digest, stocking);
         self.remove_file_of(digest, removed.is_some_and(|e| e.whole));
     }
 
@@ -565,7 +583,7 @@ impl DiskCache {
             Ok(d) => d,
             Err(e) => {
                 warn!(path = %path.display(), error = %e, "disk cache read failed");
-                self.forget(&key.digest);
+                self.discard(&key.digest);
                 return None;
             }
         };
@@ -630,7 +648,7 @@ impl DiskCache {
             digest = %key.digest,
             "corrupt chunk in the disk cache; discarding it"
         );
-        self.forget(&key.digest);
+        self.discard(&key.digest);
     }
 
     /// Bytes `range` of a chunk, read with the 64 KiB blocks around them and checked against
@@ -1012,6 +1030,33 @@ mod tests {
             "not evicted while written"
         );
         assert!(!c.contains(&k2.digest), "the newcomer did not fit");
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_copy_found_damaged_late_leaves_the_new_copy_being_written() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let c = DiskCache::open(dir.path(), 1 << 20)?;
+        let (k, d) = chunk(6, 1000);
+        // A writer reserves the chunk (its last copy was found damaged and dropped), and a
+        // reader that had read that damaged copy too reports it only now.
+        assert_eq!(
+            c.reserve(&k.digest, stored_len(k.len), false),
+            Reservation::Made
+        );
+        c.discard(&k.digest);
+        c.write(&k, &d)?;
+        c.settle(&k.digest, false, true);
+        assert_eq!(c.get(&k).await?, Some(d), "the new copy is kept");
+        assert_eq!(c.bytes(), stored_len(1000));
+        // A damaged copy with no writer about goes, as before.
+        let path = c.path(&k.digest);
+        let mut bytes = std::fs::read(&path)?;
+        bytes[3] ^= 1;
+        std::fs::write(&path, &bytes)?;
+        assert!(c.get(&k).await?.is_none());
+        assert!(!path.exists());
+        assert_eq!(c.bytes(), 0);
         Ok(())
     }
 

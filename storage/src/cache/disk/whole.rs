@@ -188,7 +188,7 @@ impl DiskCache {
             Ok(f) => f,
             Err(e) => {
                 warn!(path = %path.display(), error = %e, "disk cache read failed");
-                self.forget(key);
+                self.discard(key);
                 return None;
             }
         };
@@ -217,12 +217,12 @@ impl DiskCache {
             Ok(false) => {
                 self.stats.corrupt.fetch_add(1, Ordering::Relaxed);
                 warn!(path = %path.display(), "damaged whole file in the disk cache; discarding it");
-                self.forget(key);
+                self.discard(key);
                 None
             }
             Err(e) => {
                 warn!(path = %path.display(), error = %e, "disk cache read failed");
-                self.forget(key);
+                self.discard(key);
                 None
             }
         }
