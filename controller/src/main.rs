@@ -59,6 +59,7 @@ async fn main() -> anyhow::Result<()> {
         })
         .await?,
     );
+    redis.may_keep_owners().await?;
     let registry = RegistryConfig {
         insecure: args.insecure.clone(),
         ..RegistryConfig::default()

@@ -641,6 +641,8 @@ async fn a_user_whose_acl_does_not_cover_clips_commands_fails_at_start() -> anyh
         .user("nowrites on >s ~clip:* +@all -set")
         .user("noexpiry on >s ~clip:* +@all -setex")
         .user("noscripts on >s ~clip:* +@all -@scripting")
+        .user("nosets on >s ~clip:* +@all -sadd")
+        .user("noremove on >s ~clip:* +@all -srem")
         .user(&exact)
         .start()?;
     let as_user = |user: &str| RedisConfig {
@@ -665,8 +667,23 @@ async fn a_user_whose_acl_does_not_cover_clips_commands_fails_at_start() -> anyh
             "{user}: {e}"
         );
     }
-    // Granted exactly those, clip works; and the check leaves nothing behind.
+    // The node plugin needs no set commands; the controller's check of them says which.
+    for (user, command) in [("nosets", "SADD"), ("noremove", "SREM")] {
+        let e = RedisCache::connect(as_user(user))
+            .await?
+            .may_keep_owners()
+            .await
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.contains(command) && e.contains(&format!("the Redis user {user} may not")),
+            "{user}: {e}"
+        );
+    }
+    // Granted exactly those, clip works; and the checks leave nothing behind.
     let cache = RedisCache::connect(as_user("clip")).await?;
+    cache.may_keep_owners().await?;
     for seed in 1..=6 {
         let (key, data) = loose_chunk(seed);
         cache.put(&key, data.clone()).await?;

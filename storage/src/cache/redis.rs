@@ -273,7 +273,7 @@ fn redis_error(config: &RedisConfig, e: &redis::RedisError) -> Error {
 
 /// The commands clip sends, as ACL rules: what a Redis user needs on clip's keys (besides
 /// `~PREFIX:*`). The node plugin's are probed at connect; the set commands are the
-/// controller's (the owners of an index), whose failures it reports as they come.
+/// controller's (the owners of an index), probed by [`RedisCache::may_keep_owners`].
 pub const REDIS_COMMANDS: &str = "+get +set +setex +getrange +exists +del +evalsha +eval +script|load +sadd +srem +scard +ping +cluster|slots";
 
 /// Runs once each kind of command clip sends (the writes of a lease and of an expiring
@@ -285,11 +285,7 @@ async fn may_use_keys(
     conn: &mut ClusterConnection,
     prefix: &str,
 ) -> std::result::Result<(), (&'static str, redis::RedisError)> {
-    use std::hash::{BuildHasher, Hasher};
-    let nonce = std::collections::hash_map::RandomState::new()
-        .build_hasher()
-        .finish();
-    let key = format!("{prefix}:probe:{nonce:016x}");
+    let key = probe_key(prefix);
     let lease: redis::RedisResult<Option<String>> =
         lease_command(&key, "1", 60_000).query_async(conn).await;
     lease.map_err(|e| ("SET", e))?;
@@ -315,6 +311,15 @@ async fn may_use_keys(
     used?;
     del.map_err(|e| ("DEL", e))?;
     Ok(())
+}
+
+/// A key of its own under `prefix` for a probe of the commands clip sends.
+fn probe_key(prefix: &str) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let nonce = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    format!("{prefix}:probe:{nonce:016x}")
 }
 
 /// Takes the lease `key` for `ms` milliseconds with `token`, if nobody holds it.
@@ -664,6 +669,32 @@ impl RedisCache {
             });
         }
         Ok(out)
+    }
+
+    /// Checks, once at start, that the set commands which keep the owners of an index
+    /// (the controller's) may run on clip's keys: SADD, SCARD and SREM on a probe key of
+    /// its own. An error names the command and what to grant, as at connect; trouble of the
+    /// moment (a timeout, a failover) is logged and not an error.
+    pub async fn may_keep_owners(&self) -> Result<()> {
+        let mut c = self.shared.conn();
+        let key = probe_key(&self.config.key_prefix);
+        let used = async {
+            let add: redis::RedisResult<i64> = c.sadd(&key, "probe").await;
+            add.map_err(|e| ("SADD", e))?;
+            let count: redis::RedisResult<u64> = c.scard(&key).await;
+            count.map_err(|e| ("SCARD", e))?;
+            let remove: redis::RedisResult<i64> = c.srem(&key, "probe").await;
+            remove.map_err(|e| ("SREM", e))
+        }
+        .await;
+        if used.is_err() {
+            // A set left by a refused SREM (its last member removed, it is gone).
+            let _: redis::RedisResult<i64> = c.del(&key).await;
+        }
+        match used {
+            Ok(_) => Ok(()),
+            Err((command, e)) => access_error(&self.config, command, &e),
+        }
     }
 
     /// Records `owner` (e.g. a ClipImage `namespace/name`) as a user of an index.
