@@ -6,22 +6,22 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use clip_index::{Digest, ImageIndex};
-use clip_storage::profile::{MAX_PROFILE_BYTES, decode, encode};
+use clip_storage::profile::{MAX_PROFILE_BYTES, Profile, decode, encode};
 
 /// Where a node or a cache keeps the profile of an image: `dir/MANIFEST-DIGEST`.
 pub fn path_in(dir: &Path, manifest: &Digest) -> PathBuf {
     dir.join(manifest.hex())
 }
 
-/// The chunks a profile's text names; nothing (and a warning naming `origin`) when it is
-/// not a usable profile.
-pub fn parse(text: &str, index: &ImageIndex, origin: &str) -> Option<Vec<(usize, u32)>> {
+/// The chunks and reads a profile's text names; nothing (and a warning naming `origin`)
+/// when it is not a usable profile.
+pub fn parse(text: &str, index: &ImageIndex, origin: &str) -> Option<Profile> {
     if text.len() as u64 > MAX_PROFILE_BYTES {
         tracing::warn!(%origin, error = %format!("larger than {MAX_PROFILE_BYTES} bytes"), "start-up profile not used");
         return None;
     }
     match decode(text, index) {
-        Ok(chunks) => Some(chunks),
+        Ok(profile) => Some(profile),
         Err(e) => {
             tracing::warn!(%origin, error = %e, "start-up profile not used");
             None
@@ -29,8 +29,8 @@ pub fn parse(text: &str, index: &ImageIndex, origin: &str) -> Option<Vec<(usize,
     }
 }
 
-/// The chunks the profile file at `path` names; nothing if there is none.
-pub fn load(path: &Path, index: &ImageIndex) -> Option<Vec<(usize, u32)>> {
+/// The profile in the file at `path`; nothing if there is none.
+pub fn load(path: &Path, index: &ImageIndex) -> Option<Profile> {
     let origin = path.display().to_string();
     let file = match std::fs::File::open(path) {
         Ok(f) => f,
@@ -48,10 +48,10 @@ pub fn load(path: &Path, index: &ImageIndex) -> Option<Vec<(usize, u32)>> {
     parse(&text, index, &origin)
 }
 
-/// Writes a profile of `chunks` to `path`; nothing when there is nothing to write.
-pub fn save(path: &Path, index: &ImageIndex, chunks: &[(usize, u32)]) {
-    if !chunks.is_empty() {
-        save_text(path, &encode(index, chunks));
+/// Writes `profile` to `path`; nothing when there is nothing to write.
+pub fn save(path: &Path, index: &ImageIndex, profile: &Profile) {
+    if !profile.is_empty() {
+        save_text(path, &encode(index, profile));
     }
 }
 

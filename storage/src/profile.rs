@@ -6,12 +6,19 @@
 //! emptied) replays that list: it fetches the spans holding those chunks ahead of the
 //! program, several at a time, while the program still reads its first files.
 //!
-//! On disk a profile is text: a header line, then one line per chunk, `LAYER-DIGEST CHUNK`.
-//! Chunks are named by their layer's digest, not its position, so a profile still helps an
-//! image that shares layers with the one that recorded it, and lines of layers an image does
-//! not have are skipped.
+//! It also records which bytes of files were read ([`FileRead`]: the data of small files
+//! and the parts of larger ones the readers asked for, and the files handed to the kernel
+//! whole). A later mount whose cache holds them already (a warm start) reads those bytes off
+//! its disk ahead of the program, all at once: the program then finds them in memory
+//! instead of waiting for the disk at each file it opens.
+//!
+//! On disk a profile is text: a header line, then one line per chunk, `LAYER-DIGEST CHUNK`,
+//! and one per read, `LAYER-DIGEST read OFFSET LEN` or `LAYER-DIGEST whole OFFSET LEN`
+//! (format 2; format 1 has chunk lines only and is still read). Layers are named by digest,
+//! not position, so a profile still helps an image that shares layers with the one that
+//! recorded it, and lines of layers an image does not have are skipped.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,14 +30,41 @@ use crate::error::{Error, Result};
 
 /// How long after its first read a mount records.
 pub const RECORD_WINDOW: Duration = Duration::from_secs(60);
-/// Most chunks a profile holds (1 KiB chunks would be 4 MiB; clip's default is about 1 MiB).
+/// Most chunks a profile holds (1 KiB chunks would be 4 MiB; clip's default is about 1 MiB),
+/// and most reads.
 pub const RECORD_LIMIT: usize = 4096;
 /// Largest profile file read: far above [`RECORD_LIMIT`] lines.
 pub const MAX_PROFILE_BYTES: u64 = 1 << 20;
 
-const HEADER: &str = "clip-startup-profile 1";
+const HEADER: &str = "clip-startup-profile 2";
+/// Profiles of chunks only, as written before reads were recorded.
+const HEADER_1: &str = "clip-startup-profile 1";
 
-/// The chunks read so far, first touch first, within the window and the limit.
+/// Bytes of a file a reader wanted: `len` bytes at uncompressed `offset` of `layer`, or with
+/// `whole` the file of those bytes, handed to the kernel whole (FUSE passthrough).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FileRead {
+    pub layer: usize,
+    pub offset: u64,
+    pub len: u64,
+    pub whole: bool,
+}
+
+/// What a mount's readers asked for first: chunks (for a cold start, fetched ahead) and
+/// reads of files (for a warm one, read off the local disk ahead), first touch first.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Profile {
+    pub chunks: Vec<(usize, u32)>,
+    pub reads: Vec<FileRead>,
+}
+
+impl Profile {
+    pub fn is_empty(&self) -> bool {
+        self.chunks.is_empty() && self.reads.is_empty()
+    }
+}
+
+/// The chunks and reads so far, first touch first, within the window and the limit.
 #[derive(Debug, Default)]
 pub struct Recorder {
     state: Mutex<RecorderState>,
@@ -43,21 +77,71 @@ struct RecorderState {
     first: Option<Instant>,
     seen: HashSet<(usize, u32)>,
     order: Vec<(usize, u32)>,
+    reads: Vec<FileRead>,
+    /// Where each read recorded ends (layer, end offset) and where it starts, to the read's
+    /// position: a read that goes on from one, or starts where one did, extends it.
+    ends: HashMap<(usize, u64, bool), usize>,
+    starts: HashMap<(usize, u64, bool), usize>,
 }
 
 impl Recorder {
-    /// A reader wanted `chunks` of `layer`.
-    pub fn note(&self, layer: usize, chunks: Range<u32>) {
+    /// The state while recording (within the window, which the first call opens).
+    fn recording(&self) -> Option<std::sync::MutexGuard<'_, RecorderState>> {
         if self.closed.load(Ordering::Relaxed) {
-            return;
+            return None;
         }
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         let first = *s.first.get_or_insert(now);
         if now.duration_since(first) > RECORD_WINDOW {
             self.closed.store(true, Ordering::Relaxed);
+            return None;
+        }
+        Some(s)
+    }
+
+    /// A reader wanted bytes of a file (see [`FileRead`]). A read that continues one
+    /// recorded before (a sequential reader) or starts where one did (the same file read
+    /// again) extends it instead of taking a line.
+    pub fn note_read(&self, read: FileRead) {
+        if read.len == 0 {
             return;
         }
+        let Some(mut s) = self.recording() else {
+            return;
+        };
+        let end = read.offset.saturating_add(read.len);
+        let at = s
+            .ends
+            .remove(&(read.layer, read.offset, read.whole))
+            .or_else(|| {
+                s.starts
+                    .get(&(read.layer, read.offset, read.whole))
+                    .copied()
+            });
+        if let Some(i) = at {
+            let start = s.reads[i].offset;
+            let old_end = start + s.reads[i].len;
+            let new_end = end.max(old_end);
+            s.reads[i].len = new_end - start;
+            s.ends.remove(&(read.layer, old_end, read.whole));
+            s.ends.insert((read.layer, new_end, read.whole), i);
+            return;
+        }
+        if s.reads.len() >= RECORD_LIMIT {
+            return;
+        }
+        let i = s.reads.len();
+        s.reads.push(read);
+        s.starts.insert((read.layer, read.offset, read.whole), i);
+        s.ends.insert((read.layer, end, read.whole), i);
+    }
+
+    /// A reader wanted `chunks` of `layer`.
+    pub fn note(&self, layer: usize, chunks: Range<u32>) {
+        let Some(mut s) = self.recording() else {
+            return;
+        };
         for c in chunks {
             if s.order.len() >= RECORD_LIMIT {
                 self.closed.store(true, Ordering::Relaxed);
@@ -75,74 +159,118 @@ impl Recorder {
         s.first.map(|f| f + RECORD_WINDOW)
     }
 
-    /// What was recorded: (layer number, chunk number), first touch first.
-    pub fn recorded(&self) -> Vec<(usize, u32)> {
-        self.state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .order
-            .clone()
+    /// What was recorded, first touch first.
+    pub fn recorded(&self) -> Profile {
+        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        Profile {
+            chunks: s.order.clone(),
+            reads: s.reads.clone(),
+        }
     }
 }
 
-/// What a mount leaves for the next: the chunks its readers asked for first, then those of
-/// the profile it replayed that they did not ask for (up to the limit), so a short mount
-/// does not make a profile forget what a longer one learnt.
-pub fn merge(recorded: &[(usize, u32)], replayed: &[(usize, u32)]) -> Vec<(usize, u32)> {
-    let seen: HashSet<_> = recorded.iter().collect();
-    let mut out = recorded.to_vec();
-    out.extend(replayed.iter().filter(|c| !seen.contains(c)));
-    out.truncate(RECORD_LIMIT);
-    out
+/// What a mount leaves for the next: the chunks and reads its readers asked for first, then
+/// those of the profile it replayed that they did not ask for (up to the limit), so a short
+/// mount does not make a profile forget what a longer one learnt.
+pub fn merge(recorded: &Profile, replayed: &Profile) -> Profile {
+    fn after<T: Copy + Eq + std::hash::Hash>(first: &[T], then: &[T]) -> Vec<T> {
+        let seen: HashSet<&T> = first.iter().collect();
+        let mut out = first.to_vec();
+        out.extend(then.iter().filter(|c| !seen.contains(c)));
+        out.truncate(RECORD_LIMIT);
+        out
+    }
+    Profile {
+        chunks: after(&recorded.chunks, &replayed.chunks),
+        reads: after(&recorded.reads, &replayed.reads),
+    }
 }
 
-/// The text of a profile of `chunks` of `index`.
-pub fn encode(index: &ImageIndex, chunks: &[(usize, u32)]) -> String {
+/// The text of `profile` of `index`.
+pub fn encode(index: &ImageIndex, profile: &Profile) -> String {
     let mut out = format!("{HEADER}\n");
-    for &(layer, c) in chunks {
+    for &(layer, c) in &profile.chunks {
         if let Some(l) = index.layers.get(layer) {
             out.push_str(&format!("{} {c}\n", l.digest));
+        }
+    }
+    for r in &profile.reads {
+        if let Some(l) = index.layers.get(r.layer) {
+            let kind = if r.whole { "whole" } else { "read" };
+            out.push_str(&format!("{} {kind} {} {}\n", l.digest, r.offset, r.len));
         }
     }
     out
 }
 
-/// The chunks of `index` a profile names, in its order. Lines of layers the image does not
-/// have, or past a layer's last chunk, are skipped; a file that is not a profile, or a
-/// line that is not `DIGEST NUMBER`, is an error.
-pub fn decode(text: &str, index: &ImageIndex) -> Result<Vec<(usize, u32)>> {
+/// The chunks and reads of `index` a profile names, in its order. Lines of layers the
+/// image does not have, past a layer's last chunk or its end, are skipped; a file that is
+/// not a profile, or a line that is not one of the forms above, is an error.
+pub fn decode(text: &str, index: &ImageIndex) -> Result<Profile> {
     let bad = |line: usize, reason: &str| Error::Profile {
         line,
         reason: reason.to_owned(),
     };
     let mut lines = text.lines();
-    if lines.next().map(str::trim_end) != Some(HEADER) {
-        return Err(bad(1, "not a clip start-up profile"));
-    }
-    let mut out = Vec::new();
+    let reads_allowed = match lines.next().map(str::trim_end) {
+        Some(HEADER) => true,
+        Some(HEADER_1) => false,
+        _ => return Err(bad(1, "not a clip start-up profile")),
+    };
+    let mut out = Profile::default();
     let mut seen = HashSet::new();
+    let mut seen_reads = HashSet::new();
     for (i, line) in lines.enumerate() {
         let n = i + 2;
-        if out.len() >= RECORD_LIMIT {
-            break;
-        }
         let line = line.trim();
         if line.is_empty() {
             continue;
         }
-        let (digest, chunk) = line
-            .split_once(' ')
-            .ok_or_else(|| bad(n, "expected a layer digest and a chunk number"))?;
-        let digest: Digest = digest.parse().map_err(|_| bad(n, "not a sha256 digest"))?;
-        let chunk: u32 = chunk
-            .trim()
-            .parse()
-            .map_err(|_| bad(n, "not a chunk number"))?;
-        let Some(layer) = index.layers.iter().position(|l| l.digest == digest) else {
-            continue;
+        let mut fields = line.split(' ').filter(|f| !f.is_empty());
+        let (Some(digest), Some(second)) = (fields.next(), fields.next()) else {
+            return Err(bad(n, "expected a layer digest and a chunk number"));
         };
-        if (chunk as usize) < index.layers[layer].chunks.len() && seen.insert((layer, chunk)) {
-            out.push((layer, chunk));
+        let digest: Digest = digest.parse().map_err(|_| bad(n, "not a sha256 digest"))?;
+        let layer = index.layers.iter().position(|l| l.digest == digest);
+        if let kind @ ("read" | "whole") = second {
+            if !reads_allowed {
+                return Err(bad(n, "not a chunk number"));
+            }
+            let mut number = |what: &str| {
+                fields
+                    .next()
+                    .and_then(|f| f.parse::<u64>().ok())
+                    .ok_or_else(|| bad(n, what))
+            };
+            let (offset, len) = (number("not an offset")?, number("not a length")?);
+            if fields.next().is_some() {
+                return Err(bad(n, "more than a read's offset and length"));
+            }
+            let Some(layer) = layer else { continue };
+            let inside = offset
+                .checked_add(len)
+                .is_some_and(|end| len > 0 && end <= index.layers[layer].uncompressed_size);
+            let read = FileRead {
+                layer,
+                offset,
+                len,
+                whole: kind == "whole",
+            };
+            if inside && out.reads.len() < RECORD_LIMIT && seen_reads.insert(read) {
+                out.reads.push(read);
+            }
+            continue;
+        }
+        let chunk: u32 = second.parse().map_err(|_| bad(n, "not a chunk number"))?;
+        if fields.next().is_some() {
+            return Err(bad(n, "more than a layer digest and a chunk number"));
+        }
+        let Some(layer) = layer else { continue };
+        if (chunk as usize) < index.layers[layer].chunks.len()
+            && out.chunks.len() < RECORD_LIMIT
+            && seen.insert((layer, chunk))
+        {
+            out.chunks.push((layer, chunk));
         }
     }
     Ok(out)
@@ -158,18 +286,72 @@ mod tests {
         r.note(1, 5..7);
         r.note(0, 6..8);
         r.note(1, 4..6);
-        assert_eq!(r.recorded(), [(1, 5), (1, 6), (0, 6), (0, 7), (1, 4)]);
+        assert_eq!(
+            r.recorded().chunks,
+            [(1, 5), (1, 6), (0, 6), (0, 7), (1, 4)]
+        );
         r.note(2, 0..(RECORD_LIMIT as u32 * 2));
-        assert_eq!(r.recorded().len(), RECORD_LIMIT);
+        assert_eq!(r.recorded().chunks.len(), RECORD_LIMIT);
+    }
+
+    fn read(layer: usize, offset: u64, len: u64) -> FileRead {
+        FileRead {
+            layer,
+            offset,
+            len,
+            whole: false,
+        }
+    }
+
+    #[test]
+    fn reads_that_go_on_or_start_again_extend_the_one_recorded() {
+        let r = Recorder::default();
+        r.note_read(read(0, 100, 50));
+        r.note_read(read(1, 0, 10));
+        // A sequential reader's next request, then the same file read again from its start.
+        r.note_read(read(0, 150, 50));
+        r.note_read(read(0, 100, 20));
+        r.note_read(read(0, 200, 10));
+        // The same bytes handed over whole are another record; an empty read is none.
+        r.note_read(FileRead {
+            whole: true,
+            ..read(1, 0, 10)
+        });
+        r.note_read(read(2, 5, 0));
+        assert_eq!(
+            r.recorded().reads,
+            [
+                read(0, 100, 110),
+                read(1, 0, 10),
+                FileRead {
+                    whole: true,
+                    ..read(1, 0, 10)
+                }
+            ]
+        );
+        for i in 0..RECORD_LIMIT as u64 * 2 {
+            r.note_read(read(3, i * 10, 5));
+        }
+        assert_eq!(r.recorded().reads.len(), RECORD_LIMIT);
     }
 
     #[test]
     fn a_saved_profile_keeps_what_this_mount_did_not_read() {
+        let p = |chunks: &[(usize, u32)], reads: &[FileRead]| Profile {
+            chunks: chunks.to_vec(),
+            reads: reads.to_vec(),
+        };
         assert_eq!(
-            merge(&[(0, 3), (1, 1)], &[(1, 1), (0, 9), (0, 3)]),
-            [(0, 3), (1, 1), (0, 9)]
+            merge(
+                &p(&[(0, 3), (1, 1)], &[read(0, 1, 2)]),
+                &p(&[(1, 1), (0, 9), (0, 3)], &[read(0, 5, 1), read(0, 1, 2)])
+            ),
+            p(&[(0, 3), (1, 1), (0, 9)], &[read(0, 1, 2), read(0, 5, 1)])
         );
         let long: Vec<(usize, u32)> = (0..RECORD_LIMIT as u32).map(|c| (0, c)).collect();
-        assert_eq!(merge(&[(1, 0)], &long).len(), RECORD_LIMIT);
+        assert_eq!(
+            merge(&p(&[(1, 0)], &[]), &p(&long, &[])).chunks.len(),
+            RECORD_LIMIT
+        );
     }
 }

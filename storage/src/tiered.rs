@@ -125,9 +125,9 @@ pub struct ChunkStore<S> {
     config: StoreConfig,
     stats: Arc<StoreStats>,
     /// The chunks readers asked for first (a start-up profile, for a later mount).
-    recorder: crate::profile::Recorder,
+    pub(crate) recorder: crate::profile::Recorder,
     /// The profile this store replayed, if any.
-    replayed: Mutex<Vec<(usize, u32)>>,
+    replayed: Mutex<crate::profile::Profile>,
     /// Whole files for passthrough, when kept ([`Self::keep_whole_files`]).
     pub(crate) whole: std::sync::OnceLock<crate::whole::WholeFiles>,
 }
@@ -292,6 +292,12 @@ impl<S: BlobSource> ChunkStore<S> {
             return Ok(Bytes::new());
         }
         self.recorder.note(layer, chunks.clone());
+        self.recorder.note_read(crate::profile::FileRead {
+            layer,
+            offset,
+            len,
+            whole: false,
+        });
         let end = file_end.min(l.uncompressed_size).max(offset + len);
         let last = l.chunks_covering(end - 1, 1)?.start;
         self.note_access(layer, chunks.end - 1, last);
@@ -913,8 +919,9 @@ impl<S: BlobSource> ChunkStore<S> {
         tokio::spawn(async move { this.bring(layer, spans, 0..0).await });
     }
 
-    /// The chunks readers have asked for so far, first touch first (see [`crate::profile`]).
-    pub fn recorded_profile(&self) -> Vec<(usize, u32)> {
+    /// The chunks and reads readers have asked for so far, first touch first (see
+    /// [`crate::profile`]).
+    pub fn recorded_profile(&self) -> crate::profile::Profile {
         self.recorder.recorded()
     }
 
@@ -925,7 +932,7 @@ impl<S: BlobSource> ChunkStore<S> {
 
     /// The profile to leave for the next mount: what was recorded, then what the replayed
     /// profile named besides ([`crate::profile::merge`]); empty when nothing was read.
-    pub fn profile_to_save(&self) -> Vec<(usize, u32)> {
+    pub fn profile_to_save(&self) -> crate::profile::Profile {
         let recorded = self.recorder.recorded();
         if recorded.is_empty() {
             return recorded;
@@ -934,14 +941,17 @@ impl<S: BlobSource> ChunkStore<S> {
         crate::profile::merge(&recorded, &replayed)
     }
 
-    /// Fetches the spans holding `chunks` (a start-up profile, in its order) that no local
-    /// tier holds, `readahead_runs` at a time, so that a program reading them finds them
-    /// fetched or on their way; the other fetch permits stay free for reads the profile did
-    /// not foresee. Spans are taken in order while their decoded bytes fit in `budget` (a
-    /// share of the disk cache, so a profile never evicts what it brought). Returns at
-    /// once; the fetches go on in the background.
-    pub fn replay(self: &Arc<Self>, chunks: &[(usize, u32)], budget: u64) {
-        *self.replayed.lock().unwrap_or_else(|p| p.into_inner()) = chunks.to_vec();
+    /// Replays a start-up profile: fetches the spans holding its chunks that no local tier
+    /// holds, `readahead_runs` at a time, so that a program reading them finds them
+    /// fetched or on their way (the other fetch permits stay free for reads the profile
+    /// did not foresee; spans are taken in order while their decoded bytes fit in `budget`,
+    /// a share of the disk cache, so a profile never evicts what it brought); and has the
+    /// bytes of its reads that are on local disk read into the kernel's page cache
+    /// ([`Self::warm_up`]). Returns at once; the work goes on in the background.
+    pub fn replay(self: &Arc<Self>, profile: &crate::profile::Profile, budget: u64) {
+        *self.replayed.lock().unwrap_or_else(|p| p.into_inner()) = profile.clone();
+        self.warm_up(profile.reads.clone(), budget);
+        let chunks = &profile.chunks;
         // The profile's chunks grouped by span, spans in the order the profile first wants
         // them.
         let mut spans: Vec<(usize, Vec<u32>)> = Vec::new();
@@ -998,6 +1008,61 @@ impl<S: BlobSource> ChunkStore<S> {
                 .buffer_unordered(width)
                 .collect::<Vec<()>>()
                 .await;
+        });
+    }
+
+    /// Has the bytes of `reads` (a start-up profile's, first wanted first) that are on local
+    /// disk read into the kernel's page cache ahead of the program, up to `budget` bytes:
+    /// the blocks of the chunk files they lie in, and the files kept whole (whose check at
+    /// their first open in this process, when one is due, then happens here, off the
+    /// program's path). The kernel is asked (`posix_fadvise(WILLNEED)`) without waiting, from
+    /// a blocking thread; nothing is fetched, kept in memory or recorded. With every byte
+    /// of a warm start-up in the page cache, the program's opens and reads wait for no disk.
+    fn warm_up(self: &Arc<Self>, reads: Vec<crate::profile::FileRead>, budget: u64) {
+        if reads.is_empty() {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        tokio::task::spawn_blocking(move || {
+            let mut planned = 0u64;
+            for r in reads {
+                let Some(this) = weak.upgrade() else {
+                    return;
+                };
+                planned = planned.saturating_add(r.len);
+                if planned > budget {
+                    return;
+                }
+                if r.whole {
+                    if let Some(file) = this.kept_whole(r.layer, r.offset, r.len) {
+                        crate::cache::disk::will_need(&file, 0, 0);
+                    }
+                    continue;
+                }
+                let Some(chunks) = this
+                    .layer(r.layer)
+                    .ok()
+                    .and_then(|l| l.chunks_covering(r.offset, r.len).ok())
+                else {
+                    continue;
+                };
+                for c in chunks {
+                    let (Ok(key), Ok(part)) = (
+                        this.key(r.layer, c),
+                        this.bytes_in_chunk(r.layer, c, r.offset, r.len),
+                    ) else {
+                        continue;
+                    };
+                    if this.memory.contains(&key.digest) {
+                        continue;
+                    }
+                    let _ = this
+                        .tiers
+                        .iter()
+                        .filter(|t| t.is_local())
+                        .any(|t| t.warm(&key, part.clone()));
+                }
+            }
         });
     }
 

@@ -70,6 +70,18 @@ impl<S: BlobSource> ChunkStore<S> {
     /// disk and checked, opened read-only; `None` if it is not kept (or was found damaged
     /// and removed). Blocking: the first call in a process reads the whole file.
     pub fn whole_file(&self, layer: usize, offset: u64, len: u64) -> Option<File> {
+        let file = self.kept_whole(layer, offset, len)?;
+        self.recorder.note_read(crate::profile::FileRead {
+            layer,
+            offset,
+            len,
+            whole: true,
+        });
+        Some(file)
+    }
+
+    /// [`Self::whole_file`], not recorded in the start-up profile.
+    pub(crate) fn kept_whole(&self, layer: usize, offset: u64, len: u64) -> Option<File> {
         let w = self.whole.get().filter(|w| len >= w.min_len)?;
         let key = self.whole_key(layer, offset, len)?;
         w.disk.open_whole(&key, len)

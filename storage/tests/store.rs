@@ -606,7 +606,18 @@ async fn a_start_up_profile_fetches_what_the_reads_will_need_on_an_empty_cache()
         }
     }
     let recorded = s.store.recorded_profile();
-    assert_eq!(recorded, want, "first touch first, each chunk once");
+    assert_eq!(recorded.chunks, want, "first touch first, each chunk once");
+    let read_at = |&(off, len): &(u64, u64)| profile::FileRead {
+        layer: 0,
+        offset: base + off,
+        len,
+        whole: false,
+    };
+    assert_eq!(
+        recorded.reads,
+        reads.iter().map(read_at).collect::<Vec<_>>(),
+        "and each read"
+    );
     let text = profile::encode(s.store.index(), &recorded);
     assert_eq!(profile::decode(&text, s.store.index())?, recorded);
 
@@ -616,8 +627,11 @@ async fn a_start_up_profile_fetches_what_the_reads_will_need_on_an_empty_cache()
     let (store, _empty) = s.on_empty_cache(quiet)?;
     store.replay(&recorded, u64::MAX);
     settle(&s).await;
-    let spans: std::collections::HashSet<Range<u32>> =
-        recorded.iter().map(|&(_, c)| layer.span_run(c)).collect();
+    let spans: std::collections::HashSet<Range<u32>> = recorded
+        .chunks
+        .iter()
+        .map(|&(_, c)| layer.span_run(c))
+        .collect();
     assert_eq!(
         s.requests() - before,
         spans.len() as u32,
@@ -637,7 +651,7 @@ async fn a_start_up_profile_fetches_what_the_reads_will_need_on_an_empty_cache()
     // A budget of one span's bytes (a quarter of a small disk cache): one fetch, the first
     // span the profile names.
     let before = s.requests();
-    let first = layer.span_run(recorded[0].1);
+    let first = layer.span_run(recorded.chunks[0].1);
     let one = layer.chunk_range(first.end - 1).end - layer.chunk_range(first.start).start;
     let (store, _empty) = s.on_empty_cache(StoreConfig::default())?;
     store.replay(&recorded, one);
@@ -666,6 +680,14 @@ async fn a_bad_start_up_profile_is_refused_and_foreign_lines_are_skipped() -> an
         "clip-startup-profile 1\nsha256:12 3\n",
         &format!("clip-startup-profile 1\n{layer} -1\n"),
         &format!("clip-startup-profile 1\n{layer} 99999999999\n"),
+        &format!("clip-startup-profile 1\n{layer} 1 2\n"),
+        // Reads are format 2's, with an offset and a length.
+        &format!("clip-startup-profile 1\n{layer} read 0 10\n"),
+        &format!("clip-startup-profile 2\n{layer} read 0\n"),
+        &format!("clip-startup-profile 2\n{layer} read -1 10\n"),
+        &format!("clip-startup-profile 2\n{layer} whole 0 x\n"),
+        &format!("clip-startup-profile 2\n{layer} read 0 10 3\n"),
+        &format!("clip-startup-profile 3\n{layer} 1\n"),
     ] {
         let err = profile::decode(bad, index).expect_err(bad);
         assert!(err.to_string().contains("line"), "{err}");
@@ -674,9 +696,235 @@ async fn a_bad_start_up_profile_is_refused_and_foreign_lines_are_skipped() -> an
         "clip-startup-profile 1\n{layer} 2\n{other} 1\n{layer} {chunks}\n\n{layer} 0\n{layer} 2\n"
     );
     assert_eq!(
-        profile::decode(&text, index)?,
-        vec![(0, 2), (0, 0)],
+        profile::decode(&text, index)?.chunks,
+        [(0, 2), (0, 0)],
         "another layer's line, a chunk past the end and a repeat are skipped"
     );
+    let end = index.layers[0].uncompressed_size;
+    let text = format!(
+        "clip-startup-profile 2\n{layer} 1\n{layer} read 10 20\n{other} read 0 5\n{layer} whole 0 {end}\n{layer} read {end} 1\n{layer} read 0 0\n{layer} read 18446744073709551615 2\n{layer} read 10 20\n"
+    );
+    let read = |offset, len, whole| profile::FileRead {
+        layer: 0,
+        offset,
+        len,
+        whole,
+    };
+    assert_eq!(
+        profile::decode(&text, index)?,
+        profile::Profile {
+            chunks: vec![(0, 1)],
+            reads: vec![read(10, 20, false), read(0, end, true)],
+        },
+        "another layer's read, reads past the layer's end or empty, and a repeat are skipped"
+    );
+    Ok(())
+}
+
+/// The file under `dir` (at any depth) named `name`.
+fn file_named(dir: &std::path::Path, name: &str) -> Option<std::path::PathBuf> {
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            if let Some(found) = file_named(&path, name) {
+                return Some(found);
+            }
+        } else if entry.file_name().to_str() == Some(name) {
+            return Some(path);
+        }
+    }
+    None
+}
+
+/// Drops every file under `dir` from the page cache (written out first), as a new boot or
+/// `drop_caches` would.
+fn drop_from_page_cache(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd;
+    for entry in std::fs::read_dir(dir)?.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            drop_from_page_cache(&path)?;
+            continue;
+        }
+        let file = std::fs::File::open(&path)?;
+        file.sync_all()?;
+        // SAFETY: a hint about an open descriptor; no memory is passed.
+        unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    }
+    Ok(())
+}
+
+/// How many of the pages of `path` that hold bytes `range` are in the page cache, of how many.
+fn resident(path: &std::path::Path, range: Range<u64>) -> anyhow::Result<(usize, usize)> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len() as usize;
+    let page = 4096u64;
+    let first = (range.start / page) as usize;
+    let last = (range.end.div_ceil(page) as usize).min(len.div_ceil(page as usize));
+    // SAFETY: a read-only shared mapping of an open file of `len` bytes, unmapped below;
+    // mincore writes one byte per page of the mapping into `pages`.
+    unsafe {
+        let map = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        );
+        anyhow::ensure!(map != libc::MAP_FAILED, "mmap of {}", path.display());
+        let mut pages = vec![0u8; len.div_ceil(page as usize)];
+        let r = libc::mincore(map, len, pages.as_mut_ptr());
+        libc::munmap(map, len);
+        anyhow::ensure!(r == 0, "mincore of {}", path.display());
+        let wanted = &pages[first..last];
+        Ok((wanted.iter().filter(|p| *p & 1 == 1).count(), wanted.len()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_warm_start_up_finds_the_bytes_its_profile_read_in_the_page_cache() -> anyhow::Result<()>
+{
+    use clip_storage::profile::{FileRead, Profile};
+    let s = warm_cache().await?;
+    let base = file_offset(&s);
+    let size = s.data.len() as u64;
+    let layer = s.store.index().layers[0].clone();
+    // What an earlier start-up read: a small file's worth here, more there (two chunks).
+    let reads = [(3u64 << 20, 20_000u64), ((9 << 20) - 100_000, 300_000)];
+    let profile = Profile {
+        chunks: Vec::new(),
+        reads: reads
+            .iter()
+            .map(|&(off, len)| FileRead {
+                layer: 0,
+                offset: base + off,
+                len,
+                whole: false,
+            })
+            .collect(),
+    };
+    // Where those bytes are in the cache's chunk files.
+    let mut places = Vec::new();
+    for &(off, len) in &reads {
+        for c in layer.chunks_covering(base + off, len)? {
+            let chunk = layer.chunk_range(c);
+            let from = (base + off).max(chunk.start) - chunk.start;
+            let to = (base + off + len).min(chunk.end) - chunk.start;
+            let path = file_named(s.cache.path(), &layer.chunks[c as usize].digest.hex())
+                .expect("the chunk is in the cache");
+            places.push((path, from..to));
+        }
+    }
+    assert_eq!(places.len(), 3);
+
+    // A new process after the page cache was dropped: none of it is in memory.
+    let store = s.reopen_quiet()?;
+    drop_from_page_cache(s.cache.path())?;
+    for (path, range) in &places {
+        assert_eq!(resident(path, range.clone())?.0, 0, "{}", path.display());
+    }
+    let before = s.requests();
+    store.replay(&profile, u64::MAX);
+    clip_e2e::wait::until(
+        "the profile's reads in the page cache",
+        Duration::from_secs(10),
+        || {
+            places
+                .iter()
+                .all(|(path, range)| resident(path, range.clone()).is_ok_and(|(n, of)| n == of))
+        },
+    )?;
+    assert_eq!(s.requests(), before, "nothing fetched");
+    assert!(
+        store.recorded_profile().is_empty(),
+        "reading ahead is not the program's reading"
+    );
+    for &(off, len) in &reads {
+        let got = store.read_in_file(0, base + off, len, base + size).await?;
+        assert!(got[..] == s.data[off as usize..(off + len) as usize]);
+    }
+
+    // Within a budget: only what fits of the reads, in their order.
+    let store = s.reopen_quiet()?;
+    drop_from_page_cache(s.cache.path())?;
+    store.replay(&profile, reads[0].1);
+    let (first, _) = &places[0];
+    clip_e2e::wait::until("the first read's bytes", Duration::from_secs(10), || {
+        resident(first, places[0].1.clone()).is_ok_and(|(n, of)| n == of)
+    })?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for (path, range) in &places[1..] {
+        assert_eq!(
+            resident(path, range.clone())?.0,
+            0,
+            "past the budget: {}",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_file_handed_over_whole_is_recorded_and_read_ahead_by_the_next_start()
+-> anyhow::Result<()> {
+    use clip_storage::profile::{FileRead, Profile};
+    let s = warm_cache().await?;
+    let base = file_offset(&s);
+    let size = s.data.len() as u64;
+    // A process whose disk cache keeps files whole (for passthrough).
+    let keeping_whole = || -> anyhow::Result<Arc<ChunkStore<Counting>>> {
+        let disk = Arc::new(DiskCache::open(s.cache.path(), 1 << 30)?);
+        let store = ChunkStore::new(
+            s.store.index().clone(),
+            s.source.clone(),
+            vec![disk.clone()],
+            None,
+            StoreConfig {
+                readahead_runs: 0,
+                preload_chunks: 0,
+                whole_file_min_bytes: 1 << 20,
+                ..StoreConfig::default()
+            },
+        );
+        store.keep_whole_files(disk);
+        Ok(store)
+    };
+    let store = keeping_whole()?;
+    store.keep_whole(0, base, size);
+    clip_e2e::wait::until("the file kept whole", Duration::from_secs(30), || {
+        store.whole_file(0, base, size).is_some()
+    })?;
+    let whole = FileRead {
+        layer: 0,
+        offset: base,
+        len: size,
+        whole: true,
+    };
+    assert_eq!(
+        store.recorded_profile().reads,
+        [whole],
+        "handing it over is recorded"
+    );
+    let key = clip_storage::cache::disk::whole_key(&s.store.index().layers[0].digest, base, size);
+    let path = file_named(s.cache.path(), &key.hex()).expect("the whole file");
+
+    let next = keeping_whole()?;
+    drop_from_page_cache(s.cache.path())?;
+    assert_eq!(resident(&path, 0..size)?.0, 0);
+    next.replay(
+        &Profile {
+            chunks: Vec::new(),
+            reads: vec![whole],
+        },
+        u64::MAX,
+    );
+    clip_e2e::wait::until(
+        "the whole file in the page cache",
+        Duration::from_secs(10),
+        || resident(&path, 0..size).is_ok_and(|(n, of)| n == of),
+    )?;
+    assert!(next.recorded_profile().is_empty());
     Ok(())
 }

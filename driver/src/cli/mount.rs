@@ -218,8 +218,9 @@ pub async fn run(args: MountArgs) -> Result<()> {
         .unwrap_or_default();
     if !replayed.is_empty() {
         info!(
-            chunks = replayed.len(),
-            "fetching ahead what the start-up profile names"
+            chunks = replayed.chunks.len(),
+            reads = replayed.reads.len(),
+            "bringing ahead what the start-up profile names"
         );
         store.replay(&replayed, cache_size / 4);
     }

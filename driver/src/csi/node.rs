@@ -129,24 +129,24 @@ async fn replay_profile(
     budget: u64,
 ) {
     let manifest = index.source.manifest_digest;
-    let mut chunks = crate::profile::load(path, &index);
-    if chunks.is_none()
+    let mut profile = crate::profile::load(path, &index);
+    if profile.is_none()
         && let Some(r) = redis
     {
         match r
             .fetch_profile(&manifest, clip_storage::profile::MAX_PROFILE_BYTES)
             .await
         {
-            Ok(Some(text)) => chunks = crate::profile::parse(&text, &index, "redis"),
+            Ok(Some(text)) => profile = crate::profile::parse(&text, &index, "redis"),
             Ok(None) => {}
             Err(e) => tracing::debug!(error = %e, "no start-up profile from redis"),
         }
     }
-    if let (Some(chunks), Some(store)) = (chunks, store.upgrade())
-        && !chunks.is_empty()
+    if let (Some(profile), Some(store)) = (profile, store.upgrade())
+        && !profile.is_empty()
     {
-        info!(image = %manifest, chunks = chunks.len(), "fetching ahead what the start-up profile names");
-        store.replay(&chunks, budget);
+        info!(image = %manifest, chunks = profile.chunks.len(), reads = profile.reads.len(), "bringing ahead what the start-up profile names");
+        store.replay(&profile, budget);
     }
 }
 
@@ -158,13 +158,13 @@ fn keep_profile(
     redis: Option<Arc<RedisCache>>,
     runtime: &tokio::runtime::Handle,
 ) {
-    let chunks = store.profile_to_save();
-    if chunks.is_empty() {
+    let profile = store.profile_to_save();
+    if profile.is_empty() {
         return;
     }
     let index = store.index().clone();
     runtime.spawn(async move {
-        let text = clip_storage::profile::encode(&index, &chunks);
+        let text = clip_storage::profile::encode(&index, &profile);
         let written = tokio::task::spawn_blocking(move || {
             crate::profile::save_text(&path, &text);
             text

@@ -78,6 +78,17 @@ fn stored_len(len: u32) -> u64 {
     u64::from(len) + 4 * u64::from(len).div_ceil(CHECK_BLOCK) + FOOTER_LEN
 }
 
+/// Asks the kernel to read `len` bytes of `file` from `offset` (0: to its end) into the
+/// page cache, without waiting for them.
+pub(crate) fn will_need(file: &std::fs::File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return;
+    };
+    // SAFETY: a hint about an open descriptor; no memory is passed.
+    unsafe { libc::posix_fadvise(file.as_raw_fd(), offset, len, libc::POSIX_FADV_WILLNEED) };
+}
+
 /// The footer of `key`'s file.
 fn footer(key: &ChunkKey) -> Vec<u8> {
     [&key.digest.0[..], &MAGIC[..]].concat()
@@ -794,6 +805,21 @@ impl ChunkCache for DiskCache {
     }
 
     fn checks_ranges(&self) -> bool {
+        true
+    }
+
+    /// The blocks of `range` (which a part read checks) and the checksums after them.
+    fn warm(&self, key: &ChunkKey, range: std::ops::Range<u32>) -> bool {
+        if !self.contains(&key.digest) {
+            return false;
+        }
+        let Ok(file) = std::fs::File::open(self.path(&key.digest)) else {
+            return false;
+        };
+        let from = u64::from(range.start) / CHECK_BLOCK * CHECK_BLOCK;
+        let to = (u64::from(range.end).div_ceil(CHECK_BLOCK) * CHECK_BLOCK).min(key.len.into());
+        will_need(&file, from, to.saturating_sub(from));
+        will_need(&file, u64::from(key.len) + 4 * (from / CHECK_BLOCK), 0);
         true
     }
 }

@@ -58,6 +58,14 @@ pub trait ChunkCache: Send + Sync + 'static {
     /// The tier's name in metrics and logs (`disk`, `redis`).
     fn name(&self) -> &'static str;
 
+    /// Asks the tier to bring bytes `range` of the chunk closer without waiting for them (the
+    /// disk tier: into the kernel's page cache), for a reader that will soon want them;
+    /// whether the tier holds the chunk.
+    fn warm(&self, key: &ChunkKey, range: std::ops::Range<u32>) -> bool {
+        let _ = (key, range);
+        false
+    }
+
     /// Whether the tier is on this machine (fast, written before a fetch completes).
     fn is_local(&self) -> bool {
         false
