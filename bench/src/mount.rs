@@ -695,7 +695,12 @@ impl Bench {
             .context("the lazy run recorded no start-up profile")??
             .path();
         let profile = self.work.join("startup.profile");
-        let profile_chunks = std::fs::read_to_string(&recorded)?.lines().count() - 1;
+        // Chunk lines are `LAYER CHUNK`; read lines have four fields.
+        let profile_chunks = std::fs::read_to_string(&recorded)?
+            .lines()
+            .skip(1)
+            .filter(|l| l.split(' ').count() == 2)
+            .count();
         self.mount_args.extend([
             "--startup-profile".to_owned(),
             profile.display().to_string(),
