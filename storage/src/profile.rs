@@ -169,6 +169,25 @@ impl Recorder {
     }
 }
 
+impl Profile {
+    /// The reads to bring ahead: those of files handed over whole, and the others unless a
+    /// file handed over whole holds their bytes (read before it was kept whole: the kernel
+    /// now reads the whole copy, not the chunks).
+    pub fn reads_to_bring(&self) -> Vec<FileRead> {
+        let wholes: Vec<&FileRead> = self.reads.iter().filter(|r| r.whole).collect();
+        let within = |r: &FileRead| {
+            wholes.iter().any(|w| {
+                w.layer == r.layer && w.offset <= r.offset && r.offset + r.len <= w.offset + w.len
+            })
+        };
+        self.reads
+            .iter()
+            .filter(|r| r.whole || !within(r))
+            .copied()
+            .collect()
+    }
+}
+
 /// What a mount leaves for the next: the chunks and reads its readers asked for first, then
 /// those of the profile it replayed that they did not ask for (up to the limit), so a short
 /// mount does not make a profile forget what a longer one learnt.
@@ -333,6 +352,28 @@ mod tests {
             r.note_read(read(3, i * 10, 5));
         }
         assert_eq!(r.recorded().reads.len(), RECORD_LIMIT);
+    }
+
+    #[test]
+    fn reads_of_a_file_now_handed_over_whole_are_not_brought_again() {
+        let whole = FileRead {
+            whole: true,
+            ..read(0, 100, 50)
+        };
+        let p = Profile {
+            chunks: Vec::new(),
+            reads: vec![
+                read(0, 100, 20),
+                read(0, 140, 10),
+                read(0, 140, 11),
+                whole,
+                read(1, 100, 20),
+            ],
+        };
+        assert_eq!(
+            p.reads_to_bring(),
+            [read(0, 140, 11), whole, read(1, 100, 20)]
+        );
     }
 
     #[test]

@@ -950,7 +950,7 @@ impl<S: BlobSource> ChunkStore<S> {
     /// ([`Self::warm_up`]). Returns at once; the work goes on in the background.
     pub fn replay(self: &Arc<Self>, profile: &crate::profile::Profile, budget: u64) {
         *self.replayed.lock().unwrap_or_else(|p| p.into_inner()) = profile.clone();
-        self.warm_up(profile.reads.clone(), budget);
+        self.warm_up(profile.reads_to_bring(), budget);
         let chunks = &profile.chunks;
         // The profile's chunks grouped by span, spans in the order the profile first wants
         // them.
