@@ -129,6 +129,9 @@ impl Recorder {
             return;
         }
         if s.reads.len() >= RECORD_LIMIT {
+            if s.order.len() >= RECORD_LIMIT {
+                self.closed.store(true, Ordering::Relaxed);
+            }
             return;
         }
         let i = s.reads.len();
@@ -144,7 +147,10 @@ impl Recorder {
         };
         for c in chunks {
             if s.order.len() >= RECORD_LIMIT {
-                self.closed.store(true, Ordering::Relaxed);
+                // Reads may still have room: the lock stays taken until both are full.
+                if s.reads.len() >= RECORD_LIMIT {
+                    self.closed.store(true, Ordering::Relaxed);
+                }
                 return;
             }
             if s.seen.insert((layer, c)) {
@@ -177,7 +183,9 @@ impl Profile {
         let wholes: Vec<&FileRead> = self.reads.iter().filter(|r| r.whole).collect();
         let within = |r: &FileRead| {
             wholes.iter().any(|w| {
-                w.layer == r.layer && w.offset <= r.offset && r.offset + r.len <= w.offset + w.len
+                w.layer == r.layer
+                    && w.offset <= r.offset
+                    && r.offset.saturating_add(r.len) <= w.offset.saturating_add(w.len)
             })
         };
         self.reads
@@ -199,10 +207,48 @@ pub fn merge(recorded: &Profile, replayed: &Profile) -> Profile {
         out.truncate(RECORD_LIMIT);
         out
     }
+    // A replayed read whose bytes this mount read too (perhaps in other pieces: the kernel's
+    // requests do not come in the same order every time) is not kept twice.
+    let mut covered: HashMap<(usize, bool), Vec<(u64, u64)>> = HashMap::new();
+    for r in &recorded.reads {
+        covered
+            .entry((r.layer, r.whole))
+            .or_default()
+            .push((r.offset, r.offset.saturating_add(r.len)));
+    }
+    for spans in covered.values_mut() {
+        *spans = union(std::mem::take(spans));
+    }
+    let new: Vec<FileRead> = replayed
+        .reads
+        .iter()
+        .filter(|r| {
+            let Some(spans) = covered.get(&(r.layer, r.whole)) else {
+                return true;
+            };
+            // The last span starting at or before the read: it holds the read, or none does.
+            let i = spans.partition_point(|&(start, _)| start <= r.offset);
+            i == 0 || spans[i - 1].1 < r.offset.saturating_add(r.len)
+        })
+        .copied()
+        .collect();
     Profile {
         chunks: after(&recorded.chunks, &replayed.chunks),
-        reads: after(&recorded.reads, &replayed.reads),
+        reads: after(&recorded.reads, &new),
     }
+}
+
+/// `spans` (start, end) sorted and joined where they touch or overlap.
+fn union(mut spans: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    spans.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(spans.len());
+    for (start, end) in spans {
+        match out.last_mut() {
+            Some(last) if start <= last.1 => last.1 = last.1.max(end),
+            _ => out.push((start, end)),
+        }
+    }
+    out
 }
 
 /// The text of `profile` of `index`.
@@ -388,6 +434,30 @@ mod tests {
                 &p(&[(1, 1), (0, 9), (0, 3)], &[read(0, 5, 1), read(0, 1, 2)])
             ),
             p(&[(0, 3), (1, 1), (0, 9)], &[read(0, 1, 2), read(0, 5, 1)])
+        );
+        // Bytes this mount read in other pieces are not kept twice; a read reaching past
+        // them, another layer's, or the same bytes handed over whole are.
+        let whole = FileRead {
+            whole: true,
+            ..read(0, 10, 20)
+        };
+        assert_eq!(
+            merge(
+                &p(&[], &[read(0, 10, 10), read(0, 20, 10), read(0, 50, 5)]),
+                &p(
+                    &[],
+                    &[read(0, 12, 15), read(0, 25, 10), read(1, 10, 5), whole]
+                )
+            )
+            .reads,
+            [
+                read(0, 10, 10),
+                read(0, 20, 10),
+                read(0, 50, 5),
+                read(0, 25, 10),
+                read(1, 10, 5),
+                whole
+            ]
         );
         let long: Vec<(usize, u32)> = (0..RECORD_LIMIT as u32).map(|c| (0, c)).collect();
         assert_eq!(

@@ -22,6 +22,11 @@ use crate::reader::RangeReader;
 use crate::source::BlobSource;
 use crate::stats::StoreStats;
 
+/// Most bytes a start-up profile's reads bring into the page cache ahead of a warm start
+/// (see [`ChunkStore::replay`]): memory the kernel may reclaim, but taken from other files'
+/// cached pages.
+pub const WARM_UP_LIMIT: u64 = 1 << 30;
+
 /// Tunables of a chunk store.
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
@@ -950,7 +955,7 @@ impl<S: BlobSource> ChunkStore<S> {
     /// ([`Self::warm_up`]). Returns at once; the work goes on in the background.
     pub fn replay(self: &Arc<Self>, profile: &crate::profile::Profile, budget: u64) {
         *self.replayed.lock().unwrap_or_else(|p| p.into_inner()) = profile.clone();
-        self.warm_up(profile.reads_to_bring(), budget);
+        self.warm_up(profile.clone(), budget);
         let chunks = &profile.chunks;
         // The profile's chunks grouped by span, spans in the order the profile first wants
         // them.
@@ -1012,30 +1017,33 @@ impl<S: BlobSource> ChunkStore<S> {
     }
 
     /// Has the bytes of `reads` (a start-up profile's, first wanted first) that are on local
-    /// disk read into the kernel's page cache ahead of the program, up to `budget` bytes:
-    /// the blocks of the chunk files they lie in, and the files kept whole (whose check at
-    /// their first open in this process, when one is due, then happens here, off the
-    /// program's path). The kernel is asked (`posix_fadvise(WILLNEED)`) without waiting, from
-    /// a blocking thread; nothing is fetched, kept in memory or recorded. With every byte
-    /// of a warm start-up in the page cache, the program's opens and reads wait for no disk.
-    fn warm_up(self: &Arc<Self>, reads: Vec<crate::profile::FileRead>, budget: u64) {
-        if reads.is_empty() {
+    /// disk read into the kernel's page cache ahead of the program, up to `budget` bytes
+    /// (and [`WARM_UP_LIMIT`]): the blocks of the chunk files they lie in, and the files kept
+    /// whole (whose check at their first open in this process, when one is due, then
+    /// happens here, off the program's path); reads whose bytes a file kept whole holds
+    /// are left to it ([`crate::profile::Profile::reads_to_bring`]). The kernel is asked
+    /// (`posix_fadvise(WILLNEED)`) without waiting, from a blocking thread; nothing is
+    /// fetched, kept in memory or recorded. With every byte of a warm start-up in the page
+    /// cache, the program's opens and reads wait for no disk.
+    fn warm_up(self: &Arc<Self>, profile: crate::profile::Profile, budget: u64) {
+        if profile.reads.is_empty() {
             return;
         }
+        let budget = budget.min(WARM_UP_LIMIT);
         let weak = Arc::downgrade(self);
         tokio::task::spawn_blocking(move || {
             let mut planned = 0u64;
-            for r in reads {
+            for r in profile.reads_to_bring() {
                 let Some(this) = weak.upgrade() else {
                     return;
                 };
-                planned = planned.saturating_add(r.len);
-                if planned > budget {
+                if planned.saturating_add(r.len) > budget {
                     return;
                 }
                 if r.whole {
                     if let Some(file) = this.kept_whole(r.layer, r.offset, r.len) {
                         crate::cache::disk::will_need(&file, 0, 0);
+                        planned += r.len;
                     }
                     continue;
                 }
@@ -1056,11 +1064,14 @@ impl<S: BlobSource> ChunkStore<S> {
                     if this.memory.contains(&key.digest) {
                         continue;
                     }
-                    let _ = this
+                    let asked = this
                         .tiers
                         .iter()
                         .filter(|t| t.is_local())
                         .any(|t| t.warm(&key, part.clone()));
+                    if asked {
+                        planned += u64::from(part.end - part.start);
+                    }
                 }
             }
         });

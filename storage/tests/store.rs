@@ -812,8 +812,12 @@ async fn a_warm_start_up_finds_the_bytes_its_profile_read_in_the_page_cache() ->
             let chunk = layer.chunk_range(c);
             let from = (base + off).max(chunk.start) - chunk.start;
             let to = (base + off + len).min(chunk.end) - chunk.start;
-            let path = file_named(s.cache.path(), &layer.chunks[c as usize].digest.hex())
-                .expect("the chunk is in the cache");
+            let path = file_named(
+                &s.cache.path().join("chunks"),
+                &layer.chunks[c as usize].digest.hex(),
+            )
+            .expect("the chunk is in the cache");
+            assert!(std::fs::metadata(&path)?.len() > to);
             places.push((path, from..to));
         }
     }
@@ -908,7 +912,9 @@ async fn a_file_handed_over_whole_is_recorded_and_read_ahead_by_the_next_start()
         "handing it over is recorded"
     );
     let key = clip_storage::cache::disk::whole_key(&s.store.index().layers[0].digest, base, size);
-    let path = file_named(s.cache.path(), &key.hex()).expect("the whole file");
+    // (Under `files/`: `checked/` holds a record of the same name.)
+    let path = file_named(&s.cache.path().join("files"), &key.hex()).expect("the whole file");
+    assert_eq!(std::fs::metadata(&path)?.len(), size);
 
     let next = keeping_whole()?;
     drop_from_page_cache(s.cache.path())?;

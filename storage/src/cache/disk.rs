@@ -79,14 +79,26 @@ fn stored_len(len: u32) -> u64 {
 }
 
 /// Asks the kernel to read `len` bytes of `file` from `offset` (0: to its end) into the
-/// page cache, without waiting for them.
+/// page cache, without waiting for them. One request reads at most the device's read-ahead
+/// or largest I/O (128 KiB on many disks), so a longer range is asked in steps of that.
 pub(crate) fn will_need(file: &std::fs::File, offset: u64, len: u64) {
     use std::os::fd::AsRawFd;
-    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
-        return;
+    const STEP: u64 = 128 << 10;
+    let end = if len == 0 {
+        file.metadata().map_or(offset, |m| m.len())
+    } else {
+        offset.saturating_add(len)
     };
-    // SAFETY: a hint about an open descriptor; no memory is passed.
-    unsafe { libc::posix_fadvise(file.as_raw_fd(), offset, len, libc::POSIX_FADV_WILLNEED) };
+    let mut at = offset;
+    while at < end {
+        let n = (end - at).min(STEP);
+        let (Ok(from), Ok(n)) = (i64::try_from(at), i64::try_from(n)) else {
+            return;
+        };
+        // SAFETY: a hint about an open descriptor; no memory is passed.
+        unsafe { libc::posix_fadvise(file.as_raw_fd(), from, n, libc::POSIX_FADV_WILLNEED) };
+        at += STEP;
+    }
 }
 
 /// The footer of `key`'s file.
