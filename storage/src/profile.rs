@@ -180,19 +180,50 @@ impl Profile {
     /// file handed over whole holds their bytes (read before it was kept whole: the kernel
     /// now reads the whole copy, not the chunks).
     pub fn reads_to_bring(&self) -> Vec<FileRead> {
-        let wholes: Vec<&FileRead> = self.reads.iter().filter(|r| r.whole).collect();
-        let within = |r: &FileRead| {
-            wholes.iter().any(|w| {
-                w.layer == r.layer
-                    && w.offset <= r.offset
-                    && r.offset.saturating_add(r.len) <= w.offset.saturating_add(w.len)
-            })
-        };
+        let wholes = Covered::of(self.reads.iter().filter(|r| r.whole));
         self.reads
             .iter()
-            .filter(|r| r.whole || !within(r))
+            .filter(|r| r.whole || !wholes.holds(r, true))
             .copied()
             .collect()
+    }
+}
+
+/// The bytes some reads cover, per layer and kind (whole or not), as sorted spans that
+/// neither touch nor overlap.
+struct Covered(HashMap<(usize, bool), Vec<(u64, u64)>>);
+
+impl Covered {
+    fn of<'a>(reads: impl IntoIterator<Item = &'a FileRead>) -> Self {
+        let mut spans: HashMap<(usize, bool), Vec<(u64, u64)>> = HashMap::new();
+        for r in reads {
+            spans
+                .entry((r.layer, r.whole))
+                .or_default()
+                .push((r.offset, r.offset.saturating_add(r.len)));
+        }
+        for s in spans.values_mut() {
+            s.sort_unstable();
+            let mut joined: Vec<(u64, u64)> = Vec::with_capacity(s.len());
+            for &(start, end) in s.iter() {
+                match joined.last_mut() {
+                    Some(last) if start <= last.1 => last.1 = last.1.max(end),
+                    _ => joined.push((start, end)),
+                }
+            }
+            *s = joined;
+        }
+        Self(spans)
+    }
+
+    /// Whether reads of kind `whole` cover every byte of `r`.
+    fn holds(&self, r: &FileRead, whole: bool) -> bool {
+        let Some(spans) = self.0.get(&(r.layer, whole)) else {
+            return false;
+        };
+        // The last span starting at or before the read: it holds the read, or none does.
+        let i = spans.partition_point(|&(start, _)| start <= r.offset);
+        i > 0 && spans[i - 1].1 >= r.offset.saturating_add(r.len)
     }
 }
 
@@ -209,46 +240,17 @@ pub fn merge(recorded: &Profile, replayed: &Profile) -> Profile {
     }
     // A replayed read whose bytes this mount read too (perhaps in other pieces: the kernel's
     // requests do not come in the same order every time) is not kept twice.
-    let mut covered: HashMap<(usize, bool), Vec<(u64, u64)>> = HashMap::new();
-    for r in &recorded.reads {
-        covered
-            .entry((r.layer, r.whole))
-            .or_default()
-            .push((r.offset, r.offset.saturating_add(r.len)));
-    }
-    for spans in covered.values_mut() {
-        *spans = union(std::mem::take(spans));
-    }
+    let covered = Covered::of(&recorded.reads);
     let new: Vec<FileRead> = replayed
         .reads
         .iter()
-        .filter(|r| {
-            let Some(spans) = covered.get(&(r.layer, r.whole)) else {
-                return true;
-            };
-            // The last span starting at or before the read: it holds the read, or none does.
-            let i = spans.partition_point(|&(start, _)| start <= r.offset);
-            i == 0 || spans[i - 1].1 < r.offset.saturating_add(r.len)
-        })
+        .filter(|r| !covered.holds(r, r.whole))
         .copied()
         .collect();
     Profile {
         chunks: after(&recorded.chunks, &replayed.chunks),
         reads: after(&recorded.reads, &new),
     }
-}
-
-/// `spans` (start, end) sorted and joined where they touch or overlap.
-fn union(mut spans: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
-    spans.sort_unstable();
-    let mut out: Vec<(u64, u64)> = Vec::with_capacity(spans.len());
-    for (start, end) in spans {
-        match out.last_mut() {
-            Some(last) if start <= last.1 => last.1 = last.1.max(end),
-            _ => out.push((start, end)),
-        }
-    }
-    out
 }
 
 /// The text of `profile` of `index`.

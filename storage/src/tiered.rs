@@ -1047,20 +1047,7 @@ impl<S: BlobSource> ChunkStore<S> {
                     }
                     continue;
                 }
-                let Some(chunks) = this
-                    .layer(r.layer)
-                    .ok()
-                    .and_then(|l| l.chunks_covering(r.offset, r.len).ok())
-                else {
-                    continue;
-                };
-                for c in chunks {
-                    let (Ok(key), Ok(part)) = (
-                        this.key(r.layer, c),
-                        this.bytes_in_chunk(r.layer, c, r.offset, r.len),
-                    ) else {
-                        continue;
-                    };
+                for (key, part) in this.parts(r.layer, r.offset, r.len).unwrap_or_default() {
                     if this.memory.contains(&key.digest) {
                         continue;
                     }

@@ -158,7 +158,12 @@ impl<S: BlobSource> ChunkStore<S> {
     }
 
     /// The chunks holding `len` bytes at `offset` of `layer`, with the bytes of each.
-    fn parts(&self, layer: usize, offset: u64, len: u64) -> Option<Vec<(ChunkKey, Range<u32>)>> {
+    pub(crate) fn parts(
+        &self,
+        layer: usize,
+        offset: u64,
+        len: u64,
+    ) -> Option<Vec<(ChunkKey, Range<u32>)>> {
         let l = self.index().layers.get(layer)?;
         l.chunks_covering(offset, len)
             .ok()?

@@ -101,6 +101,16 @@ pub(crate) fn will_need(file: &std::fs::File, offset: u64, len: u64) {
     }
 }
 
+/// Where a part read of bytes `range` of `key`'s chunk reads in its file: the 64 KiB blocks
+/// around them, and from where the rest of the file (these blocks' checksums on, then the
+/// footer) starts.
+fn part_extent(key: &ChunkKey, range: &std::ops::Range<u32>) -> (std::ops::Range<u64>, u64) {
+    let first = u64::from(range.start) / CHECK_BLOCK;
+    let last = u64::from(range.end).div_ceil(CHECK_BLOCK);
+    let to = (last * CHECK_BLOCK).min(u64::from(key.len));
+    (first * CHECK_BLOCK..to, u64::from(key.len) + 4 * first)
+}
+
 /// The footer of `key`'s file.
 fn footer(key: &ChunkKey) -> Vec<u8> {
     [&key.digest.0[..], &MAGIC[..]].concat()
@@ -684,13 +694,10 @@ impl DiskCache {
         if file.metadata().ok()?.len() != stored_len(key.len) {
             return None;
         }
-        let first = u64::from(range.start) / CHECK_BLOCK;
-        let last = u64::from(range.end).div_ceil(CHECK_BLOCK);
-        let from = first * CHECK_BLOCK;
-        let to = (last * CHECK_BLOCK).min(u64::from(key.len));
-        let mut data = vec![0u8; to.saturating_sub(from) as usize];
+        let (blocks, table_at) = part_extent(key, &range);
+        let from = blocks.start;
+        let mut data = vec![0u8; blocks.end.saturating_sub(from) as usize];
         // These blocks' checksums and the rest of the file (the footer is checked too).
-        let table_at = u64::from(key.len) + 4 * first;
         let mut tail = vec![0u8; (stored_len(key.len) - table_at) as usize];
         let read = file
             .read_exact_at(&mut data, from)
@@ -828,10 +835,9 @@ impl ChunkCache for DiskCache {
         let Ok(file) = std::fs::File::open(self.path(&key.digest)) else {
             return false;
         };
-        let from = u64::from(range.start) / CHECK_BLOCK * CHECK_BLOCK;
-        let to = (u64::from(range.end).div_ceil(CHECK_BLOCK) * CHECK_BLOCK).min(key.len.into());
-        will_need(&file, from, to.saturating_sub(from));
-        will_need(&file, u64::from(key.len) + 4 * (from / CHECK_BLOCK), 0);
+        let (blocks, table_at) = part_extent(key, &range);
+        will_need(&file, blocks.start, blocks.end.saturating_sub(blocks.start));
+        will_need(&file, table_at, 0);
         true
     }
 }
