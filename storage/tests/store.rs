@@ -155,15 +155,18 @@ impl Setup {
         })
     }
 
+    /// Files of `config.whole_file_min_bytes` or more (none by default) are kept whole.
     fn reopen(&self, config: StoreConfig) -> anyhow::Result<Arc<ChunkStore<Counting>>> {
-        let disk = DiskCache::open(self.cache.path(), 1 << 30)?;
-        Ok(ChunkStore::new(
+        let disk = Arc::new(DiskCache::open(self.cache.path(), 1 << 30)?);
+        let store = ChunkStore::new(
             self.store.index().clone(),
             self.source.clone(),
-            vec![Arc::new(disk)],
+            vec![disk.clone()],
             None,
             config,
-        ))
+        );
+        store.keep_whole_files(disk);
+        Ok(store)
     }
 
     /// A store over the same index and source with an empty disk cache of its own (a new
@@ -878,22 +881,13 @@ async fn a_file_handed_over_whole_is_recorded_and_read_ahead_by_the_next_start()
     let base = file_offset(&s);
     let size = s.data.len() as u64;
     // A process whose disk cache keeps files whole (for passthrough).
-    let keeping_whole = || -> anyhow::Result<Arc<ChunkStore<Counting>>> {
-        let disk = Arc::new(DiskCache::open(s.cache.path(), 1 << 30)?);
-        let store = ChunkStore::new(
-            s.store.index().clone(),
-            s.source.clone(),
-            vec![disk.clone()],
-            None,
-            StoreConfig {
-                readahead_runs: 0,
-                preload_chunks: 0,
-                whole_file_min_bytes: 1 << 20,
-                ..StoreConfig::default()
-            },
-        );
-        store.keep_whole_files(disk);
-        Ok(store)
+    let keeping_whole = || {
+        s.reopen(StoreConfig {
+            readahead_runs: 0,
+            preload_chunks: 0,
+            whole_file_min_bytes: 1 << 20,
+            ..StoreConfig::default()
+        })
     };
     let store = keeping_whole()?;
     store.keep_whole(0, base, size);
