@@ -13,7 +13,9 @@
 //! The bulk is what does not compress (the windows are zstd frames of their own, the block
 //! digests are sha256 digests): kept out of the metadata's frame, it costs no inflating when
 //! an index is read, which a mount waits for. The body's digest is computed beside the
-//! parse, on a second thread.
+//! parse, on a second thread. [`decode_owned`] leaves the windows where they are in the file
+//! it is given (the index keeps the file's buffer), and the metadata is inflated into one
+//! buffer of the size its frame records.
 //!
 //! Older versions are still read. Version 1 had no block digests; versions 1 and 2 kept
 //! everything in one zstd frame (body = the frame, windows and block digests in it).
@@ -23,6 +25,8 @@
 //! an error, never a panic or an out-of-range access later.
 
 use std::io::Read;
+
+use bytes::Bytes;
 
 use crate::digest::Digest;
 use crate::error::{Error, Result};
@@ -37,6 +41,9 @@ pub const OLDEST_VERSION: u32 = 1;
 pub const HEADER_LEN: usize = 56;
 /// Largest payload we inflate: far above any real image, far below memory trouble.
 const MAX_PAYLOAD: u64 = 4 << 30;
+/// A metadata frame that claims to inflate more than this many times its length (real ones:
+/// about 4x) is inflated piece by piece, so that a false claim allocates nothing up front.
+const MAX_PAYLOAD_RATIO: u64 = 64;
 const PAYLOAD_LEVEL: i32 = 3;
 
 /// Serialises an index to bytes.
@@ -157,8 +164,21 @@ pub fn encode_version(index: &ImageIndex, version: u32) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-/// Parses and validates an index file.
+/// Parses and validates an index file. The windows are copied out of `bytes` in one piece;
+/// [`decode_owned`] shares them with the file instead.
 pub fn decode(bytes: &[u8]) -> Result<ImageIndex> {
+    decode_with(bytes, Bytes::copy_from_slice)
+}
+
+/// [`decode`] of a file read into memory: the windows stay where they are in `bytes` (no
+/// copy, no allocation each), which the index then keeps.
+pub fn decode_owned(bytes: Vec<u8>) -> Result<ImageIndex> {
+    let shared = Bytes::from(bytes);
+    decode_with(&shared, |part| shared.slice_ref(part))
+}
+
+/// `keep` turns a part of `bytes` (the bulk, or a payload) into what the windows are cut from.
+fn decode_with(bytes: &[u8], keep: impl Fn(&[u8]) -> Bytes + Send) -> Result<ImageIndex> {
     if bytes.len() < HEADER_LEN || &bytes[..8] != MAGIC {
         return Err(Error::NotAnIndex("missing CLIPINDX header".into()));
     }
@@ -200,7 +220,7 @@ pub fn decode(bytes: &[u8]) -> Result<ImageIndex> {
             .name("clip-index-digest".into())
             .spawn_scoped(s, || Digest::of(body))
             .ok();
-        let parsed = parse_body(body, version);
+        let parsed = parse_body(body, version, &keep);
         let got = digest
             .and_then(|d| d.join().ok())
             .unwrap_or_else(|| Digest::of(body));
@@ -218,7 +238,7 @@ pub fn decode(bytes: &[u8]) -> Result<ImageIndex> {
 }
 
 /// The index in a body whose digest matched (or is being checked beside this).
-fn parse_body(body: &[u8], version: u32) -> Result<ImageIndex> {
+fn parse_body(body: &[u8], version: u32, keep: &dyn Fn(&[u8]) -> Bytes) -> Result<ImageIndex> {
     let (frame, bulk) = if version >= 3 {
         let len = body
             .get(..8)
@@ -233,16 +253,41 @@ fn parse_body(body: &[u8], version: u32) -> Result<ImageIndex> {
     } else {
         (body, None)
     };
+    let payload = inflate_payload(frame)?;
+    match bulk {
+        Some(bulk) => parse_payload(&payload, &keep(bulk), version),
+        // Versions 1 and 2: the windows are in the payload.
+        None => {
+            let payload = Bytes::from(payload);
+            parse_payload(&payload, &payload, version)
+        }
+    }
+}
+
+/// The metadata frame, inflated. A frame that records its size (every one clip writes) is
+/// inflated into one buffer of that size, when the size is believable for the frame's length;
+/// anything else is streamed, at most [`MAX_PAYLOAD`].
+fn inflate_payload(frame: &[u8]) -> Result<Vec<u8>> {
+    let corrupt = |e: std::io::Error| Error::CorruptIndex(format!("payload: {e}"));
+    let believable = (frame.len() as u64)
+        .saturating_mul(MAX_PAYLOAD_RATIO)
+        .saturating_add(1 << 20)
+        .min(MAX_PAYLOAD);
+    if let Ok(Some(size)) = zstd::zstd_safe::get_frame_content_size(frame)
+        && size <= believable
+    {
+        return zstd::bulk::decompress(frame, size as usize).map_err(corrupt);
+    }
     let mut payload = Vec::new();
     zstd::stream::read::Decoder::new(frame)
-        .map_err(|e| Error::CorruptIndex(format!("payload: {e}")))?
+        .map_err(corrupt)?
         .take(MAX_PAYLOAD + 1)
         .read_to_end(&mut payload)
-        .map_err(|e| Error::CorruptIndex(format!("payload: {e}")))?;
+        .map_err(corrupt)?;
     if payload.len() as u64 > MAX_PAYLOAD {
         return Err(Error::CorruptIndex("payload too large".into()));
     }
-    parse_payload(&payload, bulk, version)
+    Ok(payload)
 }
 
 /// The digest that names an encoded index (sha256 of the whole file).
@@ -250,13 +295,13 @@ pub fn index_digest(encoded: &[u8]) -> Digest {
     Digest::of(encoded)
 }
 
-/// Parses a payload; `bulk` holds the windows and block digests (version 3), or they are
-/// in the payload (`None`).
-fn parse_payload(p: &[u8], bulk: Option<&[u8]>, version: u32) -> Result<ImageIndex> {
+/// Parses a payload. From version 3 the windows and block digests are in `bulk`; before,
+/// they are in the payload and `bulk` is the payload itself. Windows are cut from `bulk`.
+fn parse_payload(p: &[u8], bulk: &Bytes, version: u32) -> Result<ImageIndex> {
     let mut r = Reader { buf: p, pos: 0 };
-    let split = bulk.is_some();
+    let split = version >= 3;
     let mut b = Reader {
-        buf: bulk.unwrap_or_default(),
+        buf: if split { bulk } else { &[] },
         pos: 0,
     };
     let source = ImageSource {
@@ -287,7 +332,8 @@ fn parse_payload(p: &[u8], bulk: Option<&[u8]>, version: u32) -> Result<ImageInd
                 window: {
                     let n = r.uint()?;
                     let from = if split { &mut b } else { &mut r };
-                    from.fixed(n, 1)?.to_vec()
+                    // A part of the buffer `bulk` is: shared, not copied.
+                    bulk.slice_ref(from.fixed(n, 1)?)
                 },
             });
         }
@@ -769,7 +815,7 @@ mod tests {
         second
             .checkpoints
             .iter_mut()
-            .for_each(|c| c.window.reverse());
+            .for_each(|c| c.window = c.window.iter().rev().copied().collect());
         second.blocks.reverse();
         index.layers.push(second);
         let file = encode(&index)?;
@@ -830,6 +876,115 @@ mod tests {
             Err(Error::CorruptIndex(m)) => assert!(m.contains("digest"), "{m}"),
             other => panic!("{other:?}"),
         }
+        Ok(())
+    }
+
+    /// The file of `index` with its metadata frame replaced by `frame` (resealed).
+    fn with_frame(index: &ImageIndex, frame: &[u8]) -> Result<Vec<u8>> {
+        let file = encode(index)?;
+        let body = &file[HEADER_LEN..];
+        let meta = u64::from_le_bytes(body[..8].try_into().unwrap()) as usize;
+        let mut b = (frame.len() as u64).to_le_bytes().to_vec();
+        b.extend_from_slice(frame);
+        b.extend_from_slice(&body[8 + meta..]);
+        Ok(sealed(&b))
+    }
+
+    /// The metadata of `index`, inflated.
+    fn metadata_of(index: &ImageIndex) -> Result<Vec<u8>> {
+        let file = encode(index)?;
+        let body = &file[HEADER_LEN..];
+        let meta = u64::from_le_bytes(body[..8].try_into().unwrap()) as usize;
+        Ok(zstd::bulk::decompress(&body[8..8 + meta], 1 << 30)?)
+    }
+
+    /// `frame` (one without a recorded size, as a streaming writer makes) claiming `size`.
+    fn claiming(frame: &[u8], size: u64) -> Vec<u8> {
+        let descriptor = frame[4];
+        assert_eq!(
+            descriptor & 0xe3,
+            0,
+            "a frame without size, window or dictionary"
+        );
+        let mut out = frame[..4].to_vec();
+        out.push(descriptor | 0xc0); // an eight-byte content size
+        out.push(frame[5]); // the window descriptor
+        out.extend_from_slice(&size.to_le_bytes());
+        out.extend_from_slice(&frame[6..]);
+        out
+    }
+
+    #[test]
+    fn a_file_read_into_memory_decodes_the_same_and_its_windows_stay_in_it() -> Result<()> {
+        let index = gzip_sample();
+        assert!(
+            index.layers[0]
+                .checkpoints
+                .iter()
+                .any(|c| !c.window.is_empty()),
+            "the sample has windows"
+        );
+        for version in OLDEST_VERSION..=VERSION {
+            let file = encode_version(&index, version)?;
+            let want = decode(&file)?;
+            let owned = decode_owned(file.clone())?;
+            assert_eq!(owned, want, "version {version}");
+        }
+        // Version 3: the windows are the file's own bytes, at their place in the bulk.
+        let file = encode(&index)?;
+        let shared = Bytes::from(file.clone());
+        let decoded = decode_with(&shared, |part| shared.slice_ref(part))?;
+        let (start, end) = (
+            shared.as_ptr() as usize,
+            shared.as_ptr() as usize + shared.len(),
+        );
+        for c in decoded.layers.iter().flat_map(|l| &l.checkpoints) {
+            if !c.window.is_empty() {
+                let at = c.window.as_ptr() as usize;
+                assert!(
+                    start <= at && at + c.window.len() <= end,
+                    "a window outside the file"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn metadata_frames_are_read_whether_or_not_they_record_their_size_and_refused_when_it_lies()
+    -> Result<()> {
+        let index = gzip_sample();
+        let payload = metadata_of(&index)?;
+        // A frame from a streaming writer records no size: it is streamed, and reads the same.
+        let sizeless = zstd::stream::encode_all(&payload[..], 3)?;
+        assert_eq!(
+            zstd::zstd_safe::get_frame_content_size(&sizeless).ok(),
+            Some(None)
+        );
+        assert_eq!(decode(&with_frame(&index, &sizeless)?)?, index);
+        let n = payload.len() as u64;
+        let cases = [
+            ("a size too large", claiming(&sizeless, n + 1)),
+            ("a size too small", claiming(&sizeless, n - 1)),
+            // Past what a frame of this length can believably hold: streamed, not allocated.
+            ("a terabyte", claiming(&sizeless, 1 << 40)),
+        ];
+        for (what, frame) in cases {
+            assert_eq!(
+                zstd::zstd_safe::get_frame_content_size(&frame)
+                    .ok()
+                    .flatten(),
+                Some(u64::from_le_bytes(frame[6..14].try_into().unwrap())),
+                "{what}: the claim is where zstd reads it"
+            );
+            let r = decode(&with_frame(&index, &frame)?);
+            assert!(matches!(r, Err(Error::CorruptIndex(_))), "{what}: {r:?}");
+        }
+        // The truth, recorded the same way, reads.
+        assert_eq!(
+            decode(&with_frame(&index, &claiming(&sizeless, n))?)?,
+            index
+        );
         Ok(())
     }
 

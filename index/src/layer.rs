@@ -2,6 +2,7 @@
 
 use std::ops::Range;
 
+use bytes::Bytes;
 use serde::Serialize;
 
 use crate::digest::Digest;
@@ -76,7 +77,7 @@ pub struct Checkpoint {
     pub raw_deflate: bool,
     /// The 32 KiB of output before the checkpoint, zstd-compressed (empty if not needed).
     #[serde(skip)]
-    pub window: Vec<u8>,
+    pub window: Bytes,
 }
 
 /// A verified unit of uncompressed layer bytes.
@@ -285,7 +286,7 @@ mod tests {
                 bits: 3,
                 uncompressed_offset: 250,
                 raw_deflate: true,
-                window: vec![],
+                window: Bytes::new(),
             }],
             chunks: (0..n)
                 .map(|i| Chunk {

@@ -5,6 +5,7 @@
 use std::io::{self, BufRead, Read};
 use std::ops::Range;
 
+use bytes::Bytes;
 use zstd::stream::raw::{Decoder as ZstdDecoder, InBuffer, Operation, OutBuffer};
 
 use crate::digest::{Digest, Hasher};
@@ -389,9 +390,9 @@ impl<R: Read> LayerStream<R> {
     fn checkpoint(&mut self, bits: u8, raw_deflate: bool) -> Result<()> {
         let window = if raw_deflate {
             let tail = &self.window[self.window.len().saturating_sub(WINDOW)..];
-            zstd::bulk::compress(tail, WINDOW_LEVEL)?
+            zstd::bulk::compress(tail, WINDOW_LEVEL)?.into()
         } else {
-            Vec::new()
+            Bytes::new()
         };
         self.checkpoints.push(Checkpoint {
             compressed_offset: self.comp_pos,
@@ -924,7 +925,7 @@ mod tests {
                     bits: 0,
                     uncompressed_offset: u64::MAX,
                     raw_deflate: false,
-                    window: Vec::new(),
+                    window: Bytes::new(),
                 }],
                 chunks: vec![Chunk {
                     digest: Digest::of(&data),

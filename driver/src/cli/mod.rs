@@ -307,7 +307,7 @@ pub fn load_index(path: &Path) -> Result<ImageIndex> {
         path: path.to_owned(),
         source,
     })?;
-    clip_index::decode(&bytes).map_err(|source| Error::IndexFile {
+    clip_index::decode_owned(bytes).map_err(|source| Error::IndexFile {
         path: path.to_owned(),
         source,
     })

@@ -113,13 +113,13 @@ async fn index_for_mount(
             Error::Config(format!("{image}: mounting by index digest needs --redis"))
         })?;
         let bytes = redis.fetch_index(&digest).await?;
-        return Ok(Arc::new(clip_index::decode(&bytes)?));
+        return Ok(Arc::new(clip_index::decode_owned(bytes)?));
     }
     let resolved = client.resolve(image, registry.platform()?.as_ref()).await?;
     if let Some(r) = redis
         && let Ok(Some(d)) = r.index_for_manifest(&resolved.manifest_digest).await
         && let Ok(bytes) = r.fetch_index(&d).await
-        && let Ok(index) = clip_index::decode(&bytes)
+        && let Ok(index) = clip_index::decode_owned(bytes)
     {
         return Ok(Arc::new(index));
     }

@@ -266,7 +266,7 @@ impl NodeContext {
         let path = self.index_path(digest);
         if let Ok(bytes) = std::fs::read(&path)
             && clip_index::index_digest(&bytes) == *digest
-            && let Ok(index) = clip_index::decode(&bytes)
+            && let Ok(index) = clip_index::decode_owned(bytes)
         {
             return Ok(Arc::new(index));
         }

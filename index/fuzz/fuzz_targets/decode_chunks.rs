@@ -105,15 +105,17 @@ fn edit_checkpoints(layer: &mut LayerIndex, edits: Vec<(u8, CheckpointEdit)>) {
             }
             CheckpointEdit::Bits(b) => cp.bits = b,
             CheckpointEdit::RawDeflate(r) => cp.raw_deflate = r,
-            CheckpointEdit::Window(w) => cp.window = w,
+            CheckpointEdit::Window(w) => cp.window = w.into(),
             CheckpointEdit::WindowContent(w) => {
-                cp.window = zstd::bulk::compress(&w, 1).unwrap_or_default();
+                cp.window = zstd::bulk::compress(&w, 1).unwrap_or_default().into();
             }
             CheckpointEdit::FlipWindow { at, xor } => {
-                let len = cp.window.len();
+                let mut window = cp.window.to_vec();
+                let len = window.len();
                 if len > 0 {
-                    cp.window[usize::from(at) % len] ^= xor;
+                    window[usize::from(at) % len] ^= xor;
                 }
+                cp.window = window.into();
             }
             CheckpointEdit::Remove => {
                 layer.checkpoints.remove(i);
