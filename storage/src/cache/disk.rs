@@ -73,6 +73,16 @@ fn digest_named(name: &OsStr) -> Option<Digest> {
     format!("sha256:{}", name.to_str()?).parse().ok()
 }
 
+/// Who drops a cache entry ([`DiskCache::drop_entry`]).
+#[derive(Clone, Copy)]
+enum Dropper {
+    /// The writer that reserved it.
+    Writer,
+    /// A reader that found its copy damaged or unreadable; with the copy's (device, inode)
+    /// when it had the file open.
+    Reader(Option<(u64, u64)>),
+}
+
 /// Size on disk of a chunk of `len` bytes: the bytes, a CRC-32C per block, the footer.
 fn stored_len(len: u32) -> u64 {
     u64::from(len) + 4 * u64::from(len).div_ceil(CHECK_BLOCK) + FOOTER_LEN
@@ -543,22 +553,42 @@ impl DiskCache {
     /// Drops the writer's own reservation of `digest` (not written, or no room for it) and
     /// whatever file is under its name.
     fn forget(&self, digest: &Digest) {
-        self.drop_entry(digest, true);
+        self.drop_entry(digest, Dropper::Writer);
     }
 
     /// Drops a copy of `digest` found damaged or unreadable, unless a writer is placing a
     /// new one meanwhile (its rename replaces the damaged file).
     fn discard(&self, digest: &Digest) {
-        self.drop_entry(digest, false);
+        self.drop_entry(digest, Dropper::Reader(None));
+    }
+
+    /// [`Self::discard`] of the copy a reader has open as `read`: nothing goes when the name
+    /// is another file's by now (a writer placed a new copy since the reader opened it).
+    fn discard_read(&self, digest: &Digest, read: &std::fs::File) {
+        use std::os::unix::fs::MetadataExt;
+        let id = read.metadata().ok().map(|m| (m.dev(), m.ino()));
+        self.drop_entry(digest, Dropper::Reader(id));
     }
 
     /// The entry and its file go under the lock: a writer that reserves the same digest
     /// next must not have its new file removed by this.
-    fn drop_entry(&self, digest: &Digest, writer: bool) {
+    fn drop_entry(&self, digest: &Digest, by: Dropper) {
         let stocking = self.stocking.load(Ordering::Acquire);
         let mut s = self.lock();
-        if !writer && s.entries.get(digest).is_some_and(|e| e.writing) {
-            return;
+        if let Dropper::Reader(read) = by {
+            let whole = match s.entries.get(digest) {
+                Some(e) if e.writing => return,
+                e => e.is_some_and(|e| e.whole),
+            };
+            if let Some(read) = read {
+                use std::os::unix::fs::MetadataExt;
+                let here = std::fs::metadata(self.path_of(digest, whole))
+                    .ok()
+                    .map(|m| (m.dev(), m.ino()));
+                if here.is_some_and(|here| here != read) {
+                    return;
+                }
+            }
         }
         let removed = s.remove(digest, stocking);
         self.remove_file_of(digest, removed.is_some_and(|e| e.whole));
@@ -611,20 +641,29 @@ impl DiskCache {
     }
 
     fn read_verified(&self, key: &ChunkKey) -> Option<Bytes> {
+        use std::io::Read;
         let path = self.path(&key.digest);
-        let mut data = match std::fs::read(&path) {
-            Ok(d) => d,
+        let failed =
+            |e: std::io::Error| warn!(path = %path.display(), error = %e, "disk cache read failed");
+        let file = match std::fs::File::open(&path) {
+            Ok(f) => f,
             Err(e) => {
-                warn!(path = %path.display(), error = %e, "disk cache read failed");
+                failed(e);
                 self.discard(&key.digest);
                 return None;
             }
         };
+        let mut data = Vec::new();
+        if let Err(e) = (&file).read_to_end(&mut data) {
+            failed(e);
+            self.discard_read(&key.digest, &file);
+            return None;
+        }
         let len = key.len as usize;
         if data.len() as u64 == stored_len(key.len) {
             let (body, rest) = data.split_at(len);
             if !intact(key, body, rest) {
-                self.discard_corrupt(key, &path);
+                self.discard_corrupt(key, &path, &file);
                 return None;
             }
             data.truncate(len);
@@ -633,7 +672,7 @@ impl DiskCache {
         // Written before checksums were stored: the chunk's own digest checks it, and the
         // file is rewritten with them so later reads (and part reads) need not hash.
         if data.len() != len || Digest::of(&data) != key.digest {
-            self.discard_corrupt(key, &path);
+            self.discard_corrupt(key, &path, &file);
             return None;
         }
         self.upgrade(key, &data);
@@ -674,14 +713,15 @@ impl DiskCache {
         }
     }
 
-    fn discard_corrupt(&self, key: &ChunkKey, path: &Path) {
+    /// A reader found the copy it has open as `file` damaged.
+    fn discard_corrupt(&self, key: &ChunkKey, path: &Path, file: &std::fs::File) {
         self.stats.corrupt.fetch_add(1, Ordering::Relaxed);
         warn!(
             path = %path.display(),
             digest = %key.digest,
             "corrupt chunk in the disk cache; discarding it"
         );
-        self.discard(&key.digest);
+        self.discard_read(&key.digest, file);
     }
 
     /// Bytes `range` of a chunk, read with the 64 KiB blocks around them and checked against
@@ -707,7 +747,7 @@ impl DiskCache {
             return None;
         }
         if !intact(key, &data, &tail) {
-            self.discard_corrupt(key, &path);
+            self.discard_corrupt(key, &path, &file);
             return None;
         }
         let at = (u64::from(range.start) - from) as usize;
@@ -1101,6 +1141,39 @@ mod tests {
         assert!(c.get(&k).await?.is_none());
         assert!(!path.exists());
         assert_eq!(c.bytes(), 0);
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_copy_found_damaged_after_a_new_one_was_placed_leaves_the_new_one() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let c = DiskCache::open(dir.path(), 1 << 20)?;
+        let (k, d) = chunk(7, 1000);
+        c.put(&k, d.clone()).await?;
+        let path = c.path(&k.digest);
+        let damage = || -> Result<()> {
+            let mut bytes = std::fs::read(&path)?;
+            bytes[3] ^= 1;
+            std::fs::write(&path, &bytes)?;
+            Ok(())
+        };
+        // A reader has the copy open and finds it damaged; before it reports that, a writer
+        // (another process sharing the directory, or one whose reservation was settled)
+        // has placed a good copy under the name.
+        damage()?;
+        let read = std::fs::File::open(&path)?;
+        c.write(&k, &d)?;
+        c.discard_read(&k.digest, &read);
+        assert!(path.exists(), "the new copy stays");
+        assert_eq!(c.get(&k).await?, Some(d), "and reads");
+        assert_eq!(c.bytes(), stored_len(1000), "still counted");
+        // The copy that is under the name when its reader reports it goes.
+        damage()?;
+        let read = std::fs::File::open(&path)?;
+        c.discard_read(&k.digest, &read);
+        assert!(!path.exists());
+        assert_eq!(c.bytes(), 0);
+        assert!(c.get(&k).await?.is_none());
         Ok(())
     }
 
