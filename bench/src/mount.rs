@@ -696,12 +696,12 @@ impl Bench {
             .context("the lazy run recorded no start-up profile")??
             .path();
         let profile = self.work.join("startup.profile");
-        // Chunk lines are `LAYER CHUNK`; read lines have four fields.
-        let profile_chunks = std::fs::read_to_string(&recorded)?
-            .lines()
-            .skip(1)
-            .filter(|l| l.split(' ').count() == 2)
-            .count();
+        let profile_chunks = clip_storage::profile::decode(
+            &std::fs::read_to_string(&recorded)?,
+            &clip_index::decode_owned(std::fs::read(&index)?)?,
+        )?
+        .chunks
+        .len();
         self.mount_args.extend([
             "--startup-profile".to_owned(),
             profile.display().to_string(),
