@@ -13,9 +13,9 @@
 //! The bulk is what does not compress (the windows are zstd frames of their own, the block
 //! digests are sha256 digests): kept out of the metadata's frame, it costs no inflating when
 //! an index is read, which a mount waits for. The body's digest is computed beside the
-//! parse, on a second thread. [`decode_owned`] leaves the windows where they are in the file
-//! it is given (the index keeps the file's buffer), and the metadata is inflated into one
-//! buffer of the size its frame records.
+//! parse, on a second thread. For version 3, [`decode_owned`] leaves the windows where they
+//! are in the file it is given (the index keeps the file's buffer). A metadata frame that
+//! records a believable size is inflated into one buffer of that size.
 //!
 //! Older versions are still read. Version 1 had no block digests; versions 1 and 2 kept
 //! everything in one zstd frame (body = the frame, windows and block digests in it).
@@ -41,8 +41,9 @@ pub const OLDEST_VERSION: u32 = 1;
 pub const HEADER_LEN: usize = 56;
 /// Largest payload we inflate: far above any real image, far below memory trouble.
 const MAX_PAYLOAD: u64 = 4 << 30;
-/// A metadata frame that claims to inflate more than this many times its length (real ones:
-/// about 4x) is inflated piece by piece, so that a false claim allocates nothing up front.
+/// A metadata frame that claims to inflate more than this many times its length, plus 1 MiB
+/// (real ones: about 4x), is inflated piece by piece, so that a false claim allocates nothing
+/// up front.
 const MAX_PAYLOAD_RATIO: u64 = 64;
 const PAYLOAD_LEVEL: i32 = 3;
 
@@ -164,21 +165,22 @@ pub fn encode_version(index: &ImageIndex, version: u32) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-/// Parses and validates an index file. The windows are copied out of `bytes` in one piece;
-/// [`decode_owned`] shares them with the file instead.
+/// Parses and validates an index file. For version 3 the bulk (windows and block digests)
+/// is copied out of `bytes` in one piece, which the windows share; [`decode_owned`] shares
+/// the file's own buffer instead. Older versions' windows are copied one by one.
 pub fn decode(bytes: &[u8]) -> Result<ImageIndex> {
     decode_with(bytes, Bytes::copy_from_slice)
 }
 
-/// [`decode`] of a file read into memory: the windows stay where they are in `bytes` (no
-/// copy, no allocation each), which the index then keeps.
+/// [`decode`] of a file read into memory: for version 3 the windows stay where they are in
+/// `bytes` (no copy, no allocation each), and the index keeps all of `bytes` alive.
 pub fn decode_owned(bytes: Vec<u8>) -> Result<ImageIndex> {
     let shared = Bytes::from(bytes);
     decode_with(&shared, |part| shared.slice_ref(part))
 }
 
-/// `keep` turns a part of `bytes` (the bulk, or a payload) into what the windows are cut from.
-fn decode_with(bytes: &[u8], keep: impl Fn(&[u8]) -> Bytes + Send) -> Result<ImageIndex> {
+/// `keep` turns the bulk (a part of `bytes`) into what the windows are cut from.
+fn decode_with(bytes: &[u8], keep: impl Fn(&[u8]) -> Bytes) -> Result<ImageIndex> {
     if bytes.len() < HEADER_LEN || &bytes[..8] != MAGIC {
         return Err(Error::NotAnIndex("missing CLIPINDX header".into()));
     }
@@ -254,29 +256,44 @@ fn parse_body(body: &[u8], version: u32, keep: &dyn Fn(&[u8]) -> Bytes) -> Resul
         (body, None)
     };
     let payload = inflate_payload(frame)?;
-    match bulk {
-        Some(bulk) => parse_payload(&payload, &keep(bulk), version),
-        // Versions 1 and 2: the windows are in the payload.
-        None => {
-            let payload = Bytes::from(payload);
-            parse_payload(&payload, &payload, version)
-        }
-    }
+    // Versions 1 and 2: the windows are in the payload, and copied out of it (it would be
+    // four times their size to keep).
+    parse_payload(&payload, bulk.map(keep).as_ref(), version)
 }
 
-/// The metadata frame, inflated. A frame that records its size (every one clip writes) is
-/// inflated into one buffer of that size, when the size is believable for the frame's length;
-/// anything else is streamed, at most [`MAX_PAYLOAD`].
-fn inflate_payload(frame: &[u8]) -> Result<Vec<u8>> {
-    let corrupt = |e: std::io::Error| Error::CorruptIndex(format!("payload: {e}"));
+/// The size to inflate `frame` into in one go: the size it records when it is one frame
+/// that records one (every frame clip writes) and the size is believable for its length;
+/// `None` (inflate it piece by piece) for anything else.
+fn one_shot_size(frame: &[u8]) -> Option<usize> {
     let believable = (frame.len() as u64)
         .saturating_mul(MAX_PAYLOAD_RATIO)
         .saturating_add(1 << 20)
         .min(MAX_PAYLOAD);
-    if let Ok(Some(size)) = zstd::zstd_safe::get_frame_content_size(frame)
-        && size <= believable
-    {
-        return zstd::bulk::decompress(frame, size as usize).map_err(corrupt);
+    let one_frame = zstd::zstd_safe::find_frame_compressed_size(frame).ok() == Some(frame.len());
+    let size = zstd::zstd_safe::get_frame_content_size(frame).ok()??;
+    (one_frame && size <= believable)
+        .then(|| usize::try_from(size).ok())
+        .flatten()
+}
+
+/// The metadata frame, inflated: into one buffer of the size it records
+/// ([`one_shot_size`]), else streamed, at most [`MAX_PAYLOAD`]. Memory that cannot be had
+/// is an error, not an abort.
+fn inflate_payload(frame: &[u8]) -> Result<Vec<u8>> {
+    let corrupt = |e: std::io::Error| Error::CorruptIndex(format!("payload: {e}"));
+    if let Some(size) = one_shot_size(frame) {
+        let mut out = Vec::new();
+        out.try_reserve_exact(size)
+            .map_err(|e| Error::CorruptIndex(format!("payload of {size} bytes: {e}")))?;
+        let n = zstd::bulk::Decompressor::new()
+            .and_then(|mut d| d.decompress_to_buffer(frame, &mut out))
+            .map_err(corrupt)?;
+        if n != size {
+            return Err(Error::CorruptIndex(format!(
+                "payload is {n} bytes, its frame says {size}"
+            )));
+        }
+        return Ok(out);
     }
     let mut payload = Vec::new();
     zstd::stream::read::Decoder::new(frame)
@@ -295,13 +312,13 @@ pub fn index_digest(encoded: &[u8]) -> Digest {
     Digest::of(encoded)
 }
 
-/// Parses a payload. From version 3 the windows and block digests are in `bulk`; before,
-/// they are in the payload and `bulk` is the payload itself. Windows are cut from `bulk`.
-fn parse_payload(p: &[u8], bulk: &Bytes, version: u32) -> Result<ImageIndex> {
+/// Parses a payload. From version 3 the windows and block digests are in `bulk`, and the
+/// windows are cut from it; before (`None`), they are in the payload and copied out of it.
+fn parse_payload(p: &[u8], bulk: Option<&Bytes>, version: u32) -> Result<ImageIndex> {
     let mut r = Reader { buf: p, pos: 0 };
-    let split = version >= 3;
+    let split = bulk.is_some();
     let mut b = Reader {
-        buf: if split { bulk } else { &[] },
+        buf: bulk.map_or(&[][..], |b| &b[..]),
         pos: 0,
     };
     let source = ImageSource {
@@ -331,9 +348,11 @@ fn parse_payload(p: &[u8], bulk: &Bytes, version: u32) -> Result<ImageIndex> {
                 raw_deflate: r.u8()? != 0,
                 window: {
                     let n = r.uint()?;
-                    let from = if split { &mut b } else { &mut r };
-                    // A part of the buffer `bulk` is: shared, not copied.
-                    bulk.slice_ref(from.fixed(n, 1)?)
+                    match bulk {
+                        // A part of the buffer `bulk` is: shared, not copied.
+                        Some(bulk) => bulk.slice_ref(b.fixed(n, 1)?),
+                        None => Bytes::copy_from_slice(r.fixed(n, 1)?),
+                    }
                 },
             });
         }
@@ -930,23 +949,28 @@ mod tests {
             let owned = decode_owned(file.clone())?;
             assert_eq!(owned, want, "version {version}");
         }
-        // Version 3: the windows are the file's own bytes, at their place in the bulk.
-        let file = encode(&index)?;
-        let shared = Bytes::from(file.clone());
-        let decoded = decode_with(&shared, |part| shared.slice_ref(part))?;
-        let (start, end) = (
-            shared.as_ptr() as usize,
-            shared.as_ptr() as usize + shared.len(),
-        );
-        for c in decoded.layers.iter().flat_map(|l| &l.checkpoints) {
-            if !c.window.is_empty() {
-                let at = c.window.as_ptr() as usize;
-                assert!(
-                    start <= at && at + c.window.len() <= end,
-                    "a window outside the file"
-                );
-            }
-        }
+        // Version 3: the windows are the file's own bytes (a buffer whose capacity is its
+        // length becomes the index's without moving); earlier versions' are copies.
+        let inside = |file: Vec<u8>| -> Result<bool> {
+            let mut file = file;
+            file.shrink_to_fit();
+            let (start, end) = (file.as_ptr() as usize, file.as_ptr() as usize + file.len());
+            let decoded = decode_owned(file)?;
+            let windows: Vec<&Bytes> = decoded
+                .layers
+                .iter()
+                .flat_map(|l| &l.checkpoints)
+                .map(|c| &c.window)
+                .filter(|w| !w.is_empty())
+                .collect();
+            assert!(!windows.is_empty());
+            let at = |w: &Bytes| w.as_ptr() as usize;
+            Ok(windows
+                .iter()
+                .all(|w| start <= at(w) && at(w) + w.len() <= end))
+        };
+        assert!(inside(encode(&index)?)?, "version 3: in the file");
+        assert!(!inside(encode_version(&index, 2)?)?, "version 2: copies");
         Ok(())
     }
 
@@ -962,29 +986,42 @@ mod tests {
             Some(None)
         );
         assert_eq!(decode(&with_frame(&index, &sizeless)?)?, index);
+        assert_eq!(one_shot_size(&sizeless), None);
         let n = payload.len() as u64;
+        let mut two_frames = claiming(&sizeless, n);
+        two_frames.extend_from_slice(&zstd::bulk::compress(b"more", 3)?);
+        // (what, frame, whether it is inflated in one go as it claims)
         let cases = [
-            ("a size too large", claiming(&sizeless, n + 1)),
-            ("a size too small", claiming(&sizeless, n - 1)),
+            ("a size too large", claiming(&sizeless, n + 1), true),
+            ("a size too small", claiming(&sizeless, n - 1), true),
             // Past what a frame of this length can believably hold: streamed, not allocated.
-            ("a terabyte", claiming(&sizeless, 1 << 40)),
+            ("a terabyte", claiming(&sizeless, 1 << 40), false),
+            // The first frame's size is not the whole's: streamed.
+            ("a second frame", two_frames, false),
         ];
-        for (what, frame) in cases {
+        for (what, frame, one_go) in cases {
+            let claim = u64::from_le_bytes(frame[6..14].try_into().unwrap());
             assert_eq!(
                 zstd::zstd_safe::get_frame_content_size(&frame)
                     .ok()
                     .flatten(),
-                Some(u64::from_le_bytes(frame[6..14].try_into().unwrap())),
+                Some(claim),
                 "{what}: the claim is where zstd reads it"
             );
+            let want = one_go.then(|| usize::try_from(claim).unwrap());
+            assert_eq!(one_shot_size(&frame), want, "{what}");
             let r = decode(&with_frame(&index, &frame)?);
             assert!(matches!(r, Err(Error::CorruptIndex(_))), "{what}: {r:?}");
         }
-        // The truth, recorded the same way, reads.
-        assert_eq!(
-            decode(&with_frame(&index, &claiming(&sizeless, n))?)?,
-            index
-        );
+        // The truth, recorded the same way, reads in one go.
+        let true_claim = claiming(&sizeless, n);
+        assert_eq!(one_shot_size(&true_claim), Some(payload.len()));
+        assert_eq!(decode(&with_frame(&index, &true_claim)?)?, index);
+        // So does what clip writes.
+        let file = encode(&index)?;
+        let meta = u64::from_le_bytes(file[HEADER_LEN..HEADER_LEN + 8].try_into().unwrap());
+        let frame = &file[HEADER_LEN + 8..HEADER_LEN + 8 + meta as usize];
+        assert_eq!(one_shot_size(frame), Some(payload.len()));
         Ok(())
     }
 

@@ -75,7 +75,8 @@ pub struct Checkpoint {
     pub uncompressed_offset: u64,
     /// Where a raw inflate resumes (true) or a fresh gzip member / zstd frame starts (false).
     pub raw_deflate: bool,
-    /// The 32 KiB of output before the checkpoint, zstd-compressed (empty if not needed).
+    /// The 32 KiB of output before the checkpoint, zstd-compressed (empty if not needed). It
+    /// may be a part of, and keep alive, the buffer the index was decoded from.
     #[serde(skip)]
     pub window: Bytes,
 }

@@ -7,7 +7,7 @@
 #![no_main]
 
 use clip_index::format::{HEADER_LEN, MAGIC, VERSION};
-use clip_index::{Content, Digest, ImageIndex, Inode, decode, encode};
+use clip_index::{Content, Digest, ImageIndex, Inode, decode, decode_owned, encode};
 use libfuzzer_sys::fuzz_target;
 
 fn seal(body: &[u8], version: u32, into: &mut Vec<u8>) {
@@ -80,9 +80,16 @@ fn exercise(index: &ImageIndex, probe: &[u8]) {
 }
 
 fn check(bytes: &[u8], probe: &[u8]) {
+    // A file read into memory decodes to the same as its bytes, or fails the same way.
+    let owned = decode_owned(bytes.to_vec());
     let Ok(index) = decode(bytes) else {
+        assert!(owned.is_err(), "decode_owned accepted what decode refused");
         return;
     };
+    match owned {
+        Ok(o) => assert_eq!(o, index, "decode_owned != decode"),
+        Err(e) => panic!("decode_owned refused what decode accepted: {e}"),
+    }
     exercise(&index, probe);
     let again = match encode(&index) {
         Ok(a) => a,

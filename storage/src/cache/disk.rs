@@ -78,8 +78,8 @@ fn digest_named(name: &OsStr) -> Option<Digest> {
 enum Dropper {
     /// The writer that reserved it.
     Writer,
-    /// A reader that found its copy damaged or unreadable; with the copy's (device, inode)
-    /// when it had the file open.
+    /// A reader that found its copy damaged or unreadable; with the (device, inode) of the
+    /// chunk file it had open, if it had one.
     Reader(Option<(u64, u64)>),
 }
 
@@ -562,8 +562,12 @@ impl DiskCache {
         self.drop_entry(digest, Dropper::Reader(None));
     }
 
-    /// [`Self::discard`] of the copy a reader has open as `read`: nothing goes when the name
-    /// is another file's by now (a writer placed a new copy since the reader opened it).
+    /// [`Self::discard`] of the chunk copy a reader has open as `read`: nothing goes when the
+    /// name is another file's by now (a new copy was placed since the reader opened it: by
+    /// [`Self::upgrade`], or by another process sharing the directory). Best effort: a
+    /// rename that lands between this check and the removal still loses the new copy, which
+    /// costs a fetch, never a wrong byte. Writers of this process are kept out by their
+    /// reservation.
     fn discard_read(&self, digest: &Digest, read: &std::fs::File) {
         use std::os::unix::fs::MetadataExt;
         let id = read.metadata().ok().map(|m| (m.dev(), m.ino()));
@@ -576,13 +580,12 @@ impl DiskCache {
         let stocking = self.stocking.load(Ordering::Acquire);
         let mut s = self.lock();
         if let Dropper::Reader(read) = by {
-            let whole = match s.entries.get(digest) {
-                Some(e) if e.writing => return,
-                e => e.is_some_and(|e| e.whole),
-            };
+            if s.entries.get(digest).is_some_and(|e| e.writing) {
+                return;
+            }
             if let Some(read) = read {
                 use std::os::unix::fs::MetadataExt;
-                let here = std::fs::metadata(self.path_of(digest, whole))
+                let here = std::fs::metadata(self.path(digest))
                     .ok()
                     .map(|m| (m.dev(), m.ino()));
                 if here.is_some_and(|here| here != read) {
@@ -1157,9 +1160,10 @@ mod tests {
             std::fs::write(&path, &bytes)?;
             Ok(())
         };
-        // A reader has the copy open and finds it damaged; before it reports that, a writer
-        // (another process sharing the directory, or one whose reservation was settled)
-        // has placed a good copy under the name.
+        // A reader has the copy open and finds it damaged; before it reports that, a good
+        // copy was placed under the name (by another process sharing the directory, or by
+        // a rewrite with checksums: both rename a new file over the old without a
+        // reservation).
         damage()?;
         let read = std::fs::File::open(&path)?;
         c.write(&k, &d)?;
