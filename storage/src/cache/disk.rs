@@ -650,9 +650,15 @@ impl DiskCache {
             |e: std::io::Error| warn!(path = %path.display(), error = %e, "disk cache read failed");
         let file = match std::fs::File::open(&path) {
             Ok(f) => f,
-            Err(e) => {
+            // The file is gone (removed by hand, or by another process): so is the entry.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 failed(e);
                 self.discard(&key.digest);
+                return None;
+            }
+            // No descriptor to be had, or no access: a miss this time; the copy stays.
+            Err(e) => {
+                failed(e);
                 return None;
             }
         };

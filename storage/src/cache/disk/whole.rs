@@ -188,7 +188,11 @@ impl DiskCache {
             Ok(f) => f,
             Err(e) => {
                 warn!(path = %path.display(), error = %e, "disk cache read failed");
-                self.discard(key);
+                // Gone: so is the entry. Anything else (no descriptor to be had): a miss,
+                // and the copy stays.
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    self.discard(key);
+                }
                 return None;
             }
         };
