@@ -83,6 +83,12 @@ enum Dropper {
     Reader(Option<(u64, u64)>),
 }
 
+/// Which file `meta` is: (device, inode).
+fn identity(meta: std::io::Result<std::fs::Metadata>) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    meta.ok().map(|m| (m.dev(), m.ino()))
+}
+
 /// Size on disk of a chunk of `len` bytes: the bytes, a CRC-32C per block, the footer.
 fn stored_len(len: u32) -> u64 {
     u64::from(len) + 4 * u64::from(len).div_ceil(CHECK_BLOCK) + FOOTER_LEN
@@ -569,9 +575,7 @@ impl DiskCache {
     /// costs a fetch, never a wrong byte. Writers of this process are kept out by their
     /// reservation.
     fn discard_read(&self, digest: &Digest, read: &std::fs::File) {
-        use std::os::unix::fs::MetadataExt;
-        let id = read.metadata().ok().map(|m| (m.dev(), m.ino()));
-        self.drop_entry(digest, Dropper::Reader(id));
+        self.drop_entry(digest, Dropper::Reader(identity(read.metadata())));
     }
 
     /// The entry and its file go under the lock: a writer that reserves the same digest
@@ -584,10 +588,7 @@ impl DiskCache {
                 return;
             }
             if let Some(read) = read {
-                use std::os::unix::fs::MetadataExt;
-                let here = std::fs::metadata(self.path(digest))
-                    .ok()
-                    .map(|m| (m.dev(), m.ino()));
+                let here = identity(std::fs::metadata(self.path(digest)));
                 if here.is_some_and(|here| here != read) {
                     return;
                 }
@@ -646,25 +647,10 @@ impl DiskCache {
     fn read_verified(&self, key: &ChunkKey) -> Option<Bytes> {
         use std::io::Read;
         let path = self.path(&key.digest);
-        let failed =
-            |e: std::io::Error| warn!(path = %path.display(), error = %e, "disk cache read failed");
-        let file = match std::fs::File::open(&path) {
-            Ok(f) => f,
-            // The file is gone (removed by hand, or by another process): so is the entry.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                failed(e);
-                self.discard(&key.digest);
-                return None;
-            }
-            // No descriptor to be had, or no access: a miss this time; the copy stays.
-            Err(e) => {
-                failed(e);
-                return None;
-            }
-        };
+        let file = self.open_copy(&key.digest, &path)?;
         let mut data = Vec::new();
         if let Err(e) = (&file).read_to_end(&mut data) {
-            failed(e);
+            warn!(path = %path.display(), error = %e, "disk cache read failed");
             self.discard_read(&key.digest, &file);
             return None;
         }
@@ -719,6 +705,22 @@ impl DiskCache {
         }
         if let Err(e) = written {
             debug!(digest = %key.digest, error = %e, "rewriting a chunk with checksums failed");
+        }
+    }
+
+    /// Opens the copy of `digest` at `path` for a reader. A file that is gone takes its entry
+    /// with it (removed by hand, or by another process); any other failure (no descriptor to
+    /// be had, no access) is a miss this time, and the copy stays.
+    pub(super) fn open_copy(&self, digest: &Digest, path: &Path) -> Option<std::fs::File> {
+        match std::fs::File::open(path) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "disk cache read failed");
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    self.discard(digest);
+                }
+                None
+            }
         }
     }
 
@@ -895,6 +897,13 @@ impl ChunkCache for DiskCache {
 mod tests {
     use super::*;
 
+    /// Flips the bits `xor` of byte `at` of the file at `path`.
+    fn damage(path: &Path, at: usize, xor: u8) -> std::io::Result<()> {
+        let mut bytes = std::fs::read(path)?;
+        bytes[at] ^= xor;
+        std::fs::write(path, &bytes)
+    }
+
     fn chunk(i: u8, len: usize) -> (ChunkKey, Bytes) {
         let data = Bytes::from(vec![i; len]);
         (
@@ -959,9 +968,7 @@ mod tests {
         let (k, d) = chunk(7, 4096);
         c.put(&k, d.clone()).await?;
         let path = c.path(&k.digest);
-        let mut bytes = std::fs::read(&path)?;
-        bytes[10] ^= 1;
-        std::fs::write(&path, &bytes)?;
+        damage(&path, 10, 1)?;
         assert!(c.get(&k).await?.is_none());
         assert!(!path.exists(), "corrupt file removed");
         assert_eq!(c.stats.corrupt.load(Ordering::Relaxed), 1);
@@ -1011,9 +1018,7 @@ mod tests {
 
         // Damage in the third block: a read of the first block does not touch it, a read
         // of the third finds it, discards the file and counts it.
-        let mut bytes = std::fs::read(&path)?;
-        bytes[140_000] ^= 0x40;
-        std::fs::write(&path, &bytes)?;
+        damage(&path, 140_000, 0x40)?;
         assert_eq!(c.get_range(&k, 10..20).await?.as_deref(), Some(&d[10..20]));
         assert!(c.get_range(&k, 131_072..131_080).await?.is_none());
         assert!(!path.exists(), "the damaged file is removed");
@@ -1021,11 +1026,10 @@ mod tests {
         assert_eq!(c.stats.corrupt.load(Ordering::Relaxed), 1);
 
         // A damaged footer (magic or digest) or checksum table is damage too.
-        for at in [bytes.len() - 1, bytes.len() - 20, d.len() + 2] {
+        let stored = stored_len(k.len) as usize;
+        for at in [stored - 1, stored - 20, d.len() + 2] {
             c.put(&k, d.clone()).await?;
-            let mut bytes = std::fs::read(&path)?;
-            bytes[at] ^= 1;
-            std::fs::write(&path, &bytes)?;
+            damage(&path, at, 1)?;
             assert!(c.get(&k).await?.is_none(), "damage at byte {at} is caught");
         }
         assert_eq!(c.stats.corrupt.load(Ordering::Relaxed), 4);
@@ -1144,9 +1148,7 @@ mod tests {
         assert_eq!(c.bytes(), stored_len(1000));
         // A damaged copy with no writer about goes, as before.
         let path = c.path(&k.digest);
-        let mut bytes = std::fs::read(&path)?;
-        bytes[3] ^= 1;
-        std::fs::write(&path, &bytes)?;
+        damage(&path, 3, 1)?;
         assert!(c.get(&k).await?.is_none());
         assert!(!path.exists());
         assert_eq!(c.bytes(), 0);
@@ -1160,17 +1162,11 @@ mod tests {
         let (k, d) = chunk(7, 1000);
         c.put(&k, d.clone()).await?;
         let path = c.path(&k.digest);
-        let damage = || -> Result<()> {
-            let mut bytes = std::fs::read(&path)?;
-            bytes[3] ^= 1;
-            std::fs::write(&path, &bytes)?;
-            Ok(())
-        };
         // A reader has the copy open and finds it damaged; before it reports that, a good
         // copy was placed under the name (by another process sharing the directory, or by
         // a rewrite with checksums: both rename a new file over the old without a
         // reservation).
-        damage()?;
+        damage(&path, 3, 1)?;
         let read = std::fs::File::open(&path)?;
         c.write(&k, &d)?;
         c.discard_read(&k.digest, &read);
@@ -1178,7 +1174,7 @@ mod tests {
         assert_eq!(c.get(&k).await?, Some(d), "and reads");
         assert_eq!(c.bytes(), stored_len(1000), "still counted");
         // The copy that is under the name when its reader reports it goes.
-        damage()?;
+        damage(&path, 3, 1)?;
         let read = std::fs::File::open(&path)?;
         c.discard_read(&k.digest, &read);
         assert!(!path.exists());
@@ -1249,9 +1245,7 @@ mod tests {
         let found = c.walk();
         // Found damaged by a read after the walk saw it: removed, and must stay uncounted.
         let path = c.path(&chunks[0].0.digest);
-        let mut bytes = std::fs::read(&path)?;
-        bytes[3] ^= 1;
-        std::fs::write(&path, &bytes)?;
+        damage(&path, 3, 1)?;
         assert!(c.get(&chunks[0].0).await?.is_none());
         c.count(found);
         assert!(!c.contains(&chunks[0].0.digest));

@@ -184,18 +184,7 @@ impl DiskCache {
 
     fn open_whole_pinned(&self, key: &Digest, len: u64) -> Option<File> {
         let path = self.path_of(key, true);
-        let file = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) => {
-                warn!(path = %path.display(), error = %e, "disk cache read failed");
-                // Gone: so is the entry. Anything else (no descriptor to be had): a miss,
-                // and the copy stays.
-                if e.kind() == std::io::ErrorKind::NotFound {
-                    self.discard(key);
-                }
-                return None;
-            }
-        };
+        let file = self.open_copy(key, &path)?;
         let verified = self.lock().entries.get(key).is_some_and(|e| e.verified);
         let right_length = file.metadata().is_ok_and(|m| m.len() == len);
         if verified && right_length {
