@@ -839,15 +839,13 @@ mod tests {
         index.layers.push(second);
         let file = encode(&index)?;
         assert_eq!(u32::from_le_bytes(file[8..12].try_into().unwrap()), 3);
-        let body = &file[HEADER_LEN..];
-        let meta = u64::from_le_bytes(body[..8].try_into().unwrap()) as usize;
         let mut bulk: Vec<u8> = Vec::new();
         for l in &index.layers {
             bulk.extend(l.checkpoints.iter().flat_map(|c| c.window.clone()));
             bulk.extend(l.blocks.iter().flat_map(|d| d.0));
         }
         assert_eq!(
-            &body[8 + meta..],
+            frame_and_bulk(&file).1,
             &bulk[..],
             "the bulk, uncompressed, after the frame"
         );
@@ -898,23 +896,26 @@ mod tests {
         Ok(())
     }
 
+    /// The metadata frame and the bulk of a version 3 file.
+    fn frame_and_bulk(file: &[u8]) -> (&[u8], &[u8]) {
+        let body = &file[HEADER_LEN..];
+        let meta = u64::from_le_bytes(body[..8].try_into().unwrap()) as usize;
+        body[8..].split_at(meta)
+    }
+
     /// The file of `index` with its metadata frame replaced by `frame` (resealed).
     fn with_frame(index: &ImageIndex, frame: &[u8]) -> Result<Vec<u8>> {
         let file = encode(index)?;
-        let body = &file[HEADER_LEN..];
-        let meta = u64::from_le_bytes(body[..8].try_into().unwrap()) as usize;
         let mut b = (frame.len() as u64).to_le_bytes().to_vec();
         b.extend_from_slice(frame);
-        b.extend_from_slice(&body[8 + meta..]);
+        b.extend_from_slice(frame_and_bulk(&file).1);
         Ok(sealed(&b))
     }
 
     /// The metadata of `index`, inflated.
     fn metadata_of(index: &ImageIndex) -> Result<Vec<u8>> {
         let file = encode(index)?;
-        let body = &file[HEADER_LEN..];
-        let meta = u64::from_le_bytes(body[..8].try_into().unwrap()) as usize;
-        Ok(zstd::bulk::decompress(&body[8..8 + meta], 1 << 30)?)
+        Ok(zstd::bulk::decompress(frame_and_bulk(&file).0, 1 << 30)?)
     }
 
     /// `frame` (one without a recorded size, as a streaming writer makes) claiming `size`.
@@ -1019,9 +1020,7 @@ mod tests {
         assert_eq!(decode(&with_frame(&index, &true_claim)?)?, index);
         // So does what clip writes.
         let file = encode(&index)?;
-        let meta = u64::from_le_bytes(file[HEADER_LEN..HEADER_LEN + 8].try_into().unwrap());
-        let frame = &file[HEADER_LEN + 8..HEADER_LEN + 8 + meta as usize];
-        assert_eq!(one_shot_size(frame), Some(payload.len()));
+        assert_eq!(one_shot_size(frame_and_bulk(&file).0), Some(payload.len()));
         Ok(())
     }
 
