@@ -62,6 +62,18 @@ impl Profile {
     pub fn is_empty(&self) -> bool {
         self.chunks.is_empty() && self.reads.is_empty()
     }
+
+    /// The reads to bring ahead: those of files handed over whole, and the others unless a
+    /// file handed over whole holds their bytes (read before it was kept whole: the kernel
+    /// now reads the whole copy, not the chunks).
+    pub fn reads_to_bring(&self) -> Vec<FileRead> {
+        let wholes = Covered::of(self.reads.iter().filter(|r| r.whole));
+        self.reads
+            .iter()
+            .filter(|r| r.whole || !wholes.holds(r, true))
+            .copied()
+            .collect()
+    }
 }
 
 /// The chunks and reads so far, first touch first, within the window and the limit.
@@ -100,6 +112,14 @@ impl Recorder {
         Some(s)
     }
 
+    /// Stops recording once both lists are full (until then the other may still have room,
+    /// and the lock stays taken).
+    fn close_if_full(&self, s: &RecorderState) {
+        if s.order.len() >= RECORD_LIMIT && s.reads.len() >= RECORD_LIMIT {
+            self.closed.store(true, Ordering::Relaxed);
+        }
+    }
+
     /// A reader wanted bytes of a file (see [`FileRead`]). A read that continues one
     /// recorded before (a sequential reader) or starts where one did (the same file read
     /// again) extends it instead of taking a line.
@@ -129,9 +149,7 @@ impl Recorder {
             return;
         }
         if s.reads.len() >= RECORD_LIMIT {
-            if s.order.len() >= RECORD_LIMIT {
-                self.closed.store(true, Ordering::Relaxed);
-            }
+            self.close_if_full(&s);
             return;
         }
         let i = s.reads.len();
@@ -147,10 +165,7 @@ impl Recorder {
         };
         for c in chunks {
             if s.order.len() >= RECORD_LIMIT {
-                // Reads may still have room: the lock stays taken until both are full.
-                if s.reads.len() >= RECORD_LIMIT {
-                    self.closed.store(true, Ordering::Relaxed);
-                }
+                self.close_if_full(&s);
                 return;
             }
             if s.seen.insert((layer, c)) {
@@ -172,20 +187,6 @@ impl Recorder {
             chunks: s.order.clone(),
             reads: s.reads.clone(),
         }
-    }
-}
-
-impl Profile {
-    /// The reads to bring ahead: those of files handed over whole, and the others unless a
-    /// file handed over whole holds their bytes (read before it was kept whole: the kernel
-    /// now reads the whole copy, not the chunks).
-    pub fn reads_to_bring(&self) -> Vec<FileRead> {
-        let wholes = Covered::of(self.reads.iter().filter(|r| r.whole));
-        self.reads
-            .iter()
-            .filter(|r| r.whole || !wholes.holds(r, true))
-            .copied()
-            .collect()
     }
 }
 

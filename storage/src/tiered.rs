@@ -955,7 +955,7 @@ impl<S: BlobSource> ChunkStore<S> {
     /// ([`Self::warm_up`]). Returns at once; the work goes on in the background.
     pub fn replay(self: &Arc<Self>, profile: &crate::profile::Profile, budget: u64) {
         *self.replayed.lock().unwrap_or_else(|p| p.into_inner()) = profile.clone();
-        self.warm_up(profile.clone(), budget);
+        self.warm_up(profile.reads_to_bring(), budget);
         let chunks = &profile.chunks;
         // The profile's chunks grouped by span, spans in the order the profile first wants
         // them.
@@ -1016,24 +1016,24 @@ impl<S: BlobSource> ChunkStore<S> {
         });
     }
 
-    /// Has the bytes of `reads` (a start-up profile's, first wanted first) that are on local
-    /// disk read into the kernel's page cache ahead of the program, up to `budget` bytes
-    /// (and [`WARM_UP_LIMIT`]): the blocks of the chunk files they lie in, and the files kept
-    /// whole (whose check at their first open in this process, when one is due, then
-    /// happens here, off the program's path); reads whose bytes a file kept whole holds
-    /// are left to it ([`crate::profile::Profile::reads_to_bring`]). The kernel is asked
+    /// Has the bytes of `reads` (a start-up profile's, first wanted first, as
+    /// [`crate::profile::Profile::reads_to_bring`] leaves them: reads whose bytes a file kept
+    /// whole holds are left to it) that are on local disk read into the kernel's page cache
+    /// ahead of the program, up to `budget` bytes (and [`WARM_UP_LIMIT`]): the blocks of the
+    /// chunk files they lie in, and the files kept whole (whose check at their first open in
+    /// this process, when one is due, then happens here, off the program's path). The kernel is asked
     /// (`posix_fadvise(WILLNEED)`) without waiting, from a blocking thread; nothing is
     /// fetched, kept in memory or recorded. With every byte of a warm start-up in the page
     /// cache, the program's opens and reads wait for no disk.
-    fn warm_up(self: &Arc<Self>, profile: crate::profile::Profile, budget: u64) {
-        if profile.reads.is_empty() {
+    fn warm_up(self: &Arc<Self>, reads: Vec<crate::profile::FileRead>, budget: u64) {
+        if reads.is_empty() {
             return;
         }
         let budget = budget.min(WARM_UP_LIMIT);
         let weak = Arc::downgrade(self);
         tokio::task::spawn_blocking(move || {
             let mut planned = 0u64;
-            for r in profile.reads_to_bring() {
+            for r in reads {
                 let Some(this) = weak.upgrade() else {
                     return;
                 };
