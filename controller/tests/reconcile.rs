@@ -196,6 +196,7 @@ async fn a_new_clip_image_goes_resolving_indexing_ready_and_a_node_mounts_it() -
             platform: None,
             publish_wait: Duration::from_secs(5),
             keeper_socket: None,
+            idle_indexes: clip_driver::csi::idle::IdleLimits::default(),
         },
         Some(w.redis.clone()),
         Some(Arc::new(OneImage(current(&w, "app")))),

@@ -6,9 +6,10 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clip_api::{ClipImage, ClipImageSpec, ClipImageStatus, Condition, Phase};
+use clip_driver::csi::idle::IdleLimits;
 use clip_driver::csi::kubelet;
 use clip_driver::csi::lookup::ClipImageLookup;
 use clip_driver::csi::node::{NodeConfig, NodeContext};
@@ -67,6 +68,7 @@ struct Options {
     /// The shared cache, connected by the test (which keeps a handle to look at it).
     redis: Option<Arc<RedisCache>>,
     store: StoreConfig,
+    idle: IdleLimits,
 }
 
 impl Plugin {
@@ -96,6 +98,7 @@ impl Plugin {
             platform: None,
             publish_wait: Duration::from_secs(30),
             keeper_socket: None,
+            idle_indexes: options.idle,
         };
         let lookup: Arc<dyn ClipImageLookup> = api.clone();
         let ctx = NodeContext::new(
@@ -453,6 +456,93 @@ fn ready_clip_image(name: &str, digest: &str, phase: Phase, reason: &str) -> Cli
     ci
 }
 
+/// Builds the index of `reference`, keeps it in the plugin's state directory as the node
+/// keeps the ones it is given, and returns its file.
+async fn index_on_node(plugin: &Plugin, reference: &str) -> anyhow::Result<(String, PathBuf)> {
+    let client = clip_storage::RegistryClient::new(RegistryConfig::default());
+    let resolved = client.resolve(reference, None).await?;
+    let index = clip_storage::build_index(
+        &client,
+        &resolved,
+        clip_index::IndexOptions::default(),
+        2,
+        Arc::default(),
+    )
+    .await?;
+    let encoded = clip_index::encode(&index)?;
+    let digest = clip_index::index_digest(&encoded);
+    let dir = plugin.dir.path().join("state/indexes");
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join(format!("{}.clipidx", digest.hex()));
+    std::fs::write(&file, &encoded)?;
+    Ok((digest.to_string(), file))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_image_published_again_soon_reuses_its_index_from_memory_until_its_time_is_over()
+-> anyhow::Result<()> {
+    let registry = Registry::start()?;
+    let layers = fixtures::complex_layers();
+    let image = build_image(&layers, "linux", "amd64")?;
+    let reference = Pusher::new(&registry.host(), None).push_image("csi/idle", "v1", &image)?;
+    let plugin = Plugin::start_with(Options {
+        idle: IdleLimits {
+            count: 4,
+            linger: Duration::from_secs(2),
+        },
+        ..Options::default()
+    })
+    .await?;
+    let (digest, file) = index_on_node(&plugin, &reference).await?;
+    plugin.api.0.lock().unwrap().insert(
+        ("team".into(), "app".into()),
+        ready_clip_image("app", &digest, Phase::Ready, "Indexed"),
+    );
+    let idle = || metric(&plugin.ctx.metrics(), "clip_idle_indexes");
+    let mut node = plugin.node().await?;
+    let readme = "usr/share/doc/readme";
+    let mut serve = async |volume: &str| -> anyhow::Result<PathBuf> {
+        let target = plugin.target(volume);
+        node.node_publish_volume(publish(volume, &target, &[("clipImage", "app")]))
+            .await?;
+        assert_eq!(read(target.join(readme)).await?, b"documentation\n");
+        Ok(target)
+    };
+    let a = serve("vol-a").await?;
+    // From here on the index is not on disk: only memory can serve the image.
+    std::fs::remove_file(&file)?;
+    let b = serve("vol-b").await?;
+    assert_eq!(idle(), Some(0));
+    let mut node = plugin.node().await?;
+    for (v, t) in [("vol-a", &a), ("vol-b", &b)] {
+        node.node_unpublish_volume(kubelet::unpublish(v, t)).await?;
+    }
+    assert_eq!(idle(), Some(1), "{}", plugin.ctx.metrics());
+    let c = plugin.target("vol-c");
+    node.node_publish_volume(publish("vol-c", &c, &[("clipImage", "app")]))
+        .await?;
+    assert_eq!(read(c.join(readme)).await?, b"documentation\n");
+    assert_eq!(idle(), Some(0), "in use again");
+    node.node_unpublish_volume(kubelet::unpublish("vol-c", &c))
+        .await?;
+    assert_eq!(idle(), Some(1));
+    // Let go of once its time is over, without any call to the node.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while idle() != Some(0) {
+        assert!(Instant::now() < deadline, "{}", plugin.ctx.metrics());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let d = plugin.target("vol-d");
+    let err = node
+        .node_publish_volume(publish("vol-d", &d, &[("clipImage", "app")]))
+        .await
+        .expect_err("the index is neither in memory nor on disk");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("not on this node"), "{err:?}");
+    assert!(!is_mounted(&d));
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn clip_image_volumes_and_every_bad_request_get_the_right_code() -> anyhow::Result<()> {
     let registry = Registry::start()?;
@@ -468,24 +558,9 @@ async fn clip_image_volumes_and_every_bad_request_get_the_right_code() -> anyhow
     let plugin = Plugin::start(false).await?;
 
     // A Ready ClipImage whose index this node has.
-    let client = clip_storage::RegistryClient::new(RegistryConfig::default());
-    let resolved = client.resolve(&reference, None).await?;
-    let index = clip_storage::build_index(
-        &client,
-        &resolved,
-        clip_index::IndexOptions::default(),
-        2,
-        Arc::default(),
-    )
-    .await?;
-    let encoded = clip_index::encode(&index)?;
-    let digest = clip_index::index_digest(&encoded);
-    let dir = plugin.dir.path().join("state/indexes");
-    std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join(format!("{}.clipidx", digest.hex())), &encoded)?;
+    let (d, _) = index_on_node(&plugin, &reference).await?;
     {
         let mut api = plugin.api.0.lock().unwrap();
-        let d = digest.to_string();
         api.insert(
             ("team".into(), "app".into()),
             ready_clip_image("app", &d, Phase::Ready, "Indexed"),

@@ -55,6 +55,7 @@ async fn start_node(name: &str, cluster: &RedisCluster, api: &FakeApi) -> anyhow
             platform: None,
             publish_wait: Duration::from_secs(10),
             keeper_socket: None,
+            idle_indexes: clip_driver::csi::idle::IdleLimits::default(),
         },
         Some(redis),
         Some(Arc::new(KubeLookup::new(api.client.clone()))),

@@ -8,6 +8,7 @@ use clap::{Args, ValueEnum};
 use tracing::{info, warn};
 
 use super::{RedisArgs, RegistryArgs, parse_size};
+use crate::csi::idle::IdleLimits;
 use crate::csi::lookup::{ClipImageLookup, KubeLookup};
 use crate::csi::node::{NodeConfig, NodeContext};
 use crate::error::{Error, Result};
@@ -68,6 +69,15 @@ pub struct NodeArgs {
     /// Seconds a publish waits for a direct image being indexed before kubelet retries.
     #[arg(long, default_value_t = 20, env = "CLIP_PUBLISH_WAIT")]
     pub publish_wait: u64,
+
+    /// Decoded indexes of images that no volume uses any more, kept in memory so that the
+    /// image's next publish on this node neither reads nor decodes its index; 0 keeps none.
+    #[arg(long, default_value_t = IdleLimits::default().count, env = "CLIP_IDLE_INDEXES")]
+    pub idle_indexes: usize,
+
+    /// Seconds an idle index is kept after the last volume of its image went.
+    #[arg(long, default_value_t = IdleLimits::default().linger.as_secs(), env = "CLIP_IDLE_INDEXES_FOR")]
+    pub idle_indexes_for: u64,
 
     /// How to reach the API server for ClipImage lookups.
     #[arg(long, value_enum, default_value = "auto", env = "CLIP_KUBE")]
@@ -142,6 +152,10 @@ pub async fn run(args: NodeArgs) -> Result<()> {
         platform: args.registry.platform()?,
         publish_wait: Duration::from_secs(args.publish_wait),
         keeper_socket: args.keeper_socket.clone(),
+        idle_indexes: IdleLimits {
+            count: args.idle_indexes,
+            linger: Duration::from_secs(args.idle_indexes_for),
+        },
     };
     let ctx = NodeContext::new(config, redis, lookup, tokio::runtime::Handle::current())?;
     ctx.restore().await;

@@ -3,12 +3,14 @@
 //! - [`identity`]: GetPluginInfo, GetPluginCapabilities, Probe.
 //! - [`node`]: publish/unpublish of ephemeral image volumes, stats, capabilities, info; the
 //!   shared [`node::NodeContext`] (mount table, per-image stores, op guards).
+//! - [`idle`]: decoded indexes of images no volume uses, kept a while for their next publish.
 //! - [`lookup`]: ClipImage lookups (the API server, or a mock in tests).
 //! - [`error`]: node plugin errors and their gRPC codes.
 //! - [`server`]: binding the socket and serving.
 
 pub mod error;
 pub mod identity;
+pub mod idle;
 pub mod kubelet;
 pub mod lookup;
 pub mod node;

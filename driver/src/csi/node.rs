@@ -18,6 +18,7 @@ use tonic::{Request, Response, Status};
 use tracing::{Instrument, info, info_span, warn};
 
 use super::error::CsiError;
+use super::idle::{IdleIndexes, IdleLimits};
 use super::lookup::ClipImageLookup;
 use super::proto::node_server::Node;
 use super::proto::node_service_capability::{Rpc, rpc};
@@ -58,6 +59,8 @@ pub struct NodeConfig {
     pub publish_wait: Duration,
     /// The keeper (`clip keeper`) that holds mounts while this plugin restarts.
     pub keeper_socket: Option<PathBuf>,
+    /// Decoded indexes of images no volume uses any more, kept for the image's next publish.
+    pub idle_indexes: IdleLimits,
 }
 
 struct ImageEntry {
@@ -91,6 +94,8 @@ pub struct NodeContext {
     table: Mutex<MountTable>,
     active: Mutex<HashMap<String, Active>>,
     images: Mutex<HashMap<Digest, ImageEntry>>,
+    /// Indexes of images whose last volume went, for a quick next publish.
+    idle: IdleIndexes,
     busy: Mutex<HashSet<String>>,
     jobs: Mutex<HashMap<Digest, Arc<IndexJob>>>,
     /// Registry clients by credentials (a digest of the secret), so tokens and connections
@@ -196,7 +201,8 @@ impl NodeContext {
     ) -> crate::Result<Arc<Self>> {
         let disk = DiskCache::open_in_background(&config.cache_dir, config.cache_bytes)?;
         let table = MountTable::load(&config.state_dir.join("volumes.json"))?;
-        Ok(Arc::new(Self {
+        let idle = IdleIndexes::new(config.idle_indexes);
+        let ctx = Arc::new(Self {
             config,
             disk,
             redis,
@@ -205,11 +211,25 @@ impl NodeContext {
             table: Mutex::new(table),
             active: Mutex::new(HashMap::new()),
             images: Mutex::new(HashMap::new()),
+            idle,
             busy: Mutex::new(HashSet::new()),
             jobs: Mutex::new(HashMap::new()),
             registries: Mutex::new(HashMap::new()),
             keeper: std::sync::OnceLock::new(),
-        }))
+        });
+        // Idle indexes are let go of when their time is over, also on a node left idle.
+        let weak = Arc::downgrade(&ctx);
+        let every = ctx.idle.sweep_every();
+        ctx.runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                match weak.upgrade() {
+                    Some(ctx) => ctx.idle.expire(),
+                    None => return,
+                }
+            }
+        });
+        Ok(ctx)
     }
 
     /// Ready to serve: FUSE is available and the configured caches answer.
@@ -261,8 +281,16 @@ impl NodeContext {
         }
     }
 
-    /// The index with this digest: local copy first, then Redis. Verified either way.
+    /// The index with this digest: the one in memory (of an image this node serves, or
+    /// kept since its last volume went), else the local copy, else Redis. The copies are
+    /// verified.
     async fn load_index(&self, digest: &Digest, volume: &str) -> Result<Arc<ImageIndex>, CsiError> {
+        if let Some(e) = lock(&self.images).get(digest) {
+            return Ok(e.store.index().clone());
+        }
+        if let Some(index) = self.idle.take(digest) {
+            return Ok(index);
+        }
         let path = self.index_path(digest);
         if let Ok(bytes) = std::fs::read(&path)
             && clip_index::index_digest(&bytes) == *digest
@@ -344,6 +372,9 @@ impl NodeContext {
                 None => None,
             }
         };
+        if let Some(e) = &gone {
+            self.idle.keep(*digest, e.store.index().clone());
+        }
         if let Some(e) = gone.filter(|e| e.profiled) {
             let path = self.profile_path(&e.store);
             keep_profile(&e.store, path, self.redis.clone(), &self.runtime);
@@ -1284,6 +1315,10 @@ impl NodeContext {
                 "# HELP clip_image_volumes Volumes published of an image.\n# TYPE clip_image_volumes gauge\nclip_image_volumes{{{labels}}} {refs}\n"
             ));
         }
+        parts.push(format!(
+            "# HELP clip_idle_indexes Decoded indexes of images no volume uses, kept in memory for their next publish.\n# TYPE clip_idle_indexes gauge\nclip_idle_indexes {}\n",
+            self.idle.len()
+        ));
         for (volume, a) in lock(&self.active).iter() {
             if let Some(m) = &a.mount {
                 let labels = format!("volume_id=\"{volume}\",index=\"{}\"", a.index_digest);
