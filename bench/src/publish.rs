@@ -107,21 +107,21 @@ struct Pull {
 }
 
 /// A `clip node` process; on drop (or a signal) its volume is unmounted and it is stopped.
-struct NodePlugin {
+pub(crate) struct NodePlugin {
     child: Arc<Mutex<Child>>,
-    socket: PathBuf,
+    pub(crate) socket: PathBuf,
     log: PathBuf,
     metrics_port: u16,
     _guard: Guard,
 }
 
 impl NodePlugin {
-    fn start(
+    /// `clip node` with its socket, state and cache under `dir`, metrics on a free port, and
+    /// `extra` arguments.
+    pub(crate) fn start(
         clip: &Path,
         dir: &Path,
-        redis: &[String],
-        prefix: &str,
-        publish_wait: u64,
+        extra: &[String],
         teardown: &Arc<Teardown>,
     ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
@@ -131,14 +131,9 @@ impl NodePlugin {
         let node_id = dir.file_name().unwrap_or_default().to_string_lossy();
         let child = Command::new(clip)
             .args(clip_e2e::node::node_args(dir, &node_id))
-            .arg("--publish-wait")
-            .arg(publish_wait.to_string())
             .arg("--metrics-addr")
             .arg(format!("127.0.0.1:{metrics_port}"))
-            .arg("--redis")
-            .arg(redis.join(","))
-            .arg("--redis-prefix")
-            .arg(prefix)
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
@@ -227,7 +222,7 @@ impl NodePlugin {
     }
 
     /// SIGTERM; fails if the plugin does not exit cleanly.
-    fn stop(self) -> anyhow::Result<()> {
+    pub(crate) fn stop(self) -> anyhow::Result<()> {
         let mut c = self.child.lock().unwrap_or_else(|p| p.into_inner());
         stop_child(&mut c, Duration::from_secs(10));
         let status = c.wait()?;
@@ -261,13 +256,17 @@ fn metric_sum(text: &str, name: &str, labels: &[&str]) -> u64 {
 }
 
 /// What kubelet sends for a pod's inline `csi:` volume with `volumeAttributes.image`.
-fn publish_request(volume: &str, target: &Path, image: &str) -> NodePublishVolumeRequest {
+pub(crate) fn publish_request(
+    volume: &str,
+    target: &Path,
+    image: &str,
+) -> NodePublishVolumeRequest {
     kubelet::ephemeral_volume(volume, target, "bench", volume, &[("image", image)])
 }
 
 /// Calls NodePublishVolume until it succeeds, retrying what kubelet retries with its
 /// backoff; returns the number of calls.
-async fn publish_like_kubelet(
+pub(crate) async fn publish_like_kubelet(
     node: &mut NodeClient<Channel>,
     req: &NodePublishVolumeRequest,
 ) -> anyhow::Result<u32> {
@@ -371,14 +370,15 @@ impl Run {
         if dir.exists() {
             std::fs::remove_dir_all(&dir)?;
         }
-        let node = NodePlugin::start(
-            &self.clip,
-            &dir,
-            &self.seeds,
-            prefix,
-            self.publish_wait,
-            &self.teardown,
-        )?;
+        let extra = [
+            "--publish-wait".to_owned(),
+            self.publish_wait.to_string(),
+            "--redis".to_owned(),
+            self.seeds.join(","),
+            "--redis-prefix".to_owned(),
+            prefix.to_owned(),
+        ];
+        let node = NodePlugin::start(&self.clip, &dir, &extra, &self.teardown)?;
         let mut client = self.rt.block_on(async {
             Ok::<_, anyhow::Error>(NodeClient::new(
                 clip_driver::csi::server::connect(&node.socket).await?,
