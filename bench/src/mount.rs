@@ -866,8 +866,8 @@ impl Bench {
     /// start-up profile in its state as if it had served the image before. Each run drops the
     /// page cache, publishes the volume as kubelet does and runs `cmd` in it; returns (the
     /// publish and the command, the publish). With `idle`, the node keeps the index in memory
-    /// between volumes (its default); without, every publish reads and decodes the index
-    /// file. One untimed run first, as on a node that has published volumes before.
+    /// between volumes (`--idle-indexes 1`); without (0), every publish reads and decodes the
+    /// index file. One untimed run first, as on a node that has published volumes before.
     fn node_warm(
         &mut self,
         image: &str,
@@ -937,8 +937,10 @@ impl Bench {
             node.stop()?;
             best.get()
         })();
-        std::fs::rename(&node_cache, cache)?;
-        result
+        let moved_back = std::fs::rename(&node_cache, cache);
+        let result = result?;
+        moved_back?;
+        Ok(result)
     }
 
     /// A squashfs of `root`, built once per image version.

@@ -918,7 +918,13 @@ impl<S: BlobSource> ChunkStore<S> {
         };
         // On a warm cache there is nothing to bring: answered here, which spares the opener
         // the wake-up of a runtime thread on every open.
-        if chunks.clone().all(|c| self.local_now(layer, c)) {
+        let local = |c| {
+            matches!(
+                self.whereabouts(layer, c).now_or_never(),
+                Some(Whereabouts::Near | Whereabouts::Local)
+            )
+        };
+        if chunks.clone().all(local) {
             return;
         }
         let spans = l.span_runs(chunks).collect();
@@ -1127,20 +1133,6 @@ impl<S: BlobSource> ChunkStore<S> {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .contains_key(&(layer, c))
-    }
-
-    /// Whether chunk `c` is in memory, on its way, or in a local tier, answered without
-    /// waiting (a tier whose answer is not ready at once counts as not holding it).
-    fn local_now(&self, layer: usize, c: u32) -> bool {
-        let Ok(key) = self.key(layer, c) else {
-            return true;
-        };
-        self.is_near(layer, c, &key)
-            || self
-                .tiers
-                .iter()
-                .filter(|t| t.is_local())
-                .any(|t| t.contains(&key).now_or_never() == Some(true))
     }
 
     /// Where chunk `c` is now, as far as read-ahead cares.

@@ -2,9 +2,9 @@
 //! while, so that the image's next publish on this node (a restarted pod, the next job of a
 //! series, a rolling update) neither reads nor decodes its index again.
 //!
-//! Bounded twice: at most `count` indexes, each for at most `linger` after its last volume
-//! went; the oldest goes first. An index kept here is taken out when a volume uses it again
-//! (the image's store holds it from then on).
+//! Bounded twice: at most `count` indexes, each for `linger` after its last volume went
+//! (let go of by the next sweep after that); the oldest goes first. An index kept here is
+//! taken out when the image is served again (its store holds it from then on).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -31,11 +31,14 @@ impl Default for IdleLimits {
     }
 }
 
+/// An idle index: the image's index digest, the index, and when its last volume went.
+type Idle = (Digest, Arc<ImageIndex>, Instant);
+
 /// The idle indexes, oldest first.
 #[derive(Debug)]
 pub struct IdleIndexes {
     limits: IdleLimits,
-    kept: Mutex<Vec<(Digest, Arc<ImageIndex>, Instant)>>,
+    kept: Mutex<Vec<Idle>>,
 }
 
 impl IdleIndexes {
@@ -57,12 +60,25 @@ impl IdleIndexes {
         self.expire_locked(&mut kept, now);
     }
 
-    /// The kept index with this digest, taken out of the keep, unless its time is over.
-    pub fn take(&self, digest: &Digest) -> Option<Arc<ImageIndex>> {
+    /// The kept index with this digest, left in the keep, unless its time is over.
+    pub fn get(&self, digest: &Digest) -> Option<Arc<ImageIndex>> {
         let mut kept = lock(&self.kept);
         self.expire_locked(&mut kept, Instant::now());
+        kept.iter()
+            .find(|(d, _, _)| d == digest)
+            .map(|(_, index, _)| index.clone())
+    }
+
+    /// Takes the index with this digest out of the keep: its image is served again.
+    pub fn take(&self, digest: &Digest) -> Option<Arc<ImageIndex>> {
+        let mut kept = lock(&self.kept);
         let at = kept.iter().position(|(d, _, _)| d == digest)?;
         Some(kept.remove(at).1)
+    }
+
+    /// Whether anything can be kept at all.
+    pub fn keeps(&self) -> bool {
+        self.limits.count > 0 && !self.limits.linger.is_zero()
     }
 
     /// Lets go of the indexes kept longer than the linger.
@@ -70,7 +86,7 @@ impl IdleIndexes {
         self.expire_locked(&mut lock(&self.kept), Instant::now());
     }
 
-    fn expire_locked(&self, kept: &mut Vec<(Digest, Arc<ImageIndex>, Instant)>, now: Instant) {
+    fn expire_locked(&self, kept: &mut Vec<Idle>, now: Instant) {
         kept.retain(|(_, _, since)| now.duration_since(*since) < self.limits.linger);
     }
 
@@ -82,8 +98,8 @@ impl IdleIndexes {
         self.len() == 0
     }
 
-    /// How often [`IdleIndexes::expire`] should run: often enough that an index outlives its
-    /// linger by at most half of it (bounded to between 100 ms and 30 s).
+    /// How often [`IdleIndexes::expire`] should run: half the linger, at least 100 ms and at
+    /// most 30 s (so an index stays in memory past its linger by at most that).
     pub fn sweep_every(&self) -> Duration {
         (self.limits.linger / 2).clamp(Duration::from_millis(100), Duration::from_secs(30))
     }
@@ -114,10 +130,12 @@ mod tests {
         k.keep(b.0, b.1.clone());
         k.keep(c.0, c.1.clone());
         assert_eq!(k.len(), 2);
-        assert!(k.take(&a.0).is_none(), "the oldest went when a third came");
-        let got = k.take(&b.0).expect("kept");
+        assert!(k.get(&a.0).is_none(), "the oldest went when a third came");
+        let got = k.get(&b.0).expect("kept");
         assert!(Arc::ptr_eq(&got, &b.1));
-        assert!(k.take(&b.0).is_none(), "taken out");
+        assert_eq!(k.len(), 2, "looked at, still kept");
+        assert!(Arc::ptr_eq(&k.take(&b.0).expect("kept"), &b.1));
+        assert!(k.get(&b.0).is_none(), "taken out");
         assert_eq!(k.len(), 1);
     }
 
@@ -140,9 +158,12 @@ mod tests {
         let a = index(1);
         none.keep(a.0, a.1.clone());
         assert!(none.is_empty());
-        assert!(none.take(&a.0).is_none());
+        assert!(none.get(&a.0).is_none());
+        assert!(!none.keeps());
+        assert!(!keep(4, Duration::ZERO).keeps());
 
         let short = keep(4, Duration::from_millis(30));
+        assert!(short.keeps());
         short.keep(a.0, a.1.clone());
         assert_eq!(short.len(), 1);
         std::thread::sleep(Duration::from_millis(60));
@@ -150,7 +171,7 @@ mod tests {
         assert!(short.is_empty());
         short.keep(a.0, a.1);
         std::thread::sleep(Duration::from_millis(60));
-        assert!(short.take(&a.0).is_none(), "expired when asked for");
+        assert!(short.get(&a.0).is_none(), "expired when asked for");
         assert_eq!(short.sweep_every(), Duration::from_millis(100));
         assert_eq!(
             keep(4, Duration::from_secs(3600)).sweep_every(),

@@ -218,17 +218,19 @@ impl NodeContext {
             keeper: std::sync::OnceLock::new(),
         });
         // Idle indexes are let go of when their time is over, also on a node left idle.
-        let weak = Arc::downgrade(&ctx);
-        let every = ctx.idle.sweep_every();
-        ctx.runtime.spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
-                match weak.upgrade() {
-                    Some(ctx) => ctx.idle.expire(),
-                    None => return,
+        if ctx.idle.keeps() {
+            let weak = Arc::downgrade(&ctx);
+            let every = ctx.idle.sweep_every();
+            ctx.runtime.spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    match weak.upgrade() {
+                        Some(ctx) => ctx.idle.expire(),
+                        None => return,
+                    }
                 }
-            }
-        });
+            });
+        }
         Ok(ctx)
     }
 
@@ -288,7 +290,7 @@ impl NodeContext {
         if let Some(e) = lock(&self.images).get(digest) {
             return Ok(e.store.index().clone());
         }
-        if let Some(index) = self.idle.take(digest) {
+        if let Some(index) = self.idle.get(digest) {
             return Ok(index);
         }
         let path = self.index_path(digest);
@@ -349,6 +351,9 @@ impl NodeContext {
         if starts {
             self.start_profile(&store);
         }
+        // Served again: out of the idle keep (under the images lock, as release_image keeps
+        // it, so an image is always in one or the other).
+        self.idle.take(&digest);
         images.insert(
             digest,
             ImageEntry {
@@ -368,13 +373,16 @@ impl NodeContext {
                     e.refs -= 1;
                     None
                 }
-                Some(_) => images.remove(digest),
+                Some(_) => {
+                    let gone = images.remove(digest);
+                    if let Some(e) = &gone {
+                        self.idle.keep(*digest, e.store.index().clone());
+                    }
+                    gone
+                }
                 None => None,
             }
         };
-        if let Some(e) = &gone {
-            self.idle.keep(*digest, e.store.index().clone());
-        }
         if let Some(e) = gone.filter(|e| e.profiled) {
             let path = self.profile_path(&e.store);
             keep_profile(&e.store, path, self.redis.clone(), &self.runtime);
