@@ -585,6 +585,8 @@ impl Bench {
 
     fn startup(&mut self, image: &ImageFiles, cmd: &[String]) -> anyhow::Result<()> {
         let (reference, index) = self.index(image)?;
+        let encoded = std::fs::read(&index)?;
+        let decoded = clip_index::decode(&encoded)?;
         let root = self.work.join("root");
         let pulled = self.work.join("pull");
         let host = self.link.registry_host();
@@ -696,12 +698,10 @@ impl Bench {
             .context("the lazy run recorded no start-up profile")??
             .path();
         let profile = self.work.join("startup.profile");
-        let profile_chunks = clip_storage::profile::decode(
-            &std::fs::read_to_string(&recorded)?,
-            &clip_index::decode_owned(std::fs::read(&index)?)?,
-        )?
-        .chunks
-        .len();
+        let profile_chunks =
+            clip_storage::profile::decode(&std::fs::read_to_string(&recorded)?, &decoded)?
+                .chunks
+                .len();
         self.mount_args.extend([
             "--startup-profile".to_owned(),
             profile.display().to_string(),
@@ -743,8 +743,9 @@ impl Bench {
         // (c') The same warm cache served by the node plugin, as a pod gets it: a running
         // `clip node` publishes the volume (kubelet's NodePublishVolume), then the command.
         let image_ref = format!("{}/{reference}", self.link.registry_host());
-        let from_file = self.node_warm(&image_ref, &index, &cache, cmd, false)?;
-        let from_memory = self.node_warm(&image_ref, &index, &cache, cmd, true)?;
+        let manifest = decoded.source.manifest_digest;
+        let from_file = self.node_warm(&image_ref, &encoded, manifest, &cache, cmd, false)?;
+        let from_memory = self.node_warm(&image_ref, &encoded, manifest, &cache, cmd, true)?;
         std::fs::remove_dir_all(&cache)?;
 
         println!(
@@ -849,8 +850,6 @@ impl Bench {
                 100.0 * w.bytes as f64 / image.uncompressed() as f64,
                 w.failed
             );
-            let encoded = std::fs::read(&index)?;
-            let decoded = clip_index::decode(&encoded)?;
             let floor = fetch_floor(&decoded, &w.paths);
             println!(
                 "compressed bytes those files need: {:.1} MB as their chunks, each from its nearest checkpoint; {:.1} MB as whole checkpoint spans (what a miss fetches)",
@@ -862,28 +861,27 @@ impl Bench {
     }
 
     /// Best of the runs of a warm start-up through the node plugin: a running `clip node`
-    /// whose disk cache is `cache` (moved in for the runs, then back), with the index and the
-    /// start-up profile in its state as if it had served the image before. Each run drops the
-    /// page cache, publishes the volume as kubelet does and runs `cmd` in it; returns (the
-    /// publish and the command, the publish). With `idle`, the node keeps the index in memory
-    /// between volumes (`--idle-indexes 1`); without (0), every publish reads and decodes the
-    /// index file. One untimed run first, as on a node that has published volumes before.
+    /// whose disk cache is `cache` (moved in for the runs, then back), with the index
+    /// `encoded` (of image `manifest`) and the start-up profile in its state as if it had
+    /// served the image before. Each run drops the page cache, publishes the volume as
+    /// kubelet does and runs `cmd` in it; returns (the publish and the command, the
+    /// publish). With `idle`, the node keeps the index in memory between volumes
+    /// (`--idle-indexes 1`); without (0), every publish reads and decodes the index file.
+    /// One untimed run first, as on a node that has published volumes before.
     fn node_warm(
         &mut self,
         image: &str,
-        index: &Path,
+        encoded: &[u8],
+        manifest: clip_index::Digest,
         cache: &Path,
         cmd: &[String],
         idle: bool,
     ) -> anyhow::Result<(Duration, Duration)> {
         let dir = crate::host::fresh_dir(&self.work.join("node"))?;
-        let encoded = std::fs::read(index)?;
-        let decoded = clip_index::decode(&encoded)?;
-        let digest = clip_index::index_digest(&encoded);
-        let manifest = decoded.source.manifest_digest;
+        let digest = clip_index::index_digest(encoded);
         let indexes = dir.join("state/indexes");
         std::fs::create_dir_all(&indexes)?;
-        std::fs::write(indexes.join(format!("{}.clipidx", digest.hex())), &encoded)?;
+        std::fs::write(indexes.join(format!("{}.clipidx", digest.hex())), encoded)?;
         std::fs::write(
             indexes.join(format!("manifest-{}", manifest.hex())),
             digest.to_string(),
@@ -904,16 +902,11 @@ impl Bench {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let mut client = rt.block_on(async {
-                Ok::<_, anyhow::Error>(clip_driver::csi::proto::node_client::NodeClient::new(
-                    clip_driver::csi::server::connect(&node.socket).await?,
-                ))
-            })?;
+            let mut client = node.client(&rt)?;
             let mut best = Best::new();
             for run in 0..=self.runs {
                 let name = format!("warm-{run}");
-                let target = dir.join(format!("pods/{name}/volumes/kubernetes.io~csi/vol/mount"));
-                std::fs::create_dir_all(target.parent().context("target parent")?)?;
+                let target = node.pod_target(&name)?;
                 let req = crate::publish::publish_request(&name, &target, image);
                 self.drop_caches();
                 let t = Instant::now();

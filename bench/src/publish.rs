@@ -109,7 +109,8 @@ struct Pull {
 /// A `clip node` process; on drop (or a signal) its volume is unmounted and it is stopped.
 pub(crate) struct NodePlugin {
     child: Arc<Mutex<Child>>,
-    pub(crate) socket: PathBuf,
+    dir: PathBuf,
+    socket: PathBuf,
     log: PathBuf,
     metrics_port: u16,
     _guard: Guard,
@@ -169,11 +170,31 @@ impl NodePlugin {
         }
         Ok(Self {
             child,
+            dir: dir.to_owned(),
             socket,
             log,
             metrics_port,
             _guard: guard,
         })
+    }
+
+    /// A CSI Node client on the plugin's socket, as kubelet connects.
+    pub(crate) fn client(
+        &self,
+        rt: &tokio::runtime::Runtime,
+    ) -> anyhow::Result<NodeClient<Channel>> {
+        let channel = rt.block_on(clip_driver::csi::server::connect(&self.socket))?;
+        Ok(NodeClient::new(channel))
+    }
+
+    /// The target path of pod `name`'s volume, under a volume directory that exists, as
+    /// kubelet creates it (the plugin creates the target in it).
+    pub(crate) fn pod_target(&self, name: &str) -> anyhow::Result<PathBuf> {
+        let target = self
+            .dir
+            .join(format!("pods/{name}/volumes/kubernetes.io~csi/vol/mount"));
+        std::fs::create_dir_all(target.parent().context("target parent")?)?;
+        Ok(target)
     }
 
     fn metrics(&self) -> anyhow::Result<String> {
@@ -379,14 +400,8 @@ impl Run {
             prefix.to_owned(),
         ];
         let node = NodePlugin::start(&self.clip, &dir, &extra, &self.teardown)?;
-        let mut client = self.rt.block_on(async {
-            Ok::<_, anyhow::Error>(NodeClient::new(
-                clip_driver::csi::server::connect(&node.socket).await?,
-            ))
-        })?;
-        // kubelet creates the pod's volume directory; the plugin creates the target in it.
-        let target = dir.join(format!("pods/{name}/volumes/kubernetes.io~csi/vol/mount"));
-        std::fs::create_dir_all(target.parent().context("target parent")?)?;
+        let mut client = node.client(&self.rt)?;
+        let target = node.pod_target(name)?;
         let req = publish_request(name, &target, image);
         self.drop_caches();
         let before = self.link_bytes();
