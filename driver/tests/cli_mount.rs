@@ -306,7 +306,7 @@ fn a_start_up_profile_recorded_by_one_mount_is_fetched_ahead_by_the_next() -> an
     stop(child)?;
     let text = std::fs::read_to_string(&profile)?;
     // The chunks (for a cold start) and the reads of both files (for a warm one).
-    assert!(text.starts_with("clip-startup-profile 2\n"), "{text}");
+    assert!(text.starts_with("clip-startup-profile 3\n"), "{text}");
     assert!(
         text.lines()
             .skip(1)

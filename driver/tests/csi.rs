@@ -1361,9 +1361,22 @@ async fn a_start_up_profile_learnt_on_one_node_is_fetched_ahead_on_the_next() ->
         }
         before = now;
     }
+    // The volume's mount looked up the names node A's pod looked up (f6, f1) as soon as
+    // it was up: the pod's own opens then ask the filesystem for no name.
+    let fs = |m: &str, op: &str| metric(m, &format!("clip_fs_requests_total{{op=\"{op}\""));
+    while fs(&b.ctx.metrics(), "prefill_lookup") != Some(2) {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "node B's mount never looked up the profile's names: {}",
+            b.ctx.metrics()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let lookups = fs(&b.ctx.metrics(), "lookup");
     head(&target_b, 6).await?;
     head(&target_b, 1).await?;
     let metrics = b.ctx.metrics();
+    assert_eq!(fs(&metrics, "lookup"), lookups, "{metrics}");
     assert_eq!(
         from_redis(&metrics),
         before,

@@ -964,3 +964,102 @@ fn files_kept_whole_are_read_by_the_kernel_itself() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn a_start_up_profile_fills_a_new_mounts_kernel_caches_before_the_program_asks()
+-> anyhow::Result<()> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let rt = runtime()?;
+    let registry = Registry::start()?;
+    let mods: Vec<Vec<u8>> = (0..12)
+        .map(|i| clip_e2e::text_bytes(4000 + i * 100, 60 + i as u64))
+        .collect();
+    let mut entries = vec![Entry::dir("app"), Entry::dir("app/lib")];
+    for (i, data) in mods.iter().enumerate() {
+        entries.push(Entry::file(&format!("app/lib/m{i}.py"), data.clone()));
+    }
+    entries.push(Entry::symlink("app/current", "lib"));
+    let image = build_image(&[Layer::gzip(entries)], "linux", "amd64")?;
+    let reference = Pusher::new(&registry.host(), None).push_image("fs/prefill", "v1", &image)?;
+    let (index, client) = index(&rt, &reference)?;
+    let cache = tempfile::tempdir()?;
+    // A program's start-up: a stat, a missing name, and three modules read, one of them
+    // through a symlink.
+    let start_up = |p: &Path| -> anyhow::Result<()> {
+        std::fs::metadata(p.join("app/lib/m3.py"))?;
+        anyhow::ensure!(std::fs::metadata(p.join("app/lib/m3.so")).is_err());
+        anyhow::ensure!(std::fs::read(p.join("app/lib/m3.py"))? == mods[3], "m3");
+        anyhow::ensure!(std::fs::read(p.join("app/lib/m7.py"))? == mods[7], "m7");
+        anyhow::ensure!(std::fs::read(p.join("app/current/m5.py"))? == mods[5], "m5");
+        Ok(())
+    };
+
+    // The first mount records the names its program looked up, in order, found or not.
+    let first = serve(&rt, &index, &client, cache.path(), 1 << 30)?;
+    start_up(first.path())?;
+    let recorded = first.store.profile_to_save();
+    let names: Vec<String> = recorded
+        .paths
+        .iter()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "app",
+            "app/lib",
+            "app/lib/m3.py",
+            "app/lib/m3.so",
+            "app/lib/m7.py",
+            "app/current",
+            "app/lib/m5.py"
+        ]
+    );
+    assert!(rt.block_on(first.store.flush(Duration::from_secs(10))));
+    drop(first);
+
+    // The next mount, with the profile as read from its file (and a path through a symlink
+    // that no profile file can hold, first: the prefill never follows it): as soon as it is
+    // up, it looks those names up itself and puts the modules read in the page cache.
+    let text = clip_storage::profile::encode(&index, &recorded);
+    let mut profile = clip_storage::profile::decode(&text, &index)?;
+    assert_eq!(profile, recorded);
+    profile.paths.insert(0, b"app/current/m1.py".to_vec());
+    let second = serve(&rt, &index, &client, cache.path(), 1 << 30)?;
+    {
+        let _runtime = rt.enter();
+        second.store.replay(&profile, 1 << 30);
+    }
+    let counters = second.mount.as_ref().unwrap().counters().clone();
+    clip_e2e::wait::until("the prefill", Duration::from_secs(20), || {
+        counters.prefilled_names.load(Relaxed) >= 7
+    })?;
+    assert_eq!(counters.prefilled_names.load(Relaxed), 7);
+    assert_eq!(counters.prefilled_files.load(Relaxed), 3);
+    // The same start-up now asks the filesystem for no name, symlink or byte: all of it is
+    // in the kernel's caches, and every byte is right.
+    let before = |c: &clip_driver::fs::FsCounters| {
+        (
+            c.lookups.load(Relaxed),
+            c.readlinks.load(Relaxed),
+            c.reads.load(Relaxed),
+            c.pushes.load(Relaxed),
+        )
+    };
+    let was = before(&counters);
+    start_up(second.path())?;
+    assert_eq!(
+        before(&counters),
+        was,
+        "(lookups, readlinks, reads, pushes)"
+    );
+    // A name the profile does not hold is asked for as usual, and it alone is recorded:
+    // the prefill's own lookups are not the program's.
+    assert!(std::fs::read(second.path().join("app/lib/m9.py"))? == mods[9]);
+    assert_eq!(counters.lookups.load(Relaxed), was.0 + 1);
+    assert_eq!(
+        second.store.recorded_profile().paths,
+        [b"app/lib/m9.py".to_vec()]
+    );
+    Ok(())
+}

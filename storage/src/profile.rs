@@ -12,11 +12,20 @@
 //! its disk ahead of the program, all at once: the program then finds them in memory
 //! instead of waiting for the disk at each file it opens.
 //!
+//! And it records which names the readers looked up, found or not ([`Profile::paths`]): a
+//! later mount looks them up itself as soon as it is up, and puts the data of the small
+//! files among them in the kernel's page cache, so that the program finds names,
+//! attributes, missing names and small files cached in the kernel and asks the filesystem
+//! for none of them.
+//!
 //! On disk a profile is text: a header line, then one line per chunk, `LAYER-DIGEST CHUNK`,
-//! and one per read, `LAYER-DIGEST read OFFSET LEN` or `LAYER-DIGEST whole OFFSET LEN`
-//! (format 2; format 1 has chunk lines only and is still read). Layers are named by digest,
-//! not position, so a profile still helps an image that shares layers with the one that
-//! recorded it, and lines of layers an image does not have are skipped.
+//! one per read, `LAYER-DIGEST read OFFSET LEN` or `LAYER-DIGEST whole OFFSET LEN`, and one
+//! per name looked up, `path PATH` (from the image's root, bytes other than printable ASCII,
+//! space and `%` written `%XX`). That is format 3; format 2 has no path lines and format 1
+//! chunk lines only, and both are still read. Layers are named by digest, not position, so
+//! a profile still helps an image that shares layers with the one that recorded it, and
+//! lines of layers an image does not have, or of paths it does not have a directory for,
+//! are skipped.
 
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
@@ -36,9 +45,13 @@ pub const RECORD_LIMIT: usize = 4096;
 /// Largest profile file read: far above [`RECORD_LIMIT`] lines.
 pub const MAX_PROFILE_BYTES: u64 = 1 << 20;
 
-const HEADER: &str = "clip-startup-profile 2";
+const HEADER: &str = "clip-startup-profile 3";
+/// Profiles without paths, as written before lookups were recorded.
+const HEADER_2: &str = "clip-startup-profile 2";
 /// Profiles of chunks only, as written before reads were recorded.
 const HEADER_1: &str = "clip-startup-profile 1";
+/// Longest path a profile keeps (the kernel's PATH_MAX).
+const MAX_PATH: usize = 4096;
 
 /// Bytes of a file a reader wanted: `len` bytes at uncompressed `offset` of `layer`, or with
 /// `whole` the file of those bytes, handed to the kernel whole (FUSE passthrough).
@@ -50,17 +63,32 @@ pub struct FileRead {
     pub whole: bool,
 }
 
-/// What a mount's readers asked for first: chunks (for a cold start, fetched ahead) and
-/// reads of files (for a warm one, read off the local disk ahead), first touch first.
+/// What a mount's readers asked for first: chunks (for a cold start, fetched ahead), reads
+/// of files (for a warm one, read off the local disk ahead) and names, first touch first.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Profile {
     pub chunks: Vec<(usize, u32)>,
     pub reads: Vec<FileRead>,
+    /// Names looked up, found or not, as paths from the image's root without a leading
+    /// slash (`usr/lib/os.py`); every component but the last is a directory of the image.
+    pub paths: Vec<Vec<u8>>,
 }
 
 impl Profile {
     pub fn is_empty(&self) -> bool {
-        self.chunks.is_empty() && self.reads.is_empty()
+        self.chunks.is_empty() && self.reads.is_empty() && self.paths.is_empty()
+    }
+
+    /// Whether a read of the profile (not of a file handed over whole) touches any of the
+    /// `len` bytes at `offset` of `layer`.
+    pub fn reads_touch(&self, layer: usize, offset: u64, len: u64) -> bool {
+        let end = offset.saturating_add(len);
+        self.reads.iter().any(|r| {
+            !r.whole
+                && r.layer == layer
+                && r.offset < end
+                && offset < r.offset.saturating_add(r.len)
+        })
     }
 
     /// The reads to bring ahead: those of files handed over whole, and the others unless a
@@ -94,6 +122,9 @@ struct RecorderState {
     /// position: a read that goes on from one, or starts where one did, extends it.
     ends: HashMap<(usize, u64, bool), usize>,
     starts: HashMap<(usize, u64, bool), usize>,
+    /// Names looked up: (directory inode, name), first lookup first.
+    lookups: Vec<(u64, Box<[u8]>)>,
+    seen_lookups: HashSet<(u64, Box<[u8]>)>,
 }
 
 impl Recorder {
@@ -115,7 +146,10 @@ impl Recorder {
     /// Stops recording once both lists are full (until then the other may still have room,
     /// and the lock stays taken).
     fn close_if_full(&self, s: &RecorderState) {
-        if s.order.len() >= RECORD_LIMIT && s.reads.len() >= RECORD_LIMIT {
+        if s.order.len() >= RECORD_LIMIT
+            && s.reads.len() >= RECORD_LIMIT
+            && s.lookups.len() >= RECORD_LIMIT
+        {
             self.closed.store(true, Ordering::Relaxed);
         }
     }
@@ -158,6 +192,21 @@ impl Recorder {
         s.ends.insert((read.layer, end, read.whole), i);
     }
 
+    /// A reader looked up `name` in directory `dir` (an inode of the index).
+    pub fn note_lookup(&self, dir: u64, name: &[u8]) {
+        let Some(mut s) = self.recording() else {
+            return;
+        };
+        if s.lookups.len() >= RECORD_LIMIT {
+            self.close_if_full(&s);
+            return;
+        }
+        let key: (u64, Box<[u8]>) = (dir, name.into());
+        if s.seen_lookups.insert(key.clone()) {
+            s.lookups.push(key);
+        }
+    }
+
     /// A reader wanted `chunks` of `layer`.
     pub fn note(&self, layer: usize, chunks: Range<u32>) {
         let Some(mut s) = self.recording() else {
@@ -180,14 +229,109 @@ impl Recorder {
         s.first.map(|f| f + RECORD_WINDOW)
     }
 
-    /// What was recorded, first touch first.
+    /// The chunks and reads recorded, first touch first (no paths: see
+    /// [`Self::recorded_paths`]).
     pub fn recorded(&self) -> Profile {
         let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         Profile {
             chunks: s.order.clone(),
             reads: s.reads.clone(),
+            paths: Vec::new(),
         }
     }
+
+    /// The names looked up, first lookup first, as paths of `index` (whose inodes the
+    /// lookups named).
+    pub fn recorded_paths(&self, index: &ImageIndex) -> Vec<Vec<u8>> {
+        let lookups = {
+            let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            s.lookups.clone()
+        };
+        lookup_paths(index, &lookups)
+    }
+}
+
+/// The paths of names looked up in directories of `index` (one walk of the tree, for the
+/// directories' own paths); names in inodes that are not directories of it are left out.
+fn lookup_paths(index: &ImageIndex, lookups: &[(u64, Box<[u8]>)]) -> Vec<Vec<u8>> {
+    if lookups.is_empty() {
+        return Vec::new();
+    }
+    let wanted: HashSet<u64> = lookups.iter().map(|(dir, _)| *dir).collect();
+    let mut dirs: HashMap<u64, Vec<u8>> = HashMap::new();
+    index.walk(|path, ino, node| {
+        if node.kind == clip_index::NodeKind::Directory && wanted.contains(&ino.0) {
+            dirs.insert(ino.0, path.strip_prefix(b"/").unwrap_or(path).to_vec());
+        }
+    });
+    lookups
+        .iter()
+        .filter_map(|(dir, name)| {
+            let mut path = dirs.get(dir)?.clone();
+            if !path.is_empty() {
+                path.push(b'/');
+            }
+            path.extend_from_slice(name);
+            (path.len() <= MAX_PATH).then_some(path)
+        })
+        .collect()
+}
+
+/// `path` as a profile writes it: bytes other than printable ASCII, space and `%` as `%XX`.
+fn escape_path(path: &[u8]) -> String {
+    let mut out = String::with_capacity(path.len());
+    for &b in path {
+        if b.is_ascii_graphic() && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The path a profile's `path` field names, if it is one a mount may look up: escapes
+/// well formed, relative, no empty, `.` or `..` component, no NUL, at most [`MAX_PATH`]
+/// bytes.
+fn unescape_path(field: &str) -> Option<Vec<u8>> {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    let clean = out.len() <= MAX_PATH
+        && !out.contains(&0)
+        && out
+            .split(|&b| b == b'/')
+            .all(|c| !c.is_empty() && c != b"." && c != b"..");
+    clean.then_some(out)
+}
+
+/// The directory of `index` that holds `path`'s last component, when every component but
+/// the last is a directory (found by name, never through a symlink): the only paths a
+/// mount looks up for a profile.
+pub fn parent_directory(index: &ImageIndex, path: &[u8]) -> Option<clip_index::Inode> {
+    let mut dir = clip_index::Inode::ROOT;
+    let mut parts = path.split(|&b| b == b'/').peekable();
+    while let Some(part) = parts.next() {
+        if parts.peek().is_none() {
+            return Some(dir);
+        }
+        let next = index.lookup(dir, part)?;
+        if index.node(next)?.kind != clip_index::NodeKind::Directory {
+            return None;
+        }
+        dir = next;
+    }
+    None
 }
 
 /// The bytes some reads cover, per layer and kind (whole or not), as sorted spans that
@@ -251,6 +395,13 @@ pub fn merge(recorded: &Profile, replayed: &Profile) -> Profile {
     Profile {
         chunks: after(&recorded.chunks, &replayed.chunks),
         reads: after(&recorded.reads, &new),
+        paths: {
+            let seen: HashSet<&Vec<u8>> = recorded.paths.iter().collect();
+            let mut out = recorded.paths.clone();
+            out.extend(replayed.paths.iter().filter(|p| !seen.contains(p)).cloned());
+            out.truncate(RECORD_LIMIT);
+            out
+        },
     }
 }
 
@@ -268,6 +419,9 @@ pub fn encode(index: &ImageIndex, profile: &Profile) -> String {
             out.push_str(&format!("{} {kind} {} {}\n", l.digest, r.offset, r.len));
         }
     }
+    for p in &profile.paths {
+        out.push_str(&format!("path {}\n", escape_path(p)));
+    }
     out
 }
 
@@ -280,14 +434,16 @@ pub fn decode(text: &str, index: &ImageIndex) -> Result<Profile> {
         reason: reason.to_owned(),
     };
     let mut lines = text.lines();
-    let reads_allowed = match lines.next().map(str::trim_end) {
-        Some(HEADER) => true,
-        Some(HEADER_1) => false,
+    let (reads_allowed, paths_allowed) = match lines.next().map(str::trim_end) {
+        Some(HEADER) => (true, true),
+        Some(HEADER_2) => (true, false),
+        Some(HEADER_1) => (false, false),
         _ => return Err(bad(1, "not a clip start-up profile")),
     };
     let mut out = Profile::default();
     let mut seen = HashSet::new();
     let mut seen_reads = HashSet::new();
+    let mut seen_paths = HashSet::new();
     for (i, line) in lines.enumerate() {
         let n = i + 2;
         let line = line.trim();
@@ -295,6 +451,20 @@ pub fn decode(text: &str, index: &ImageIndex) -> Result<Profile> {
             continue;
         }
         let mut fields = line.split(' ').filter(|f| !f.is_empty());
+        if paths_allowed && line.starts_with("path ") {
+            fields.next();
+            let (Some(field), None) = (fields.next(), fields.next()) else {
+                return Err(bad(n, "expected one path"));
+            };
+            let path = unescape_path(field).ok_or_else(|| bad(n, "not a clean relative path"))?;
+            if parent_directory(index, &path).is_some()
+                && out.paths.len() < RECORD_LIMIT
+                && seen_paths.insert(path.clone())
+            {
+                out.paths.push(path);
+            }
+            continue;
+        }
         let (Some(digest), Some(second)) = (fields.next(), fields.next()) else {
             return Err(bad(n, "expected a layer digest and a chunk number"));
         };
@@ -418,6 +588,7 @@ mod tests {
                 whole,
                 read(1, 100, 20),
             ],
+            paths: Vec::new(),
         };
         assert_eq!(
             p.reads_to_bring(),
@@ -430,6 +601,7 @@ mod tests {
         let p = |chunks: &[(usize, u32)], reads: &[FileRead]| Profile {
             chunks: chunks.to_vec(),
             reads: reads.to_vec(),
+            paths: Vec::new(),
         };
         assert_eq!(
             merge(
@@ -467,5 +639,61 @@ mod tests {
             merge(&p(&[(1, 0)], &[]), &p(&long, &[])).chunks.len(),
             RECORD_LIMIT
         );
+    }
+
+    #[test]
+    fn a_saved_profile_keeps_the_names_this_mount_did_not_look_up() {
+        let named = |paths: &[&str]| Profile {
+            paths: paths.iter().map(|p| p.as_bytes().to_vec()).collect(),
+            ..Profile::default()
+        };
+        assert_eq!(
+            merge(
+                &named(&["usr", "usr/lib"]),
+                &named(&["etc", "usr", "etc/x"])
+            ),
+            named(&["usr", "usr/lib", "etc", "etc/x"])
+        );
+        let many: Vec<String> = (0..RECORD_LIMIT).map(|i| format!("f{i}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert_eq!(
+            merge(&named(&["a"]), &named(&many)).paths.len(),
+            RECORD_LIMIT
+        );
+    }
+
+    #[test]
+    fn paths_are_written_escaped_and_only_clean_ones_are_read_back() {
+        for path in [&b"usr/lib/a b%.py"[..], b"caf\xc3\xa9/\x01\x7f", b"x"] {
+            let text = escape_path(path);
+            assert!(!text.contains([' ', '\n']), "{text}");
+            assert_eq!(unescape_path(&text).as_deref(), Some(path));
+        }
+        assert_eq!(escape_path(b"a b%"), "a%20b%25");
+        for bad in [
+            "", "/etc", "a//b", "a/", "./a", "a/../b", "..", "%zz", "%0", "a%00b", "%2F..",
+        ] {
+            assert_eq!(unescape_path(bad), None, "{bad}");
+        }
+        // An escaped slash is a slash: "a%2Fb" is the path a/b.
+        assert_eq!(unescape_path("a%2Fb").as_deref(), Some(&b"a/b"[..]));
+        assert_eq!(unescape_path(&"a".repeat(MAX_PATH + 1)), None);
+    }
+
+    #[test]
+    fn lookups_are_recorded_once_each_first_one_first_up_to_the_limit() {
+        let r = Recorder::default();
+        r.note_lookup(1, b"usr");
+        r.note_lookup(2, b"lib");
+        r.note_lookup(1, b"usr");
+        r.note_lookup(2, b"missing");
+        let s = r.state.lock().unwrap();
+        let names: Vec<(u64, &[u8])> = s.lookups.iter().map(|(d, n)| (*d, &n[..])).collect();
+        assert_eq!(names, [(1, &b"usr"[..]), (2, b"lib"), (2, b"missing")]);
+        drop(s);
+        for i in 0..RECORD_LIMIT * 2 {
+            r.note_lookup(3, format!("n{i}").as_bytes());
+        }
+        assert_eq!(r.state.lock().unwrap().lookups.len(), RECORD_LIMIT);
     }
 }

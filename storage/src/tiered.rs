@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clip_index::{Compression, ImageIndex, LayerIndex};
@@ -131,8 +131,8 @@ pub struct ChunkStore<S> {
     stats: Arc<StoreStats>,
     /// The chunks readers asked for first (a start-up profile, for a later mount).
     pub(crate) recorder: crate::profile::Recorder,
-    /// The profile this store replayed, if any.
-    replayed: Mutex<crate::profile::Profile>,
+    /// The profile this store replayed (empty when there was none to replay), once it has.
+    replayed: tokio::sync::watch::Sender<Option<Arc<crate::profile::Profile>>>,
     /// Whole files for passthrough, when kept ([`Self::keep_whole_files`]).
     pub(crate) whole: std::sync::OnceLock<crate::whole::WholeFiles>,
 }
@@ -174,7 +174,7 @@ impl<S: BlobSource> ChunkStore<S> {
             stats: Arc::new(StoreStats::new(&names)),
             config,
             recorder: crate::profile::Recorder::default(),
-            replayed: Mutex::default(),
+            replayed: tokio::sync::watch::Sender::new(None),
             whole: std::sync::OnceLock::new(),
         })
     }
@@ -672,7 +672,7 @@ impl<S: BlobSource> ChunkStore<S> {
     ) -> Option<Vec<Bytes>> {
         let deadline = Instant::now() + redis.lease_wait();
         while Instant::now() < deadline && !redis.is_degraded() {
-            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+            tokio::time::sleep(Duration::from_millis(25)).await;
             if let Some(data) = self.run_in_redis(layer, chunks.clone(), redis).await {
                 redis
                     .stats
@@ -843,7 +843,7 @@ impl<S: BlobSource> ChunkStore<S> {
 
     /// Waits (at most `limit`) for fetches and background writes to the tiers to finish,
     /// so a process that stops leaves what it fetched in the caches.
-    pub async fn flush(&self, limit: std::time::Duration) -> bool {
+    pub async fn flush(&self, limit: Duration) -> bool {
         let deadline = Instant::now() + limit;
         while self.pending_puts.load(std::sync::atomic::Ordering::SeqCst) > 0 {
             if Instant::now() >= deadline {
@@ -935,7 +935,23 @@ impl<S: BlobSource> ChunkStore<S> {
     /// The chunks and reads readers have asked for so far, first touch first (see
     /// [`crate::profile`]).
     pub fn recorded_profile(&self) -> crate::profile::Profile {
-        self.recorder.recorded()
+        let mut p = self.recorder.recorded();
+        p.paths = self.recorder.recorded_paths(&self.index);
+        p
+    }
+
+    /// A reader looked up `name` in directory `dir` (an inode of the index): recorded for
+    /// the start-up profile.
+    pub fn note_lookup(&self, dir: u64, name: &[u8]) {
+        self.recorder.note_lookup(dir, name);
+    }
+
+    /// The profile this store replayed ([`Self::replay`]; empty if there was none), waiting
+    /// up to `wait` for it to be known; nothing if it is not by then.
+    pub async fn replayed_profile(&self, wait: Duration) -> Option<Arc<crate::profile::Profile>> {
+        let mut rx = self.replayed.subscribe();
+        let known = tokio::time::timeout(wait, rx.wait_for(Option::is_some)).await;
+        known.ok()?.ok()?.clone()
     }
 
     /// When this store stops recording its start-up profile (none before its first read).
@@ -946,11 +962,11 @@ impl<S: BlobSource> ChunkStore<S> {
     /// The profile to leave for the next mount: what was recorded, then what the replayed
     /// profile named besides ([`crate::profile::merge`]); empty when nothing was read.
     pub fn profile_to_save(&self) -> crate::profile::Profile {
-        let recorded = self.recorder.recorded();
+        let recorded = self.recorded_profile();
         if recorded.is_empty() {
             return recorded;
         }
-        let replayed = self.replayed.lock().unwrap_or_else(|p| p.into_inner());
+        let replayed = self.replayed.borrow().clone().unwrap_or_default();
         crate::profile::merge(&recorded, &replayed)
     }
 
@@ -960,9 +976,11 @@ impl<S: BlobSource> ChunkStore<S> {
     /// did not foresee; spans are taken in order while their decoded bytes fit in `budget`,
     /// a share of the disk cache, so a profile never evicts what it brought); and has the
     /// bytes of its reads that are on local disk read into the kernel's page cache
-    /// ([`Self::warm_up`]). Returns at once; the work goes on in the background.
+    /// ([`Self::warm_up`]). Returns at once; the work goes on in the background. Mounts
+    /// learn the profile from [`Self::replayed_profile`] (an empty one when there is none
+    /// to replay).
     pub fn replay(self: &Arc<Self>, profile: &crate::profile::Profile, budget: u64) {
-        *self.replayed.lock().unwrap_or_else(|p| p.into_inner()) = profile.clone();
+        self.replayed.send_replace(Some(Arc::new(profile.clone())));
         self.warm_up(profile.reads_to_bring(), budget);
         let chunks = &profile.chunks;
         // The profile's chunks grouped by span, spans in the order the profile first wants

@@ -695,7 +695,7 @@ async fn a_bad_start_up_profile_is_refused_and_foreign_lines_are_skipped() -> an
         &format!("clip-startup-profile 2\n{layer} read -1 10\n"),
         &format!("clip-startup-profile 2\n{layer} whole 0 x\n"),
         &format!("clip-startup-profile 2\n{layer} read 0 10 3\n"),
-        &format!("clip-startup-profile 3\n{layer} 1\n"),
+        &format!("clip-startup-profile 4\n{layer} 1\n"),
     ] {
         let err = profile::decode(bad, index).expect_err(bad);
         assert!(err.to_string().contains("line"), "{err}");
@@ -723,6 +723,7 @@ async fn a_bad_start_up_profile_is_refused_and_foreign_lines_are_skipped() -> an
         profile::Profile {
             chunks: vec![(0, 1)],
             reads: vec![read(10, 20, false), read(0, end, true)],
+            paths: Vec::new(),
         },
         "another layer's read, reads past the layer's end or empty, and a repeat are skipped"
     );
@@ -812,6 +813,7 @@ async fn a_warm_start_up_finds_the_bytes_its_profile_read_in_the_page_cache() ->
                 whole: false,
             })
             .collect(),
+        paths: Vec::new(),
     };
     // Where those bytes are in the cache's chunk files.
     let mut places = Vec::new();
@@ -922,6 +924,7 @@ async fn a_file_handed_over_whole_is_recorded_and_read_ahead_by_the_next_start()
         &Profile {
             chunks: Vec::new(),
             reads: vec![whole],
+            paths: Vec::new(),
         },
         u64::MAX,
     );

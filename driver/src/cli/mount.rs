@@ -67,6 +67,11 @@ pub struct MountArgs {
     )]
     pub no_startup_profile: bool,
 
+    /// Do not look up the start-up profile's names and put its small files in the page
+    /// cache as soon as the mount is up (the program then asks for each itself).
+    #[arg(long, env = "CLIP_NO_PREFILL")]
+    pub no_prefill: bool,
+
     #[command(flatten)]
     pub store: super::StoreArgs,
 
@@ -220,10 +225,12 @@ pub async fn run(args: MountArgs) -> Result<()> {
         info!(
             chunks = replayed.chunks.len(),
             reads = replayed.reads.len(),
+            paths = replayed.paths.len(),
             "bringing ahead what the start-up profile names"
         );
-        store.replay(&replayed, cache_size / 4);
     }
+    // Also an empty one: the mount then knows there is nothing to prefill.
+    store.replay(&replayed, cache_size / 4);
     let fsname = format!(
         "clip:{}@{}",
         index.source.repository, index.source.manifest_digest
@@ -236,6 +243,7 @@ pub async fn run(args: MountArgs) -> Result<()> {
         readahead_kb: u32::try_from(parse_size(&args.kernel_readahead)? / 1024).unwrap_or(u32::MAX),
         passthrough: true,
         backing_record: None,
+        prefill: !args.no_prefill,
         ..MountOptions::default()
     };
     // Listen before mounting: a signal that comes as soon as the mount appears must unmount

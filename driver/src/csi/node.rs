@@ -147,12 +147,15 @@ async fn replay_profile(
             Err(e) => tracing::debug!(error = %e, "no start-up profile from redis"),
         }
     }
-    if let (Some(profile), Some(store)) = (profile, store.upgrade())
-        && !profile.is_empty()
-    {
-        info!(image = %manifest, chunks = profile.chunks.len(), reads = profile.reads.len(), "bringing ahead what the start-up profile names");
-        store.replay(&profile, budget);
+    let Some(store) = store.upgrade() else {
+        return;
+    };
+    let profile = profile.unwrap_or_default();
+    if !profile.is_empty() {
+        info!(image = %manifest, chunks = profile.chunks.len(), reads = profile.reads.len(), paths = profile.paths.len(), "bringing ahead what the start-up profile names");
     }
+    // Also an empty one: the image's mounts then know there is nothing to prefill.
+    store.replay(&profile, budget);
 }
 
 /// Writes an image's start-up profile to `path` and publishes it in Redis for the other

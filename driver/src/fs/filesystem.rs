@@ -17,6 +17,7 @@ use tracing::warn;
 
 use super::attr::{attr, file_type};
 use super::error::read_errno;
+use super::pages::{Pages, Pushed};
 use super::passthrough::{Backings, Opened};
 use clip_storage::ReadNow;
 
@@ -26,12 +27,6 @@ const TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// Asynchronous requests (read-ahead) the kernel keeps in flight to the filesystem.
 const MAX_BACKGROUND: u16 = 64;
-
-/// Files up to this size, their data on local disk, are put in the kernel's page cache when
-/// first opened (FUSE_NOTIFY_STORE), so their reads need no request.
-/// (Larger files are often read in part: an interpreter maps a library and touches some of
-/// its pages; in the numpy benchmark, 128 KiB did better than 1 MiB.)
-pub const PUSH_MAX: u64 = 128 << 10;
 
 /// A read-only filesystem over one indexed image.
 pub struct ClipFs<S> {
@@ -51,13 +46,8 @@ pub struct ClipFs<S> {
     /// Hand files the store keeps whole to the kernel (FUSE passthrough), if it agrees.
     want_passthrough: bool,
     backings: Arc<Backings>,
-    /// Where the mount puts the session's notifier once the session exists.
-    notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
-    /// One bit per inode: its first open came (and decided whether to put its data in the
-    /// page cache: once, whatever came of it).
-    claimed: Vec<std::sync::atomic::AtomicU64>,
-    /// One bit per inode: that first open is done with the page cache.
-    settled: Vec<std::sync::atomic::AtomicU64>,
+    /// Small files' data put in the page cache, at their first open or by the prefill.
+    pages: Arc<Pages<S>>,
 }
 
 /// What the kernel asked of the filesystem (for metrics and tests).
@@ -70,6 +60,10 @@ pub struct FsCounters {
     pub reads_at_once: std::sync::atomic::AtomicU64,
     /// Files whose data was put in the page cache at their first open.
     pub pushes: std::sync::atomic::AtomicU64,
+    /// Names the mount looked up itself from the start-up profile, before the program.
+    pub prefilled_names: std::sync::atomic::AtomicU64,
+    /// Files whose data the mount put in the page cache from the start-up profile.
+    pub prefilled_files: std::sync::atomic::AtomicU64,
     /// Opens of files and directories that reached the filesystem (none once the kernel
     /// has been told it need not ask).
     pub opens: std::sync::atomic::AtomicU64,
@@ -94,7 +88,7 @@ impl FsCounters {
         use std::sync::atomic::Ordering::Relaxed;
         let sep = if labels.is_empty() { "" } else { "," };
         let mut s = String::from(
-            "# HELP clip_fs_requests_total Requests the kernel sent to the filesystem, by kind (lookup_miss: lookups of missing names, also counted as lookups; open_passthrough: opens answered with a whole file the kernel reads itself, also counted as opens; read_at_once: reads answered without waiting, their data in memory or on local disk, also counted as reads; open_pushed: opens of small files whose data was put in the page cache before the answer, so that no read comes, also counted as opens).\n# TYPE clip_fs_requests_total counter\n",
+            "# HELP clip_fs_requests_total Requests the kernel sent to the filesystem, by kind (lookup_miss: lookups of missing names, also counted as lookups; open_passthrough: opens answered with a whole file the kernel reads itself, also counted as opens; read_at_once: reads answered without waiting, their data in memory or on local disk, also counted as reads; open_pushed: opens of small files whose data was put in the page cache before the answer, so that no read comes, also counted as opens; prefill_lookup and prefill_pushed: names the mount looked up itself and small files whose data it put in the page cache, from the start-up profile, ahead of the program: not requests of the program's, and its own lookups are also counted as lookups).\n# TYPE clip_fs_requests_total counter\n",
         );
         for (op, v) in [
             ("lookup", &self.lookups),
@@ -103,6 +97,8 @@ impl FsCounters {
             ("open", &self.opens),
             ("open_passthrough", &self.passthrough_opens),
             ("open_pushed", &self.pushes),
+            ("prefill_lookup", &self.prefilled_names),
+            ("prefill_pushed", &self.prefilled_files),
             ("read", &self.reads),
             ("read_at_once", &self.reads_at_once),
             ("release", &self.releases),
@@ -149,12 +145,7 @@ impl<S: BlobSource> ClipFs<S> {
             }
         }
         let stats = index.stats();
-        let bits = || {
-            (0..=index_words(&index))
-                .map(|_| Default::default())
-                .collect()
-        };
-        let (claimed, settled) = (bits(), bits());
+        let pages = Arc::new(Pages::new(store.clone(), runtime.clone(), passthrough));
         let counters = Arc::<FsCounters>::default();
         let backings = Arc::new(backings.reporting_to(counters.clone()));
         backings.watch(&runtime);
@@ -170,68 +161,13 @@ impl<S: BlobSource> ClipFs<S> {
             no_opendir: false,
             want_passthrough: passthrough,
             backings,
-            notifier: Arc::default(),
-            claimed,
-            settled,
+            pages,
         }
     }
 
-    /// Where the session's notifier goes, once there is a session.
-    pub(super) fn notifier_slot(&self) -> Arc<std::sync::OnceLock<fuser::Notifier>> {
-        self.notifier.clone()
-    }
-
-    /// Puts the data of file `ino` (`size` bytes at `offset` of `layer`) in the kernel's page
-    /// cache at its first open in this mount, when all of it is in memory or on local disk:
-    /// its reads then need no request (the open is answered after, and the kernel keeps the
-    /// pages: FOPEN_KEEP_CACHE). Anything else, and the reads come as usual.
-    ///
-    /// Only at the first open, and other opens of the inode meanwhile wait for it: the
-    /// kernel writes the pages under their locks, which a read in progress holds until it is
-    /// answered, and this worker must not wait for a read that needs a worker. Before its
-    /// first open is answered, no reader of the inode exists; a session taken over from
-    /// another process (whose opens are unknown) never does this.
-    fn push_pages(&self, ino: u64, layer: usize, offset: u64, size: u64) {
-        use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
-        if !self.want_passthrough || size == 0 || size > PUSH_MAX {
-            return;
-        }
-        let Some(notifier) = self.notifier.get() else {
-            return;
-        };
-        let (word, bit) = ((ino / 64) as usize, 1u64 << (ino % 64));
-        let (Some(claimed), Some(settled)) = (self.claimed.get(word), self.settled.get(word))
-        else {
-            return;
-        };
-        if claimed.fetch_or(bit, AcqRel) & bit != 0 {
-            // A local read of at most PUSH_MAX bytes, then the pages: soon over.
-            while settled.load(Acquire) & bit == 0 {
-                std::thread::sleep(Duration::from_micros(50));
-            }
-            return;
-        }
-        // Settled however this ends, a panic included: other opens wait for it.
-        struct Settle<'a>(&'a std::sync::atomic::AtomicU64, u64);
-        impl Drop for Settle<'_> {
-            fn drop(&mut self) {
-                self.0.fetch_or(self.1, Release);
-            }
-        }
-        let _settle = Settle(settled, bit);
-        match self.store.read_now(layer, offset, size, offset + size) {
-            Some(ReadNow::Done(Ok(bytes))) => {
-                if notifier.store(INodeNo(ino), 0, &bytes).is_ok() {
-                    self.counters.pushes.fetch_add(1, Relaxed);
-                }
-            }
-            // Finished in the background (the chunks it loads serve the reads to come), not
-            // waited for here.
-            Some(ReadNow::Later(read)) => {
-                self.runtime.spawn(read);
-            }
-            Some(ReadNow::Done(Err(_))) | None => {}
-        }
+    /// What puts pages in the kernel's cache for this filesystem (shared with the prefill).
+    pub(super) fn pages(&self) -> Arc<Pages<S>> {
+        self.pages.clone()
     }
 
     pub fn counters(&self) -> Arc<FsCounters> {
@@ -273,11 +209,6 @@ impl<S: BlobSource> ClipFs<S> {
             reply.data(data);
         }
     }
-}
-
-/// Words of one bit per inode number (0 to the last).
-fn index_words(index: &ImageIndex) -> usize {
-    (index.inode_count() / 64) as usize
 }
 
 /// A path for `ino`, for log messages only (a walk of the tree, on the error path).
@@ -330,13 +261,23 @@ impl<S: BlobSource> Filesystem for ClipFs<S> {
         Ok(())
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         use std::sync::atomic::Ordering::Relaxed;
         self.counters.lookups.fetch_add(1, Relaxed);
         match self.index.node(Inode(parent.0)) {
             Some(n) if n.kind == NodeKind::Directory => {}
             Some(_) => return reply.error(Errno::ENOTDIR),
             None => return reply.error(Errno::ENOENT),
+        }
+        // The program's lookups, not the prefill's, make the next start-up profile.
+        let pid = req.pid() as i32;
+        if !self
+            .pages
+            .prefill_threads
+            .iter()
+            .any(|t| t.load(Relaxed) == pid)
+        {
+            self.store.note_lookup(parent.0, name.as_bytes());
         }
         match self.index.lookup(Inode(parent.0), name.as_bytes()) {
             Some(ino) => match self.attr_of(ino.0) {
@@ -415,7 +356,12 @@ impl<S: BlobSource> Filesystem for ClipFs<S> {
                     }
                     return;
                 }
-                self.push_pages(ino.0, layer, offset, size);
+                // At the first open, before the answer: no reader of it exists yet.
+                if self.pages.push(ino.0, layer, offset, size) == Pushed::Now {
+                    self.counters
+                        .pushes
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 // No per-open state: the handle is 0, and the page cache survives reopening.
                 reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
                 self.store.opened(layer, offset..offset + size);

@@ -7,7 +7,9 @@
 mod attr;
 mod error;
 mod filesystem;
+mod pages;
 mod passthrough;
+mod prefill;
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -15,7 +17,8 @@ use std::sync::Arc;
 
 use clip_storage::{BlobSource, ChunkStore};
 
-pub use filesystem::{ClipFs, FsCounters, PUSH_MAX};
+pub use filesystem::{ClipFs, FsCounters};
+pub use pages::PUSH_MAX;
 use passthrough::Backings;
 
 /// How to mount.
@@ -46,6 +49,9 @@ pub struct MountOptions {
     pub backing_record: Option<PathBuf>,
     /// How long a file's backing file stays registered after its last open closed.
     pub backing_idle: std::time::Duration,
+    /// Fill the kernel's caches from the start-up profile the store replays, as soon as
+    /// the mount is up (see [`prefill`]).
+    pub prefill: bool,
 }
 
 impl Default for MountOptions {
@@ -59,6 +65,7 @@ impl Default for MountOptions {
             passthrough: true,
             backing_record: None,
             backing_idle: passthrough::IDLE,
+            prefill: true,
         }
     }
 }
@@ -74,6 +81,8 @@ pub struct Mount {
     /// Taken over from another process: fuser holds no mount handle, so unmount by path,
     /// and only while the mount there is still this one (this device number).
     resumed: Option<u64>,
+    /// Stops the prefill of the kernel's caches, if one was started.
+    prefill: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl std::fmt::Debug for Mount {
@@ -98,8 +107,16 @@ impl Mount {
         self.device.try_clone()
     }
 
+    /// Ends the prefill (its descriptor of the mount's root keeps the filesystem alive).
+    fn stop_prefill(&self) {
+        if let Some(stop) = &self.prefill {
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
     /// Unmounts and waits for the session to end.
     pub fn unmount(mut self) -> std::io::Result<()> {
+        self.stop_prefill();
         match self.session.take() {
             Some(s) if self.resumed.is_some() => {
                 if self.resumed == mounted_device(&self.dir) {
@@ -117,6 +134,7 @@ impl Mount {
     /// descriptor of it (see [`Mount::device`] and [`resume`]). Waits up to `drain` for the
     /// reads in progress to be answered (for kernels that cannot send them again).
     pub fn leave(mut self, drain: std::time::Duration) {
+        self.stop_prefill();
         let deadline = std::time::Instant::now() + drain;
         while self
             .counters
@@ -143,6 +161,7 @@ impl Mount {
 
 impl Drop for Mount {
     fn drop(&mut self) {
+        self.stop_prefill();
         if let Some(s) = self.session.take() {
             if self.resumed.is_some() {
                 // Another mount may have replaced this one at the path: leave it be.
@@ -185,13 +204,14 @@ pub fn mount<S: BlobSource>(
 ) -> std::io::Result<Mount> {
     let fs = ClipFs::new(
         store,
-        runtime,
+        runtime.clone(),
         options.fsname.clone(),
         options.passthrough,
         Backings::fresh(options.backing_record.clone()).with_idle(options.backing_idle),
     );
     let counters = fs.counters();
-    let notifier = fs.notifier_slot();
+    let pages = fs.pages();
+    let notifier = pages.notifier_slot();
     let session = fuser::Session::new(fs, dir, &session_config(options))?;
     let _ = notifier.set(session.notifier());
     let device = session.as_fd().try_clone_to_owned()?;
@@ -201,12 +221,16 @@ pub fn mount<S: BlobSource>(
     {
         tracing::warn!(dir = %dir.display(), error = %e, "setting the mount's read-ahead failed; the kernel's default applies");
     }
+    let prefill = options
+        .prefill
+        .then(|| prefill::start(dir, pages, counters.clone(), &runtime));
     Ok(Mount {
         session: Some(session),
         dir: dir.to_owned(),
         counters,
         device,
         resumed: None,
+        prefill,
     })
 }
 
@@ -242,7 +266,7 @@ pub fn resume<S: BlobSource>(
         Backings::inherited(options.backing_record.clone()).with_idle(options.backing_idle),
     );
     let counters = fs.counters();
-    let notifier = fs.notifier_slot();
+    let notifier = fs.pages().notifier_slot();
     let mut config = session_config(options);
     config.mount_options.clear();
     let session = initialised_on_scratch(fs, scratch, config)?;
@@ -269,6 +293,7 @@ pub fn resume<S: BlobSource>(
         counters,
         device,
         resumed: Some(here),
+        prefill: None,
     })
 }
 

@@ -1,0 +1,198 @@
+//! Filling a new mount's kernel caches from the image's start-up profile.
+//!
+//! A program starting on a fresh mount asks the filesystem for every name it looks up
+//! (found or not), every symlink it follows and every small file it opens: hundreds of
+//! round trips, one after the other, even when all the data is on local disk. The profile
+//! of an earlier start names them ([`clip_storage::profile::Profile::paths`]), so as soon as
+//! the mount is up, a few threads of the server look them up themselves, in about the same
+//! order ([`THREADS`] at a time: a lookup is a round trip), read the symlinks among them,
+//! and put the data of the small files the profile read in the page cache
+//! ([`super::pages`]). The kernel keeps all of it (long timeouts, cached
+//! symlinks, FOPEN_KEEP_CACHE), and the program, a little behind, finds it there.
+//!
+//! Only paths whose every component but the last is a directory of the index are looked
+//! up, from a descriptor of the mount's root, without following a symlink: the prefill
+//! never leaves the mount. It stops when the mount goes or answers with an error other
+//! than a missing name.
+
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use clip_index::{Content, NodeKind};
+use clip_storage::BlobSource;
+use clip_storage::profile::{Profile, parent_directory};
+
+use super::filesystem::FsCounters;
+use super::pages::{Pages, Pushed};
+
+/// How long a new mount waits for its store to know the profile it replays.
+pub(super) const PROFILE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Threads that look up at once.
+pub(super) const THREADS: usize = 4;
+
+/// What the prefill of one mount did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Prefilled {
+    pub names: u64,
+    pub files: u64,
+}
+
+/// Looks up `profile`'s paths in the mount whose root is `root`, every [`THREADS`]th from
+/// `first`, reads the symlinks among them, and pushes the small files the profile's reads
+/// touched; until done, `stop` is set, or the mount fails.
+fn prefill_share<S: BlobSource>(
+    root: &std::fs::File,
+    profile: &Profile,
+    first: usize,
+    pages: &Pages<S>,
+    counters: &FsCounters,
+    stop: &AtomicBool,
+) -> Prefilled {
+    let index = pages.store().index().clone();
+    let mut done = Prefilled::default();
+    for path in profile.paths.iter().skip(first).step_by(THREADS) {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let Some(parent) = parent_directory(&index, path) else {
+            continue;
+        };
+        let Ok(c) = std::ffi::CString::new(path.as_slice()) else {
+            continue;
+        };
+        // SAFETY: a zeroed stat is a valid out-parameter; c is NUL-terminated and relative,
+        // so it is resolved under the mount's root.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        let r = unsafe {
+            libc::fstatat(
+                root.as_raw_fd(),
+                c.as_ptr(),
+                &mut st,
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        };
+        if r != 0 {
+            match std::io::Error::last_os_error().raw_os_error() {
+                // A name the program looked for and did not find: now a cached miss.
+                Some(libc::ENOENT | libc::ENOTDIR) => {}
+                _ => break,
+            }
+        }
+        done.names += 1;
+        counters.prefilled_names.fetch_add(1, Ordering::Relaxed);
+        let name = path.rsplit(|&b| b == b'/').next().unwrap_or_default();
+        let Some(node) = index
+            .lookup(parent, name)
+            .and_then(|ino| Some((ino, index.node(ino)?)))
+        else {
+            continue;
+        };
+        match node.1.content {
+            Content::Symlink { .. } => {
+                let mut buf = [0u8; 4096];
+                // SAFETY: buf is writable for its length; c as above. Only the kernel's
+                // symlink cache is wanted.
+                unsafe {
+                    libc::readlinkat(
+                        root.as_raw_fd(),
+                        c.as_ptr(),
+                        buf.as_mut_ptr().cast(),
+                        buf.len(),
+                    )
+                };
+            }
+            Content::File { layer, offset }
+                if node.1.kind == NodeKind::Regular
+                    && profile.reads_touch(layer as usize, offset, node.1.size)
+                    && pages.push(node.0.0, layer as usize, offset, node.1.size) == Pushed::Now =>
+            {
+                done.files += 1;
+                counters.prefilled_files.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+    }
+    done
+}
+
+/// Runs the prefill of the mount whose root is `root` on [`THREADS`] threads, each known
+/// to `pages` while it runs (its lookups are not recorded as the program's).
+fn prefill<S: BlobSource>(
+    root: &std::fs::File,
+    profile: &Profile,
+    pages: &Pages<S>,
+    counters: &FsCounters,
+    stop: &AtomicBool,
+) -> Prefilled {
+    std::thread::scope(|scope| {
+        let shares: Vec<_> = (0..THREADS)
+            .map(|k| {
+                scope.spawn(move || {
+                    // SAFETY: gettid has no preconditions.
+                    let tid = unsafe { libc::gettid() };
+                    pages.prefill_threads[k].store(tid, Ordering::Relaxed);
+                    let done = prefill_share(root, profile, k, pages, counters, stop);
+                    pages.prefill_threads[k].store(0, Ordering::Relaxed);
+                    done
+                })
+            })
+            .collect();
+        shares
+            .into_iter()
+            .filter_map(|t| t.join().ok())
+            .fold(Prefilled::default(), |a, b| Prefilled {
+                names: a.names + b.names,
+                files: a.files + b.files,
+            })
+    })
+}
+
+/// Starts the prefill of a new mount at `dir` in the background: waits (up to
+/// [`PROFILE_WAIT`]) for the profile the store replays, then runs [`prefill`] on blocking
+/// threads. Returns the flag that stops it.
+pub(super) fn start<S: BlobSource>(
+    dir: &std::path::Path,
+    pages: Arc<Pages<S>>,
+    counters: Arc<FsCounters>,
+    runtime: &tokio::runtime::Handle,
+) -> Arc<AtomicBool> {
+    use std::os::unix::fs::MetadataExt;
+    let stop = Arc::new(AtomicBool::new(false));
+    // The mount's device now, while the mount at `dir` is surely this one.
+    let device = match std::fs::metadata(dir) {
+        Ok(m) => m.dev(),
+        Err(e) => {
+            tracing::debug!(dir = %dir.display(), error = %e, "no prefill: the mount's root is not there");
+            return stop;
+        }
+    };
+    let dir = dir.to_owned();
+    let flag = stop.clone();
+    let handle = runtime.clone();
+    runtime.spawn(async move {
+        let Some(profile) = pages.store().replayed_profile(PROFILE_WAIT).await else {
+            return;
+        };
+        if profile.paths.is_empty() || flag.load(Ordering::Relaxed) {
+            return;
+        }
+        let started = std::time::Instant::now();
+        let done = handle
+            .spawn_blocking(move || {
+                // Lookups start from this descriptor (it keeps the filesystem, even
+                // unmounted, until the prefill ends: the stop flag ends it early).
+                let root = std::fs::File::open(&dir).ok()?;
+                if root.metadata().ok()?.dev() != device {
+                    return None;
+                }
+                Some((dir, prefill(&root, &profile, &pages, &counters, &flag)))
+            })
+            .await;
+        if let Ok(Some((dir, done))) = done {
+            tracing::debug!(dir = %dir.display(), names = done.names, files = done.files, ms = started.elapsed().as_millis() as u64, "kernel caches filled from the start-up profile");
+        }
+    });
+    stop
+}
