@@ -37,13 +37,14 @@ use clip_index::{Digest, ImageIndex};
 
 use crate::error::{Error, Result};
 
-/// How long after its first read a mount records.
+/// How long after its first read or lookup a mount records.
 pub const RECORD_WINDOW: Duration = Duration::from_secs(60);
 /// Most chunks a profile holds (1 KiB chunks would be 4 MiB; clip's default is about 1 MiB),
 /// and most reads.
 pub const RECORD_LIMIT: usize = 4096;
-/// Largest profile file read: far above [`RECORD_LIMIT`] lines.
-pub const MAX_PROFILE_BYTES: u64 = 1 << 20;
+/// Largest profile file read: above [`RECORD_LIMIT`] lines of chunks and of reads, and path
+/// lines up to it ([`encode`] leaves out the names that would not fit).
+pub const MAX_PROFILE_BYTES: u64 = 4 << 20;
 
 const HEADER: &str = "clip-startup-profile 3";
 /// Profiles without paths, as written before lookups were recorded.
@@ -79,16 +80,10 @@ impl Profile {
         self.chunks.is_empty() && self.reads.is_empty() && self.paths.is_empty()
     }
 
-    /// Whether a read of the profile (not of a file handed over whole) touches any of the
-    /// `len` bytes at `offset` of `layer`.
-    pub fn reads_touch(&self, layer: usize, offset: u64, len: u64) -> bool {
-        let end = offset.saturating_add(len);
-        self.reads.iter().any(|r| {
-            !r.whole
-                && r.layer == layer
-                && r.offset < end
-                && offset < r.offset.saturating_add(r.len)
-        })
+    /// The bytes the profile's reads (not those of files handed over whole) cover, to ask
+    /// which files they touch.
+    pub fn read_spans(&self) -> ReadSpans {
+        ReadSpans(Covered::of(self.reads.iter().filter(|r| !r.whole)))
     }
 
     /// The reads to bring ahead: those of files handed over whole, and the others unless a
@@ -102,6 +97,43 @@ impl Profile {
             .copied()
             .collect()
     }
+}
+
+/// The bytes some reads cover ([`Profile::read_spans`]).
+#[derive(Debug)]
+pub struct ReadSpans(Covered);
+
+impl ReadSpans {
+    /// Whether any of the `len` bytes at `offset` of `layer` was read.
+    pub fn touch(&self, layer: usize, offset: u64, len: u64) -> bool {
+        let Some(spans) = self.0.0.get(&(layer, false)) else {
+            return false;
+        };
+        // The first span ending after `offset`: it starts before the end of the bytes, or
+        // none touches them.
+        let i = spans.partition_point(|&(_, end)| end <= offset);
+        spans
+            .get(i)
+            .is_some_and(|&(start, _)| len > 0 && start < offset.saturating_add(len))
+    }
+}
+
+thread_local! {
+    /// Set while this thread works for the mount itself, not for a program.
+    static UNRECORDED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `work` with nothing it reads on this thread recorded (nor opening the recording
+/// window): for a mount's own reads ahead of a program, such as the prefill's.
+pub fn unrecorded<T>(work: impl FnOnce() -> T) -> T {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            UNRECORDED.with(|u| u.set(self.0));
+        }
+    }
+    let _reset = Reset(UNRECORDED.with(|u| u.replace(true)));
+    work()
 }
 
 /// The chunks and reads so far, first touch first, within the window and the limit.
@@ -130,7 +162,7 @@ struct RecorderState {
 impl Recorder {
     /// The state while recording (within the window, which the first call opens).
     fn recording(&self) -> Option<std::sync::MutexGuard<'_, RecorderState>> {
-        if self.closed.load(Ordering::Relaxed) {
+        if self.closed.load(Ordering::Relaxed) || UNRECORDED.with(std::cell::Cell::get) {
             return None;
         }
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -143,8 +175,8 @@ impl Recorder {
         Some(s)
     }
 
-    /// Stops recording once both lists are full (until then the other may still have room,
-    /// and the lock stays taken).
+    /// Stops recording once all three lists are full (until then another may still have
+    /// room, and the lock stays taken).
     fn close_if_full(&self, s: &RecorderState) {
         if s.order.len() >= RECORD_LIMIT
             && s.reads.len() >= RECORD_LIMIT
@@ -299,8 +331,11 @@ fn unescape_path(field: &str) -> Option<Vec<u8>> {
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%' {
-            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
+            let hex = bytes.get(i + 1..i + 3)?;
+            if !hex.iter().all(u8::is_ascii_hexdigit) {
+                return None;
+            }
+            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
             i += 3;
         } else {
             out.push(bytes[i]);
@@ -336,6 +371,7 @@ pub fn parent_directory(index: &ImageIndex, path: &[u8]) -> Option<clip_index::I
 
 /// The bytes some reads cover, per layer and kind (whole or not), as sorted spans that
 /// neither touch nor overlap.
+#[derive(Debug)]
 struct Covered(HashMap<(usize, bool), Vec<(u64, u64)>>);
 
 impl Covered {
@@ -420,7 +456,12 @@ pub fn encode(index: &ImageIndex, profile: &Profile) -> String {
         }
     }
     for p in &profile.paths {
-        out.push_str(&format!("path {}\n", escape_path(p)));
+        let line = format!("path {}\n", escape_path(p));
+        // The names last: those past the size a reader takes are left out, not the file.
+        if (out.len() + line.len()) as u64 > MAX_PROFILE_BYTES {
+            break;
+        }
+        out.push_str(&line);
     }
     out
 }
@@ -671,7 +712,7 @@ mod tests {
         }
         assert_eq!(escape_path(b"a b%"), "a%20b%25");
         for bad in [
-            "", "/etc", "a//b", "a/", "./a", "a/../b", "..", "%zz", "%0", "a%00b", "%2F..",
+            "", "/etc", "a//b", "a/", "./a", "a/../b", "..", "%zz", "%0", "a%00b", "%2F..", "%+F",
         ] {
             assert_eq!(unescape_path(bad), None, "{bad}");
         }
@@ -695,5 +736,65 @@ mod tests {
             r.note_lookup(3, format!("n{i}").as_bytes());
         }
         assert_eq!(r.state.lock().unwrap().lookups.len(), RECORD_LIMIT);
+    }
+
+    #[test]
+    fn reads_touch_the_files_whose_bytes_they_cover() {
+        let whole = FileRead {
+            whole: true,
+            ..read(0, 1000, 100)
+        };
+        let p = Profile {
+            reads: vec![read(0, 100, 50), read(0, 140, 20), read(1, 0, 10), whole],
+            ..Profile::default()
+        };
+        let spans = p.read_spans();
+        assert!(spans.touch(0, 100, 1));
+        assert!(spans.touch(0, 90, 11));
+        assert!(spans.touch(0, 159, 100));
+        assert!(!spans.touch(0, 90, 10));
+        assert!(!spans.touch(0, 160, 10));
+        assert!(!spans.touch(0, 120, 0));
+        assert!(spans.touch(1, 5, 1));
+        assert!(!spans.touch(2, 0, u64::MAX));
+        // Bytes of a file handed over whole: not pushed, the kernel reads the copy.
+        assert!(!spans.touch(0, 1000, 100));
+    }
+
+    #[test]
+    fn reads_of_a_mounts_own_are_not_recorded() {
+        let r = Recorder::default();
+        unrecorded(|| {
+            r.note_read(read(0, 0, 10));
+            r.note(0, 0..2);
+            r.note_lookup(1, b"usr");
+        });
+        assert!(r.recorded().is_empty());
+        assert_eq!(r.window_end(), None, "no window opened");
+        r.note_read(read(0, 0, 10));
+        assert_eq!(r.recorded().reads, [read(0, 0, 10)]);
+    }
+
+    #[test]
+    fn names_past_the_size_a_reader_takes_are_left_out() {
+        let long = vec![b'n'; MAX_PATH];
+        let p = Profile {
+            paths: (0..RECORD_LIMIT).map(|_| long.clone()).collect(),
+            ..Profile::default()
+        };
+        let index = ImageIndex::new(
+            clip_index::ImageSource {
+                repository: "r".into(),
+                manifest_digest: clip_index::Digest::of(b"m"),
+                config_digest: clip_index::Digest::of(b"c"),
+                platform: "linux/amd64".into(),
+            },
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+        );
+        let text = encode(&index, &p);
+        assert!(text.len() as u64 <= MAX_PROFILE_BYTES);
+        assert!(text.lines().count() > 900, "as many as fit");
     }
 }

@@ -245,6 +245,25 @@ impl<S: BlobSource> ChunkStore<S> {
         result
     }
 
+    /// Whether every chunk holding the `len` bytes at `offset` of `layer` is in memory or
+    /// in a local tier with no fetch or load of it under way (which `whereabouts` calls
+    /// near, like memory: that would be a wait), so that reading them costs at most local
+    /// disk reads.
+    pub fn is_local(&self, layer: usize, offset: u64, len: u64) -> bool {
+        let Ok(l) = self.layer(layer) else {
+            return false;
+        };
+        let Ok(chunks) = l.chunks_covering(offset, len) else {
+            return false;
+        };
+        chunks.into_iter().all(|c| {
+            self.key(layer, c).is_ok_and(|key| {
+                self.memory.contains(&key.digest)
+                    || self.whereabouts(layer, c).now_or_never() == Some(Whereabouts::Local)
+            })
+        })
+    }
+
     /// [`Self::read_in_file`] without waiting, when every chunk it needs is in memory or in
     /// a local tier and no fetch or load of them is under way, so that it costs at most
     /// local disk reads: polled once here, it is [`ReadNow::Done`], or [`ReadNow::Later`] in
@@ -260,16 +279,8 @@ impl<S: BlobSource> ChunkStore<S> {
         len: u64,
         file_end: u64,
     ) -> Option<ReadNow> {
-        let l = self.layer(layer).ok()?;
-        for c in l.chunks_covering(offset, len).ok()? {
-            let key = self.key(layer, c).ok()?;
-            // In memory, or in a local tier with no fetch or load of it under way (which
-            // `whereabouts` calls near, like memory: that would be a wait).
-            if !self.memory.contains(&key.digest)
-                && self.whereabouts(layer, c).now_or_never() != Some(Whereabouts::Local)
-            {
-                return None;
-            }
+        if !self.is_local(layer, offset, len) {
+            return None;
         }
         let this = self.clone();
         let mut read: BoxFuture<'static, Result<Bytes>> =

@@ -270,12 +270,15 @@ impl<S: BlobSource> Filesystem for ClipFs<S> {
             None => return reply.error(Errno::ENOENT),
         }
         // The program's lookups, not the prefill's, make the next start-up profile.
+        // (The kernel gives 0 for a process outside the server's pid namespace, such as a
+        // pod's: never a prefill thread.)
         let pid = req.pid() as i32;
-        if !self
-            .pages
-            .prefill_threads
-            .iter()
-            .any(|t| t.load(Relaxed) == pid)
+        if pid == 0
+            || !self
+                .pages
+                .prefill_threads
+                .iter()
+                .any(|t| t.load(Relaxed) == pid)
         {
             self.store.note_lookup(parent.0, name.as_bytes());
         }

@@ -82,7 +82,7 @@ pub struct Mount {
     /// and only while the mount there is still this one (this device number).
     resumed: Option<u64>,
     /// Stops the prefill of the kernel's caches, if one was started.
-    prefill: Option<Arc<std::sync::atomic::AtomicBool>>,
+    prefill: Option<Arc<prefill::Control>>,
 }
 
 impl std::fmt::Debug for Mount {
@@ -107,10 +107,11 @@ impl Mount {
         self.device.try_clone()
     }
 
-    /// Ends the prefill (its descriptor of the mount's root keeps the filesystem alive).
+    /// Ends the prefill and waits for it to close its descriptor of the mount's root (which
+    /// keeps the filesystem alive and would make an unmount fail as busy).
     fn stop_prefill(&self) {
-        if let Some(stop) = &self.prefill {
-            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(control) = &self.prefill {
+            control.stop_and_wait();
         }
     }
 

@@ -16,18 +16,60 @@
 //! than a missing name.
 
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use clip_index::{Content, NodeKind};
 use clip_storage::BlobSource;
-use clip_storage::profile::{Profile, parent_directory};
+use clip_storage::profile::{Profile, ReadSpans, parent_directory};
 
 use super::filesystem::FsCounters;
 use super::pages::{Pages, Pushed};
 
 /// How long a new mount waits for its store to know the profile it replays.
-pub(super) const PROFILE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+pub(super) const PROFILE_WAIT: Duration = Duration::from_secs(5);
+
+/// Longest wait for a stopped prefill to let go of the mount.
+const STOP_WAIT: Duration = Duration::from_secs(10);
+
+/// Stops a mount's prefill, and tells when it holds no descriptor of the mount any more (an
+/// open descriptor keeps a detached filesystem alive and makes a plain unmount fail).
+#[derive(Debug, Default)]
+pub(super) struct Control {
+    stop: AtomicBool,
+    running: Mutex<bool>,
+    ended: Condvar,
+}
+
+impl Control {
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Stops the prefill and waits (up to [`STOP_WAIT`]) until it has closed its descriptor
+    /// of the mount. Each of its steps is a lookup or a small file: soon over.
+    pub(super) fn stop_and_wait(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = self
+            .ended
+            .wait_timeout_while(running, STOP_WAIT, |r| *r)
+            .unwrap_or_else(|p| p.into_inner());
+    }
+
+    /// Marks the prefill running, unless it was stopped already.
+    fn enter(&self) -> bool {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        *running = !self.stopped();
+        *running
+    }
+
+    fn leave(&self) {
+        *self.running.lock().unwrap_or_else(|p| p.into_inner()) = false;
+        self.ended.notify_all();
+    }
+}
 
 /// Threads that look up at once.
 pub(super) const THREADS: usize = 4;
@@ -40,20 +82,23 @@ pub(super) struct Prefilled {
 }
 
 /// Looks up `profile`'s paths in the mount whose root is `root`, every [`THREADS`]th from
-/// `first`, reads the symlinks among them, and pushes the small files the profile's reads
-/// touched; until done, `stop` is set, or the mount fails.
+/// `first`, reads the symlinks among them, and pushes the small files whose bytes the
+/// profile's reads (`read`) touched and that are on local disk; until done, stopped, or
+/// the mount is gone.
 fn prefill_share<S: BlobSource>(
     root: &std::fs::File,
     profile: &Profile,
+    read: &ReadSpans,
     first: usize,
     pages: &Pages<S>,
     counters: &FsCounters,
-    stop: &AtomicBool,
+    control: &Control,
 ) -> Prefilled {
-    let index = pages.store().index().clone();
+    let store = pages.store();
+    let index = store.index().clone();
     let mut done = Prefilled::default();
     for path in profile.paths.iter().skip(first).step_by(THREADS) {
-        if stop.load(Ordering::Relaxed) {
+        if control.stopped() {
             break;
         }
         let Some(parent) = parent_directory(&index, path) else {
@@ -77,7 +122,10 @@ fn prefill_share<S: BlobSource>(
             match std::io::Error::last_os_error().raw_os_error() {
                 // A name the program looked for and did not find: now a cached miss.
                 Some(libc::ENOENT | libc::ENOTDIR) => {}
-                _ => break,
+                // The mount is gone or its server with it.
+                Some(libc::ENOTCONN | libc::ENODEV | libc::ECONNABORTED) => break,
+                // This path only (a name too long, a directory this user may not search).
+                _ => continue,
             }
         }
         done.names += 1;
@@ -103,9 +151,13 @@ fn prefill_share<S: BlobSource>(
                     )
                 };
             }
+            // Pushed only with its data on local disk, so that, when it is not, the program's
+            // first open can still push it once the profile's fetches bring it.
             Content::File { layer, offset }
                 if node.1.kind == NodeKind::Regular
-                    && profile.reads_touch(layer as usize, offset, node.1.size)
+                    && read.touch(layer as usize, offset, node.1.size)
+                    && !store.keeps_whole(node.1.size)
+                    && store.is_local(layer as usize, offset, node.1.size)
                     && pages.push(node.0.0, layer as usize, offset, node.1.size) == Pushed::Now =>
             {
                 done.files += 1;
@@ -118,14 +170,16 @@ fn prefill_share<S: BlobSource>(
 }
 
 /// Runs the prefill of the mount whose root is `root` on [`THREADS`] threads, each known
-/// to `pages` while it runs (its lookups are not recorded as the program's).
+/// to `pages` while it runs (its lookups are not recorded as the program's, nor its reads).
 fn prefill<S: BlobSource>(
     root: &std::fs::File,
     profile: &Profile,
     pages: &Pages<S>,
     counters: &FsCounters,
-    stop: &AtomicBool,
+    control: &Control,
 ) -> Prefilled {
+    let read = profile.read_spans();
+    let read = &read;
     std::thread::scope(|scope| {
         let shares: Vec<_> = (0..THREADS)
             .map(|k| {
@@ -133,7 +187,9 @@ fn prefill<S: BlobSource>(
                     // SAFETY: gettid has no preconditions.
                     let tid = unsafe { libc::gettid() };
                     pages.prefill_threads[k].store(tid, Ordering::Relaxed);
-                    let done = prefill_share(root, profile, k, pages, counters, stop);
+                    let done = clip_storage::profile::unrecorded(|| {
+                        prefill_share(root, profile, read, k, pages, counters, control)
+                    });
                     pages.prefill_threads[k].store(0, Ordering::Relaxed);
                     done
                 })
@@ -151,15 +207,15 @@ fn prefill<S: BlobSource>(
 
 /// Starts the prefill of a new mount at `dir` in the background: waits (up to
 /// [`PROFILE_WAIT`]) for the profile the store replays, then runs [`prefill`] on blocking
-/// threads. Returns the flag that stops it.
+/// threads. Returns what stops it.
 pub(super) fn start<S: BlobSource>(
     dir: &std::path::Path,
     pages: Arc<Pages<S>>,
     counters: Arc<FsCounters>,
     runtime: &tokio::runtime::Handle,
-) -> Arc<AtomicBool> {
-    use std::os::unix::fs::MetadataExt;
-    let stop = Arc::new(AtomicBool::new(false));
+) -> Arc<Control> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let stop = Arc::new(Control::default());
     // The mount's device now, while the mount at `dir` is surely this one.
     let device = match std::fs::metadata(dir) {
         Ok(m) => m.dev(),
@@ -175,19 +231,27 @@ pub(super) fn start<S: BlobSource>(
         let Some(profile) = pages.store().replayed_profile(PROFILE_WAIT).await else {
             return;
         };
-        if profile.paths.is_empty() || flag.load(Ordering::Relaxed) {
+        if profile.paths.is_empty() || flag.stopped() {
             return;
         }
         let started = std::time::Instant::now();
         let done = handle
             .spawn_blocking(move || {
-                // Lookups start from this descriptor (it keeps the filesystem, even
-                // unmounted, until the prefill ends: the stop flag ends it early).
-                let root = std::fs::File::open(&dir).ok()?;
-                if root.metadata().ok()?.dev() != device {
+                if !flag.enter() {
                     return None;
                 }
-                Some((dir, prefill(&root, &profile, &pages, &counters, &flag)))
+                // Lookups start from this descriptor (it keeps the filesystem, even
+                // detached, until the prefill ends; an unmount by this process stops it
+                // and waits for that). O_PATH: no open request of its own.
+                let done = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+                    .open(&dir)
+                    .ok()
+                    .filter(|root| root.metadata().is_ok_and(|m| m.dev() == device))
+                    .map(|root| prefill(&root, &profile, &pages, &counters, &flag));
+                flag.leave();
+                Some((dir, done?))
             })
             .await;
         if let Ok(Some((dir, done))) = done {
