@@ -17,7 +17,7 @@ use tracing::warn;
 
 use super::attr::{attr, file_type};
 use super::error::read_errno;
-use super::pages::{Pages, Pushed};
+use super::pages::Pages;
 use super::passthrough::{Backings, Opened};
 use clip_storage::ReadNow;
 
@@ -360,7 +360,7 @@ impl<S: BlobSource> Filesystem for ClipFs<S> {
                     return;
                 }
                 // At the first open, before the answer: no reader of it exists yet.
-                if self.pages.push(ino.0, layer, offset, size) == Pushed::Now {
+                if self.pages.push(ino.0, layer, offset, size) {
                     self.counters
                         .pushes
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

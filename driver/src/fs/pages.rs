@@ -34,18 +34,6 @@ pub(super) struct Pages<S> {
     pub(super) prefill_threads: [AtomicI32; super::prefill::THREADS],
 }
 
-/// How a push ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Pushed {
-    /// The data is in the page cache now.
-    Now,
-    /// Another open or the prefill claimed it first, and is done with it.
-    Before,
-    /// Not pushed: too large, pushing is off, or its data is not all in memory or on local
-    /// disk (then loaded in the background, for the reads to come).
-    No,
-}
-
 impl<S: BlobSource> Pages<S> {
     pub(super) fn new(
         store: Arc<ChunkStore<S>>,
@@ -80,32 +68,34 @@ impl<S: BlobSource> Pages<S> {
     /// Puts the data of file `ino` (`size` bytes at `offset` of `layer`) in the kernel's page
     /// cache when all of it is in memory or on local disk: its reads then need no request
     /// (opens are answered with FOPEN_KEEP_CACHE, so the kernel keeps the pages). Anything
-    /// else, and the reads come as usual.
+    /// else, and the reads come as usual. Whether this call put it there: not when it is too
+    /// large, pushing is off, another caller claimed it first, or its data is not all in
+    /// memory or on local disk (then loaded in the background, for the reads to come).
     ///
     /// Once per inode, and other callers for the inode meanwhile wait for it. The kernel
     /// writes the pages under their locks, which a read in progress holds until it is
     /// answered: the first open of an inode calls this before it is answered (so no reader
     /// exists), and the prefill calls it before the program opens the file, from a thread
     /// that is no FUSE worker (so a read it meets is answered by a worker).
-    pub(super) fn push(&self, ino: u64, layer: usize, offset: u64, size: u64) -> Pushed {
+    pub(super) fn push(&self, ino: u64, layer: usize, offset: u64, size: u64) -> bool {
         use std::sync::atomic::Ordering::{AcqRel, Acquire, Release};
         if !self.enabled || size == 0 || size > PUSH_MAX {
-            return Pushed::No;
+            return false;
         }
         let Some(notifier) = self.notifier.get() else {
-            return Pushed::No;
+            return false;
         };
         let (word, bit) = ((ino / 64) as usize, 1u64 << (ino % 64));
         let (Some(claimed), Some(settled)) = (self.claimed.get(word), self.settled.get(word))
         else {
-            return Pushed::No;
+            return false;
         };
         if claimed.fetch_or(bit, AcqRel) & bit != 0 {
             // A local read of at most PUSH_MAX bytes, then the pages: soon over.
             while settled.load(Acquire) & bit == 0 {
                 std::thread::sleep(Duration::from_micros(50));
             }
-            return Pushed::Before;
+            return false;
         }
         // Settled however this ends, a panic included: other callers wait for it.
         struct Settle<'a>(&'a AtomicU64, u64);
@@ -117,20 +107,14 @@ impl<S: BlobSource> Pages<S> {
         let _settle = Settle(settled, bit);
         let _runtime = self.runtime.enter();
         match self.store.read_now(layer, offset, size, offset + size) {
-            Some(ReadNow::Done(Ok(bytes))) => {
-                if notifier.store(INodeNo(ino), 0, &bytes).is_ok() {
-                    Pushed::Now
-                } else {
-                    Pushed::No
-                }
-            }
+            Some(ReadNow::Done(Ok(bytes))) => notifier.store(INodeNo(ino), 0, &bytes).is_ok(),
             // Finished in the background (the chunks it loads serve the reads to come), not
             // waited for here.
             Some(ReadNow::Later(read)) => {
                 self.runtime.spawn(read);
-                Pushed::No
+                false
             }
-            Some(ReadNow::Done(Err(_))) | None => Pushed::No,
+            Some(ReadNow::Done(Err(_))) | None => false,
         }
     }
 }

@@ -12,8 +12,8 @@
 //!
 //! Only paths whose every component but the last is a directory of the index are looked
 //! up, from a descriptor of the mount's root, without following a symlink: the prefill
-//! never leaves the mount. It stops when the mount goes or answers with an error other
-//! than a missing name.
+//! never leaves the mount. It stops when the mount or its server is gone, or when this
+//! process unmounts it; a path that fails otherwise is skipped.
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,7 +25,7 @@ use clip_storage::BlobSource;
 use clip_storage::profile::{Profile, ReadSpans, parent_directory};
 
 use super::filesystem::FsCounters;
-use super::pages::{Pages, Pushed};
+use super::pages::Pages;
 
 /// How long a new mount waits for its store to know the profile it replays.
 pub(super) const PROFILE_WAIT: Duration = Duration::from_secs(5);
@@ -74,17 +74,10 @@ impl Control {
 /// Threads that look up at once.
 pub(super) const THREADS: usize = 4;
 
-/// What the prefill of one mount did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Prefilled {
-    pub names: u64,
-    pub files: u64,
-}
-
 /// Looks up `profile`'s paths in the mount whose root is `root`, every [`THREADS`]th from
 /// `first`, reads the symlinks among them, and pushes the small files whose bytes the
 /// profile's reads (`read`) touched and that are on local disk; until done, stopped, or
-/// the mount is gone.
+/// the mount is gone. Counts what it does in `counters`.
 fn prefill_share<S: BlobSource>(
     root: &std::fs::File,
     profile: &Profile,
@@ -93,10 +86,9 @@ fn prefill_share<S: BlobSource>(
     pages: &Pages<S>,
     counters: &FsCounters,
     control: &Control,
-) -> Prefilled {
+) {
     let store = pages.store();
     let index = store.index().clone();
-    let mut done = Prefilled::default();
     for path in profile.paths.iter().skip(first).step_by(THREADS) {
         if control.stopped() {
             break;
@@ -128,7 +120,6 @@ fn prefill_share<S: BlobSource>(
                 _ => continue,
             }
         }
-        done.names += 1;
         counters.prefilled_names.fetch_add(1, Ordering::Relaxed);
         let name = path.rsplit(|&b| b == b'/').next().unwrap_or_default();
         let Some(node) = index
@@ -158,15 +149,13 @@ fn prefill_share<S: BlobSource>(
                     && read.touch(layer as usize, offset, node.1.size)
                     && !store.keeps_whole(node.1.size)
                     && store.is_local(layer as usize, offset, node.1.size)
-                    && pages.push(node.0.0, layer as usize, offset, node.1.size) == Pushed::Now =>
+                    && pages.push(node.0.0, layer as usize, offset, node.1.size) =>
             {
-                done.files += 1;
                 counters.prefilled_files.fetch_add(1, Ordering::Relaxed);
             }
             _ => {}
         }
     }
-    done
 }
 
 /// Runs the prefill of the mount whose root is `root` on [`THREADS`] threads, each known
@@ -177,31 +166,21 @@ fn prefill<S: BlobSource>(
     pages: &Pages<S>,
     counters: &FsCounters,
     control: &Control,
-) -> Prefilled {
+) {
     let read = profile.read_spans();
     let read = &read;
     std::thread::scope(|scope| {
-        let shares: Vec<_> = (0..THREADS)
-            .map(|k| {
-                scope.spawn(move || {
-                    // SAFETY: gettid has no preconditions.
-                    let tid = unsafe { libc::gettid() };
-                    pages.prefill_threads[k].store(tid, Ordering::Relaxed);
-                    let done = clip_storage::profile::unrecorded(|| {
-                        prefill_share(root, profile, read, k, pages, counters, control)
-                    });
-                    pages.prefill_threads[k].store(0, Ordering::Relaxed);
-                    done
-                })
-            })
-            .collect();
-        shares
-            .into_iter()
-            .filter_map(|t| t.join().ok())
-            .fold(Prefilled::default(), |a, b| Prefilled {
-                names: a.names + b.names,
-                files: a.files + b.files,
-            })
+        for k in 0..THREADS {
+            scope.spawn(move || {
+                // SAFETY: gettid has no preconditions.
+                let tid = unsafe { libc::gettid() };
+                pages.prefill_threads[k].store(tid, Ordering::Relaxed);
+                clip_storage::profile::unrecorded(|| {
+                    prefill_share(root, profile, read, k, pages, counters, control)
+                });
+                pages.prefill_threads[k].store(0, Ordering::Relaxed);
+            });
+        }
     })
 }
 
@@ -226,7 +205,6 @@ pub(super) fn start<S: BlobSource>(
     };
     let dir = dir.to_owned();
     let flag = stop.clone();
-    let handle = runtime.clone();
     runtime.spawn(async move {
         let Some(profile) = pages.store().replayed_profile(PROFILE_WAIT).await else {
             return;
@@ -235,27 +213,30 @@ pub(super) fn start<S: BlobSource>(
             return;
         }
         let started = std::time::Instant::now();
-        let done = handle
-            .spawn_blocking(move || {
-                if !flag.enter() {
-                    return None;
-                }
-                // Lookups start from this descriptor (it keeps the filesystem, even
-                // detached, until the prefill ends; an unmount by this process stops it
-                // and waits for that). O_PATH: no open request of its own.
-                let done = std::fs::OpenOptions::new()
-                    .read(true)
-                    .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
-                    .open(&dir)
-                    .ok()
-                    .filter(|root| root.metadata().is_ok_and(|m| m.dev() == device))
-                    .map(|root| prefill(&root, &profile, &pages, &counters, &flag));
-                flag.leave();
-                Some((dir, done?))
-            })
-            .await;
-        if let Ok(Some((dir, done))) = done {
-            tracing::debug!(dir = %dir.display(), names = done.names, files = done.files, ms = started.elapsed().as_millis() as u64, "kernel caches filled from the start-up profile");
+        let done = counters.clone();
+        let ran = tokio::task::spawn_blocking(move || {
+            if !flag.enter() {
+                return None;
+            }
+            // Lookups start from this descriptor (it keeps the filesystem, even
+            // detached, until the prefill ends; an unmount by this process stops it
+            // and waits for that). O_PATH: no open request of its own.
+            let ran = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+                .open(&dir)
+                .ok()
+                .filter(|root| root.metadata().is_ok_and(|m| m.dev() == device))
+                .map(|root| prefill(&root, &profile, &pages, &counters, &flag));
+            flag.leave();
+            ran.map(|()| dir)
+        })
+        .await;
+        if let Ok(Some(dir)) = ran {
+            let names = done.prefilled_names.load(Ordering::Relaxed);
+            let files = done.prefilled_files.load(Ordering::Relaxed);
+            let ms = started.elapsed().as_millis() as u64;
+            tracing::debug!(dir = %dir.display(), names, files, ms, "kernel caches filled from the start-up profile");
         }
     });
     stop
