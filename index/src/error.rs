@@ -8,6 +8,9 @@ pub enum Error {
     #[error("reading the layer stream: {0}")]
     Io(#[from] io::Error),
 
+    #[error("reading the index: {0}")]
+    ReadIndex(io::Error),
+
     #[error("corrupt gzip stream at compressed offset {offset}: {reason}")]
     Gzip { offset: u64, reason: String },
 

@@ -14,7 +14,8 @@
 //! digests are sha256 digests): kept out of the metadata's frame, it costs no inflating when
 //! an index is read, which a mount waits for. The body's digest is computed beside the
 //! parse, on a second thread. For version 3, [`decode_owned`] leaves the windows where they
-//! are in the file it is given (the index keeps the file's buffer). A metadata frame that
+//! are in the file it is given (the index keeps the file's buffer), and [`read`] of a file
+//! parses the metadata while a second thread reads and hashes the bulk. A metadata frame that
 //! records a believable size is inflated into one buffer of that size.
 //!
 //! Older versions are still read. Version 1 had no block digests; versions 1 and 2 kept
@@ -25,8 +26,10 @@
 //! an error, never a panic or an out-of-range access later.
 
 use std::io::Read;
+use std::ops::Range;
 
 use bytes::Bytes;
+use sha2::{Digest as _, Sha256};
 
 use crate::digest::Digest;
 use crate::error::{Error, Result};
@@ -179,41 +182,155 @@ pub fn decode_owned(bytes: Vec<u8>) -> Result<ImageIndex> {
     decode_with(&shared, |part| shared.slice_ref(part))
 }
 
-/// `keep` turns the bulk (a part of `bytes`) into what the windows are cut from.
-fn decode_with(bytes: &[u8], keep: impl Fn(&[u8]) -> Bytes) -> Result<ImageIndex> {
-    if bytes.len() < HEADER_LEN || &bytes[..8] != MAGIC {
-        return Err(Error::NotAnIndex("missing CLIPINDX header".into()));
-    }
-    let word = |r: std::ops::Range<usize>| -> [u8; 4] {
-        let mut a = [0u8; 4];
-        a.copy_from_slice(&bytes[r]);
-        a
-    };
-    let version = u32::from_le_bytes(word(8..12));
-    if !(OLDEST_VERSION..=VERSION).contains(&version) {
-        return Err(Error::UnsupportedVersion {
-            found: version,
-            supported: VERSION,
-        });
-    }
-    let flags = u32::from_le_bytes(word(12..16));
-    if flags != 0 {
+/// An index read by [`read`].
+#[derive(Debug)]
+pub struct ReadIndex {
+    pub index: ImageIndex,
+    /// The digest that names the file ([`index_digest`]), when asked for.
+    pub digest: Option<Digest>,
+}
+
+/// How much of the bulk [`read`] reads (and hashes) at a time.
+const READ_PIECE: usize = 1 << 20;
+
+/// Reads, parses and validates an index from a stream, a file: [`decode_owned`] of its
+/// bytes, sooner. The header and the metadata are read first and parsed while a second
+/// thread reads the bulk (the windows and block digests, most of the file) and hashes the
+/// body as it comes, so the parse waits neither for the bulk's disk reads nor for the
+/// digest. Only the bulk is kept (the windows are parts of it). With `digest`, the same
+/// pass also computes the file's [`index_digest`].
+pub fn read(mut r: impl Read + Send, digest: bool) -> Result<ReadIndex> {
+    let io = Error::ReadIndex;
+    let mut header = [0u8; HEADER_LEN];
+    read_full(&mut r, &mut header, "missing CLIPINDX header")?;
+    let (version, body_len) = check_header(&header)?;
+    if body_len > MAX_PAYLOAD {
         return Err(Error::CorruptIndex(format!(
-            "unknown header flags {flags:#x}"
+            "a body of {body_len} bytes is larger than any index"
         )));
+    }
+    if version < 3 {
+        // One frame holds it all: nothing to read beside the parse.
+        let mut bytes = header.to_vec();
+        r.take(body_len.saturating_add(1))
+            .read_to_end(&mut bytes)
+            .map_err(io)?;
+        let digest = digest.then(|| index_digest(&bytes));
+        let index = decode(&bytes)?;
+        return Ok(ReadIndex { index, digest });
     }
     let mut len = [0u8; 8];
-    len.copy_from_slice(&bytes[16..24]);
-    let body_len = u64::from_le_bytes(len);
+    read_full(&mut r, &mut len, "body ends before its metadata")?;
+    let frame_len = u64::from_le_bytes(len);
+    let bulk_len = body_len
+        .checked_sub(8)
+        .and_then(|b| b.checked_sub(frame_len))
+        .and_then(|b| usize::try_from(b).ok())
+        .ok_or_else(|| Error::CorruptIndex("metadata runs past the body".into()))?;
+    let frame_len = usize::try_from(frame_len)
+        .map_err(|_| Error::CorruptIndex("metadata runs past the body".into()))?;
+    let mut frame = Vec::new();
+    frame
+        .try_reserve_exact(frame_len)
+        .map_err(|e| Error::CorruptIndex(format!("metadata of {frame_len} bytes: {e}")))?;
+    (&mut r)
+        .take(frame_len as u64)
+        .read_to_end(&mut frame)
+        .map_err(io)?;
+    if frame.len() != frame_len {
+        return Err(body_length(HEADER_LEN + 8 + frame.len(), body_len));
+    }
+    let frame = frame;
+    // The bulk, the body's digest and the file's, from a second thread.
+    let rest = |r: &mut dyn Read| -> Result<(Vec<u8>, Digest, Option<Digest>)> {
+        let mut body = Sha256::new();
+        let mut file = digest.then(|| {
+            let mut h = Sha256::new();
+            h.update(header);
+            h
+        });
+        for part in [&len[..], &frame] {
+            body.update(part);
+            if let Some(h) = &mut file {
+                h.update(part);
+            }
+        }
+        let mut bulk = Vec::new();
+        bulk.try_reserve_exact(bulk_len)
+            .map_err(|e| Error::CorruptIndex(format!("bulk of {bulk_len} bytes: {e}")))?;
+        loop {
+            let at = bulk.len();
+            // One byte past the bulk: a longer file is an error, found here.
+            let want = (bulk_len + 1 - at).min(READ_PIECE);
+            let n = r.take(want as u64).read_to_end(&mut bulk).map_err(io)?;
+            let piece = &bulk[at..at + n];
+            body.update(piece);
+            if let Some(h) = &mut file {
+                h.update(piece);
+            }
+            if n < want || bulk.len() > bulk_len {
+                break;
+            }
+        }
+        if bulk.len() > bulk_len {
+            return Err(Error::CorruptIndex(format!(
+                "body runs past the {body_len} bytes the header says"
+            )));
+        }
+        if bulk.len() < bulk_len {
+            return Err(body_length(
+                HEADER_LEN + 8 + frame_len + bulk.len(),
+                body_len,
+            ));
+        }
+        let file = file.map(|h| Digest(h.finalize().into()));
+        Ok((bulk, Digest(body.finalize().into()), file))
+    };
+    let parse = || inflate_payload(&frame).and_then(|p| parse_payload(&p, Some(bulk_len), version));
+    let beside = std::thread::scope(|s| {
+        let reader = &mut r;
+        let reader = std::thread::Builder::new()
+            .name("clip-index-read".into())
+            .spawn_scoped(s, || rest(reader))
+            .ok()?;
+        let parsed = parse();
+        let rest = reader
+            .join()
+            .unwrap_or_else(|_| Err(Error::CorruptIndex("the index reader failed".into())));
+        Some((rest, parsed))
+    });
+    // No thread to be had (a pid limit): one after the other.
+    let (rest, parsed) = beside.unwrap_or_else(|| (rest(&mut r), parse()));
+    let (bulk, got, file) = rest?;
+    check_digest(got, &header)?;
+    let (mut index, parts) = parsed?;
+    attach_bulk(&mut index, parts, &Bytes::from(bulk));
+    validate(&index)?;
+    Ok(ReadIndex {
+        index,
+        digest: file,
+    })
+}
+
+/// Fills `buf` from `r`; an end of the stream first is a corrupt index (`what`).
+fn read_full(r: &mut impl Read, buf: &mut [u8], what: &str) -> Result<()> {
+    r.read_exact(buf).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => Error::CorruptIndex(what.into()),
+        _ => Error::ReadIndex(e),
+    })
+}
+
+/// `keep` turns the bulk (a part of `bytes`) into what the windows are cut from.
+fn decode_with(bytes: &[u8], keep: impl Fn(&[u8]) -> Bytes) -> Result<ImageIndex> {
+    let header: &[u8; HEADER_LEN] = bytes
+        .get(..HEADER_LEN)
+        .and_then(|h| h.try_into().ok())
+        .ok_or_else(|| Error::NotAnIndex("missing CLIPINDX header".into()))?;
+    let (version, body_len) = check_header(header)?;
     let body = &bytes[HEADER_LEN..];
     if body.len() as u64 != body_len {
-        return Err(Error::CorruptIndex(format!(
-            "body is {} bytes, header says {body_len}",
-            body.len()
-        )));
+        return Err(body_length(bytes.len(), body_len));
     }
-    let mut want = [0u8; 32];
-    want.copy_from_slice(&bytes[24..56]);
     // The digest on a second thread while the body is parsed; a body that does not match
     // it is refused whatever the parse found.
     let (got, parsed) = std::thread::scope(|s| {
@@ -228,15 +345,57 @@ fn decode_with(bytes: &[u8], keep: impl Fn(&[u8]) -> Bytes) -> Result<ImageIndex
             .unwrap_or_else(|| Digest::of(body));
         (got, parsed)
     });
+    check_digest(got, header)?;
+    let index = parsed?;
+    validate(&index)?;
+    Ok(index)
+}
+
+/// The version and body length a header gives, once its magic, version and flags are good.
+fn check_header(header: &[u8; HEADER_LEN]) -> Result<(u32, u64)> {
+    if &header[..8] != MAGIC {
+        return Err(Error::NotAnIndex("missing CLIPINDX header".into()));
+    }
+    let word = |at: usize| {
+        u32::from_le_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
+    };
+    let version = word(8);
+    if !(OLDEST_VERSION..=VERSION).contains(&version) {
+        return Err(Error::UnsupportedVersion {
+            found: version,
+            supported: VERSION,
+        });
+    }
+    let flags = word(12);
+    if flags != 0 {
+        return Err(Error::CorruptIndex(format!(
+            "unknown header flags {flags:#x}"
+        )));
+    }
+    let mut len = [0u8; 8];
+    len.copy_from_slice(&header[16..24]);
+    Ok((version, u64::from_le_bytes(len)))
+}
+
+/// A file of `file_len` bytes whose header says its body is `body_len`.
+fn body_length(file_len: usize, body_len: u64) -> Error {
+    Error::CorruptIndex(format!(
+        "body is {} bytes, header says {body_len}",
+        file_len.saturating_sub(HEADER_LEN)
+    ))
+}
+
+/// Refuses a body whose digest `got` is not the one the header records.
+fn check_digest(got: Digest, header: &[u8; HEADER_LEN]) -> Result<()> {
+    let mut want = [0u8; 32];
+    want.copy_from_slice(&header[24..56]);
     if got.0 != want {
         return Err(Error::CorruptIndex(format!(
             "body digest {got} does not match the header's {}",
             Digest(want)
         )));
     }
-    let index = parsed?;
-    validate(&index)?;
-    Ok(index)
+    Ok(())
 }
 
 /// The index in a body whose digest matched (or is being checked beside this).
@@ -258,7 +417,11 @@ fn parse_body(body: &[u8], version: u32, keep: &dyn Fn(&[u8]) -> Bytes) -> Resul
     let payload = inflate_payload(frame)?;
     // Versions 1 and 2: the windows are in the payload, and copied out of it (it would be
     // four times their size to keep).
-    parse_payload(&payload, bulk.map(keep).as_ref(), version)
+    let (mut index, parts) = parse_payload(&payload, bulk.map(<[u8]>::len), version)?;
+    if let Some(bulk) = bulk {
+        attach_bulk(&mut index, parts, &keep(bulk));
+    }
+    Ok(index)
 }
 
 /// The size to inflate `frame` into in one go: the size it records when it is one frame
@@ -312,15 +475,29 @@ pub fn index_digest(encoded: &[u8]) -> Digest {
     Digest::of(encoded)
 }
 
-/// Parses a payload. From version 3 the windows and block digests are in `bulk`, and the
-/// windows are cut from it; before (`None`), they are in the payload and copied out of it.
-fn parse_payload(p: &[u8], bulk: Option<&Bytes>, version: u32) -> Result<ImageIndex> {
+/// Where a version-3 metadata puts one layer's parts of the bulk: each checkpoint's window
+/// and the block digests, as ranges of the bulk.
+#[derive(Debug, Default)]
+struct LayerParts {
+    windows: Vec<Range<usize>>,
+    blocks: Range<usize>,
+}
+
+/// Parses a payload. From version 3 the windows and block digests are in a bulk of
+/// `bulk_len` bytes, which the payload only locates (see [`attach_bulk`]: the windows are
+/// empty until then); before (`None`), they are in the payload and copied out of it.
+fn parse_payload(
+    p: &[u8],
+    bulk_len: Option<usize>,
+    version: u32,
+) -> Result<(ImageIndex, Vec<LayerParts>)> {
     let mut r = Reader { buf: p, pos: 0 };
-    let split = bulk.is_some();
-    let mut b = Reader {
-        buf: bulk.map_or(&[][..], |b| &b[..]),
+    let split = bulk_len.is_some();
+    let mut b = Span {
+        len: bulk_len.unwrap_or(0),
         pos: 0,
     };
+    let mut parts = Vec::new();
     let source = ImageSource {
         repository: r.string()?,
         manifest_digest: r.digest()?,
@@ -340,6 +517,7 @@ fn parse_payload(p: &[u8], bulk: Option<&Bytes>, version: u32) -> Result<ImageIn
         let chunk_size = r.u32()?;
         let n_cp = r.count(5)?;
         let mut checkpoints = Vec::with_capacity(n_cp);
+        let mut layer_parts = LayerParts::default();
         for _ in 0..n_cp {
             checkpoints.push(Checkpoint {
                 compressed_offset: r.uint()?,
@@ -348,10 +526,11 @@ fn parse_payload(p: &[u8], bulk: Option<&Bytes>, version: u32) -> Result<ImageIn
                 raw_deflate: r.u8()? != 0,
                 window: {
                     let n = r.uint()?;
-                    match bulk {
-                        // A part of the buffer `bulk` is: shared, not copied.
-                        Some(bulk) => bulk.slice_ref(b.fixed(n, 1)?),
-                        None => Bytes::copy_from_slice(r.fixed(n, 1)?),
+                    if split {
+                        layer_parts.windows.push(b.take(n, 1)?);
+                        Bytes::new()
+                    } else {
+                        Bytes::copy_from_slice(r.fixed(n, 1)?)
                     }
                 },
             });
@@ -373,16 +552,17 @@ fn parse_payload(p: &[u8], bulk: Option<&Bytes>, version: u32) -> Result<ImageIn
             let size = u32::try_from(r.uint()?)
                 .map_err(|_| Error::CorruptIndex("block size too large".into()))?;
             let n = r.uint()?;
-            let from = if split { &mut b } else { &mut r };
-            let blocks = from
-                .fixed(n, 32)?
-                .chunks_exact(32)
-                .map(|d| Digest(d.try_into().unwrap_or_default()))
-                .collect();
+            let blocks = if split {
+                layer_parts.blocks = b.take(n, 32)?;
+                Vec::new()
+            } else {
+                digests(r.fixed(n, 32)?)
+            };
             (size, blocks)
         } else {
             (0, Vec::new())
         };
+        parts.push(layer_parts);
         layers.push(LayerIndex {
             media_type,
             compression,
@@ -457,12 +637,32 @@ fn parse_payload(p: &[u8], bulk: Option<&Bytes>, version: u32) -> Result<ImageIn
             inode: Inode(r.uint()?),
         });
     }
-    if r.pos != p.len() || b.pos != b.buf.len() {
+    if r.pos != p.len() || b.pos != b.len {
         return Err(Error::CorruptIndex(
             "trailing bytes after the payload".into(),
         ));
     }
-    Ok(ImageIndex::new(source, layers, nodes, dirents))
+    Ok((ImageIndex::new(source, layers, nodes, dirents), parts))
+}
+
+/// Gives each checkpoint its window, a part of `bulk` (shared, not copied), and each layer
+/// its block digests, where [`parse_payload`] found them. The parts lie inside a bulk of
+/// the length it was given, which `bulk` is.
+fn attach_bulk(index: &mut ImageIndex, parts: Vec<LayerParts>, bulk: &Bytes) {
+    for (layer, parts) in index.layers.iter_mut().zip(parts) {
+        for (cp, range) in layer.checkpoints.iter_mut().zip(parts.windows) {
+            cp.window = bulk.slice(range);
+        }
+        layer.blocks = digests(&bulk[parts.blocks]);
+    }
+}
+
+/// Digests stored back to back.
+fn digests(bytes: &[u8]) -> Vec<Digest> {
+    bytes
+        .chunks_exact(32)
+        .map(|d| Digest(d.try_into().unwrap_or_default()))
+        .collect()
 }
 
 /// Checks every invariant the rest of clip relies on.
@@ -662,6 +862,27 @@ impl Writer {
     }
 }
 
+/// A position in a part of the file that is not at hand yet (the bulk): what is taken from
+/// it is a range, checked against its length as [`Reader::fixed`] checks a slice.
+struct Span {
+    len: usize,
+    pos: usize,
+}
+
+impl Span {
+    /// The next `n` items of `size` bytes.
+    fn take(&mut self, n: u64, size: usize) -> Result<Range<usize>> {
+        let left = (self.len - self.pos) as u64;
+        let len =
+            n.checked_mul(size as u64)
+                .filter(|&l| l <= left)
+                .ok_or_else(|| Error::CorruptIndex("bulk ends early".into()))? as usize;
+        let range = self.pos..self.pos + len;
+        self.pos += len;
+        Ok(range)
+    }
+}
+
 struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
@@ -751,6 +972,34 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stream that hands out at most 7 bytes a read, as a pipe or a slow disk may.
+    struct Trickle<'a>(&'a [u8]);
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = buf.len().min(7).min(self.0.len());
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    /// [`decode`] of `file`, once [`read`] of it as a stream is seen to agree: the same
+    /// index and the file's digest, or an error as well.
+    fn decode_both(file: &[u8]) -> Result<ImageIndex> {
+        let whole = decode(file);
+        let streamed = read(Trickle(file), true);
+        match (&whole, &streamed) {
+            (Ok(a), Ok(b)) => {
+                assert_eq!(a, &b.index);
+                assert_eq!(b.digest, Some(index_digest(file)));
+            }
+            (Err(_), Err(_)) => {}
+            _ => panic!("decode gave {whole:?} but read {streamed:?}"),
+        }
+        whole
+    }
     use crate::{IndexOptions, LayerSpec, assemble, index_layer};
     use clip_e2e::image::{Compression as TarCompression, Entry, Layer, compress, layer_tar};
 
@@ -794,8 +1043,8 @@ mod tests {
             l.blocks.len(),
             5 * (n as usize - 1) + l.blocks_in_chunk(n - 1) as usize
         );
-        assert_eq!(decode(&encode(&index)?)?, index);
-        let old = decode(&encode_version(&index, 1)?)?;
+        assert_eq!(decode_both(&encode(&index)?)?, index);
+        let old = decode_both(&encode_version(&index, 1)?)?;
         assert_eq!(old.layers[0].block_size, 0);
         assert!(old.layers[0].blocks.is_empty() && old.layers[0].chunk_blocks(0).is_empty());
         assert_eq!(old.layers[0].chunks, l.chunks);
@@ -849,9 +1098,9 @@ mod tests {
             &bulk[..],
             "the bulk, uncompressed, after the frame"
         );
-        assert_eq!(decode(&file)?, index);
+        assert_eq!(decode_both(&file)?, index);
         // Files of the versions before are still read.
-        assert_eq!(decode(&encode_version(&index, 2)?)?, index);
+        assert_eq!(decode_both(&encode_version(&index, 2)?)?, index);
         assert!(encode_version(&index, 4).is_err());
         Ok(())
     }
@@ -883,13 +1132,13 @@ mod tests {
             ("no bulk", body[..8 + meta as usize].to_vec()),
         ];
         for (what, b) in cases {
-            let r = decode(&sealed(&b));
+            let r = decode_both(&sealed(&b));
             assert!(matches!(r, Err(Error::CorruptIndex(_))), "{what}: {r:?}");
         }
         // A damaged frame under the old digest: the digest is what is reported.
         let mut damaged = file.clone();
         damaged[HEADER_LEN + 20] ^= 0x55;
-        match decode(&damaged) {
+        match decode_both(&damaged) {
             Err(Error::CorruptIndex(m)) => assert!(m.contains("digest"), "{m}"),
             other => panic!("{other:?}"),
         }
@@ -935,6 +1184,91 @@ mod tests {
     }
 
     #[test]
+    fn an_index_read_as_a_stream_keeps_only_its_bulk_and_refuses_what_decode_refuses() -> Result<()>
+    {
+        let index = gzip_sample();
+        let file = encode(&index)?;
+        let got = read(&file[..], false)?;
+        assert_eq!(got.index, index);
+        assert_eq!(got.digest, None, "not asked for");
+        // The windows are parts of one buffer: the bulk, which starts after the metadata.
+        let windows: Vec<&Bytes> = got
+            .index
+            .layers
+            .iter()
+            .flat_map(|l| &l.checkpoints)
+            .map(|c| &c.window)
+            .filter(|w| !w.is_empty())
+            .collect();
+        assert!(windows.len() > 1, "the sample has windows");
+        let total: usize = windows.iter().map(|w| w.len()).sum();
+        let first = windows[0].as_ptr() as usize;
+        let last = windows[windows.len() - 1];
+        assert_eq!(
+            last.as_ptr() as usize + last.len() - first,
+            total,
+            "one buffer, back to back"
+        );
+        let (_, bulk) = frame_and_bulk(&file);
+        assert_eq!(&bulk[..windows[0].len()], &windows[0][..]);
+
+        // Cut anywhere: in the header, the metadata's length, the metadata, the bulk.
+        let (frame, _) = frame_and_bulk(&file);
+        let metadata_end = HEADER_LEN + 8 + frame.len();
+        for cut in [
+            0,
+            20,
+            HEADER_LEN + 3,
+            HEADER_LEN + 8 + 1,
+            metadata_end,
+            file.len() - 1,
+        ] {
+            let r = read(Trickle(&file[..cut]), true);
+            assert!(
+                matches!(r, Err(Error::CorruptIndex(_))),
+                "cut at {cut}: {r:?}"
+            );
+        }
+        // Longer than its header says.
+        let mut longer = file.clone();
+        longer.push(0);
+        let r = read(Trickle(&longer), false);
+        assert!(
+            matches!(&r, Err(Error::CorruptIndex(m)) if m.contains("runs past")),
+            "{r:?}"
+        );
+        // A byte of the bulk changed: the body's digest.
+        let mut flipped = file.clone();
+        let at = file.len() - 1;
+        flipped[at] ^= 1;
+        let r = read(Trickle(&flipped), false);
+        assert!(
+            matches!(&r, Err(Error::CorruptIndex(m)) if m.contains("digest")),
+            "{r:?}"
+        );
+        // A header that claims a body larger than any index allocates nothing.
+        let mut huge = file.clone();
+        huge[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
+        let r = read(&huge[..], false);
+        assert!(
+            matches!(&r, Err(Error::CorruptIndex(m)) if m.contains("larger than any")),
+            "{r:?}"
+        );
+        // A stream that fails is an error of reading, not a corrupt index.
+        struct Failing;
+        impl Read for Failing {
+            fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
+                Err(std::io::Error::other("disk gone"))
+            }
+        }
+        let r = read(Failing, false);
+        assert!(matches!(r, Err(Error::ReadIndex(_))), "{r:?}");
+        let r = read((&file[..HEADER_LEN + 8 + 5]).chain(Failing), false);
+        assert!(matches!(r, Err(Error::ReadIndex(_))), "{r:?}");
+        Ok(())
+    }
+
+    #[test]
     fn a_file_read_into_memory_decodes_the_same_and_its_windows_stay_in_it() -> Result<()> {
         let index = gzip_sample();
         assert!(
@@ -946,7 +1280,7 @@ mod tests {
         );
         for version in OLDEST_VERSION..=VERSION {
             let file = encode_version(&index, version)?;
-            let want = decode(&file)?;
+            let want = decode_both(&file)?;
             let owned = decode_owned(file.clone())?;
             assert_eq!(owned, want, "version {version}");
         }
@@ -986,7 +1320,7 @@ mod tests {
             zstd::zstd_safe::get_frame_content_size(&sizeless).ok(),
             Some(None)
         );
-        assert_eq!(decode(&with_frame(&index, &sizeless)?)?, index);
+        assert_eq!(decode_both(&with_frame(&index, &sizeless)?)?, index);
         assert_eq!(one_shot_size(&sizeless), None);
         let n = payload.len() as u64;
         let mut two_frames = claiming(&sizeless, n);
@@ -1011,13 +1345,13 @@ mod tests {
             );
             let want = one_go.then(|| usize::try_from(claim).unwrap());
             assert_eq!(one_shot_size(&frame), want, "{what}");
-            let r = decode(&with_frame(&index, &frame)?);
+            let r = decode_both(&with_frame(&index, &frame)?);
             assert!(matches!(r, Err(Error::CorruptIndex(_))), "{what}: {r:?}");
         }
         // The truth, recorded the same way, reads in one go.
         let true_claim = claiming(&sizeless, n);
         assert_eq!(one_shot_size(&true_claim), Some(payload.len()));
-        assert_eq!(decode(&with_frame(&index, &true_claim)?)?, index);
+        assert_eq!(decode_both(&with_frame(&index, &true_claim)?)?, index);
         // So does what clip writes.
         let file = encode(&index)?;
         assert_eq!(one_shot_size(frame_and_bulk(&file).0), Some(payload.len()));
@@ -1034,7 +1368,7 @@ mod tests {
         let mut tiny = index;
         tiny.layers[0].block_size = 1;
         for bad in [short, sizeless, tiny] {
-            let r = decode(&encode(&bad)?);
+            let r = decode_both(&encode(&bad)?);
             assert!(matches!(r, Err(Error::CorruptIndex(_))), "{r:?}");
         }
         Ok(())

@@ -32,7 +32,7 @@ mod zlib;
 pub use builder::{IndexOptions, LayerBuild, LayerSpec, assemble, index_layer};
 pub use digest::Digest;
 pub use error::{Error, Result};
-pub use format::{decode, decode_owned, encode, index_digest};
+pub use format::{ReadIndex, decode, decode_owned, encode, index_digest};
 pub use image::{ImageIndex, ImageSource, IndexStats};
 pub use layer::{BLOCK_SIZE, Checkpoint, Chunk, Compression, LayerIndex, ReadPlan};
 pub use node::{Content, Dirent, Inode, Node, NodeKind, Xattr};

@@ -303,14 +303,16 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// Reads and validates an index file.
 pub fn load_index(path: &Path) -> Result<ImageIndex> {
-    let bytes = std::fs::read(path).map_err(|source| Error::File {
+    let file = std::fs::File::open(path).map_err(|source| Error::File {
         path: path.to_owned(),
         source,
     })?;
-    clip_index::decode_owned(bytes).map_err(|source| Error::IndexFile {
-        path: path.to_owned(),
-        source,
-    })
+    clip_index::format::read(file, false)
+        .map(|read| read.index)
+        .map_err(|source| Error::IndexFile {
+            path: path.to_owned(),
+            source,
+        })
 }
 
 /// `IMAGE` arguments name an index file when one exists at that path, else a reference.

@@ -297,11 +297,15 @@ impl NodeContext {
             return Ok(index);
         }
         let path = self.index_path(digest);
-        if let Ok(bytes) = std::fs::read(&path)
-            && clip_index::index_digest(&bytes) == *digest
-            && let Ok(index) = clip_index::decode_owned(bytes)
+        // Read, hashed and parsed at once, off the runtime's threads.
+        let local = tokio::task::spawn_blocking(move || {
+            let file = std::fs::File::open(path).ok()?;
+            clip_index::format::read(file, true).ok()
+        });
+        if let Ok(Some(read)) = local.await
+            && read.digest == Some(*digest)
         {
-            return Ok(Arc::new(index));
+            return Ok(Arc::new(read.index));
         }
         let redis = self.redis.as_ref().ok_or_else(|| {
             CsiError::FailedPrecondition(format!(

@@ -80,15 +80,25 @@ fn exercise(index: &ImageIndex, probe: &[u8]) {
 }
 
 fn check(bytes: &[u8], probe: &[u8]) {
-    // A file read into memory decodes to the same as its bytes, or fails the same way.
+    // A file read into memory, or read as a stream, decodes to the same as its bytes, or
+    // fails the same way.
     let owned = decode_owned(bytes.to_vec());
+    let streamed = clip_index::format::read(bytes, true);
     let Ok(index) = decode(bytes) else {
         assert!(owned.is_err(), "decode_owned accepted what decode refused");
+        assert!(streamed.is_err(), "read accepted what decode refused");
         return;
     };
     match owned {
         Ok(o) => assert_eq!(o, index, "decode_owned != decode"),
         Err(e) => panic!("decode_owned refused what decode accepted: {e}"),
+    }
+    match streamed {
+        Ok(s) => {
+            assert_eq!(s.index, index, "read != decode");
+            assert_eq!(s.digest, Some(clip_index::index_digest(bytes)));
+        }
+        Err(e) => panic!("read refused what decode accepted: {e}"),
     }
     exercise(&index, probe);
     let again = match encode(&index) {
