@@ -202,7 +202,10 @@ const READ_PIECE: usize = 1 << 20;
 pub fn read(mut r: impl Read + Send, digest: bool) -> Result<ReadIndex> {
     let io = Error::ReadIndex;
     let mut header = [0u8; HEADER_LEN];
-    read_full(&mut r, &mut header, "missing CLIPINDX header")?;
+    // Shorter than a header: not an index at all, as for `decode`.
+    read_full(&mut r, &mut header, || {
+        Error::NotAnIndex("missing CLIPINDX header".into())
+    })?;
     let (version, body_len) = check_header(&header)?;
     if body_len > MAX_PAYLOAD {
         return Err(Error::CorruptIndex(format!(
@@ -220,7 +223,9 @@ pub fn read(mut r: impl Read + Send, digest: bool) -> Result<ReadIndex> {
         return Ok(ReadIndex { index, digest });
     }
     let mut len = [0u8; 8];
-    read_full(&mut r, &mut len, "body ends before its metadata")?;
+    read_full(&mut r, &mut len, || {
+        Error::CorruptIndex("body ends before its metadata".into())
+    })?;
     let frame_len = u64::from_le_bytes(len);
     let bulk_len = body_len
         .checked_sub(8)
@@ -312,10 +317,10 @@ pub fn read(mut r: impl Read + Send, digest: bool) -> Result<ReadIndex> {
     })
 }
 
-/// Fills `buf` from `r`; an end of the stream first is a corrupt index (`what`).
-fn read_full(r: &mut impl Read, buf: &mut [u8], what: &str) -> Result<()> {
+/// Fills `buf` from `r`; an end of the stream first is the error `short` makes.
+fn read_full(r: &mut impl Read, buf: &mut [u8], short: impl FnOnce() -> Error) -> Result<()> {
     r.read_exact(buf).map_err(|e| match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => Error::CorruptIndex(what.into()),
+        std::io::ErrorKind::UnexpectedEof => short(),
         _ => Error::ReadIndex(e),
     })
 }
@@ -1215,9 +1220,14 @@ mod tests {
         // Cut anywhere: in the header, the metadata's length, the metadata, the bulk.
         let (frame, _) = frame_and_bulk(&file);
         let metadata_end = HEADER_LEN + 8 + frame.len();
+        for cut in [0, 20] {
+            let r = read(Trickle(&file[..cut]), true);
+            assert!(
+                matches!(r, Err(Error::NotAnIndex(_))),
+                "cut at {cut}: {r:?}"
+            );
+        }
         for cut in [
-            0,
-            20,
             HEADER_LEN + 3,
             HEADER_LEN + 8 + 1,
             metadata_end,
