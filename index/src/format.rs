@@ -990,6 +990,17 @@ mod tests {
         }
     }
 
+    /// The non-empty windows of an index's checkpoints, layer after layer.
+    fn windows_of(index: &ImageIndex) -> Vec<&Bytes> {
+        index
+            .layers
+            .iter()
+            .flat_map(|l| &l.checkpoints)
+            .map(|c| &c.window)
+            .filter(|w| !w.is_empty())
+            .collect()
+    }
+
     /// [`decode`] of `file`, once [`read`] of it as a stream is seen to agree: the same
     /// index and the file's digest, or an error as well.
     fn decode_both(file: &[u8]) -> Result<ImageIndex> {
@@ -1197,14 +1208,7 @@ mod tests {
         assert_eq!(got.index, index);
         assert_eq!(got.digest, None, "not asked for");
         // The windows are parts of one buffer: the bulk, which starts after the metadata.
-        let windows: Vec<&Bytes> = got
-            .index
-            .layers
-            .iter()
-            .flat_map(|l| &l.checkpoints)
-            .map(|c| &c.window)
-            .filter(|w| !w.is_empty())
-            .collect();
+        let windows = windows_of(&got.index);
         assert!(windows.len() > 1, "the sample has windows");
         let total: usize = windows.iter().map(|w| w.len()).sum();
         let first = windows[0].as_ptr() as usize;
@@ -1301,13 +1305,7 @@ mod tests {
             file.shrink_to_fit();
             let (start, end) = (file.as_ptr() as usize, file.as_ptr() as usize + file.len());
             let decoded = decode_owned(file)?;
-            let windows: Vec<&Bytes> = decoded
-                .layers
-                .iter()
-                .flat_map(|l| &l.checkpoints)
-                .map(|c| &c.window)
-                .filter(|w| !w.is_empty())
-                .collect();
+            let windows = windows_of(&decoded);
             assert!(!windows.is_empty());
             let at = |w: &Bytes| w.as_ptr() as usize;
             Ok(windows
