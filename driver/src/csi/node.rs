@@ -159,29 +159,28 @@ async fn replay_profile(
 }
 
 /// Writes an image's start-up profile to `path` and publishes it in Redis for the other
-/// nodes (in the background; a profile is an optimisation, so failures are only logged).
+/// nodes (in the background, off the runtime's threads: naming the recorded lookups walks
+/// the index; a profile is an optimisation, so failures are only logged).
 fn keep_profile(
-    store: &ChunkStore<RegistryBlobs>,
+    store: Arc<ChunkStore<RegistryBlobs>>,
     path: PathBuf,
     redis: Option<Arc<RedisCache>>,
     runtime: &tokio::runtime::Handle,
 ) {
-    let profile = store.profile_to_save();
-    if profile.is_empty() {
-        return;
-    }
-    let index = store.index().clone();
+    let manifest = store.index().source.manifest_digest;
     runtime.spawn(async move {
-        let text = clip_storage::profile::encode(&index, &profile);
         let written = tokio::task::spawn_blocking(move || {
+            let profile = store.profile_to_save();
+            if profile.is_empty() {
+                return None;
+            }
+            let text = clip_storage::profile::encode(store.index(), &profile);
             crate::profile::save_text(&path, &text);
-            text
+            Some(text)
         })
         .await;
-        if let (Some(r), Ok(text)) = (redis, written)
-            && let Err(e) = r
-                .publish_profile(&index.source.manifest_digest, &text)
-                .await
+        if let (Some(r), Ok(Some(text))) = (redis, written)
+            && let Err(e) = r.publish_profile(&manifest, &text).await
         {
             tracing::debug!(error = %e, "publishing the start-up profile to redis failed");
         }
@@ -392,7 +391,7 @@ impl NodeContext {
         };
         if let Some(e) = gone.filter(|e| e.profiled) {
             let path = self.profile_path(&e.store);
-            keep_profile(&e.store, path, self.redis.clone(), &self.runtime);
+            keep_profile(e.store, path, self.redis.clone(), &self.runtime);
         }
     }
 
@@ -430,7 +429,7 @@ impl NodeContext {
                 }
             }
             if let Some(store) = weak.upgrade() {
-                keep_profile(&store, path, redis, &runtime);
+                keep_profile(store, path, redis, &runtime);
             }
         });
     }
