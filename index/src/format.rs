@@ -317,6 +317,48 @@ pub fn read(mut r: impl Read + Send, digest: bool) -> Result<ReadIndex> {
     })
 }
 
+/// Where the metadata of an index stream starts, enough of it inflated to hold the source.
+const SOURCE_PEEK: u64 = 64 << 10;
+
+/// The image an index describes, from the first bytes of its metadata alone: to name what
+/// is being loaded before [`read`] has read (and checked) the rest, which it may still
+/// refuse.
+pub fn read_source(mut r: impl Read) -> Result<ImageSource> {
+    let mut header = [0u8; HEADER_LEN];
+    read_full(&mut r, &mut header, || {
+        Error::NotAnIndex("missing CLIPINDX header".into())
+    })?;
+    let (version, body_len) = check_header(&header)?;
+    let frame_len = if version >= 3 {
+        let mut len = [0u8; 8];
+        read_full(&mut r, &mut len, || {
+            Error::CorruptIndex("body ends before its metadata".into())
+        })?;
+        u64::from_le_bytes(len)
+    } else {
+        body_len
+    };
+    let corrupt = |e: std::io::Error| Error::CorruptIndex(format!("payload: {e}"));
+    let mut payload = zstd::stream::read::Decoder::new(r.take(frame_len))
+        .map_err(corrupt)?
+        .take(SOURCE_PEEK);
+    // Inflated piece by piece until the source is whole: the rest may be missing.
+    let mut start = Vec::new();
+    let mut piece = [0u8; 1024];
+    loop {
+        let n = payload.read(&mut piece).map_err(corrupt)?;
+        start.extend_from_slice(&piece[..n]);
+        let source = Reader {
+            buf: &start,
+            pos: 0,
+        }
+        .source();
+        if source.is_ok() || n == 0 {
+            return source;
+        }
+    }
+}
+
 /// Fills `buf` from `r`; an end of the stream first is the error `short` makes.
 fn read_full(r: &mut impl Read, buf: &mut [u8], short: impl FnOnce() -> Error) -> Result<()> {
     r.read_exact(buf).map_err(|e| match e.kind() {
@@ -503,12 +545,7 @@ fn parse_payload(
         pos: 0,
     };
     let mut parts = Vec::new();
-    let source = ImageSource {
-        repository: r.string()?,
-        manifest_digest: r.digest()?,
-        config_digest: r.digest()?,
-        platform: r.string()?,
-    };
+    let source = r.source()?;
     let n_layers = r.count(40)?;
     let mut layers = Vec::with_capacity(n_layers);
     for _ in 0..n_layers {
@@ -898,13 +935,26 @@ impl<'a> Reader<'a> {
         Error::CorruptIndex("payload ends early".into())
     }
 
+    #[inline]
     fn u8(&mut self) -> Result<u8> {
         let b = *self.buf.get(self.pos).ok_or_else(Self::truncated)?;
         self.pos += 1;
         Ok(b)
     }
 
+    #[inline]
     fn uint(&mut self) -> Result<u64> {
+        // Most values fit in one byte.
+        if let Some(&b) = self.buf.get(self.pos)
+            && b < 0x80
+        {
+            self.pos += 1;
+            return Ok(u64::from(b));
+        }
+        self.long_uint()
+    }
+
+    fn long_uint(&mut self) -> Result<u64> {
         let mut v: u64 = 0;
         for shift in (0..64).step_by(7) {
             let b = self.u8()?;
@@ -925,6 +975,7 @@ impl<'a> Reader<'a> {
         Ok(((u >> 1) as i64) ^ -((u & 1) as i64))
     }
 
+    #[inline]
     fn u32(&mut self) -> Result<u32> {
         u32::try_from(self.uint()?).map_err(|_| Error::CorruptIndex("value out of range".into()))
     }
@@ -960,6 +1011,16 @@ impl<'a> Reader<'a> {
     fn string(&mut self) -> Result<String> {
         String::from_utf8(self.bytes()?.to_vec())
             .map_err(|_| Error::CorruptIndex("text is not UTF-8".into()))
+    }
+
+    /// The image source, which a payload starts with.
+    fn source(&mut self) -> Result<ImageSource> {
+        Ok(ImageSource {
+            repository: self.string()?,
+            manifest_digest: self.digest()?,
+            config_digest: self.digest()?,
+            platform: self.string()?,
+        })
     }
 
     fn digest(&mut self) -> Result<Digest> {
@@ -1197,6 +1258,34 @@ mod tests {
         out.extend_from_slice(&size.to_le_bytes());
         out.extend_from_slice(&frame[6..]);
         out
+    }
+
+    #[test]
+    fn the_source_is_read_from_the_start_of_an_index_of_every_version() -> Result<()> {
+        let mut index = gzip_sample();
+        index.source.repository = "registry.example:5000/team/app".into();
+        index.source.platform = "linux/arm64/v8".into();
+        for version in 1..=VERSION {
+            let file = encode_version(&index, version)?;
+            assert_eq!(read_source(&file[..])?, index.source, "version {version}");
+        }
+        // Only the metadata is read: the bulk may be missing.
+        let file = encode(&index)?;
+        let metadata = HEADER_LEN + 8 + frame_and_bulk(&file).0.len();
+        assert!(metadata < file.len());
+        assert_eq!(read_source(&file[..metadata])?, index.source);
+        assert!(matches!(
+            read_source(&b"not an index at all, just words"[..]),
+            Err(Error::NotAnIndex(_))
+        ));
+        assert!(matches!(
+            read_source(&file[..HEADER_LEN + 4]),
+            Err(Error::CorruptIndex(_))
+        ));
+        let mut flipped = file.clone();
+        flipped[HEADER_LEN + 8 + 4] ^= 0xff;
+        assert!(read_source(&flipped[..]).is_err(), "a broken frame");
+        Ok(())
     }
 
     #[test]
