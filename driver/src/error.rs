@@ -35,6 +35,9 @@ pub enum Error {
 
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
+
+    #[error("interrupted before the mount was ready")]
+    Interrupted,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

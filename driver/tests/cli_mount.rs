@@ -376,3 +376,33 @@ fn a_start_up_profile_recorded_by_one_mount_is_fetched_ahead_by_the_next() -> an
     );
     Ok(())
 }
+
+#[test]
+fn an_index_refused_after_the_early_mount_leaves_no_mount_behind() -> anyhow::Result<()> {
+    let f = fixture()?;
+    // The metadata is whole (the mount is made from it at once); the end of the file, with
+    // the block digests, is not.
+    let mut bytes = std::fs::read(&f.index_file)?;
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    let bad = f._work.path().join("bad.clipidx");
+    std::fs::write(&bad, &bytes)?;
+    let dir = tempfile::tempdir()?;
+    let out = clip()
+        .arg("mount")
+        .arg(&bad)
+        .arg(dir.path())
+        .arg("--cache-dir")
+        .arg(&f.cache)
+        .args(["--log", "info"])
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("mounted early"), "{err}");
+    assert!(
+        err.contains("corrupt clip index") && err.contains("digest"),
+        "{err}"
+    );
+    assert!(!is_mounted(dir.path()), "nothing stays mounted");
+    Ok(())
+}

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clip_driver::fs::{Mount, MountOptions, is_mounted, mount};
+use clip_driver::fs::{Mount, MountOptions, is_mounted, mount, premount};
 use clip_e2e::Rng;
 use clip_e2e::check::{assert_dir_matches, run_in_root};
 use clip_e2e::fixtures;
@@ -1063,5 +1063,90 @@ fn a_start_up_profile_fills_a_new_mounts_kernel_caches_before_the_program_asks()
         second.store.recorded_profile().paths,
         [b"app/lib/m9.py".to_vec()]
     );
+    Ok(())
+}
+
+/// The fields of /proc/self/mountinfo that describe the mount at `dir`: its mount options,
+/// and after the separator its type, source and superblock options.
+fn mount_fields(dir: &Path) -> anyhow::Result<String> {
+    let dir = dir.canonicalize()?;
+    let want = dir.to_string_lossy().replace(' ', "\\040");
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let line = info
+        .lines()
+        .rfind(|l| l.split(' ').nth(4) == Some(want.as_str()))
+        .ok_or_else(|| anyhow::anyhow!("{} is not mounted", dir.display()))?;
+    let (before, after) = line
+        .split_once(" - ")
+        .ok_or_else(|| anyhow::anyhow!("no separator in {line}"))?;
+    Ok(format!(
+        "{} - {after}",
+        before.split(' ').nth(5).unwrap_or_default()
+    ))
+}
+
+#[test]
+fn a_mount_made_before_its_index_holds_readers_until_served_and_ends_them_if_dropped()
+-> anyhow::Result<()> {
+    let rt = runtime()?;
+    let registry = Registry::start()?;
+    let layers = fixtures::complex_layers();
+    let image = build_image(&layers, "linux", "amd64")?;
+    let reference = Pusher::new(&registry.host(), None).push_image("fs/early", "v1", &image)?;
+    let (index, client) = index(&rt, &reference)?;
+    let cache = tempfile::tempdir()?;
+    let options = test_mount();
+    let want = match &expected_tree(&layers)["/etc/passwd"].kind {
+        Kind::File(data) => data.clone(),
+        other => anyhow::bail!("the fixture's /etc/passwd is {other:?}"),
+    };
+
+    // Mounted at once; a reader that comes before the filesystem waits for it.
+    let dir = tempfile::tempdir()?;
+    let pre = premount(dir.path(), &options)?;
+    assert!(is_mounted(dir.path()));
+    let path = dir.path().join("etc/passwd");
+    let reader = std::thread::spawn(move || std::fs::read(path));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!reader.is_finished(), "the reader waits for the filesystem");
+    let source = client.repository(&index.source.repository, &index.source.manifest_digest)?;
+    let disk = Arc::new(DiskCache::open(cache.path(), 1 << 30)?);
+    let store = ChunkStore::new(
+        index.clone(),
+        Arc::new(source),
+        vec![disk],
+        None,
+        StoreConfig::default(),
+    );
+    let early = clip_driver::fs::serve(pre, store.clone(), &options, rt.handle().clone())?;
+    assert_eq!(reader.join().unwrap()?, want);
+    assert_dir_matches(dir.path(), &expected_tree(&layers))?;
+    // The same mount as one made after the index: options, type, source.
+    let later_dir = tempfile::tempdir()?;
+    let later = mount(store, later_dir.path(), &options, rt.handle().clone())?;
+    assert_eq!(mount_fields(dir.path())?, mount_fields(later_dir.path())?);
+    assert!(
+        mount_fields(dir.path())?.starts_with("ro,nosuid,nodev"),
+        "{}",
+        mount_fields(dir.path())?
+    );
+    later.unmount()?;
+    early.unmount()?;
+    assert!(!is_mounted(dir.path()), "unmounted");
+
+    // Given up (the index could not be read): the waiting reader gets an error, not a
+    // hang, and nothing stays mounted.
+    let pre = premount(dir.path(), &options)?;
+    let path = dir.path().join("etc/passwd");
+    let reader = std::thread::spawn(move || std::fs::read(path));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!reader.is_finished(), "the reader waits for the filesystem");
+    drop(pre);
+    let err = reader
+        .join()
+        .unwrap()
+        .expect_err("no filesystem ever served");
+    assert_eq!(err.raw_os_error(), Some(libc::ENOTCONN), "{err}");
+    assert!(!is_mounted(dir.path()), "nothing stays mounted");
     Ok(())
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Args;
-use clip_index::ImageIndex;
+use clip_index::{ImageIndex, ImageSource};
 use clip_storage::cache::ChunkCache;
 use clip_storage::cache::disk::DiskCache;
 use clip_storage::cache::redis::RedisCache;
@@ -14,7 +14,7 @@ use tracing::info;
 
 use super::{RegistryArgs, default_parallelism, human_bytes, load_index, parse_size};
 use crate::error::{Error, Result};
-use crate::fs::{MountOptions, is_mounted, mount, unmount_path};
+use crate::fs::{MountOptions, Premount, is_mounted, mount, premount, serve, unmount_path};
 
 #[derive(Debug, Args)]
 pub struct MountArgs {
@@ -169,6 +169,31 @@ async fn index_for_mount(
     Ok(Arc::new(index))
 }
 
+/// The name a mount of the image `source` shows as its source.
+fn fsname(source: &ImageSource) -> String {
+    format!("clip:{}@{}", source.repository, source.manifest_digest)
+}
+
+/// When `image` is an index file, mounts `dir` at once, named from the first bytes of the
+/// index (see [`premount`]): the index is read while the mount is already there, and a
+/// program started on it waits for the filesystem rather than for the mount. `None` (mount
+/// once the index is read) for a reference, or where the mount cannot be made early (not
+/// allowed to call mount(2)).
+fn premount_file(image: &str, dir: &Path, options: &mut MountOptions) -> Option<Premount> {
+    let path = Path::new(image);
+    let source = std::fs::File::open(path)
+        .ok()
+        .filter(|_| path.is_file())
+        .and_then(|f| clip_index::format::read_source(std::io::BufReader::new(f)).ok())?;
+    options.fsname = fsname(&source);
+    premount(dir, options)
+        .inspect(|_| info!(dir = %dir.display(), "mounted early; served once the index is read"))
+        .inspect_err(|e| {
+            tracing::debug!(dir = %dir.display(), error = %e, "no early mount; mounting once the index is read");
+        })
+        .ok()
+}
+
 pub async fn run(args: MountArgs) -> Result<()> {
     let started = Instant::now();
     let cache_dir = args.cache_dir.clone().unwrap_or_else(default_cache_dir);
@@ -180,63 +205,8 @@ pub async fn run(args: MountArgs) -> Result<()> {
             args.dir.display()
         )));
     }
-    // The disk cache takes stock of its files (a walk of its directories) in the
-    // background: the mount does not wait for it.
-    let chunk_dir = cache_dir.join("chunks");
-    let disk =
-        tokio::task::spawn_blocking(move || DiskCache::open_in_background(&chunk_dir, cache_size))
-            .await
-            .map_err(std::io::Error::other)??;
-    let client = args.registry.client()?;
-    let redis = args.redis.connect().await?;
-    let index = index_for_mount(
-        &args.image,
-        &cache_dir,
-        &args.registry,
-        &client,
-        redis.as_ref(),
-    )
-    .await?;
-    let source = client.repository(&index.source.repository, &index.source.manifest_digest)?;
-    // Connection, TLS and credentials while the mount comes up, not at the first read.
-    source.warm_up_for(&index, |d| disk.contains(d), redis.is_some());
-    let mut tiers: Vec<Arc<dyn ChunkCache>> = vec![disk.clone()];
-    if let Some(r) = &redis {
-        tiers.push(r.clone());
-    }
-    let store = ChunkStore::new(
-        index.clone(),
-        Arc::new(source),
-        tiers,
-        redis.clone(),
-        store_config,
-    );
-    store.keep_whole_files(disk);
-    let profile = (!args.no_startup_profile).then(|| {
-        args.startup_profile.clone().unwrap_or_else(|| {
-            crate::profile::path_in(&cache_dir.join("profiles"), &index.source.manifest_digest)
-        })
-    });
-    let replayed = profile
-        .as_deref()
-        .and_then(|p| crate::profile::load(p, &index))
-        .unwrap_or_default();
-    if !replayed.is_empty() {
-        info!(
-            chunks = replayed.chunks.len(),
-            reads = replayed.reads.len(),
-            paths = replayed.paths.len(),
-            "bringing ahead what the start-up profile names"
-        );
-    }
-    // Also an empty one: the mount then knows there is nothing to prefill.
-    store.replay(&replayed, cache_size / 4);
-    let fsname = format!(
-        "clip:{}@{}",
-        index.source.repository, index.source.manifest_digest
-    );
-    let options = MountOptions {
-        fsname: fsname.clone(),
+    let mut options = MountOptions {
+        fsname: String::new(),
         threads: args.threads,
         clone_fd: true,
         allow_other: true,
@@ -251,16 +221,82 @@ pub async fn run(args: MountArgs) -> Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
-    let mounted = mount(
-        store.clone(),
-        &args.dir,
-        &options,
-        tokio::runtime::Handle::current(),
-    )
-    .map_err(|source| Error::File {
-        path: args.dir.clone(),
-        source,
-    })?;
+    let early = premount_file(&args.image, &args.dir, &mut options);
+    // Everything until the filesystem serves; a signal meanwhile ends it (dropping an early
+    // mount unmounts it).
+    let loading = async {
+        // The disk cache takes stock of its files (a walk of its directories) in the
+        // background: the mount does not wait for it.
+        let chunk_dir = cache_dir.join("chunks");
+        let disk = tokio::task::spawn_blocking(move || {
+            DiskCache::open_in_background(&chunk_dir, cache_size)
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        let client = args.registry.client()?;
+        let redis = args.redis.connect().await?;
+        let index = index_for_mount(
+            &args.image,
+            &cache_dir,
+            &args.registry,
+            &client,
+            redis.as_ref(),
+        )
+        .await?;
+        let source = client.repository(&index.source.repository, &index.source.manifest_digest)?;
+        // Connection, TLS and credentials while the mount comes up, not at the first read.
+        source.warm_up_for(&index, |d| disk.contains(d), redis.is_some());
+        let mut tiers: Vec<Arc<dyn ChunkCache>> = vec![disk.clone()];
+        if let Some(r) = &redis {
+            tiers.push(r.clone());
+        }
+        let store = ChunkStore::new(
+            index.clone(),
+            Arc::new(source),
+            tiers,
+            redis.clone(),
+            store_config,
+        );
+        store.keep_whole_files(disk);
+        let profile = (!args.no_startup_profile).then(|| {
+            args.startup_profile.clone().unwrap_or_else(|| {
+                crate::profile::path_in(&cache_dir.join("profiles"), &index.source.manifest_digest)
+            })
+        });
+        let replayed = profile
+            .as_deref()
+            .and_then(|p| crate::profile::load(p, &index))
+            .unwrap_or_default();
+        if !replayed.is_empty() {
+            info!(
+                chunks = replayed.chunks.len(),
+                reads = replayed.reads.len(),
+                paths = replayed.paths.len(),
+                "bringing ahead what the start-up profile names"
+            );
+        }
+        // Also an empty one: the mount then knows there is nothing to prefill.
+        store.replay(&replayed, cache_size / 4);
+        let handle = tokio::runtime::Handle::current();
+        let mounted = match early {
+            Some(pre) => serve(pre, store.clone(), &options, handle),
+            None => {
+                options.fsname = fsname(&index.source);
+                mount(store.clone(), &args.dir, &options, handle)
+            }
+        }
+        .map_err(|source| Error::File {
+            path: args.dir.clone(),
+            source,
+        })?;
+        Ok::<_, Error>((index, store, profile, mounted))
+    };
+    let (index, store, profile, mounted) = tokio::select! {
+        loaded = loading => loaded?,
+        _ = sigint.recv() => return Err(Error::Interrupted),
+        _ = sigterm.recv() => return Err(Error::Interrupted),
+    };
+    let fsname = options.fsname.clone();
     eprintln!(
         "clip: mounted {} at {} in {:.2}s; Ctrl-C or `clip umount {}` to unmount",
         args.image,

@@ -78,9 +78,10 @@ pub struct Mount {
     counters: Arc<FsCounters>,
     /// A duplicate of the session's /dev/fuse descriptor, for a keeper to hold.
     device: OwnedFd,
-    /// Taken over from another process: fuser holds no mount handle, so unmount by path,
-    /// and only while the mount there is still this one (this device number).
-    resumed: Option<u64>,
+    /// Mounted by clip itself (taken over from another process, or mounted before its
+    /// server, see [`premount`]): fuser holds no mount handle, so unmount by path, and
+    /// only while the mount there is still this one (this device number).
+    by_path: Option<u64>,
     /// Stops the prefill of the kernel's caches, if one was started.
     prefill: Option<Arc<prefill::Control>>,
 }
@@ -119,8 +120,8 @@ impl Mount {
     pub fn unmount(mut self) -> std::io::Result<()> {
         self.stop_prefill();
         match self.session.take() {
-            Some(s) if self.resumed.is_some() => {
-                if self.resumed == mounted_device(&self.dir) {
+            Some(s) if self.by_path.is_some() => {
+                if self.by_path == mounted_device(&self.dir) {
                     unmount_path(&self.dir)?;
                 }
                 s.join()
@@ -164,9 +165,9 @@ impl Drop for Mount {
     fn drop(&mut self) {
         self.stop_prefill();
         if let Some(s) = self.session.take() {
-            if self.resumed.is_some() {
+            if self.by_path.is_some() {
                 // Another mount may have replaced this one at the path: leave it be.
-                if self.resumed == mounted_device(&self.dir) {
+                if self.by_path == mounted_device(&self.dir) {
                     let _ = unmount_path(&self.dir);
                     let _ = s.join();
                 }
@@ -203,6 +204,113 @@ pub fn mount<S: BlobSource>(
     options: &MountOptions,
     runtime: tokio::runtime::Handle,
 ) -> std::io::Result<Mount> {
+    start_session(store, Connection::New(dir), options, runtime)
+}
+
+/// A FUSE mount whose server is not there yet (see [`premount`]); unmounted on drop unless
+/// [`serve`] took it.
+pub struct Premount {
+    dir: PathBuf,
+    device: Option<OwnedFd>,
+    /// The device number of the mount, to unmount only this one.
+    dev: u64,
+}
+
+impl std::fmt::Debug for Premount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Premount({})", self.dir.display())
+    }
+}
+
+impl Drop for Premount {
+    fn drop(&mut self) {
+        if self.device.is_some() {
+            if mounted_device(&self.dir) == Some(self.dev) {
+                let _ = unmount_path(&self.dir);
+            }
+            // Closing the connection ends it: whoever waited on the mount gets ENOTCONN.
+            self.device = None;
+        }
+    }
+}
+
+/// Mounts a FUSE connection at `dir` before the filesystem that will serve it exists (its
+/// index still being read), with the options [`mount`] would use. The mount is visible at
+/// once, and the kernel holds every request to it (INIT first) until [`serve`] answers
+/// them: a program started on it meanwhile waits instead of failing, and its start overlaps
+/// the index read. Dropping the result unmounts; whoever waited gets ENOTCONN. Needs the
+/// right to call mount(2) (CAP_SYS_ADMIN); without it, [`mount`] after the index is the way.
+pub fn premount(dir: &Path, options: &MountOptions) -> std::io::Result<Premount> {
+    let mut data = String::from("default_permissions");
+    if options.allow_other {
+        data.push_str(",allow_other");
+    }
+    // SAFETY: getuid and getgid cannot fail.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let device = mount_connection(dir, &options.fsname, uid, gid, &data)?;
+    let Some(dev) = mounted_device(dir) else {
+        let _ = unmount_path(dir);
+        return Err(std::io::Error::other(format!(
+            "the mount at {} is not in /proc/self/mountinfo",
+            dir.display()
+        )));
+    };
+    Ok(Premount {
+        dir: dir.to_owned(),
+        device: Some(device),
+        dev,
+    })
+}
+
+/// Serves the premounted `pre` with the image of `store`, as [`mount`] would have.
+pub fn serve<S: BlobSource>(
+    mut pre: Premount,
+    store: Arc<ChunkStore<S>>,
+    options: &MountOptions,
+    runtime: tokio::runtime::Handle,
+) -> std::io::Result<Mount> {
+    let device = pre
+        .device
+        .take()
+        .ok_or_else(|| std::io::Error::other("the premount was served already"))?;
+    let dir = pre.dir.clone();
+    let dev = pre.dev;
+    start_session(
+        store,
+        Connection::Premounted {
+            dir: &dir,
+            device,
+            dev,
+        },
+        options,
+        runtime,
+    )
+    .inspect_err(|_| {
+        // The connection is closed; the mount must not stay behind, dead.
+        if mounted_device(&dir) == Some(dev) {
+            let _ = unmount_path(&dir);
+        }
+    })
+}
+
+/// Where a new session's connection comes from.
+enum Connection<'a> {
+    /// fuser mounts one at `dir`.
+    New(&'a Path),
+    /// [`premount`] mounted `device` at `dir` (device number `dev`).
+    Premounted {
+        dir: &'a Path,
+        device: OwnedFd,
+        dev: u64,
+    },
+}
+
+fn start_session<S: BlobSource>(
+    store: Arc<ChunkStore<S>>,
+    connection: Connection<'_>,
+    options: &MountOptions,
+    runtime: tokio::runtime::Handle,
+) -> std::io::Result<Mount> {
     let fs = ClipFs::new(
         store,
         runtime.clone(),
@@ -213,7 +321,16 @@ pub fn mount<S: BlobSource>(
     let counters = fs.counters();
     let pages = fs.pages();
     let notifier = pages.notifier_slot();
-    let session = fuser::Session::new(fs, dir, &session_config(options))?;
+    let config = session_config(options);
+    let (session, dir, by_path) = match connection {
+        Connection::New(dir) => (fuser::Session::new(fs, dir, &config)?, dir, None),
+        Connection::Premounted { dir, device, dev } => {
+            let acl = config.acl;
+            // Reads and answers the INIT the kernel queued at the mount.
+            let session = fuser::Session::from_fd(fs, device, acl, config)?;
+            (session, dir, Some(dev))
+        }
+    };
     let _ = notifier.set(session.notifier());
     let device = session.as_fd().try_clone_to_owned()?;
     let session = session.spawn()?;
@@ -230,7 +347,7 @@ pub fn mount<S: BlobSource>(
         dir: dir.to_owned(),
         counters,
         device,
-        resumed: None,
+        by_path,
         prefill,
     })
 }
@@ -293,7 +410,7 @@ pub fn resume<S: BlobSource>(
         dir: dir.to_owned(),
         counters,
         device,
-        resumed: Some(here),
+        by_path: Some(here),
         prefill: None,
     })
 }
@@ -304,7 +421,6 @@ fn initialised_on_scratch<S: BlobSource>(
     scratch: &Path,
     config: fuser::Config,
 ) -> std::io::Result<fuser::Session<ClipFs<S>>> {
-    use std::os::unix::ffi::OsStrExt;
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let dir = scratch.join(format!(
         "{}-{}",
@@ -312,37 +428,61 @@ fn initialised_on_scratch<S: BlobSource>(
         NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
     std::fs::create_dir_all(&dir)?;
+    let dev = match mount_connection(&dir, "clip-handover", 0, 0, "") {
+        Ok(dev) => dev,
+        Err(e) => {
+            let _ = std::fs::remove_dir(&dir);
+            return Err(e);
+        }
+    };
+    let acl = config.acl;
+    let session = fuser::Session::from_fd(fs, dev, acl, config);
+    let _ = unmount_path(&dir);
+    let _ = std::fs::remove_dir(&dir);
+    session
+}
+
+/// Opens a new FUSE connection and mounts it at `dir` read-only, nosuid and nodev, from
+/// `source`, for user `uid`/`gid`, with the further options `extra` (comma-separated kernel
+/// options): the mount(2) call fuser makes for root, so that both mounts look the same.
+fn mount_connection(
+    dir: &Path,
+    source: &str,
+    uid: u32,
+    gid: u32,
+    extra: &str,
+) -> std::io::Result<OwnedFd> {
+    use std::os::unix::ffi::OsStrExt;
+    let invalid = |_| std::io::Error::from(std::io::ErrorKind::InvalidInput);
     let dev = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/fuse")?;
-    let target = std::ffi::CString::new(dir.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-    let data = std::ffi::CString::new(format!(
-        "fd={},rootmode=40000,user_id=0,group_id=0",
+    let target = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(invalid)?;
+    let source = std::ffi::CString::new(source).map_err(invalid)?;
+    let mut data = format!(
+        "fd={},rootmode=40000,user_id={uid},group_id={gid}",
         dev.as_raw_fd()
-    ))
-    .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    );
+    if !extra.is_empty() {
+        data.push(',');
+        data.push_str(extra);
+    }
+    let data = std::ffi::CString::new(data).map_err(invalid)?;
     // SAFETY: all pointers are valid NUL-terminated strings for the duration of the call.
     let r = unsafe {
         libc::mount(
-            c"clip-handover".as_ptr(),
+            source.as_ptr(),
             target.as_ptr(),
-            c"fuse.clip".as_ptr(),
+            c"fuse".as_ptr(),
             libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
             data.as_ptr().cast(),
         )
     };
     if r != 0 {
-        let e = std::io::Error::last_os_error();
-        let _ = std::fs::remove_dir(&dir);
-        return Err(e);
+        return Err(std::io::Error::last_os_error());
     }
-    let acl = config.acl;
-    let session = fuser::Session::from_fd(fs, OwnedFd::from(dev), acl, config);
-    let _ = unmount_path(&dir);
-    let _ = std::fs::remove_dir(&dir);
-    session
+    Ok(OwnedFd::from(dev))
 }
 
 /// Whether this kernel can queue again the requests a gone server had read and not answered
