@@ -63,22 +63,28 @@ fn spawn_mount_of(
     dir: &Path,
     extra: &[&str],
 ) -> anyhow::Result<MountProcess> {
-    let child = clip()
-        .arg("mount")
-        .arg(index)
-        .arg(dir)
-        .arg("--cache-dir")
-        .arg(cache)
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
+    let child = mount_command(index, cache, dir).args(extra).spawn()?;
     let child = MountProcess {
         child,
         dir: dir.to_owned(),
     };
     wait::until("the mount", Duration::from_secs(30), || is_mounted(dir))?;
+    // An index file is mounted before it is read: this waits until the filesystem serves.
+    std::fs::metadata(dir)?;
     Ok(child)
+}
+
+/// `clip mount INDEX DIR --cache-dir CACHE`, its stderr piped.
+fn mount_command(index: &Path, cache: &Path, dir: &Path) -> Command {
+    let mut c = clip();
+    c.arg("mount")
+        .arg(index)
+        .arg(dir)
+        .arg("--cache-dir")
+        .arg(cache)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    c
 }
 
 fn signal(child: &Child, sig: i32) {
@@ -117,9 +123,14 @@ fn sigint_unmounts_and_clip_umount_ends_the_process() -> anyhow::Result<()> {
     assert!(child.wait()?.success());
     assert!(!is_mounted(dir.path()));
 
-    // An unmount from outside ends the serving process too.
+    // An unmount from outside ends the serving process too (the directory named relative
+    // to the working directory).
     let mut child = spawn_mount(&f, dir.path(), &[])?;
-    let out = clip().arg("umount").arg(dir.path()).output()?;
+    let out = clip()
+        .current_dir(dir.path().parent().unwrap())
+        .arg("umount")
+        .arg(dir.path().file_name().unwrap())
+        .output()?;
     assert!(
         out.status.success(),
         "{}",
@@ -388,12 +399,7 @@ fn an_index_refused_after_the_early_mount_leaves_no_mount_behind() -> anyhow::Re
     let bad = f._work.path().join("bad.clipidx");
     std::fs::write(&bad, &bytes)?;
     let dir = tempfile::tempdir()?;
-    let out = clip()
-        .arg("mount")
-        .arg(&bad)
-        .arg(dir.path())
-        .arg("--cache-dir")
-        .arg(&f.cache)
+    let out = mount_command(&bad, &f.cache, dir.path())
         .args(["--log", "info"])
         .output()?;
     let err = String::from_utf8_lossy(&out.stderr);
@@ -404,5 +410,35 @@ fn an_index_refused_after_the_early_mount_leaves_no_mount_behind() -> anyhow::Re
         "{err}"
     );
     assert!(!is_mounted(dir.path()), "nothing stays mounted");
+    Ok(())
+}
+
+#[test]
+fn an_index_inside_the_mount_directory_is_read_before_the_mount_covers_it() -> anyhow::Result<()> {
+    let f = fixture()?;
+    let dir = tempfile::tempdir()?;
+    let inside = dir.path().join("image.clipidx");
+    std::fs::copy(&f.index_file, &inside)?;
+    let child = mount_command(&inside, &f.cache, dir.path()).spawn()?;
+    let mut child = MountProcess {
+        child,
+        dir: dir.path().to_owned(),
+    };
+    wait::until("the mount", Duration::from_secs(30), || {
+        is_mounted(dir.path())
+    })?;
+    // A mount made before its index is read would wait for itself: the read would hang.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let passwd = dir.path().join("etc/passwd");
+    std::thread::spawn(move || tx.send(std::fs::read_to_string(passwd)));
+    let got = rx.recv_timeout(Duration::from_secs(30));
+    if got.is_err() {
+        child.kill()?;
+    }
+    let passwd = got.map_err(|_| anyhow::anyhow!("the mount never served"))??;
+    assert!(passwd.starts_with("root:x:0:0:root:/root:/bin/ash"));
+    signal(&child, libc::SIGTERM);
+    assert!(child.wait()?.success());
+    assert!(!is_mounted(dir.path()));
     Ok(())
 }

@@ -1085,6 +1085,39 @@ fn mount_fields(dir: &Path) -> anyhow::Result<String> {
     ))
 }
 
+/// A thread reading `path`, once it waits inside its open (the system call openat, per
+/// /proc) for a filesystem that does not answer yet.
+fn reader_waiting_in_open(
+    path: std::path::PathBuf,
+) -> anyhow::Result<std::thread::JoinHandle<std::io::Result<Vec<u8>>>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        // SAFETY: gettid has no preconditions.
+        let _ = tx.send(unsafe { libc::gettid() });
+        std::fs::read(path)
+    });
+    let tid = rx.recv()?;
+    let openat = libc::SYS_openat.to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let call =
+            std::fs::read_to_string(format!("/proc/self/task/{tid}/syscall")).unwrap_or_default();
+        if call.split(' ').next() == Some(openat.as_str()) {
+            return Ok(reader);
+        }
+        anyhow::ensure!(
+            !reader.is_finished(),
+            "the reader did not wait: {:?}",
+            reader.join()
+        );
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the reader never waited in its open"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 #[test]
 fn a_mount_made_before_its_index_holds_readers_until_served_and_ends_them_if_dropped()
 -> anyhow::Result<()> {
@@ -1105,10 +1138,7 @@ fn a_mount_made_before_its_index_holds_readers_until_served_and_ends_them_if_dro
     let dir = tempfile::tempdir()?;
     let pre = premount(dir.path(), &options)?;
     assert!(is_mounted(dir.path()));
-    let path = dir.path().join("etc/passwd");
-    let reader = std::thread::spawn(move || std::fs::read(path));
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(!reader.is_finished(), "the reader waits for the filesystem");
+    let reader = reader_waiting_in_open(dir.path().join("etc/passwd"))?;
     let source = client.repository(&index.source.repository, &index.source.manifest_digest)?;
     let disk = Arc::new(DiskCache::open(cache.path(), 1 << 30)?);
     let store = ChunkStore::new(
@@ -1137,10 +1167,7 @@ fn a_mount_made_before_its_index_holds_readers_until_served_and_ends_them_if_dro
     // Given up (the index could not be read): the waiting reader gets an error, not a
     // hang, and nothing stays mounted.
     let pre = premount(dir.path(), &options)?;
-    let path = dir.path().join("etc/passwd");
-    let reader = std::thread::spawn(move || std::fs::read(path));
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(!reader.is_finished(), "the reader waits for the filesystem");
+    let reader = reader_waiting_in_open(dir.path().join("etc/passwd"))?;
     drop(pre);
     let err = reader
         .join()

@@ -307,6 +307,11 @@ pub fn load_index(path: &Path) -> Result<ImageIndex> {
         path: path.to_owned(),
         source,
     })?;
+    read_index_file(file, path)
+}
+
+/// Reads and validates the index file `path` opened as `file`, from its start.
+pub fn read_index_file(file: std::fs::File, path: &Path) -> Result<ImageIndex> {
     clip_index::format::read(file, false)
         .map(|read| read.index)
         .map_err(|source| Error::IndexFile {

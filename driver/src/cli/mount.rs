@@ -12,7 +12,9 @@ use clip_storage::cache::redis::RedisCache;
 use clip_storage::{ChunkStore, RegistryClient};
 use tracing::info;
 
-use super::{RegistryArgs, default_parallelism, human_bytes, load_index, parse_size};
+use super::{
+    RegistryArgs, default_parallelism, human_bytes, load_index, parse_size, read_index_file,
+};
 use crate::error::{Error, Result};
 use crate::fs::{MountOptions, Premount, is_mounted, mount, premount, serve, unmount_path};
 
@@ -176,22 +178,44 @@ fn fsname(source: &ImageSource) -> String {
 
 /// When `image` is an index file, mounts `dir` at once, named from the first bytes of the
 /// index (see [`premount`]): the index is read while the mount is already there, and a
-/// program started on it waits for the filesystem rather than for the mount. `None` (mount
-/// once the index is read) for a reference, or where the mount cannot be made early (not
-/// allowed to call mount(2)).
-fn premount_file(image: &str, dir: &Path, options: &mut MountOptions) -> Option<Premount> {
+/// program started on it waits for the filesystem rather than for the mount. Returns the
+/// mount and the index file, opened before the mount, to read the index from (a path
+/// inside `dir` would now wait for the mount itself). `None` (mount once the index is read)
+/// for a reference; when a file the loading reads (the index, the cache, the start-up
+/// profile) lies inside `dir`; or where the mount cannot be made early (not allowed to call
+/// mount(2)).
+fn premount_file(
+    image: &str,
+    dir: &Path,
+    inputs: &[&Path],
+    options: &mut MountOptions,
+) -> Option<(Premount, std::fs::File)> {
+    use std::io::{Seek, SeekFrom};
     let path = Path::new(image);
-    let source = std::fs::File::open(path)
-        .ok()
-        .filter(|_| path.is_file())
-        .and_then(|f| clip_index::format::read_source(std::io::BufReader::new(f)).ok())?;
+    if !path.is_file() {
+        return None;
+    }
+    let dir = dir.canonicalize().ok()?;
+    let inside = |p: &Path| {
+        // What does not exist yet: its absolute path, as it will be created.
+        p.canonicalize()
+            .or_else(|_| std::path::absolute(p))
+            .is_ok_and(|p| p.starts_with(&dir))
+    };
+    if inside(path) || inputs.iter().any(|p| inside(p)) {
+        return None;
+    }
+    let mut file = std::fs::File::open(path).ok()?;
+    let source = clip_index::format::read_source(std::io::BufReader::new(&file)).ok()?;
+    file.seek(SeekFrom::Start(0)).ok()?;
     options.fsname = fsname(&source);
-    premount(dir, options)
+    premount(&dir, options)
         .inspect(|_| info!(dir = %dir.display(), "mounted early; served once the index is read"))
         .inspect_err(|e| {
             tracing::debug!(dir = %dir.display(), error = %e, "no early mount; mounting once the index is read");
         })
         .ok()
+        .map(|pre| (pre, file))
 }
 
 pub async fn run(args: MountArgs) -> Result<()> {
@@ -221,7 +245,21 @@ pub async fn run(args: MountArgs) -> Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
-    let early = premount_file(&args.image, &args.dir, &mut options);
+    // Bound before anything is mounted: failing later would leave a mount to undo.
+    let metrics_listener = match &args.metrics_addr {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| Error::Config(format!("--metrics-addr {addr}: {e}")))?,
+        ),
+        None => None,
+    };
+    let inputs: Vec<&Path> = [Some(cache_dir.as_path()), args.startup_profile.as_deref()]
+        .into_iter()
+        .flatten()
+        .collect();
+    let (early, early_file) = premount_file(&args.image, &args.dir, &inputs, &mut options)
+        .map_or((None, None), |(pre, file)| (Some(pre), Some(file)));
     // Everything until the filesystem serves; a signal meanwhile ends it (dropping an early
     // mount unmounts it).
     let loading = async {
@@ -235,14 +273,24 @@ pub async fn run(args: MountArgs) -> Result<()> {
         .map_err(std::io::Error::other)??;
         let client = args.registry.client()?;
         let redis = args.redis.connect().await?;
-        let index = index_for_mount(
-            &args.image,
-            &cache_dir,
-            &args.registry,
-            &client,
-            redis.as_ref(),
-        )
-        .await?;
+        let index = match early_file {
+            // Off the runtime: a signal meanwhile is seen at once.
+            Some(file) => {
+                let path = PathBuf::from(&args.image);
+                let read = tokio::task::spawn_blocking(move || read_index_file(file, &path));
+                Arc::new(read.await.map_err(std::io::Error::other)??)
+            }
+            None => {
+                index_for_mount(
+                    &args.image,
+                    &cache_dir,
+                    &args.registry,
+                    &client,
+                    redis.as_ref(),
+                )
+                .await?
+            }
+        };
         let source = client.repository(&index.source.repository, &index.source.manifest_digest)?;
         // Connection, TLS and credentials while the mount comes up, not at the first read.
         source.warm_up_for(&index, |d| disk.contains(d), redis.is_some());
@@ -307,10 +355,7 @@ pub async fn run(args: MountArgs) -> Result<()> {
     info!(image = %args.image, dir = %args.dir.display(), "mounted");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    if let Some(addr) = &args.metrics_addr {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| Error::Config(format!("--metrics-addr {addr}: {e}")))?;
+    if let Some(listener) = metrics_listener {
         let metrics_store = store.clone();
         let labels = format!("image=\"{}\"", fsname.replace('"', ""));
         let fs_counters = mounted.counters().clone();

@@ -245,9 +245,11 @@ pub fn premount(dir: &Path, options: &MountOptions) -> std::io::Result<Premount>
     if options.allow_other {
         data.push_str(",allow_other");
     }
+    use std::os::unix::fs::MetadataExt;
+    let root_mode = std::fs::metadata(dir)?.mode();
     // SAFETY: getuid and getgid cannot fail.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-    let device = mount_connection(dir, &options.fsname, uid, gid, &data)?;
+    let device = mount_connection(dir, &options.fsname, root_mode, (uid, gid), &data)?;
     let Some(dev) = mounted_device(dir) else {
         let _ = unmount_path(dir);
         return Err(std::io::Error::other(format!(
@@ -428,7 +430,7 @@ fn initialised_on_scratch<S: BlobSource>(
         NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
     std::fs::create_dir_all(&dir)?;
-    let dev = match mount_connection(&dir, "clip-handover", 0, 0, "") {
+    let dev = match mount_connection(&dir, "clip-handover", 0o40000, (0, 0), "") {
         Ok(dev) => dev,
         Err(e) => {
             let _ = std::fs::remove_dir(&dir);
@@ -443,13 +445,14 @@ fn initialised_on_scratch<S: BlobSource>(
 }
 
 /// Opens a new FUSE connection and mounts it at `dir` read-only, nosuid and nodev, from
-/// `source`, for user `uid`/`gid`, with the further options `extra` (comma-separated kernel
-/// options): the mount(2) call fuser makes for root, so that both mounts look the same.
+/// `source`, with the root's mode `root_mode` until the server tells it, for the user and
+/// group `owner`, with the further options `extra` (comma-separated kernel options): the
+/// mount(2) call fuser makes for root, so that both mounts look the same.
 fn mount_connection(
     dir: &Path,
     source: &str,
-    uid: u32,
-    gid: u32,
+    root_mode: u32,
+    (uid, gid): (u32, u32),
     extra: &str,
 ) -> std::io::Result<OwnedFd> {
     use std::os::unix::ffi::OsStrExt;
@@ -461,7 +464,7 @@ fn mount_connection(
     let target = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(invalid)?;
     let source = std::ffi::CString::new(source).map_err(invalid)?;
     let mut data = format!(
-        "fd={},rootmode=40000,user_id={uid},group_id={gid}",
+        "fd={},rootmode={root_mode:o},user_id={uid},group_id={gid}",
         dev.as_raw_fd()
     );
     if !extra.is_empty() {
@@ -568,9 +571,14 @@ pub fn is_mounted(dir: &Path) -> bool {
 /// The last line of /proc/self/mountinfo that mounts at `dir` (the visible mount there).
 fn mount_line(dir: &Path) -> Option<String> {
     let resolved = match (dir.parent(), dir.file_name()) {
-        (Some(parent), Some(name)) => std::fs::canonicalize(parent)
-            .map(|p| p.join(name))
-            .unwrap_or_else(|_| dir.to_owned()),
+        // A relative name's parent is "": the working directory.
+        (Some(parent), Some(name)) => std::fs::canonicalize(if parent.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            parent
+        })
+        .map(|p| p.join(name))
+        .unwrap_or_else(|_| dir.to_owned()),
         _ => dir.to_owned(),
     };
     let want = resolved.to_string_lossy().replace(' ', "\\040");
