@@ -68,9 +68,11 @@ fn spawn_mount_of(
         child,
         dir: dir.to_owned(),
     };
-    wait::until("the mount", Duration::from_secs(30), || is_mounted(dir))?;
-    // An index file is mounted before it is read: this waits until the filesystem serves.
-    std::fs::metadata(dir)?;
+    // An index file is mounted before it is read: this waits until the filesystem serves
+    // (a stat of an early mount waits for it, and fails if the mount is given up).
+    wait::until("the mount to serve", Duration::from_secs(60), || {
+        is_mounted(dir) && std::fs::metadata(dir).is_ok()
+    })?;
     Ok(child)
 }
 
@@ -440,5 +442,57 @@ fn an_index_inside_the_mount_directory_is_read_before_the_mount_covers_it() -> a
     signal(&child, libc::SIGTERM);
     assert!(child.wait()?.success());
     assert!(!is_mounted(dir.path()));
+    Ok(())
+}
+
+#[test]
+fn a_reference_is_indexed_once_and_its_kept_index_is_mounted_early_after() -> anyhow::Result<()> {
+    let registry = Registry::start()?;
+    let layers = fixtures::complex_layers();
+    let image = build_image(&layers, "linux", "amd64")?;
+    let reference = Pusher::new(&registry.host(), None).push_image("cli/byref", "v1", &image)?;
+    let work = tempfile::tempdir()?;
+    let cache = work.path().join("cache");
+    let dir = tempfile::tempdir()?;
+    let mount_ref = || -> anyhow::Result<String> {
+        let child = spawn_mount_of(
+            Path::new(&reference),
+            &cache,
+            dir.path(),
+            &["--log", "info"],
+        )?;
+        clip_e2e::check::assert_dir_matches(dir.path(), &clip_e2e::model::expected_tree(&layers))?;
+        let err = stop(child)?;
+        anyhow::ensure!(!is_mounted(dir.path()), "unmounted");
+        Ok(err)
+    };
+
+    // First: indexed, and the index kept in the cache directory.
+    let err = mount_ref()?;
+    assert!(
+        err.contains("indexing") && !err.contains("mounted early"),
+        "{err}"
+    );
+    let kept: Vec<_> = std::fs::read_dir(cache.join("indexes"))?.collect::<Result<_, _>>()?;
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    let kept = kept[0].path();
+
+    // Then: the kept index, mounted before it is read.
+    let err = mount_ref()?;
+    assert!(
+        err.contains("mounted early") && !err.contains("indexing"),
+        "{err}"
+    );
+
+    // A kept index that turns out corrupt is built again, its early mount undone.
+    let mut bytes = std::fs::read(&kept)?;
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&kept, &bytes)?;
+    let err = mount_ref()?;
+    assert!(
+        err.contains("mounted early") && err.contains("indexing"),
+        "{err}"
+    );
     Ok(())
 }

@@ -103,16 +103,20 @@ fn default_cache_dir() -> PathBuf {
 /// The index for `image`: a file; `sha256:...`, an index digest published in Redis; or a
 /// reference, whose index comes from Redis (when published there), the local index cache,
 /// or is built once (then kept locally and published to Redis).
+///
+/// An index file kept in the local cache is mounted early when `early` can (see
+/// [`premount_index`]); the early mount is then returned with the index.
 async fn index_for_mount(
     image: &str,
     cache_dir: &Path,
     registry: &RegistryArgs,
     client: &RegistryClient,
     redis: Option<&Arc<RedisCache>>,
-) -> Result<Arc<ImageIndex>> {
+    early: &(dyn Fn(&Path) -> Option<Early> + Sync),
+) -> Result<(Arc<ImageIndex>, Option<Early>)> {
     let path = Path::new(image);
     if path.is_file() {
-        return Ok(Arc::new(load_index(path)?));
+        return Ok((Arc::new(load_index(path)?), None));
     }
     if image.starts_with("sha256:") {
         let digest: clip_index::Digest = image.parse()?;
@@ -120,7 +124,7 @@ async fn index_for_mount(
             Error::Config(format!("{image}: mounting by index digest needs --redis"))
         })?;
         let bytes = redis.fetch_index(&digest).await?;
-        return Ok(Arc::new(clip_index::decode_owned(bytes)?));
+        return Ok((Arc::new(clip_index::decode_owned(bytes)?), None));
     }
     let resolved = client.resolve(image, registry.platform()?.as_ref()).await?;
     if let Some(r) = redis
@@ -128,14 +132,24 @@ async fn index_for_mount(
         && let Ok(bytes) = r.fetch_index(&d).await
         && let Ok(index) = clip_index::decode_owned(bytes)
     {
-        return Ok(Arc::new(index));
+        return Ok((Arc::new(index), None));
     }
     let dir = cache_dir.join("indexes");
     let file = dir.join(format!("{}.clipidx", resolved.manifest_digest.hex()));
-    if file.is_file()
-        && let Ok(index) = load_index(&file)
-    {
-        return Ok(Arc::new(index));
+    if file.is_file() {
+        // A kept index that cannot be read is built again (an early mount of it undone).
+        match early(&file) {
+            Some(mut e) => {
+                if let Ok(index) = e.read_index(&file).await {
+                    return Ok((index, Some(e)));
+                }
+            }
+            None => {
+                if let Ok(index) = load_index(&file) {
+                    return Ok((Arc::new(index), None));
+                }
+            }
+        }
     }
     eprintln!(
         "clip: indexing {image} ({}) once; later mounts reuse the index",
@@ -168,7 +182,7 @@ async fn index_for_mount(
             path: file.clone(),
             source,
         })?;
-    Ok(Arc::new(index))
+    Ok((Arc::new(index), None))
 }
 
 /// The name a mount of the image `source` shows as its source.
@@ -176,22 +190,43 @@ fn fsname(source: &ImageSource) -> String {
     format!("clip:{}@{}", source.repository, source.manifest_digest)
 }
 
-/// When `image` is an index file, mounts `dir` at once, named from the first bytes of the
+/// A mount made before its index is read (see [`premount_index`]).
+struct Early {
+    mount: Premount,
+    /// The index file, opened before the mount (its path may lie under it); `None` once read.
+    file: Option<std::fs::File>,
+    /// The name the mount was made with.
+    fsname: String,
+}
+
+impl Early {
+    /// Reads the index from the file opened before the mount, off the runtime (a signal
+    /// meanwhile is seen at once); `path` names it in errors.
+    async fn read_index(&mut self, path: &Path) -> Result<Arc<ImageIndex>> {
+        let file = self
+            .file
+            .take()
+            .ok_or_else(|| Error::Config("the early mount's index was read already".into()))?;
+        let path = path.to_owned();
+        let read = tokio::task::spawn_blocking(move || read_index_file(file, &path));
+        Ok(Arc::new(read.await.map_err(std::io::Error::other)??))
+    }
+}
+
+/// Mounts `dir` at once for the index file `path`, named from the first bytes of the
 /// index (see [`premount`]): the index is read while the mount is already there, and a
-/// program started on it waits for the filesystem rather than for the mount. Returns the
-/// mount and the index file, opened before the mount, to read the index from (a path
-/// inside `dir` would now wait for the mount itself). `None` (mount once the index is read)
-/// for a reference; when a file the loading reads (the index, the cache, the start-up
-/// profile) lies inside `dir`; or where the mount cannot be made early (not allowed to call
-/// mount(2)).
-fn premount_file(
-    image: &str,
+/// program started on it waits for the filesystem rather than for the mount. The index is
+/// then read from the file opened here, before the mount (a path inside `dir` would wait
+/// for the mount itself). `None` (mount once the index is read) when a file the loading
+/// reads (the index, or one of `inputs`: the cache, the start-up profile) lies inside
+/// `dir`, or where the mount cannot be made early (not allowed to call mount(2)).
+fn premount_index(
+    path: &Path,
     dir: &Path,
     inputs: &[&Path],
-    options: &mut MountOptions,
-) -> Option<(Premount, std::fs::File)> {
+    options: &MountOptions,
+) -> Option<Early> {
     use std::io::{Seek, SeekFrom};
-    let path = Path::new(image);
     if !path.is_file() {
         return None;
     }
@@ -208,14 +243,21 @@ fn premount_file(
     let mut file = std::fs::File::open(path).ok()?;
     let source = clip_index::format::read_source(std::io::BufReader::new(&file)).ok()?;
     file.seek(SeekFrom::Start(0)).ok()?;
-    options.fsname = fsname(&source);
-    premount(&dir, options)
+    let options = MountOptions {
+        fsname: fsname(&source),
+        ..options.clone()
+    };
+    premount(&dir, &options)
         .inspect(|_| info!(dir = %dir.display(), "mounted early; served once the index is read"))
         .inspect_err(|e| {
             tracing::debug!(dir = %dir.display(), error = %e, "no early mount; mounting once the index is read");
         })
         .ok()
-        .map(|pre| (pre, file))
+        .map(|mount| Early {
+            mount,
+            file: Some(file),
+            fsname: options.fsname,
+        })
 }
 
 pub async fn run(args: MountArgs) -> Result<()> {
@@ -229,7 +271,7 @@ pub async fn run(args: MountArgs) -> Result<()> {
             args.dir.display()
         )));
     }
-    let mut options = MountOptions {
+    let options = MountOptions {
         fsname: String::new(),
         threads: args.threads,
         clone_fd: true,
@@ -258,8 +300,9 @@ pub async fn run(args: MountArgs) -> Result<()> {
         .into_iter()
         .flatten()
         .collect();
-    let (early, early_file) = premount_file(&args.image, &args.dir, &inputs, &mut options)
-        .map_or((None, None), |(pre, file)| (Some(pre), Some(file)));
+    let early_for = |path: &Path| premount_index(path, &args.dir, &inputs, &options);
+    // An index file is mounted before anything else is done.
+    let first = early_for(Path::new(&args.image));
     // Everything until the filesystem serves; a signal meanwhile ends it (dropping an early
     // mount unmounts it).
     let loading = async {
@@ -273,13 +316,8 @@ pub async fn run(args: MountArgs) -> Result<()> {
         .map_err(std::io::Error::other)??;
         let client = args.registry.client()?;
         let redis = args.redis.connect().await?;
-        let index = match early_file {
-            // Off the runtime: a signal meanwhile is seen at once.
-            Some(file) => {
-                let path = PathBuf::from(&args.image);
-                let read = tokio::task::spawn_blocking(move || read_index_file(file, &path));
-                Arc::new(read.await.map_err(std::io::Error::other)??)
-            }
+        let (index, early) = match first {
+            Some(mut e) => (e.read_index(Path::new(&args.image)).await?, Some(e)),
             None => {
                 index_for_mount(
                     &args.image,
@@ -287,6 +325,7 @@ pub async fn run(args: MountArgs) -> Result<()> {
                     &args.registry,
                     &client,
                     redis.as_ref(),
+                    &early_for,
                 )
                 .await?
             }
@@ -326,25 +365,39 @@ pub async fn run(args: MountArgs) -> Result<()> {
         // Also an empty one: the mount then knows there is nothing to prefill.
         store.replay(&replayed, cache_size / 4);
         let handle = tokio::runtime::Handle::current();
-        let mounted = match early {
-            Some(pre) => serve(pre, store.clone(), &options, handle),
-            None => {
-                options.fsname = fsname(&index.source);
-                mount(store.clone(), &args.dir, &options, handle)
+        let (mounted, fsname) = match early {
+            Some(e) => {
+                let options = MountOptions {
+                    fsname: e.fsname,
+                    ..options.clone()
+                };
+                (
+                    serve(e.mount, store.clone(), &options, handle),
+                    options.fsname,
+                )
             }
-        }
-        .map_err(|source| Error::File {
+            None => {
+                let options = MountOptions {
+                    fsname: fsname(&index.source),
+                    ..options.clone()
+                };
+                (
+                    mount(store.clone(), &args.dir, &options, handle),
+                    options.fsname,
+                )
+            }
+        };
+        let mounted = mounted.map_err(|source| Error::File {
             path: args.dir.clone(),
             source,
         })?;
-        Ok::<_, Error>((index, store, profile, mounted))
+        Ok::<_, Error>((index, store, profile, mounted, fsname))
     };
-    let (index, store, profile, mounted) = tokio::select! {
+    let (index, store, profile, mounted, fsname) = tokio::select! {
         loaded = loading => loaded?,
         _ = sigint.recv() => return Err(Error::Interrupted),
         _ = sigterm.recv() => return Err(Error::Interrupted),
     };
-    let fsname = options.fsname.clone();
     eprintln!(
         "clip: mounted {} at {} in {:.2}s; Ctrl-C or `clip umount {}` to unmount",
         args.image,
