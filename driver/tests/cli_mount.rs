@@ -32,6 +32,8 @@ fn index_to(reference: &str, out: &Path) -> anyhow::Result<()> {
 
 struct Fixture {
     _registry: Registry,
+    /// The image's reference, and its index.
+    reference: String,
     index_file: std::path::PathBuf,
     _work: tempfile::TempDir,
     cache: std::path::PathBuf,
@@ -47,6 +49,7 @@ fn fixture() -> anyhow::Result<Fixture> {
     let cache = work.path().join("cache");
     Ok(Fixture {
         _registry: registry,
+        reference,
         index_file,
         cache,
         _work: work,
@@ -237,9 +240,11 @@ fn prefetch_fills_the_cache_so_the_image_reads_without_the_registry() -> anyhow:
     Pusher::new(&registry.host(), None).push_image("cli/prefetch", "v1", &image)?;
     let work = tempfile::tempdir()?;
     let index_file = work.path().join("p.clipidx");
-    index_to(&format!("{}/cli/prefetch:v1", proxy.host()), &index_file)?;
+    let reference = format!("{}/cli/prefetch:v1", proxy.host());
+    index_to(&reference, &index_file)?;
     let f = Fixture {
         _registry: registry,
+        reference,
         index_file,
         cache: work.path().join("cache"),
         _work: work,
@@ -447,17 +452,14 @@ fn an_index_inside_the_mount_directory_is_read_before_the_mount_covers_it() -> a
 
 #[test]
 fn a_reference_is_indexed_once_and_its_kept_index_is_mounted_early_after() -> anyhow::Result<()> {
-    let registry = Registry::start()?;
+    let f = fixture()?;
     let layers = fixtures::complex_layers();
-    let image = build_image(&layers, "linux", "amd64")?;
-    let reference = Pusher::new(&registry.host(), None).push_image("cli/byref", "v1", &image)?;
-    let work = tempfile::tempdir()?;
-    let cache = work.path().join("cache");
+    let cache = &f.cache;
     let dir = tempfile::tempdir()?;
     let mount_ref = || -> anyhow::Result<String> {
         let child = spawn_mount_of(
-            Path::new(&reference),
-            &cache,
+            Path::new(&f.reference),
+            cache,
             dir.path(),
             &["--log", "info"],
         )?;

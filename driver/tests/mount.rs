@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clip_driver::fs::{Mount, MountOptions, is_mounted, mount, premount};
+use clip_driver::fs::{Mount, MountOptions, is_mounted, mount, mount_line, premount};
 use clip_e2e::Rng;
 use clip_e2e::check::{assert_dir_matches, run_in_root};
 use clip_e2e::fixtures;
@@ -96,6 +96,25 @@ fn serve_with(
     config: StoreConfig,
     options: &MountOptions,
 ) -> anyhow::Result<Served> {
+    let (store, disk) = store_with(index, client, cache, cache_bytes, config)?;
+    store.keep_whole_files(disk);
+    let dir = tempfile::tempdir()?;
+    let m = mount(store.clone(), dir.path(), options, rt.handle().clone())?;
+    Ok(Served {
+        store,
+        mount: Some(m),
+        dir,
+    })
+}
+
+/// A store of `index` over a disk cache at `cache`, and that cache.
+fn store_with(
+    index: &Arc<ImageIndex>,
+    client: &RegistryClient,
+    cache: &Path,
+    cache_bytes: u64,
+    config: StoreConfig,
+) -> anyhow::Result<(Arc<ChunkStore<RegistryBlobs>>, Arc<DiskCache>)> {
     let source = client.repository(&index.source.repository, &index.source.manifest_digest)?;
     let disk = Arc::new(DiskCache::open(cache, cache_bytes)?);
     let store = ChunkStore::new(
@@ -105,14 +124,7 @@ fn serve_with(
         None,
         config,
     );
-    store.keep_whole_files(disk);
-    let dir = tempfile::tempdir()?;
-    let m = mount(store.clone(), dir.path(), options, rt.handle().clone())?;
-    Ok(Served {
-        store,
-        mount: Some(m),
-        dir,
-    })
+    Ok((store, disk))
 }
 
 impl Drop for Served {
@@ -1069,13 +1081,8 @@ fn a_start_up_profile_fills_a_new_mounts_kernel_caches_before_the_program_asks()
 /// The fields of /proc/self/mountinfo that describe the mount at `dir`: its mount options,
 /// and after the separator its type, source and superblock options.
 fn mount_fields(dir: &Path) -> anyhow::Result<String> {
-    let dir = dir.canonicalize()?;
-    let want = dir.to_string_lossy().replace(' ', "\\040");
-    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
-    let line = info
-        .lines()
-        .rfind(|l| l.split(' ').nth(4) == Some(want.as_str()))
-        .ok_or_else(|| anyhow::anyhow!("{} is not mounted", dir.display()))?;
+    let line =
+        mount_line(dir).ok_or_else(|| anyhow::anyhow!("{} is not mounted", dir.display()))?;
     let (before, after) = line
         .split_once(" - ")
         .ok_or_else(|| anyhow::anyhow!("no separator in {line}"))?;
@@ -1139,15 +1146,13 @@ fn a_mount_made_before_its_index_holds_readers_until_served_and_ends_them_if_dro
     let pre = premount(dir.path(), &options)?;
     assert!(is_mounted(dir.path()));
     let reader = reader_waiting_in_open(dir.path().join("etc/passwd"))?;
-    let source = client.repository(&index.source.repository, &index.source.manifest_digest)?;
-    let disk = Arc::new(DiskCache::open(cache.path(), 1 << 30)?);
-    let store = ChunkStore::new(
-        index.clone(),
-        Arc::new(source),
-        vec![disk],
-        None,
+    let (store, _) = store_with(
+        &index,
+        &client,
+        cache.path(),
+        1 << 30,
         StoreConfig::default(),
-    );
+    )?;
     let early = clip_driver::fs::serve(pre, store.clone(), &options, rt.handle().clone())?;
     assert_eq!(reader.join().unwrap()?, want);
     assert_dir_matches(dir.path(), &expected_tree(&layers))?;

@@ -201,12 +201,7 @@ const READ_PIECE: usize = 1 << 20;
 /// pass also computes the file's [`index_digest`].
 pub fn read(mut r: impl Read + Send, digest: bool) -> Result<ReadIndex> {
     let io = Error::ReadIndex;
-    let mut header = [0u8; HEADER_LEN];
-    // Shorter than a header: not an index at all, as for `decode`.
-    read_full(&mut r, &mut header, || {
-        Error::NotAnIndex("missing CLIPINDX header".into())
-    })?;
-    let (version, body_len) = check_header(&header)?;
+    let (header, version, body_len) = read_header(&mut r)?;
     if body_len > MAX_PAYLOAD {
         return Err(Error::CorruptIndex(format!(
             "a body of {body_len} bytes is larger than any index"
@@ -222,10 +217,7 @@ pub fn read(mut r: impl Read + Send, digest: bool) -> Result<ReadIndex> {
         let index = decode(&bytes)?;
         return Ok(ReadIndex { index, digest });
     }
-    let mut len = [0u8; 8];
-    read_full(&mut r, &mut len, || {
-        Error::CorruptIndex("body ends before its metadata".into())
-    })?;
+    let len = read_frame_len(&mut r)?;
     let frame_len = u64::from_le_bytes(len);
     let bulk_len = body_len
         .checked_sub(8)
@@ -317,24 +309,16 @@ pub fn read(mut r: impl Read + Send, digest: bool) -> Result<ReadIndex> {
     })
 }
 
-/// Where the metadata of an index stream starts, enough of it inflated to hold the source.
+/// The most of a metadata frame [`read_source`] inflates looking for the source.
 const SOURCE_PEEK: u64 = 64 << 10;
 
 /// The image an index describes, from the first bytes of its metadata alone: to name what
 /// is being loaded before [`read`] has read (and checked) the rest, which it may still
 /// refuse.
 pub fn read_source(mut r: impl Read) -> Result<ImageSource> {
-    let mut header = [0u8; HEADER_LEN];
-    read_full(&mut r, &mut header, || {
-        Error::NotAnIndex("missing CLIPINDX header".into())
-    })?;
-    let (version, body_len) = check_header(&header)?;
+    let (_, version, body_len) = read_header(&mut r)?;
     let frame_len = if version >= 3 {
-        let mut len = [0u8; 8];
-        read_full(&mut r, &mut len, || {
-            Error::CorruptIndex("body ends before its metadata".into())
-        })?;
-        u64::from_le_bytes(len)
+        u64::from_le_bytes(read_frame_len(&mut r)?)
     } else {
         body_len
     };
@@ -357,6 +341,26 @@ pub fn read_source(mut r: impl Read) -> Result<ImageSource> {
             return source;
         }
     }
+}
+
+/// A stream's header, checked, with the version and body length it gives. A stream
+/// shorter than a header is not an index at all, as for `decode`.
+fn read_header(r: &mut impl Read) -> Result<([u8; HEADER_LEN], u32, u64)> {
+    let mut header = [0u8; HEADER_LEN];
+    read_full(r, &mut header, || {
+        Error::NotAnIndex("missing CLIPINDX header".into())
+    })?;
+    let (version, body_len) = check_header(&header)?;
+    Ok((header, version, body_len))
+}
+
+/// The length of a version-3 body's metadata frame, as stored (8 bytes, little-endian).
+fn read_frame_len(r: &mut impl Read) -> Result<[u8; 8]> {
+    let mut len = [0u8; 8];
+    read_full(r, &mut len, || {
+        Error::CorruptIndex("body ends before its metadata".into())
+    })?;
+    Ok(len)
 }
 
 /// Fills `buf` from `r`; an end of the stream first is the error `short` makes.

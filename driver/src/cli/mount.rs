@@ -112,7 +112,7 @@ async fn index_for_mount(
     registry: &RegistryArgs,
     client: &RegistryClient,
     redis: Option<&Arc<RedisCache>>,
-    early: &(dyn Fn(&Path) -> Option<Early> + Sync),
+    early: &(dyn Fn(&Path) -> Option<(Early, std::fs::File)> + Sync),
 ) -> Result<(Arc<ImageIndex>, Option<Early>)> {
     let path = Path::new(image);
     if path.is_file() {
@@ -139,8 +139,8 @@ async fn index_for_mount(
     if file.is_file() {
         // A kept index that cannot be read is built again (an early mount of it undone).
         match early(&file) {
-            Some(mut e) => {
-                if let Ok(index) = e.read_index(&file).await {
+            Some((e, opened)) => {
+                if let Ok(index) = read_index_off_runtime(opened, &file).await {
                     return Ok((index, Some(e)));
                 }
             }
@@ -193,39 +193,32 @@ fn fsname(source: &ImageSource) -> String {
 /// A mount made before its index is read (see [`premount_index`]).
 struct Early {
     mount: Premount,
-    /// The index file, opened before the mount (its path may lie under it); `None` once read.
-    file: Option<std::fs::File>,
     /// The name the mount was made with.
     fsname: String,
 }
 
-impl Early {
-    /// Reads the index from the file opened before the mount, off the runtime (a signal
-    /// meanwhile is seen at once); `path` names it in errors.
-    async fn read_index(&mut self, path: &Path) -> Result<Arc<ImageIndex>> {
-        let file = self
-            .file
-            .take()
-            .ok_or_else(|| Error::Config("the early mount's index was read already".into()))?;
-        let path = path.to_owned();
-        let read = tokio::task::spawn_blocking(move || read_index_file(file, &path));
-        Ok(Arc::new(read.await.map_err(std::io::Error::other)??))
-    }
+/// Reads the index file `path`, opened as `file`, off the runtime (a signal meanwhile is
+/// seen at once).
+async fn read_index_off_runtime(file: std::fs::File, path: &Path) -> Result<Arc<ImageIndex>> {
+    let path = path.to_owned();
+    let read = tokio::task::spawn_blocking(move || read_index_file(file, &path));
+    Ok(Arc::new(read.await.map_err(std::io::Error::other)??))
 }
 
 /// Mounts `dir` at once for the index file `path`, named from the first bytes of the
 /// index (see [`premount`]): the index is read while the mount is already there, and a
 /// program started on it waits for the filesystem rather than for the mount. The index is
 /// then read from the file opened here, before the mount (a path inside `dir` would wait
-/// for the mount itself). `None` (mount once the index is read) when a file the loading
-/// reads (the index, or one of `inputs`: the cache, the start-up profile) lies inside
-/// `dir`, or where the mount cannot be made early (not allowed to call mount(2)).
+/// for the mount itself); it is returned with the mount. `None` (mount once the index is
+/// read) when a file the loading reads (the index, or one of `inputs`: the cache, the
+/// start-up profile) lies inside `dir`, or where the mount cannot be made early (not
+/// allowed to call mount(2)).
 fn premount_index(
     path: &Path,
     dir: &Path,
     inputs: &[&Path],
     options: &MountOptions,
-) -> Option<Early> {
+) -> Option<(Early, std::fs::File)> {
     use std::io::{Seek, SeekFrom};
     if !path.is_file() {
         return None;
@@ -253,10 +246,12 @@ fn premount_index(
             tracing::debug!(dir = %dir.display(), error = %e, "no early mount; mounting once the index is read");
         })
         .ok()
-        .map(|mount| Early {
-            mount,
-            file: Some(file),
-            fsname: options.fsname,
+        .map(|mount| {
+            let early = Early {
+                mount,
+                fsname: options.fsname,
+            };
+            (early, file)
         })
 }
 
@@ -317,7 +312,10 @@ pub async fn run(args: MountArgs) -> Result<()> {
         let client = args.registry.client()?;
         let redis = args.redis.connect().await?;
         let (index, early) = match first {
-            Some(mut e) => (e.read_index(Path::new(&args.image)).await?, Some(e)),
+            Some((e, file)) => (
+                read_index_off_runtime(file, Path::new(&args.image)).await?,
+                Some(e),
+            ),
             None => {
                 index_for_mount(
                     &args.image,
@@ -365,33 +363,23 @@ pub async fn run(args: MountArgs) -> Result<()> {
         // Also an empty one: the mount then knows there is nothing to prefill.
         store.replay(&replayed, cache_size / 4);
         let handle = tokio::runtime::Handle::current();
-        let (mounted, fsname) = match early {
-            Some(e) => {
-                let options = MountOptions {
-                    fsname: e.fsname,
-                    ..options.clone()
-                };
-                (
-                    serve(e.mount, store.clone(), &options, handle),
-                    options.fsname,
-                )
-            }
-            None => {
-                let options = MountOptions {
-                    fsname: fsname(&index.source),
-                    ..options.clone()
-                };
-                (
-                    mount(store.clone(), &args.dir, &options, handle),
-                    options.fsname,
-                )
-            }
+        let (early, name) = match early {
+            Some(e) => (Some(e.mount), e.fsname),
+            None => (None, fsname(&index.source)),
         };
-        let mounted = mounted.map_err(|source| Error::File {
+        let options = MountOptions {
+            fsname: name,
+            ..options.clone()
+        };
+        let mounted = match early {
+            Some(pre) => serve(pre, store.clone(), &options, handle),
+            None => mount(store.clone(), &args.dir, &options, handle),
+        }
+        .map_err(|source| Error::File {
             path: args.dir.clone(),
             source,
         })?;
-        Ok::<_, Error>((index, store, profile, mounted, fsname))
+        Ok::<_, Error>((index, store, profile, mounted, options.fsname))
     };
     let (index, store, profile, mounted, fsname) = tokio::select! {
         loaded = loading => loaded?,

@@ -264,35 +264,31 @@ pub fn premount(dir: &Path, options: &MountOptions) -> std::io::Result<Premount>
     })
 }
 
-/// Serves the premounted `pre` with the image of `store`, as [`mount`] would have.
+/// Serves the premounted `pre` with the image of `store`, as [`mount`] would have. If the
+/// session cannot start, `pre` is dropped: the mount does not stay behind, dead.
 pub fn serve<S: BlobSource>(
     mut pre: Premount,
     store: Arc<ChunkStore<S>>,
     options: &MountOptions,
     runtime: tokio::runtime::Handle,
 ) -> std::io::Result<Mount> {
-    let device = pre
-        .device
-        .take()
-        .ok_or_else(|| std::io::Error::other("the premount was served already"))?;
-    let dir = pre.dir.clone();
-    let dev = pre.dev;
-    start_session(
+    let device = match &pre.device {
+        Some(device) => device.try_clone()?,
+        None => return Err(std::io::Error::other("the premount was served already")),
+    };
+    let mount = start_session(
         store,
         Connection::Premounted {
-            dir: &dir,
+            dir: &pre.dir,
             device,
-            dev,
+            dev: pre.dev,
         },
         options,
         runtime,
-    )
-    .inspect_err(|_| {
-        // The connection is closed; the mount must not stay behind, dead.
-        if mounted_device(&dir) == Some(dev) {
-            let _ = unmount_path(&dir);
-        }
-    })
+    )?;
+    // The session holds the connection and `mount` unmounts it now.
+    pre.device = None;
+    Ok(mount)
 }
 
 /// Where a new session's connection comes from.
@@ -569,7 +565,7 @@ pub fn is_mounted(dir: &Path) -> bool {
 }
 
 /// The last line of /proc/self/mountinfo that mounts at `dir` (the visible mount there).
-fn mount_line(dir: &Path) -> Option<String> {
+pub fn mount_line(dir: &Path) -> Option<String> {
     let resolved = match (dir.parent(), dir.file_name()) {
         // A relative name's parent is "": the working directory.
         (Some(parent), Some(name)) => std::fs::canonicalize(if parent.as_os_str().is_empty() {
