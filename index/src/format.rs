@@ -3,23 +3,27 @@
 //! ```text
 //! header (56 bytes): magic "CLIPINDX" | version u32 LE | flags u32 LE (0)
 //!                    | body length u64 LE | sha256 of the body (32 bytes)
-//! body (version 3):  metadata length u64 LE | zstd frame of the metadata | bulk
+//! body (version 4):  metadata length u64 LE | zstd frame of the metadata
+//!                    | entries length u64 LE | zstd frame of the directory entries | bulk
 //! metadata:          source | layers (checkpoints, chunks, block digests) | nodes
-//!                    | directory entries
+//! entries:           directory entries (name, inode), directory after directory
 //! bulk:              layer after layer: its checkpoints' windows, then its block
 //!                    digests, in the order the metadata names them
 //! ```
 //!
 //! The bulk is what does not compress (the windows are zstd frames of their own, the block
 //! digests are sha256 digests): kept out of the metadata's frame, it costs no inflating when
-//! an index is read, which a mount waits for. The body's digest is computed beside the
-//! parse, on a second thread. For version 3, [`decode_owned`] leaves the windows where they
-//! are in the file it is given (the index keeps the file's buffer), and [`read`] of a file
-//! parses the metadata while a second thread reads and hashes the bulk. A metadata frame that
-//! records a believable size is inflated into one buffer of that size.
+//! an index is read, which a mount waits for. The directory entries have a frame of their
+//! own so that they are inflated, parsed and their names checked on a second thread while
+//! the nodes are parsed: a mount waits for the longer of the two, not for both. The body's
+//! digest is computed beside the parse, on another thread. [`decode_owned`] leaves the
+//! windows where they are in the file it is given (the index keeps the file's buffer), and
+//! [`read`] of a file parses the metadata while a thread reads and hashes the bulk. A frame
+//! that records a believable size is inflated into one buffer of that size.
 //!
-//! Older versions are still read. Version 1 had no block digests; versions 1 and 2 kept
-//! everything in one zstd frame (body = the frame, windows and block digests in it).
+//! Older versions are still read. Version 3 kept the entries in the metadata's frame;
+//! version 1 had no block digests; versions 1 and 2 kept everything in one zstd frame
+//! (body = the frame, windows and block digests in it).
 //!
 //! Integers in the metadata are LEB128 varints. Decoding checks the digest, every bound and
 //! the tree's shape before an [`ImageIndex`] is handed out, so a corrupt or hostile file gives
@@ -38,7 +42,7 @@ use crate::layer::{Checkpoint, Chunk, Compression, LayerIndex};
 use crate::node::{Content, Dirent, Inode, Node, NodeKind, Xattr};
 
 pub const MAGIC: &[u8; 8] = b"CLIPINDX";
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 /// The oldest version [`decode`] reads.
 pub const OLDEST_VERSION: u32 = 1;
 pub const HEADER_LEN: usize = 56;
@@ -143,16 +147,24 @@ pub fn encode_version(index: &ImageIndex, version: u32) -> Result<Vec<u8>> {
             }
         }
     }
-    w.uint(index.dirents.len() as u64);
+    // From version 4 the directory entries have a frame of their own.
+    let mut apart = Writer::default();
+    let e = if version >= 4 { &mut apart } else { &mut w };
+    e.uint(index.dirents.len() as u64);
     for d in &index.dirents {
-        w.bytes(&d.name);
-        w.uint(d.inode.0);
+        e.bytes(&d.name);
+        e.uint(d.inode.0);
     }
     let frame = zstd::bulk::compress(&w.0, PAYLOAD_LEVEL)?;
     let body = if split {
-        let mut body = Vec::with_capacity(8 + frame.len() + bulk.len());
+        let mut body = Vec::new();
         body.extend_from_slice(&(frame.len() as u64).to_le_bytes());
         body.extend_from_slice(&frame);
+        if version >= 4 {
+            let entries = zstd::bulk::compress(&apart.0, PAYLOAD_LEVEL)?;
+            body.extend_from_slice(&(entries.len() as u64).to_le_bytes());
+            body.extend_from_slice(&entries);
+        }
         body.extend_from_slice(&bulk);
         body
     } else {
@@ -217,27 +229,30 @@ pub fn read(mut r: impl Read + Send, digest: bool) -> Result<ReadIndex> {
         let index = decode(&bytes)?;
         return Ok(ReadIndex { index, digest });
     }
-    let len = read_frame_len(&mut r)?;
-    let frame_len = u64::from_le_bytes(len);
-    let bulk_len = body_len
-        .checked_sub(8)
-        .and_then(|b| b.checked_sub(frame_len))
-        .and_then(|b| usize::try_from(b).ok())
-        .ok_or_else(|| Error::CorruptIndex("metadata runs past the body".into()))?;
-    let frame_len = usize::try_from(frame_len)
-        .map_err(|_| Error::CorruptIndex("metadata runs past the body".into()))?;
-    let mut frame = Vec::new();
-    frame
-        .try_reserve_exact(frame_len)
-        .map_err(|e| Error::CorruptIndex(format!("metadata of {frame_len} bytes: {e}")))?;
-    (&mut r)
-        .take(frame_len as u64)
-        .read_to_end(&mut frame)
-        .map_err(io)?;
-    if frame.len() != frame_len {
-        return Err(body_length(HEADER_LEN + 8 + frame.len(), body_len));
+    // The frames before the bulk, each with its length, as the body has them.
+    let mut head = Vec::new();
+    for what in frames_of(version) {
+        let len = read_frame_len(&mut r, what)?;
+        let frame_len = u64::from_le_bytes(len);
+        let end = (head.len() as u64 + 8)
+            .checked_add(frame_len)
+            .filter(|&e| e <= body_len)
+            .ok_or_else(|| runs_past(what))?;
+        head.try_reserve_exact(8 + frame_len as usize)
+            .map_err(|e| Error::CorruptIndex(format!("{what} of {frame_len} bytes: {e}")))?;
+        head.extend_from_slice(&len);
+        (&mut r)
+            .take(frame_len)
+            .read_to_end(&mut head)
+            .map_err(io)?;
+        if head.len() as u64 != end {
+            return Err(body_length(HEADER_LEN + head.len(), body_len));
+        }
     }
-    let frame = frame;
+    let head = head;
+    let bulk_len = usize::try_from(body_len - head.len() as u64)
+        .map_err(|_| Error::CorruptIndex("bulk too large".into()))?;
+    let frames = split_body(&head, version)?;
     // The bulk, the body's digest and the file's, from a second thread.
     let rest = |r: &mut dyn Read| -> Result<(Vec<u8>, Digest, Option<Digest>)> {
         let mut body = Sha256::new();
@@ -246,11 +261,9 @@ pub fn read(mut r: impl Read + Send, digest: bool) -> Result<ReadIndex> {
             h.update(header);
             h
         });
-        for part in [&len[..], &frame] {
-            body.update(part);
-            if let Some(h) = &mut file {
-                h.update(part);
-            }
+        body.update(&head);
+        if let Some(h) = &mut file {
+            h.update(&head);
         }
         let mut bulk = Vec::new();
         bulk.try_reserve_exact(bulk_len)
@@ -275,15 +288,12 @@ pub fn read(mut r: impl Read + Send, digest: bool) -> Result<ReadIndex> {
             )));
         }
         if bulk.len() < bulk_len {
-            return Err(body_length(
-                HEADER_LEN + 8 + frame_len + bulk.len(),
-                body_len,
-            ));
+            return Err(body_length(HEADER_LEN + head.len() + bulk.len(), body_len));
         }
         let file = file.map(|h| Digest(h.finalize().into()));
         Ok((bulk, Digest(body.finalize().into()), file))
     };
-    let parse = || inflate_payload(&frame).and_then(|p| parse_payload(&p, Some(bulk_len), version));
+    let parse = || parse_frames(&frames, Some(bulk_len), version);
     let beside = std::thread::scope(|s| {
         let reader = &mut r;
         let reader = std::thread::Builder::new()
@@ -300,12 +310,66 @@ pub fn read(mut r: impl Read + Send, digest: bool) -> Result<ReadIndex> {
     let (rest, parsed) = beside.unwrap_or_else(|| (rest(&mut r), parse()));
     let (bulk, got, file) = rest?;
     check_digest(got, &header)?;
-    let (mut index, parts) = parsed?;
-    attach_bulk(&mut index, parts, &Bytes::from(bulk));
-    validate(&index)?;
+    let mut parsed = parsed?;
+    attach_bulk(&mut parsed.index, parsed.parts, &Bytes::from(bulk));
+    validate_with(&parsed.index, &parsed.breaks)?;
     Ok(ReadIndex {
-        index,
+        index: parsed.index,
         digest: file,
+    })
+}
+
+/// The frames a version-3-or-later body starts with, each after its length, by what they
+/// hold.
+fn frames_of(version: u32) -> &'static [&'static str] {
+    if version >= 4 {
+        &["metadata", "directory entries"]
+    } else {
+        &["metadata"]
+    }
+}
+
+/// A frame whose length takes it past its body.
+fn runs_past(what: &str) -> Error {
+    Error::CorruptIndex(format!("{what} runs past the body"))
+}
+
+/// A body cut into its parts: the metadata's frame, the entries' own frame (from version 4)
+/// and the bulk (from version 3; what follows the frames).
+struct Frames<'a> {
+    metadata: &'a [u8],
+    entries: Option<&'a [u8]>,
+    bulk: Option<&'a [u8]>,
+}
+
+/// The parts of `body`, each frame inside it.
+fn split_body(body: &[u8], version: u32) -> Result<Frames<'_>> {
+    if version < 3 {
+        return Ok(Frames {
+            metadata: body,
+            entries: None,
+            bulk: None,
+        });
+    }
+    let mut rest = body;
+    let mut frames = Vec::with_capacity(2);
+    for what in frames_of(version) {
+        let len = rest
+            .get(..8)
+            .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()))
+            .ok_or_else(|| Error::CorruptIndex(format!("body ends before its {what}")))?;
+        let end = usize::try_from(len)
+            .ok()
+            .and_then(|l| l.checked_add(8))
+            .filter(|&e| e <= rest.len())
+            .ok_or_else(|| runs_past(what))?;
+        frames.push(&rest[8..end]);
+        rest = &rest[end..];
+    }
+    Ok(Frames {
+        metadata: frames[0],
+        entries: frames.get(1).copied(),
+        bulk: Some(rest),
     })
 }
 
@@ -318,7 +382,7 @@ const SOURCE_PEEK: u64 = 64 << 10;
 pub fn read_source(mut r: impl Read) -> Result<ImageSource> {
     let (_, version, body_len) = read_header(&mut r)?;
     let frame_len = if version >= 3 {
-        u64::from_le_bytes(read_frame_len(&mut r)?)
+        u64::from_le_bytes(read_frame_len(&mut r, "metadata")?)
     } else {
         body_len
     };
@@ -354,11 +418,12 @@ fn read_header(r: &mut impl Read) -> Result<([u8; HEADER_LEN], u32, u64)> {
     Ok((header, version, body_len))
 }
 
-/// The length of a version-3 body's metadata frame, as stored (8 bytes, little-endian).
-fn read_frame_len(r: &mut impl Read) -> Result<[u8; 8]> {
+/// The length of a frame of a version-3-or-later body, as stored (8 bytes, little-endian);
+/// `what` the frame holds.
+fn read_frame_len(r: &mut impl Read, what: &str) -> Result<[u8; 8]> {
     let mut len = [0u8; 8];
     read_full(r, &mut len, || {
-        Error::CorruptIndex("body ends before its metadata".into())
+        Error::CorruptIndex(format!("body ends before its {what}"))
     })?;
     Ok(len)
 }
@@ -397,9 +462,9 @@ fn decode_with(bytes: &[u8], keep: impl Fn(&[u8]) -> Bytes) -> Result<ImageIndex
         (got, parsed)
     });
     check_digest(got, header)?;
-    let index = parsed?;
-    validate(&index)?;
-    Ok(index)
+    let parsed = parsed?;
+    validate_with(&parsed.index, &parsed.breaks)?;
+    Ok(parsed.index)
 }
 
 /// The version and body length a header gives, once its magic, version and flags are good.
@@ -449,30 +514,93 @@ fn check_digest(got: Digest, header: &[u8; HEADER_LEN]) -> Result<()> {
     Ok(())
 }
 
-/// The index in a body whose digest matched (or is being checked beside this).
-fn parse_body(body: &[u8], version: u32, keep: &dyn Fn(&[u8]) -> Bytes) -> Result<ImageIndex> {
-    let (frame, bulk) = if version >= 3 {
-        let len = body
-            .get(..8)
-            .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()))
-            .ok_or_else(|| Error::CorruptIndex("body ends before its metadata".into()))?;
-        let end = usize::try_from(len)
-            .ok()
-            .and_then(|l| l.checked_add(8))
-            .filter(|&e| e <= body.len())
-            .ok_or_else(|| Error::CorruptIndex("metadata runs past the body".into()))?;
-        (&body[8..end], Some(&body[end..]))
-    } else {
-        (body, None)
-    };
-    let payload = inflate_payload(frame)?;
+/// The index in a body whose digest matched (or is being checked beside this), with its
+/// windows and block digests attached.
+fn parse_body(body: &[u8], version: u32, keep: &dyn Fn(&[u8]) -> Bytes) -> Result<Parsed> {
+    let frames = split_body(body, version)?;
     // Versions 1 and 2: the windows are in the payload, and copied out of it (it would be
     // four times their size to keep).
-    let (mut index, parts) = parse_payload(&payload, bulk.map(<[u8]>::len), version)?;
-    if let Some(bulk) = bulk {
-        attach_bulk(&mut index, parts, &keep(bulk));
+    let mut parsed = parse_frames(&frames, frames.bulk.map(<[u8]>::len), version)?;
+    if let Some(bulk) = frames.bulk {
+        attach_bulk(
+            &mut parsed.index,
+            std::mem::take(&mut parsed.parts),
+            &keep(bulk),
+        );
     }
-    Ok(index)
+    Ok(parsed)
+}
+
+/// An index as parsed, before [`validate_with`]: where its windows and block digests lie
+/// in the bulk (for [`attach_bulk`]), and its entries' [`entry_breaks`].
+struct Parsed {
+    index: ImageIndex,
+    parts: Vec<LayerParts>,
+    breaks: Vec<usize>,
+}
+
+/// Inflates and parses the frames of a body. Entries in a frame of their own (version 4)
+/// are inflated, parsed and their names checked on a second thread meanwhile.
+fn parse_frames(frames: &Frames<'_>, bulk_len: Option<usize>, version: u32) -> Result<Parsed> {
+    let metadata = || -> Result<(Meta, Option<Vec<Dirent>>)> {
+        let payload = inflate_payload(frames.metadata)?;
+        let mut r = Reader {
+            buf: &payload,
+            pos: 0,
+        };
+        let meta = parse_meta(&mut r, bulk_len, version)?;
+        // Before version 4, the entries follow in the same payload.
+        let dirents = match frames.entries {
+            Some(_) => None,
+            None => Some(parse_entries(&mut r)?),
+        };
+        r.end()?;
+        Ok((meta, dirents))
+    };
+    let entries = |frame: &[u8]| -> Result<(Vec<Dirent>, Vec<usize>)> {
+        let payload = inflate_payload(frame)?;
+        let mut r = Reader {
+            buf: &payload,
+            pos: 0,
+        };
+        let dirents = parse_entries(&mut r)?;
+        r.end()?;
+        let breaks = entry_breaks(&dirents)?;
+        Ok((dirents, breaks))
+    };
+    let (meta, dirents, breaks) = match frames.entries {
+        None => {
+            let (meta, dirents) = metadata()?;
+            let dirents = dirents.unwrap_or_default();
+            let breaks = entry_breaks(&dirents)?;
+            (meta, dirents, breaks)
+        }
+        Some(frame) => {
+            let (meta, apart) = std::thread::scope(|s| {
+                let beside = std::thread::Builder::new()
+                    .name("clip-index-entries".into())
+                    .spawn_scoped(s, || entries(frame))
+                    .ok();
+                let meta = metadata();
+                // No thread to be had (a pid limit): here, after the metadata.
+                let apart = match beside {
+                    Some(t) => t.join().unwrap_or_else(|_| {
+                        Err(Error::CorruptIndex("the entries' parse failed".into()))
+                    }),
+                    None => entries(frame),
+                };
+                (meta, apart)
+            });
+            let (meta, _) = meta?;
+            let (dirents, breaks) = apart?;
+            (meta, dirents, breaks)
+        }
+    };
+    Ok(Parsed {
+        index: ImageIndex::new(meta.source, meta.layers, meta.nodes, dirents),
+        parts: meta.parts,
+        breaks,
+    })
 }
 
 /// The size to inflate `frame` into in one go: the size it records when it is one frame
@@ -534,15 +662,20 @@ struct LayerParts {
     blocks: Range<usize>,
 }
 
-/// Parses a payload. From version 3 the windows and block digests are in a bulk of
-/// `bulk_len` bytes, which the payload only locates (see [`attach_bulk`]: the windows are
-/// empty until then); before (`None`), they are in the payload and copied out of it.
-fn parse_payload(
-    p: &[u8],
-    bulk_len: Option<usize>,
-    version: u32,
-) -> Result<(ImageIndex, Vec<LayerParts>)> {
-    let mut r = Reader { buf: p, pos: 0 };
+/// What a metadata payload holds before the directory entries.
+struct Meta {
+    source: ImageSource,
+    layers: Vec<LayerIndex>,
+    nodes: Vec<Node>,
+    /// Each layer's parts of the bulk.
+    parts: Vec<LayerParts>,
+}
+
+/// Parses a metadata payload up to its directory entries. From version 3 the windows and
+/// block digests are in a bulk of `bulk_len` bytes, which the payload only locates (see
+/// [`attach_bulk`]: the windows are empty until then); before (`None`), they are in the
+/// payload and copied out of it.
+fn parse_meta(r: &mut Reader<'_>, bulk_len: Option<usize>, version: u32) -> Result<Meta> {
     let split = bulk_len.is_some();
     let mut b = Span {
         len: bulk_len.unwrap_or(0),
@@ -675,6 +808,21 @@ fn parse_payload(
             content,
         });
     }
+    if b.pos != b.len {
+        return Err(Error::CorruptIndex(
+            "bulk bytes that the metadata does not place".into(),
+        ));
+    }
+    Ok(Meta {
+        source,
+        layers,
+        nodes,
+        parts,
+    })
+}
+
+/// Parses the directory entries (a count, then each name and inode).
+fn parse_entries(r: &mut Reader<'_>) -> Result<Vec<Dirent>> {
     let n_dirents = r.count(2)?;
     let mut dirents = Vec::with_capacity(n_dirents);
     for _ in 0..n_dirents {
@@ -683,12 +831,7 @@ fn parse_payload(
             inode: Inode(r.uint()?),
         });
     }
-    if r.pos != p.len() || b.pos != b.len {
-        return Err(Error::CorruptIndex(
-            "trailing bytes after the payload".into(),
-        ));
-    }
-    Ok((ImageIndex::new(source, layers, nodes, dirents), parts))
+    Ok(dirents)
 }
 
 /// Gives each checkpoint its window, a part of `bulk` (shared, not copied), and each layer
@@ -713,6 +856,37 @@ fn digests(bytes: &[u8]) -> Vec<Digest> {
 
 /// Checks every invariant the rest of clip relies on.
 pub fn validate(index: &ImageIndex) -> Result<()> {
+    validate_with(index, &entry_breaks(&index.dirents)?)
+}
+
+/// Checks each directory entry's name on its own, and returns where the names stop
+/// ascending: the entries whose name does not sort after the one before (the first entry
+/// is one). A directory's entries are sorted when none but its first is such a break.
+fn entry_breaks(dirents: &[Dirent]) -> Result<Vec<usize>> {
+    let mut breaks = Vec::new();
+    let mut prev: &[u8] = &[];
+    for (j, d) in dirents.iter().enumerate() {
+        let name = &*d.name;
+        if name.is_empty()
+            || name == b"."
+            || name == b".."
+            || name.contains(&b'/')
+            || name.contains(&0)
+        {
+            return Err(Error::CorruptIndex(format!(
+                "directory entry {j}: invalid name"
+            )));
+        }
+        if j == 0 || prev >= name {
+            breaks.push(j);
+        }
+        prev = name;
+    }
+    Ok(breaks)
+}
+
+/// [`validate`], with the names already checked by [`entry_breaks`], which gave `breaks`.
+fn validate_with(index: &ImageIndex, breaks: &[usize]) -> Result<()> {
     let bad = |m: String| Err(Error::CorruptIndex(m));
     for (i, l) in index.layers.iter().enumerate() {
         if l.chunk_size == 0 {
@@ -818,21 +992,14 @@ pub fn validate(index: &ImageIndex) -> Result<()> {
                 let Some(slice) = index.dirents.get(start..start.saturating_add(len)) else {
                     return bad(format!("inode {}: entries out of range", i + 1));
                 };
+                // Sorted: no break after the first entry.
+                let after_first = breaks.partition_point(|&b| b <= start);
+                if breaks.get(after_first).is_some_and(|&b| b < start + len) {
+                    return bad(format!("inode {}: entries not sorted", i + 1));
+                }
                 for (j, d) in slice.iter().enumerate() {
                     if std::mem::replace(&mut owned[start + j], true) {
                         return bad("directory entries shared by two directories".into());
-                    }
-                    let name = &*d.name;
-                    if name.is_empty()
-                        || name == b"."
-                        || name == b".."
-                        || name.contains(&b'/')
-                        || name.contains(&0)
-                    {
-                        return bad(format!("inode {}: invalid entry name", i + 1));
-                    }
-                    if j > 0 && *slice[j - 1].name >= *name {
-                        return bad(format!("inode {}: entries not sorted", i + 1));
                     }
                     if d.inode.0 < 2 || d.inode.0 > n {
                         return bad(format!("inode {}: entry points outside the index", i + 1));
@@ -982,6 +1149,16 @@ impl<'a> Reader<'a> {
     #[inline]
     fn u32(&mut self) -> Result<u32> {
         u32::try_from(self.uint()?).map_err(|_| Error::CorruptIndex("value out of range".into()))
+    }
+
+    /// Refuses bytes after what was parsed.
+    fn end(&self) -> Result<()> {
+        if self.pos != self.buf.len() {
+            return Err(Error::CorruptIndex(
+                "trailing bytes after the payload".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// A length that will size an allocation: it must fit in what is left of the payload,
@@ -1144,11 +1321,11 @@ mod tests {
         index
     }
 
-    /// A version 3 file around `body`, with the header's length and digest right.
-    fn sealed(body: &[u8]) -> Vec<u8> {
+    /// A file of `version` around `body`, with the header's length and digest right.
+    fn sealed(version: u32, body: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
         out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&3u32.to_le_bytes());
+        out.extend_from_slice(&version.to_le_bytes());
         out.extend_from_slice(&0u32.to_le_bytes());
         out.extend_from_slice(&(body.len() as u64).to_le_bytes());
         out.extend_from_slice(&Digest::of(body).0);
@@ -1156,9 +1333,8 @@ mod tests {
         out
     }
 
-    #[test]
-    fn version_3_keeps_windows_and_block_digests_after_the_compressed_metadata() -> Result<()> {
-        // Two layers, so that the bulk's order (layer after layer) shows.
+    /// Two layers, so that the bulk's order (layer after layer) shows.
+    fn two_layer_sample() -> ImageIndex {
         let mut index = gzip_sample();
         let mut second = index.layers[0].clone();
         second
@@ -1167,85 +1343,152 @@ mod tests {
             .for_each(|c| c.window = c.window.iter().rev().copied().collect());
         second.blocks.reverse();
         index.layers.push(second);
-        let file = encode(&index)?;
-        assert_eq!(u32::from_le_bytes(file[8..12].try_into().unwrap()), 3);
+        index
+    }
+
+    #[test]
+    fn the_bulk_follows_the_compressed_frames_and_the_entries_have_their_own() -> Result<()> {
+        let index = two_layer_sample();
         let mut bulk: Vec<u8> = Vec::new();
         for l in &index.layers {
             bulk.extend(l.checkpoints.iter().flat_map(|c| c.window.clone()));
             bulk.extend(l.blocks.iter().flat_map(|d| d.0));
         }
+        // The entries as version 4 writes them: a count, then each name and inode.
+        let mut entries = Writer::default();
+        entries.uint(index.dirents.len() as u64);
+        for d in &index.dirents {
+            entries.bytes(&d.name);
+            entries.uint(d.inode.0);
+        }
+        for version in [3, 4] {
+            let file = encode_version(&index, version)?;
+            assert_eq!(u32::from_le_bytes(file[8..12].try_into().unwrap()), version);
+            let (frames, got_bulk) = body_parts(&file);
+            assert_eq!(
+                got_bulk,
+                &bulk[..],
+                "version {version}: the bulk, after the frames"
+            );
+            let metadata = zstd::bulk::decompress(frames[0], 1 << 30)?;
+            let tail = &metadata[metadata.len() - entries.0.len()..];
+            if version == 3 {
+                assert_eq!(frames.len(), 1);
+                assert_eq!(
+                    tail,
+                    &entries.0[..],
+                    "version 3: the entries end the metadata"
+                );
+            } else {
+                assert_eq!(frames.len(), 2);
+                assert_ne!(tail, &entries.0[..], "version 4: not in the metadata");
+                assert_eq!(zstd::bulk::decompress(frames[1], 1 << 30)?, entries.0);
+            }
+            assert_eq!(decode_both(&file)?, index, "version {version}");
+        }
         assert_eq!(
-            frame_and_bulk(&file).1,
-            &bulk[..],
-            "the bulk, uncompressed, after the frame"
+            u32::from_le_bytes(encode(&index)?[8..12].try_into().unwrap()),
+            4
         );
-        assert_eq!(decode_both(&file)?, index);
         // Files of the versions before are still read.
         assert_eq!(decode_both(&encode_version(&index, 2)?)?, index);
-        assert!(encode_version(&index, 4).is_err());
+        assert!(encode_version(&index, 5).is_err());
         Ok(())
     }
 
     #[test]
-    fn version_3_bodies_that_lie_about_their_parts_are_refused() -> Result<()> {
+    fn bodies_that_lie_about_their_parts_are_refused() -> Result<()> {
         let index = gzip_sample();
-        let file = encode(&index)?;
-        let body = &file[HEADER_LEN..];
-        let meta = u64::from_le_bytes(body[..8].try_into().unwrap());
-        let with_len = |len: u64| {
-            let mut b = body.to_vec();
-            b[..8].copy_from_slice(&len.to_le_bytes());
-            b
-        };
-        let mut longer_bulk = body.to_vec();
-        longer_bulk.push(0);
-        let cases: Vec<(&str, Vec<u8>)> = vec![
-            ("metadata past the body", with_len(u64::MAX)),
-            (
-                "metadata just past the body",
-                with_len(body.len() as u64 - 7),
-            ),
-            ("metadata into the bulk", with_len(meta + 1)),
-            ("metadata cut short", with_len(meta - 1)),
-            ("no metadata length", body[..5].to_vec()),
-            ("bulk cut short", body[..body.len() - 1].to_vec()),
-            ("bulk with a byte more", longer_bulk),
-            ("no bulk", body[..8 + meta as usize].to_vec()),
-        ];
-        for (what, b) in cases {
-            let r = decode_both(&sealed(&b));
-            assert!(matches!(r, Err(Error::CorruptIndex(_))), "{what}: {r:?}");
-        }
-        // A damaged frame under the old digest: the digest is what is reported.
-        let mut damaged = file.clone();
-        damaged[HEADER_LEN + 20] ^= 0x55;
-        match decode_both(&damaged) {
-            Err(Error::CorruptIndex(m)) => assert!(m.contains("digest"), "{m}"),
-            other => panic!("{other:?}"),
+        for version in [3, 4] {
+            let file = encode_version(&index, version)?;
+            let body = &file[HEADER_LEN..];
+            let (frames, _) = body_parts(&file);
+            let meta = frames[0].len() as u64;
+            // The body with the length at `at` set to `len`.
+            let with_len = |at: usize, len: u64| {
+                let mut b = body.to_vec();
+                b[at..at + 8].copy_from_slice(&len.to_le_bytes());
+                b
+            };
+            let frames_end = body.len() - body_parts(&file).1.len();
+            let mut longer_bulk = body.to_vec();
+            longer_bulk.push(0);
+            let mut cases: Vec<(&str, Vec<u8>)> = vec![
+                ("metadata past the body", with_len(0, u64::MAX)),
+                (
+                    "metadata just past the body",
+                    with_len(0, body.len() as u64 - 7),
+                ),
+                ("metadata into what follows", with_len(0, meta + 1)),
+                ("metadata cut short", with_len(0, meta - 1)),
+                ("no metadata length", body[..5].to_vec()),
+                ("bulk cut short", body[..body.len() - 1].to_vec()),
+                ("bulk with a byte more", longer_bulk),
+                ("no bulk", body[..frames_end].to_vec()),
+            ];
+            if version == 4 {
+                let at = 8 + meta as usize;
+                let entries = frames[1].len() as u64;
+                cases.extend([
+                    ("entries past the body", with_len(at, u64::MAX)),
+                    (
+                        "entries just past the body",
+                        with_len(at, (body.len() - at - 7) as u64),
+                    ),
+                    ("entries into the bulk", with_len(at, entries + 1)),
+                    ("entries cut short", with_len(at, entries - 1)),
+                    ("no entries length", body[..at + 5].to_vec()),
+                    ("no entries", body[..at].to_vec()),
+                ]);
+            }
+            for (what, b) in cases {
+                let r = decode_both(&sealed(version, &b));
+                assert!(
+                    matches!(r, Err(Error::CorruptIndex(_))),
+                    "version {version}, {what}: {r:?}"
+                );
+            }
+            // A damaged frame under the old digest: the digest is what is reported.
+            let mut damaged = file.clone();
+            damaged[HEADER_LEN + 20] ^= 0x55;
+            match decode_both(&damaged) {
+                Err(Error::CorruptIndex(m)) => assert!(m.contains("digest"), "{m}"),
+                other => panic!("{other:?}"),
+            }
         }
         Ok(())
     }
 
-    /// The metadata frame and the bulk of a version 3 file.
-    fn frame_and_bulk(file: &[u8]) -> (&[u8], &[u8]) {
-        let body = &file[HEADER_LEN..];
-        let meta = u64::from_le_bytes(body[..8].try_into().unwrap()) as usize;
-        body[8..].split_at(meta)
+    /// The frames (each without its length) and the bulk of a version 3 or 4 file.
+    fn body_parts(file: &[u8]) -> (Vec<&[u8]>, &[u8]) {
+        let version = u32::from_le_bytes(file[8..12].try_into().unwrap());
+        let mut rest = &file[HEADER_LEN..];
+        let mut frames = Vec::new();
+        for _ in 0..version - 2 {
+            let len = u64::from_le_bytes(rest[..8].try_into().unwrap()) as usize;
+            frames.push(&rest[8..8 + len]);
+            rest = &rest[8 + len..];
+        }
+        (frames, rest)
     }
 
     /// The file of `index` with its metadata frame replaced by `frame` (resealed).
     fn with_frame(index: &ImageIndex, frame: &[u8]) -> Result<Vec<u8>> {
         let file = encode(index)?;
-        let mut b = (frame.len() as u64).to_le_bytes().to_vec();
-        b.extend_from_slice(frame);
-        b.extend_from_slice(frame_and_bulk(&file).1);
-        Ok(sealed(&b))
+        let (frames, bulk) = body_parts(&file);
+        let mut b = Vec::new();
+        for f in std::iter::once(frame).chain(frames[1..].iter().copied()) {
+            b.extend_from_slice(&(f.len() as u64).to_le_bytes());
+            b.extend_from_slice(f);
+        }
+        b.extend_from_slice(bulk);
+        Ok(sealed(VERSION, &b))
     }
 
     /// The metadata of `index`, inflated.
     fn metadata_of(index: &ImageIndex) -> Result<Vec<u8>> {
         let file = encode(index)?;
-        Ok(zstd::bulk::decompress(frame_and_bulk(&file).0, 1 << 30)?)
+        Ok(zstd::bulk::decompress(body_parts(&file).0[0], 1 << 30)?)
     }
 
     /// `frame` (one without a recorded size, as a streaming writer makes) claiming `size`.
@@ -1275,7 +1518,7 @@ mod tests {
         }
         // Only the metadata is read: the bulk may be missing.
         let file = encode(&index)?;
-        let metadata = HEADER_LEN + 8 + frame_and_bulk(&file).0.len();
+        let metadata = HEADER_LEN + 8 + body_parts(&file).0[0].len();
         assert!(metadata < file.len());
         assert_eq!(read_source(&file[..metadata])?, index.source);
         assert!(matches!(
@@ -1311,12 +1554,12 @@ mod tests {
             total,
             "one buffer, back to back"
         );
-        let (_, bulk) = frame_and_bulk(&file);
+        let (frames, bulk) = body_parts(&file);
         assert_eq!(&bulk[..windows[0].len()], &windows[0][..]);
 
-        // Cut anywhere: in the header, the metadata's length, the metadata, the bulk.
-        let (frame, _) = frame_and_bulk(&file);
-        let metadata_end = HEADER_LEN + 8 + frame.len();
+        // Cut anywhere: in the header, a frame's length, a frame, the bulk.
+        let metadata_end = HEADER_LEN + 8 + frames[0].len();
+        let entries_end = metadata_end + 8 + frames[1].len();
         for cut in [0, 20] {
             let r = read(Trickle(&file[..cut]), true);
             assert!(
@@ -1328,6 +1571,9 @@ mod tests {
             HEADER_LEN + 3,
             HEADER_LEN + 8 + 1,
             metadata_end,
+            metadata_end + 4,
+            metadata_end + 8 + 1,
+            entries_end,
             file.len() - 1,
         ] {
             let r = read(Trickle(&file[..cut]), true);
@@ -1455,7 +1701,7 @@ mod tests {
         assert_eq!(decode_both(&with_frame(&index, &true_claim)?)?, index);
         // So does what clip writes.
         let file = encode(&index)?;
-        assert_eq!(one_shot_size(frame_and_bulk(&file).0), Some(payload.len()));
+        assert_eq!(one_shot_size(body_parts(&file).0[0]), Some(payload.len()));
         Ok(())
     }
 
@@ -1471,6 +1717,68 @@ mod tests {
         for bad in [short, sizeless, tiny] {
             let r = decode_both(&encode(&bad)?);
             assert!(matches!(r, Err(Error::CorruptIndex(_))), "{r:?}");
+        }
+        Ok(())
+    }
+
+    /// An index with two directories whose entries, read one after the other, are not in
+    /// order ("zz" then "aa"): each directory's are.
+    fn nested_sample() -> ImageIndex {
+        let entries = vec![
+            Entry::file("d1/yy", b"1".to_vec()),
+            Entry::file("d1/zz", b"2".to_vec()),
+            Entry::file("d2/aa", b"3".to_vec()),
+        ];
+        let tar = layer_tar(&Layer::with(entries, TarCompression::Plain)).unwrap();
+        let spec = LayerSpec {
+            media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+            digest: None,
+            diff_id: None,
+        };
+        let build = index_layer(tar.as_slice(), &spec, &IndexOptions::default()).unwrap();
+        assemble(ImageSource::default(), vec![build]).unwrap()
+    }
+
+    #[test]
+    fn entries_out_of_order_or_badly_named_are_refused_in_every_version() -> Result<()> {
+        let index = nested_sample();
+        let names: Vec<&[u8]> = index.dirents.iter().map(|d| &*d.name).collect();
+        let zz = names.iter().position(|n| n == b"zz").unwrap();
+        assert_eq!(
+            names[zz + 1],
+            b"aa",
+            "a directory starts after another: {names:?}"
+        );
+        for version in OLDEST_VERSION..=VERSION {
+            let got = decode_both(&encode_version(&index, version)?)?;
+            assert_eq!(
+                (got.nodes, got.dirents),
+                (index.nodes.clone(), index.dirents.clone())
+            );
+        }
+        let mut swapped = index.clone();
+        swapped.dirents.swap(zz - 1, zz);
+        let mut slash = index.clone();
+        slash.dirents[zz].name = b"z/z".to_vec().into();
+        let mut dots = index.clone();
+        dots.dirents[zz].name = b"..".to_vec().into();
+        let mut nul = index.clone();
+        nul.dirents[zz].name = b"z\0".to_vec().into();
+        let cases = [
+            (swapped, "not sorted"),
+            (slash, "invalid name"),
+            (dots, "invalid name"),
+            (nul, "invalid name"),
+        ];
+        for (bad, why) in cases {
+            assert!(matches!(validate(&bad), Err(Error::CorruptIndex(m)) if m.contains(why)));
+            for version in OLDEST_VERSION..=VERSION {
+                let r = decode_both(&encode_version(&bad, version)?);
+                assert!(
+                    matches!(&r, Err(Error::CorruptIndex(m)) if m.contains(why)),
+                    "version {version}, {why}: {r:?}"
+                );
+            }
         }
         Ok(())
     }

@@ -1,6 +1,6 @@
 //! Arbitrary bytes into `clip_index::decode`, three ways: as they are; resealed, with the
 //! header's magic, version (the current one), length and digest made right so mutations
-//! reach the body (metadata length, zstd frame, bulk); and as a version 2 payload (windows
+//! reach the body (frame lengths, zstd frames, bulk); and as a version 2 payload (windows
 //! and block digests inline), compressed and sealed, so mutations reach the parser and
 //! `validate`. Whatever decodes must answer lookups without panicking, agree with itself
 //! (`walk`, `resolve`, `lookup`, `plan`), and survive `decode(encode(x)) == x`.
