@@ -378,6 +378,16 @@ impl CpuSplit {
     }
 }
 
+/// A warm start-up `took` against the command on local disk in runs alternating with its
+/// own (`local`): the ratio that the machine's swings between parts of a run do not move.
+fn alternately(took: Duration, local: Duration) -> String {
+    format!(
+        "{:.2}x of local disk run alternately ({:.2} s)",
+        secs(took) / secs(local),
+        secs(local)
+    )
+}
+
 /// Best (lowest) of a series of timings, with what came with it.
 pub(crate) struct Best<T> {
     best: Option<(Duration, T)>,
@@ -726,11 +736,12 @@ impl Bench {
 
         // (c) clip with a warm disk cache: a new process on the last run's cache; and the
         // same without the prefill of the kernel's caches from the start-up profile.
-        let (warm_secs, (warm_mounted, warm_link, warm_m)) = self.warm(&index, &cache, cmd)?;
+        let (warm_secs, (warm_mounted, warm_link, warm_m, warm_local)) =
+            self.warm(&index, &cache, cmd)?;
         self.mount_args.push("--no-prefill".to_owned());
         let unfilled = self.warm(&index, &cache, cmd);
         self.mount_args.pop();
-        let (unfilled_secs, (unfilled_mounted, _, _)) = unfilled?;
+        let (unfilled_secs, (unfilled_mounted, _, _, unfilled_local)) = unfilled?;
 
         // (c') The same warm cache served by the node plugin, as a pod gets it: a running
         // `clip node` publishes the volume (kubelet's NodePublishVolume), then the command.
@@ -764,9 +775,10 @@ impl Bench {
             "clip, warm disk cache (remount)",
             warm_secs,
             format!(
-                "(mounted after {:.2} s, command {:.2} s; {:.1} MB from the registry; {} files read by the kernel from whole copies, {} reads through clip)",
+                "(mounted after {:.2} s, command {:.2} s; {}; {:.1} MB from the registry; {} files read by the kernel from whole copies, {} reads through clip)",
                 secs(warm_mounted),
                 secs(warm_secs.saturating_sub(warm_mounted)),
+                alternately(warm_secs, warm_local),
                 mb(warm_link),
                 warm_m.whole_files,
                 warm_m.reads
@@ -776,9 +788,10 @@ impl Bench {
             "clip, warm disk cache, no prefill",
             unfilled_secs,
             format!(
-                "(mounted after {:.2} s, command {:.2} s; `--no-prefill`: the program asks for every name and small file itself)",
+                "(mounted after {:.2} s, command {:.2} s; {}; `--no-prefill`: the program asks for every name and small file itself)",
                 secs(unfilled_mounted),
                 secs(unfilled_secs.saturating_sub(unfilled_mounted)),
+                alternately(unfilled_secs, unfilled_local),
             ),
         );
         for (name, (took, published)) in [
@@ -863,15 +876,23 @@ impl Bench {
 
     /// Best of the runs of a warm start-up: `clip mount` (with the extra arguments of the
     /// moment) on the warm disk cache `cache`, page cache dropped; returns (mount and
-    /// command, (the mount, bytes over the link, the mount's metrics)).
+    /// command, (the mount, bytes over the link, the mount's metrics, the best of the same
+    /// command on local disk, run before each of these)). The machine's slow swings (minutes
+    /// long here) then fall on both sides of that ratio alike.
     fn warm(
         &mut self,
         index: &Path,
         cache: &Path,
         cmd: &[String],
-    ) -> anyhow::Result<(Duration, (Duration, u64, Metrics))> {
+    ) -> anyhow::Result<(Duration, (Duration, u64, Metrics, Duration))> {
+        let root = self.work.join("root");
         let mut warm = Best::new();
+        let mut local = Best::new();
         for _ in 0..self.runs {
+            self.drop_caches();
+            let t = Instant::now();
+            run_in_root(&root, cmd)?;
+            local.offer(t.elapsed(), ());
             self.drop_caches();
             let before = self.link_bytes();
             let t = Instant::now();
@@ -883,7 +904,9 @@ impl Bench {
             m.stop()?;
             warm.offer(took, (mounted, self.link_bytes() - before, metrics));
         }
-        warm.get()
+        let (alongside, ()) = local.get()?;
+        let (took, (mounted, link, metrics)) = warm.get()?;
+        Ok((took, (mounted, link, metrics, alongside)))
     }
 
     /// Best of the runs of a warm start-up through the node plugin: a running `clip node`
