@@ -112,8 +112,8 @@ async fn index_for_mount(
     registry: &RegistryArgs,
     client: &RegistryClient,
     redis: Option<&Arc<RedisCache>>,
-    early: &(dyn Fn(&Path) -> Option<(Early, std::fs::File)> + Sync),
-) -> Result<(Arc<ImageIndex>, Option<Early>)> {
+    early: &(dyn Fn(&Path) -> Option<(Premount, std::fs::File)> + Sync),
+) -> Result<(Arc<ImageIndex>, Option<Premount>)> {
     let path = Path::new(image);
     if path.is_file() {
         return Ok((Arc::new(load_index(path)?), None));
@@ -139,9 +139,9 @@ async fn index_for_mount(
     if file.is_file() {
         // A kept index that cannot be read is built again (an early mount of it undone).
         match early(&file) {
-            Some((e, opened)) => {
+            Some((pre, opened)) => {
                 if let Ok(index) = read_index_off_runtime(opened, &file).await {
-                    return Ok((index, Some(e)));
+                    return Ok((index, Some(pre)));
                 }
             }
             None => {
@@ -190,13 +190,6 @@ fn fsname(source: &ImageSource) -> String {
     format!("clip:{}@{}", source.repository, source.manifest_digest)
 }
 
-/// A mount made before its index is read (see [`premount_index`]).
-struct Early {
-    mount: Premount,
-    /// The name the mount was made with.
-    fsname: String,
-}
-
 /// Reads the index file `path`, opened as `file`, off the runtime (a signal meanwhile is
 /// seen at once).
 async fn read_index_off_runtime(file: std::fs::File, path: &Path) -> Result<Arc<ImageIndex>> {
@@ -218,7 +211,7 @@ fn premount_index(
     dir: &Path,
     inputs: &[&Path],
     options: &MountOptions,
-) -> Option<(Early, std::fs::File)> {
+) -> Option<(Premount, std::fs::File)> {
     use std::io::{Seek, SeekFrom};
     if !path.is_file() {
         return None;
@@ -246,13 +239,7 @@ fn premount_index(
             tracing::debug!(dir = %dir.display(), error = %e, "no early mount; mounting once the index is read");
         })
         .ok()
-        .map(|mount| {
-            let early = Early {
-                mount,
-                fsname: options.fsname,
-            };
-            (early, file)
-        })
+        .map(|mount| (mount, file))
 }
 
 pub async fn run(args: MountArgs) -> Result<()> {
@@ -312,9 +299,9 @@ pub async fn run(args: MountArgs) -> Result<()> {
         let client = args.registry.client()?;
         let redis = args.redis.connect().await?;
         let (index, early) = match first {
-            Some((e, file)) => (
+            Some((pre, file)) => (
                 read_index_off_runtime(file, Path::new(&args.image)).await?,
-                Some(e),
+                Some(pre),
             ),
             None => {
                 index_for_mount(
@@ -363,12 +350,9 @@ pub async fn run(args: MountArgs) -> Result<()> {
         // Also an empty one: the mount then knows there is nothing to prefill.
         store.replay(&replayed, cache_size / 4);
         let handle = tokio::runtime::Handle::current();
-        let (early, name) = match early {
-            Some(e) => (Some(e.mount), e.fsname),
-            None => (None, fsname(&index.source)),
-        };
+        // The name an early mount has too: it read this source from the same file.
         let options = MountOptions {
-            fsname: name,
+            fsname: fsname(&index.source),
             ..options.clone()
         };
         let mounted = match early {
