@@ -174,3 +174,33 @@ pub fn run_in_root(root: &Path, script: &str) -> anyhow::Result<String> {
     );
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+/// How many of the pages of `path` that hold bytes `range` are in the page cache, of how
+/// many: asked of the kernel (mincore of a mapping of the file), without reading them.
+pub fn resident(path: &Path, range: std::ops::Range<u64>) -> anyhow::Result<(usize, usize)> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len() as usize;
+    let page = 4096u64;
+    let first = (range.start / page) as usize;
+    let last = (range.end.div_ceil(page) as usize).min(len.div_ceil(page as usize));
+    // SAFETY: a read-only shared mapping of an open file of `len` bytes, unmapped below;
+    // mincore writes one byte per page of the mapping into `pages`.
+    unsafe {
+        let map = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        );
+        anyhow::ensure!(map != libc::MAP_FAILED, "mmap of {}", path.display());
+        let mut pages = vec![0u8; len.div_ceil(page as usize)];
+        let r = libc::mincore(map, len, pages.as_mut_ptr());
+        libc::munmap(map, len);
+        anyhow::ensure!(r == 0, "mincore of {}", path.display());
+        let wanted = &pages[first..last];
+        Ok((wanted.iter().filter(|p| *p & 1 == 1).count(), wanted.len()))
+    }
+}
