@@ -191,11 +191,14 @@ fn fsname(source: &ImageSource) -> String {
 }
 
 /// Reads the index file `path`, opened as `file`, off the runtime (a signal meanwhile is
-/// seen at once).
-async fn read_index_off_runtime(file: std::fs::File, path: &Path) -> Result<Arc<ImageIndex>> {
+/// seen at once). The read starts at once, not when the future is first awaited.
+fn read_index_off_runtime(
+    file: std::fs::File,
+    path: &Path,
+) -> impl Future<Output = Result<Arc<ImageIndex>>> + use<> {
     let path = path.to_owned();
     let read = tokio::task::spawn_blocking(move || read_index_file(file, &path));
-    Ok(Arc::new(read.await.map_err(std::io::Error::other)??))
+    async move { Ok(Arc::new(read.await.map_err(std::io::Error::other)??)) }
 }
 
 /// Mounts `dir` at once for the index file `path`, named from the first bytes of the
@@ -283,8 +286,10 @@ pub async fn run(args: MountArgs) -> Result<()> {
         .flatten()
         .collect();
     let early_for = |path: &Path| premount_index(path, &args.dir, &inputs, &options);
-    // An index file is mounted before anything else is done.
-    let first = early_for(Path::new(&args.image));
+    // An index file is mounted before anything else is done, and read from then on while
+    // the rest gets ready.
+    let first = early_for(Path::new(&args.image))
+        .map(|(pre, file)| (pre, read_index_off_runtime(file, Path::new(&args.image))));
     // Everything until the filesystem serves; a signal meanwhile ends it (dropping an early
     // mount unmounts it).
     let loading = async {
@@ -299,10 +304,7 @@ pub async fn run(args: MountArgs) -> Result<()> {
         let client = args.registry.client()?;
         let redis = args.redis.connect().await?;
         let (index, early) = match first {
-            Some((pre, file)) => (
-                read_index_off_runtime(file, Path::new(&args.image)).await?,
-                Some(pre),
-            ),
+            Some((pre, reading)) => (reading.await?, Some(pre)),
             None => {
                 index_for_mount(
                     &args.image,
