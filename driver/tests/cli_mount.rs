@@ -276,6 +276,14 @@ fn prefetch_fills_the_cache_so_the_image_reads_without_the_registry() -> anyhow:
     Ok(())
 }
 
+/// Flips a byte of an index file's directory entries: in the head that the header's digest
+/// seals, after the metadata, so the image's source still reads.
+fn damage_entries(bytes: &mut [u8]) {
+    let header = clip_index::format::HEADER_LEN;
+    let meta = u64::from_le_bytes(bytes[header..header + 8].try_into().unwrap()) as usize;
+    bytes[header + 8 + meta + 8 + 4] ^= 0xff;
+}
+
 /// Stops a mount with SIGTERM and returns what it printed.
 fn stop(mut child: MountProcess) -> anyhow::Result<String> {
     signal(&child, libc::SIGTERM);
@@ -398,11 +406,10 @@ fn a_start_up_profile_recorded_by_one_mount_is_fetched_ahead_by_the_next() -> an
 #[test]
 fn an_index_refused_after_the_early_mount_leaves_no_mount_behind() -> anyhow::Result<()> {
     let f = fixture()?;
-    // The metadata is whole (the mount is made from it at once); the end of the file, with
-    // the block digests, is not.
+    // The metadata is whole (the mount is made from it at once); the directory entries are
+    // not.
     let mut bytes = std::fs::read(&f.index_file)?;
-    let last = bytes.len() - 1;
-    bytes[last] ^= 0xff;
+    damage_entries(&mut bytes);
     let bad = f._work.path().join("bad.clipidx");
     std::fs::write(&bad, &bytes)?;
     let dir = tempfile::tempdir()?;
@@ -488,13 +495,79 @@ fn a_reference_is_indexed_once_and_its_kept_index_is_mounted_early_after() -> an
 
     // A kept index that turns out corrupt is built again, its early mount undone.
     let mut bytes = std::fs::read(&kept)?;
-    let last = bytes.len() - 1;
-    bytes[last] ^= 0xff;
+    damage_entries(&mut bytes);
     std::fs::write(&kept, &bytes)?;
     let err = mount_ref()?;
     assert!(
         err.contains("mounted early") && err.contains("indexing"),
         "{err}"
     );
+    Ok(())
+}
+
+#[test]
+fn an_index_whose_bulk_is_damaged_fails_only_the_reads_that_need_it() -> anyhow::Result<()> {
+    let mut registry = Registry::start()?;
+    let layers = fixtures::format_layers();
+    let image = build_image(&layers, "linux", "amd64")?;
+    let reference = Pusher::new(&registry.host(), None).push_image("cli/bulk", "v1", &image)?;
+    let work = tempfile::tempdir()?;
+    let good = work.path().join("good.clipidx");
+    // Checkpoints every 64 KiB: reads inside a layer resume from one, with its window.
+    let done = clip()
+        .args(["index", &reference, "--checkpoint-span", "65536", "-o"])
+        .arg(&good)
+        .output()?;
+    anyhow::ensure!(done.status.success(), "{done:?}");
+    // The file's last byte is its bulk's (the last layer's last block digest): the head,
+    // and with it the tree, is intact.
+    let mut bytes = std::fs::read(&good)?;
+    *bytes.last_mut().unwrap() ^= 1;
+    let damaged = work.path().join("damaged.clipidx");
+    std::fs::write(&damaged, &bytes)?;
+    let expected = clip_e2e::model::expected_tree(&layers);
+
+    let warm = work.path().join("warm");
+    let good_dir = tempfile::tempdir()?;
+    let good_mount = spawn_mount_of(&good, &warm, good_dir.path(), &[])?;
+    clip_e2e::check::assert_dir_matches(good_dir.path(), &expected)?;
+
+    // A fresh cache: the tree is all there; a read that resumes inside a layer needs the
+    // bulk and gets EIO, the others read right, and the mount goes on serving.
+    let bad_dir = tempfile::tempdir()?;
+    let bad_mount = spawn_mount_of(&damaged, &work.path().join("fresh"), bad_dir.path(), &[])?;
+    assert_eq!(
+        clip_e2e::check::list(bad_dir.path())?,
+        clip_e2e::check::list(good_dir.path())?
+    );
+    let (mut right, mut failed) = (0, 0);
+    for path in clip_e2e::check::list(good_dir.path())? {
+        let want = good_dir.path().join(&path[1..]);
+        if !std::fs::symlink_metadata(&want)?.is_file() {
+            continue;
+        }
+        match std::fs::read(bad_dir.path().join(&path[1..])) {
+            Ok(got) => {
+                assert!(got == std::fs::read(&want)?, "{path}: the same bytes");
+                right += 1;
+            }
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(libc::EIO), "{path}: {e}");
+                failed += 1;
+            }
+        }
+    }
+    assert!(right > 0 && failed > 0, "{right} read, {failed} failed");
+    let err = stop(bad_mount)?;
+    assert!(err.contains("does not match its digest"), "{err}");
+
+    // With the chunks on local disk, the damaged index serves every byte, the registry gone:
+    // no read needs the bulk.
+    stop(good_mount)?;
+    registry.stop();
+    let again = tempfile::tempdir()?;
+    let mount = spawn_mount_of(&damaged, &warm, again.path(), &[])?;
+    clip_e2e::check::assert_dir_matches(again.path(), &expected)?;
+    stop(mount)?;
     Ok(())
 }

@@ -102,7 +102,7 @@ pub fn index_layer<R: Read>(blob: R, spec: &LayerSpec, opts: &IndexOptions) -> R
             chunks: summary.chunks,
             // A chunk smaller than a block is one block (the digests restart at every chunk).
             block_size: crate::layer::BLOCK_SIZE.min(opts.chunk_size),
-            blocks: summary.blocks,
+            blocks: crate::Part::of_digests(&summary.blocks),
         },
         entries,
     })

@@ -2,9 +2,11 @@
 //!
 //! ```text
 //! header (56 bytes): magic "CLIPINDX" | version u32 LE | flags u32 LE (0)
-//!                    | body length u64 LE | sha256 of the body (32 bytes)
-//! body (version 4):  metadata length u64 LE | zstd frame of the metadata
-//!                    | entries length u64 LE | zstd frame of the directory entries | bulk
+//!                    | body length u64 LE | sha256 of the head (version 5; before: of the body)
+//! body (version 5):  head | bulk
+//! head:              metadata length u64 LE | zstd frame of the metadata
+//!                    | entries length u64 LE | zstd frame of the directory entries
+//!                    | sha256 of the bulk (32 bytes)
 //! metadata:          source | layers (checkpoints, chunks, block digests) | nodes
 //! entries:           directory entries (name, inode), directory after directory
 //! bulk:              layer after layer: its checkpoints' windows, then its block
@@ -13,17 +15,19 @@
 //!
 //! The bulk is what does not compress (the windows are zstd frames of their own, the block
 //! digests are sha256 digests): kept out of the metadata's frame, it costs no inflating when
-//! an index is read, which a mount waits for. The directory entries have a frame of their
-//! own so that they are inflated, parsed and their names checked on a second thread while
-//! the nodes are parsed: a mount waits for the longer of the two, not for both. The body's
-//! digest is computed beside the parse, on another thread. [`decode_owned`] leaves the
+//! an index is read, which a mount waits for; sealed by a digest of its own, it can be left
+//! in the file until a fetch needs it ([`open`]). The directory entries have a frame of
+//! their own so that they are inflated, parsed and their names checked on a second thread
+//! while the nodes are parsed: a mount waits for the longer of the two, not for both. The
+//! digests are computed beside the parse, on another thread. [`decode_owned`] leaves the
 //! windows where they are in the file it is given (the index keeps the file's buffer), and
-//! [`read`] of a file parses the metadata while a thread reads and hashes the bulk. A frame
+//! [`read`] of a file parses the frames while a thread reads and hashes the bulk. A frame
 //! that records a believable size is inflated into one buffer of that size.
 //!
-//! Older versions are still read. Version 3 kept the entries in the metadata's frame;
-//! version 1 had no block digests; versions 1 and 2 kept everything in one zstd frame
-//! (body = the frame, windows and block digests in it).
+//! Older versions are still read. Version 4 had no bulk digest (the header's was of the
+//! whole body); version 3 kept the entries in the metadata's frame; version 1 had no block
+//! digests; versions 1 and 2 kept everything in one zstd frame (body = the frame, windows
+//! and block digests in it).
 //!
 //! Integers in the metadata are LEB128 varints. Decoding checks the digest, every bound and
 //! the tree's shape before an [`ImageIndex`] is handed out, so a corrupt or hostile file gives
@@ -40,9 +44,10 @@ use crate::error::{Error, Result};
 use crate::image::{ImageIndex, ImageSource};
 use crate::layer::{Checkpoint, Chunk, Compression, LayerIndex};
 use crate::node::{Content, Dirent, Inode, Node, NodeKind, Xattr};
+use crate::part::{Deferred, Part};
 
 pub const MAGIC: &[u8; 8] = b"CLIPINDX";
-pub const VERSION: u32 = 4;
+pub const VERSION: u32 = 5;
 /// The oldest version [`decode`] reads.
 pub const OLDEST_VERSION: u32 = 1;
 pub const HEADER_LEN: usize = 56;
@@ -92,9 +97,10 @@ pub fn encode_version(index: &ImageIndex, version: u32) -> Result<Vec<u8>> {
             w.u8(c.bits);
             w.uint(c.uncompressed_offset);
             w.u8(u8::from(c.raw_deflate));
-            w.uint(c.window.len() as u64);
+            let window = c.window.get()?;
+            w.uint(window.len() as u64);
             let out = if split { &mut bulk } else { &mut w.0 };
-            out.extend_from_slice(&c.window);
+            out.extend_from_slice(&window);
         }
         w.uint(l.chunks.len() as u64);
         let mut prev = 0;
@@ -105,11 +111,10 @@ pub fn encode_version(index: &ImageIndex, version: u32) -> Result<Vec<u8>> {
         }
         if version >= 2 {
             w.uint(u64::from(l.block_size));
-            w.uint(l.blocks.len() as u64);
+            let blocks = l.blocks.get()?;
+            w.uint((blocks.len() / 32) as u64);
             let out = if split { &mut bulk } else { &mut w.0 };
-            for b in &l.blocks {
-                out.extend_from_slice(&b.0);
-            }
+            out.extend_from_slice(&blocks);
         }
     }
     w.uint(index.nodes.len() as u64);
@@ -165,17 +170,26 @@ pub fn encode_version(index: &ImageIndex, version: u32) -> Result<Vec<u8>> {
             body.extend_from_slice(&(entries.len() as u64).to_le_bytes());
             body.extend_from_slice(&entries);
         }
+        if version >= 5 {
+            body.extend_from_slice(&Digest::of(&bulk).0);
+        }
+        let head = body.len();
         body.extend_from_slice(&bulk);
-        body
+        (body, head)
     } else {
-        frame
+        let head = frame.len();
+        (frame, head)
     };
+    let (body, head) = body;
+    // From version 5 the header's digest seals the head alone (the frames and the bulk's
+    // digest), so that the bulk can be left in the file until it is needed.
+    let sealed = if version >= 5 { &body[..head] } else { &body };
     let mut out = Vec::with_capacity(HEADER_LEN + body.len());
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&0u32.to_le_bytes());
     out.extend_from_slice(&(body.len() as u64).to_le_bytes());
-    out.extend_from_slice(&Digest::of(&body).0);
+    out.extend_from_slice(&Digest::of(sealed).0);
     out.extend_from_slice(&body);
     Ok(out)
 }
@@ -206,18 +220,16 @@ pub struct ReadIndex {
 const READ_PIECE: usize = 1 << 20;
 
 /// Reads, parses and validates an index from a stream, a file: [`decode_owned`] of its
-/// bytes, sooner. The header and the metadata are read first and parsed while a second
-/// thread reads the bulk (the windows and block digests, most of the file) and hashes the
-/// body as it comes, so the parse waits neither for the bulk's disk reads nor for the
-/// digest. Only the bulk is kept (the windows are parts of it). With `digest`, the same
-/// pass also computes the file's [`index_digest`].
+/// bytes, sooner. The header and the frames are read first and parsed while a second
+/// thread reads the bulk (the windows and block digests, most of the file) and hashes it
+/// as it comes, so the parse waits neither for the bulk's disk reads nor for the digest.
+/// Only the bulk is kept (the windows are parts of it). With `digest`, the same pass also
+/// computes the file's [`index_digest`]. [`open`] leaves the bulk in the file instead.
 pub fn read(mut r: impl Read + Send, digest: bool) -> Result<ReadIndex> {
     let io = Error::ReadIndex;
     let (header, version, body_len) = read_header(&mut r)?;
     if body_len > MAX_PAYLOAD {
-        return Err(Error::CorruptIndex(format!(
-            "a body of {body_len} bytes is larger than any index"
-        )));
+        return Err(too_large(body_len));
     }
     if version < 3 {
         // One frame holds it all: nothing to read beside the parse.
@@ -229,41 +241,22 @@ pub fn read(mut r: impl Read + Send, digest: bool) -> Result<ReadIndex> {
         let index = decode(&bytes)?;
         return Ok(ReadIndex { index, digest });
     }
-    // The frames before the bulk, each with its length, as the body has them.
-    let mut head = Vec::new();
-    for what in frames_of(version) {
-        let len = read_frame_len(&mut r, what)?;
-        let frame_len = u64::from_le_bytes(len);
-        let end = (head.len() as u64 + 8)
-            .checked_add(frame_len)
-            .filter(|&e| e <= body_len)
-            .ok_or_else(|| runs_past(what))?;
-        head.try_reserve_exact(8 + frame_len as usize)
-            .map_err(|e| Error::CorruptIndex(format!("{what} of {frame_len} bytes: {e}")))?;
-        head.extend_from_slice(&len);
-        (&mut r)
-            .take(frame_len)
-            .read_to_end(&mut head)
-            .map_err(io)?;
-        if head.len() as u64 != end {
-            return Err(body_length(HEADER_LEN + head.len(), body_len));
-        }
-    }
-    let head = head;
+    let head = read_head(&mut r, version, body_len)?;
     let bulk_len = usize::try_from(body_len - head.len() as u64)
         .map_err(|_| Error::CorruptIndex("bulk too large".into()))?;
     let frames = split_body(&head, version)?;
-    // The bulk, the body's digest and the file's, from a second thread.
+    // The bulk and its digest (with the head's before version 5), and the file's, from a
+    // second thread.
     let rest = |r: &mut dyn Read| -> Result<(Vec<u8>, Digest, Option<Digest>)> {
-        let mut body = Sha256::new();
+        let mut sealed = Sha256::new();
         let mut file = digest.then(|| {
             let mut h = Sha256::new();
             h.update(header);
+            h.update(&head);
             h
         });
-        body.update(&head);
-        if let Some(h) = &mut file {
-            h.update(&head);
+        if version < 5 {
+            sealed.update(&head);
         }
         let mut bulk = Vec::new();
         bulk.try_reserve_exact(bulk_len)
@@ -274,7 +267,7 @@ pub fn read(mut r: impl Read + Send, digest: bool) -> Result<ReadIndex> {
             let want = (bulk_len + 1 - at).min(READ_PIECE);
             let n = r.take(want as u64).read_to_end(&mut bulk).map_err(io)?;
             let piece = &bulk[at..at + n];
-            body.update(piece);
+            sealed.update(piece);
             if let Some(h) = &mut file {
                 h.update(piece);
             }
@@ -291,7 +284,7 @@ pub fn read(mut r: impl Read + Send, digest: bool) -> Result<ReadIndex> {
             return Err(body_length(HEADER_LEN + head.len() + bulk.len(), body_len));
         }
         let file = file.map(|h| Digest(h.finalize().into()));
-        Ok((bulk, Digest(body.finalize().into()), file))
+        Ok((bulk, Digest(sealed.finalize().into()), file))
     };
     let parse = || parse_frames(&frames, Some(bulk_len), version);
     let beside = std::thread::scope(|s| {
@@ -309,14 +302,116 @@ pub fn read(mut r: impl Read + Send, digest: bool) -> Result<ReadIndex> {
     // No thread to be had (a pid limit): one after the other.
     let (rest, parsed) = beside.unwrap_or_else(|| (rest(&mut r), parse()));
     let (bulk, got, file) = rest?;
-    check_digest(got, &header)?;
+    match frames.bulk_digest {
+        Some(want) => {
+            check_digest(Digest::of(&head), &header)?;
+            check_bulk(got, want)?;
+        }
+        None => check_digest(got, &header)?,
+    }
     let mut parsed = parsed?;
-    attach_bulk(&mut parsed.index, parsed.parts, &Bytes::from(bulk));
+    let bulk = Bytes::from(bulk);
+    attach_bulk(&mut parsed.index, parsed.parts, |r| bulk.slice(r).into());
     validate_with(&parsed.index, &parsed.breaks)?;
     Ok(ReadIndex {
         index: parsed.index,
         digest: file,
     })
+}
+
+/// Reads, parses and validates an index file, but from version 5 leaves its bulk (the
+/// checkpoint windows and block digests, most of the file) where it is: the first fetch
+/// that needs a window or a block digest reads it, whole, and checks it against the digest
+/// in the file's head (see [`Part`]). Only the head (the frames and the bulk's digest) is
+/// read and checked here, and the file's length. A mount whose chunks are all on local
+/// disk never reads the rest. Older versions are [`read`] whole.
+pub fn open(file: std::fs::File) -> Result<ImageIndex> {
+    use std::io::{Seek, SeekFrom};
+    let io = Error::ReadIndex;
+    let mut r = &file;
+    r.seek(SeekFrom::Start(0)).map_err(io)?;
+    let (header, version, body_len) = read_header(&mut r)?;
+    if version < 5 {
+        r.seek(SeekFrom::Start(0)).map_err(io)?;
+        return Ok(read(r, false)?.index);
+    }
+    let file_len = file.metadata().map_err(io)?.len();
+    if file_len != HEADER_LEN as u64 + body_len {
+        return Err(Error::CorruptIndex(format!(
+            "the file has {file_len} bytes, its header says {}",
+            HEADER_LEN as u64 + body_len
+        )));
+    }
+    let head = read_head(&mut r, version, body_len)?;
+    check_digest(Digest::of(&head), &header)?;
+    let bulk_len = usize::try_from(body_len - head.len() as u64)
+        .map_err(|_| Error::CorruptIndex("bulk too large".into()))?;
+    let frames = split_body(&head, version)?;
+    let mut parsed = parse_frames(&frames, Some(bulk_len), version)?;
+    let bulk_digest = frames.bulk_digest.unwrap_or_default();
+    let bulk = Deferred::new(
+        file,
+        (HEADER_LEN + head.len()) as u64,
+        bulk_len,
+        bulk_digest,
+    );
+    attach_bulk(&mut parsed.index, parsed.parts, |r| Part::later(&bulk, r));
+    validate_with(&parsed.index, &parsed.breaks)?;
+    Ok(parsed.index)
+}
+
+/// The head of a version-3-or-later body off a stream: its frames, each after its length
+/// (and from version 5 the bulk's digest), all checked to lie inside the `body_len` bytes
+/// the header gives.
+fn read_head(r: &mut impl Read, version: u32, body_len: u64) -> Result<Vec<u8>> {
+    if body_len > MAX_PAYLOAD {
+        return Err(too_large(body_len));
+    }
+    let mut head = Vec::new();
+    for what in frames_of(version) {
+        let len = read_frame_len(r, what)?;
+        let frame_len = u64::from_le_bytes(len);
+        let end = (head.len() as u64 + 8)
+            .checked_add(frame_len)
+            .filter(|&e| e <= body_len)
+            .ok_or_else(|| runs_past(what))?;
+        head.try_reserve_exact(8 + frame_len as usize)
+            .map_err(|e| Error::CorruptIndex(format!("{what} of {frame_len} bytes: {e}")))?;
+        head.extend_from_slice(&len);
+        r.take(frame_len)
+            .read_to_end(&mut head)
+            .map_err(Error::ReadIndex)?;
+        if head.len() as u64 != end {
+            return Err(body_length(HEADER_LEN + head.len(), body_len));
+        }
+    }
+    if version >= 5 {
+        if head.len() as u64 + 32 > body_len {
+            return Err(runs_past("the bulk's digest"));
+        }
+        let mut digest = [0u8; 32];
+        read_full(r, &mut digest, || {
+            Error::CorruptIndex("body ends before its bulk's digest".into())
+        })?;
+        head.extend_from_slice(&digest);
+    }
+    Ok(head)
+}
+
+fn too_large(body_len: u64) -> Error {
+    Error::CorruptIndex(format!(
+        "a body of {body_len} bytes is larger than any index"
+    ))
+}
+
+/// Refuses a bulk whose digest `got` is not the one its head records.
+fn check_bulk(got: Digest, want: Digest) -> Result<()> {
+    if got != want {
+        return Err(Error::CorruptIndex(format!(
+            "bulk digest {got} does not match the head's {want}"
+        )));
+    }
+    Ok(())
 }
 
 /// The frames a version-3-or-later body starts with, each after its length, by what they
@@ -334,12 +429,20 @@ fn runs_past(what: &str) -> Error {
     Error::CorruptIndex(format!("{what} runs past the body"))
 }
 
-/// A body cut into its parts: the metadata's frame, the entries' own frame (from version 4)
-/// and the bulk (from version 3; what follows the frames).
+/// A body cut into its parts: the metadata's frame, the entries' own frame (from version 4),
+/// the bulk's digest (from version 5) and the bulk (from version 3; what follows).
 struct Frames<'a> {
     metadata: &'a [u8],
     entries: Option<&'a [u8]>,
+    bulk_digest: Option<Digest>,
     bulk: Option<&'a [u8]>,
+}
+
+impl Frames<'_> {
+    /// How many bytes of the body come before the bulk.
+    fn head_len(&self, body: &[u8]) -> usize {
+        body.len() - self.bulk.map_or(0, <[u8]>::len)
+    }
 }
 
 /// The parts of `body`, each frame inside it.
@@ -348,6 +451,7 @@ fn split_body(body: &[u8], version: u32) -> Result<Frames<'_>> {
         return Ok(Frames {
             metadata: body,
             entries: None,
+            bulk_digest: None,
             bulk: None,
         });
     }
@@ -366,9 +470,19 @@ fn split_body(body: &[u8], version: u32) -> Result<Frames<'_>> {
         frames.push(&rest[8..end]);
         rest = &rest[end..];
     }
+    let bulk_digest = if version >= 5 {
+        let digest = rest
+            .get(..32)
+            .ok_or_else(|| Error::CorruptIndex("body ends before its bulk's digest".into()))?;
+        rest = &rest[32..];
+        Some(Digest(digest.try_into().unwrap_or_default()))
+    } else {
+        None
+    };
     Ok(Frames {
         metadata: frames[0],
         entries: frames.get(1).copied(),
+        bulk_digest,
         bulk: Some(rest),
     })
 }
@@ -447,21 +561,21 @@ fn decode_with(bytes: &[u8], keep: impl Fn(&[u8]) -> Bytes) -> Result<ImageIndex
     if body.len() as u64 != body_len {
         return Err(body_length(bytes.len(), body_len));
     }
-    // The digest on a second thread while the body is parsed; a body that does not match
-    // it is refused whatever the parse found.
-    let (got, parsed) = std::thread::scope(|s| {
-        // No thread to be had (a pid limit): the digest here, after the parse.
+    // The digests on a second thread while the body is parsed; a body that does not match
+    // them is refused whatever the parse found.
+    let (sealed, parsed) = std::thread::scope(|s| {
+        // No thread to be had (a pid limit): the digests here, after the parse.
         let digest = std::thread::Builder::new()
             .name("clip-index-digest".into())
-            .spawn_scoped(s, || Digest::of(body))
+            .spawn_scoped(s, || check_body(body, version, header))
             .ok();
         let parsed = parse_body(body, version, &keep);
-        let got = digest
+        let sealed = digest
             .and_then(|d| d.join().ok())
-            .unwrap_or_else(|| Digest::of(body));
-        (got, parsed)
+            .unwrap_or_else(|| check_body(body, version, header));
+        (sealed, parsed)
     });
-    check_digest(got, header)?;
+    sealed?;
     let parsed = parsed?;
     validate_with(&parsed.index, &parsed.breaks)?;
     Ok(parsed.index)
@@ -501,6 +615,20 @@ fn body_length(file_len: usize, body_len: u64) -> Error {
     ))
 }
 
+/// Refuses a body that does not match the header's digest: of the whole body before version
+/// 5; from version 5, of its head, and the bulk of the digest the head gives.
+fn check_body(body: &[u8], version: u32, header: &[u8; HEADER_LEN]) -> Result<()> {
+    if version < 5 {
+        return check_digest(Digest::of(body), header);
+    }
+    let frames = split_body(body, version)?;
+    check_digest(Digest::of(&body[..frames.head_len(body)]), header)?;
+    match (frames.bulk, frames.bulk_digest) {
+        (Some(bulk), Some(want)) => check_bulk(Digest::of(bulk), want),
+        _ => Ok(()),
+    }
+}
+
 /// Refuses a body whose digest `got` is not the one the header records.
 fn check_digest(got: Digest, header: &[u8; HEADER_LEN]) -> Result<()> {
     let mut want = [0u8; 32];
@@ -522,11 +650,10 @@ fn parse_body(body: &[u8], version: u32, keep: &dyn Fn(&[u8]) -> Bytes) -> Resul
     // four times their size to keep).
     let mut parsed = parse_frames(&frames, frames.bulk.map(<[u8]>::len), version)?;
     if let Some(bulk) = frames.bulk {
-        attach_bulk(
-            &mut parsed.index,
-            std::mem::take(&mut parsed.parts),
-            &keep(bulk),
-        );
+        let bulk = keep(bulk);
+        attach_bulk(&mut parsed.index, std::mem::take(&mut parsed.parts), |r| {
+            bulk.slice(r).into()
+        });
     }
     Ok(parsed)
 }
@@ -707,9 +834,9 @@ fn parse_meta(r: &mut Reader<'_>, bulk_len: Option<usize>, version: u32) -> Resu
                     let n = r.uint()?;
                     if split {
                         layer_parts.windows.push(b.take(n, 1)?);
-                        Bytes::new()
+                        Part::default()
                     } else {
-                        Bytes::copy_from_slice(r.fixed(n, 1)?)
+                        Bytes::copy_from_slice(r.fixed(n, 1)?).into()
                     }
                 },
             });
@@ -733,13 +860,13 @@ fn parse_meta(r: &mut Reader<'_>, bulk_len: Option<usize>, version: u32) -> Resu
             let n = r.uint()?;
             let blocks = if split {
                 layer_parts.blocks = b.take(n, 32)?;
-                Vec::new()
+                Part::default()
             } else {
-                digests(r.fixed(n, 32)?)
+                Bytes::copy_from_slice(r.fixed(n, 32)?).into()
             };
             (size, blocks)
         } else {
-            (0, Vec::new())
+            (0, Part::default())
         };
         parts.push(layer_parts);
         layers.push(LayerIndex {
@@ -834,24 +961,21 @@ fn parse_entries(r: &mut Reader<'_>) -> Result<Vec<Dirent>> {
     Ok(dirents)
 }
 
-/// Gives each checkpoint its window, a part of `bulk` (shared, not copied), and each layer
-/// its block digests, where [`parse_payload`] found them. The parts lie inside a bulk of
-/// the length it was given, which `bulk` is.
-fn attach_bulk(index: &mut ImageIndex, parts: Vec<LayerParts>, bulk: &Bytes) {
+/// Gives each checkpoint its window and each layer its block digests, where
+/// [`parse_meta`] found them in the bulk: `part` of each range (a slice of the bulk, shared,
+/// not copied, or a range of a bulk left in its file). The ranges lie inside a bulk of the
+/// length the parse was given.
+fn attach_bulk(
+    index: &mut ImageIndex,
+    parts: Vec<LayerParts>,
+    part: impl Fn(Range<usize>) -> Part,
+) {
     for (layer, parts) in index.layers.iter_mut().zip(parts) {
         for (cp, range) in layer.checkpoints.iter_mut().zip(parts.windows) {
-            cp.window = bulk.slice(range);
+            cp.window = part(range);
         }
-        layer.blocks = digests(&bulk[parts.blocks]);
+        layer.blocks = part(parts.blocks);
     }
-}
-
-/// Digests stored back to back.
-fn digests(bytes: &[u8]) -> Vec<Digest> {
-    bytes
-        .chunks_exact(32)
-        .map(|d| Digest(d.try_into().unwrap_or_default()))
-        .collect()
 }
 
 /// Checks every invariant the rest of clip relies on.
@@ -917,10 +1041,10 @@ fn validate_with(index: &ImageIndex, breaks: &[usize]) -> Result<()> {
                 Some(full) => full * per_chunk + u64::from(l.blocks_in_chunk(full as u32)),
                 None => 0,
             };
-            if l.blocks.len() as u64 != want {
+            if l.block_count() as u64 != want || l.blocks.len() % 32 != 0 {
                 return bad(format!(
                     "layer {i}: {} block digests, the chunks have {want} blocks",
-                    l.blocks.len()
+                    l.block_count()
                 ));
             }
         }
@@ -1233,12 +1357,12 @@ mod tests {
     }
 
     /// The non-empty windows of an index's checkpoints, layer after layer.
-    fn windows_of(index: &ImageIndex) -> Vec<&Bytes> {
+    fn windows_of(index: &ImageIndex) -> Vec<Bytes> {
         index
             .layers
             .iter()
             .flat_map(|l| &l.checkpoints)
-            .map(|c| &c.window)
+            .map(|c| c.window.get().unwrap())
             .filter(|w| !w.is_empty())
             .collect()
     }
@@ -1295,16 +1419,16 @@ mod tests {
         let l = &index.layers[0];
         assert_eq!(l.block_size, crate::BLOCK_SIZE);
         // 300,000-byte chunks hold 5 blocks; the last chunk holds the rest.
-        assert_eq!(l.chunk_blocks(0).len(), 5);
+        assert_eq!(l.chunk_blocks(0)?.len(), 5);
         let n = l.chunks.len() as u32;
         assert_eq!(
-            l.blocks.len(),
+            l.block_count(),
             5 * (n as usize - 1) + l.blocks_in_chunk(n - 1) as usize
         );
         assert_eq!(decode_both(&encode(&index)?)?, index);
         let old = decode_both(&encode_version(&index, 1)?)?;
         assert_eq!(old.layers[0].block_size, 0);
-        assert!(old.layers[0].blocks.is_empty() && old.layers[0].chunk_blocks(0).is_empty());
+        assert!(old.layers[0].blocks.is_empty() && old.layers[0].chunk_blocks(0)?.is_empty());
         assert_eq!(old.layers[0].chunks, l.chunks);
         assert_eq!(old.nodes, index.nodes);
         Ok(())
@@ -1321,14 +1445,19 @@ mod tests {
         index
     }
 
-    /// A file of `version` around `body`, with the header's length and digest right.
+    /// A file of `version` around `body`, with the header's length and digest right (from
+    /// version 5, the digest of the head, as far as `body` has one).
     fn sealed(version: u32, body: &[u8]) -> Vec<u8> {
+        let head = match split_body(body, version) {
+            Ok(f) if version >= 5 => f.head_len(body),
+            _ => body.len(),
+        };
         let mut out = Vec::new();
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&version.to_le_bytes());
         out.extend_from_slice(&0u32.to_le_bytes());
         out.extend_from_slice(&(body.len() as u64).to_le_bytes());
-        out.extend_from_slice(&Digest::of(body).0);
+        out.extend_from_slice(&Digest::of(&body[..head]).0);
         out.extend_from_slice(body);
         out
     }
@@ -1340,10 +1469,22 @@ mod tests {
         second
             .checkpoints
             .iter_mut()
-            .for_each(|c| c.window = c.window.iter().rev().copied().collect());
-        second.blocks.reverse();
+            .for_each(|c| c.window = reversed(&c.window.get().unwrap(), 1));
+        second.blocks = reversed(&second.blocks.get().unwrap(), 32);
         index.layers.push(second);
         index
+    }
+
+    /// `bytes`' pieces of `size` in the opposite order.
+    fn reversed(bytes: &[u8], size: usize) -> Part {
+        Part::from(
+            bytes
+                .chunks(size)
+                .rev()
+                .flatten()
+                .copied()
+                .collect::<Vec<u8>>(),
+        )
     }
 
     #[test]
@@ -1351,8 +1492,8 @@ mod tests {
         let index = two_layer_sample();
         let mut bulk: Vec<u8> = Vec::new();
         for l in &index.layers {
-            bulk.extend(l.checkpoints.iter().flat_map(|c| c.window.clone()));
-            bulk.extend(l.blocks.iter().flat_map(|d| d.0));
+            bulk.extend(l.checkpoints.iter().flat_map(|c| c.window.get().unwrap()));
+            bulk.extend(l.blocks.get()?);
         }
         // The entries as version 4 writes them: a count, then each name and inode.
         let mut entries = Writer::default();
@@ -1361,7 +1502,7 @@ mod tests {
             entries.bytes(&d.name);
             entries.uint(d.inode.0);
         }
-        for version in [3, 4] {
+        for version in [3, 4, 5] {
             let file = encode_version(&index, version)?;
             assert_eq!(u32::from_le_bytes(file[8..12].try_into().unwrap()), version);
             let (frames, got_bulk) = body_parts(&file);
@@ -1384,22 +1525,158 @@ mod tests {
                 assert_ne!(tail, &entries.0[..], "version 4: not in the metadata");
                 assert_eq!(zstd::bulk::decompress(frames[1], 1 << 30)?, entries.0);
             }
+            // Version 5: the bulk's digest between the frames and the bulk, and the header's
+            // digest of all before the bulk.
+            let body = &file[HEADER_LEN..];
+            let head = &body[..body.len() - bulk.len()];
+            if version == 5 {
+                assert_eq!(&head[head.len() - 32..], &Digest::of(&bulk).0);
+                assert_eq!(&file[24..56], &Digest::of(head).0);
+            } else {
+                assert_eq!(&file[24..56], &Digest::of(body).0);
+            }
             assert_eq!(decode_both(&file)?, index, "version {version}");
         }
         assert_eq!(
             u32::from_le_bytes(encode(&index)?[8..12].try_into().unwrap()),
-            4
+            5
         );
         // Files of the versions before are still read.
         assert_eq!(decode_both(&encode_version(&index, 2)?)?, index);
-        assert!(encode_version(&index, 5).is_err());
+        assert!(encode_version(&index, 6).is_err());
+        Ok(())
+    }
+
+    /// A file holding `bytes`, for [`open`].
+    fn file_with(bytes: &[u8]) -> Result<tempfile::NamedTempFile> {
+        let mut f = tempfile::NamedTempFile::new()?;
+        std::io::Write::write_all(&mut f, bytes)?;
+        Ok(f)
+    }
+
+    fn opened(file: &tempfile::NamedTempFile) -> Result<ImageIndex> {
+        open(std::fs::File::open(file.path())?)
+    }
+
+    /// Every window and block digest part of `index`.
+    fn parts_of(index: &ImageIndex) -> Vec<&Part> {
+        index
+            .layers
+            .iter()
+            .flat_map(|l| l.checkpoints.iter().map(|c| &c.window).chain([&l.blocks]))
+            .collect()
+    }
+
+    /// The first checkpoint with a window: (layer, checkpoint).
+    fn with_window(index: &ImageIndex) -> (usize, usize) {
+        index
+            .layers
+            .iter()
+            .enumerate()
+            .find_map(|(i, l)| {
+                let k = l.checkpoints.iter().position(|c| !c.window.is_empty())?;
+                Some((i, k))
+            })
+            .expect("a window")
+    }
+
+    #[test]
+    fn an_opened_index_reads_its_bulk_only_when_a_window_or_block_digest_is_needed() -> Result<()> {
+        let index = two_layer_sample();
+        let file = file_with(&encode(&index)?)?;
+        let got = opened(&file)?;
+        // All but the bulk is at hand, and checked.
+        assert_eq!(got.source, index.source);
+        assert_eq!(got.nodes, index.nodes);
+        assert_eq!(got.dirents, index.dirents);
+        assert_eq!(got.layers[1].chunks, index.layers[1].chunks);
+        assert!(parts_of(&got).iter().all(|p| !p.is_loaded()));
+        // The first window asked for reads the whole bulk, once.
+        let (l, k) = with_window(&index);
+        let (l, k) = (l + 1, k);
+        assert_eq!(
+            got.layers[l].checkpoints[k].window.get()?,
+            index.layers[l].checkpoints[k].window.get()?
+        );
+        assert!(parts_of(&got).iter().all(|p| p.is_loaded()));
+        assert_eq!(
+            got.layers[0].chunk_blocks(0)?,
+            index.layers[0].chunk_blocks(0)?
+        );
+        assert_eq!(got, index);
+        // Files of the versions before are read whole.
+        for version in [2, 3, 4] {
+            let older = opened(&file_with(&encode_version(&index, version)?)?)?;
+            assert!(parts_of(&older).iter().all(|p| p.is_loaded()), "{version}");
+            assert_eq!(older, index, "version {version}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_damaged_bulk_is_found_when_first_needed_and_the_rest_of_the_index_still_serves()
+    -> Result<()> {
+        let index = gzip_sample();
+        let mut bytes = encode(&index)?;
+        // The last byte: of the last block digest.
+        *bytes.last_mut().unwrap() ^= 1;
+        let file = file_with(&bytes)?;
+        let got = opened(&file)?;
+        assert_eq!(got.nodes, index.nodes);
+        let (l, k) = with_window(&index);
+        // Asked twice: the failure is kept, not read again.
+        for _ in 0..2 {
+            match got.layers[l].checkpoints[k].window.get() {
+                Err(Error::CorruptIndex(m)) => assert!(m.contains("digest"), "{m}"),
+                other => panic!("{other:?}"),
+            }
+        }
+        let blocks = got.layers[0].chunk_blocks(0);
+        assert!(matches!(blocks, Err(Error::CorruptIndex(_))), "{blocks:?}");
+        assert_ne!(got, index);
+        // Read whole, the same file is refused.
+        let whole = decode_both(&bytes);
+        assert!(matches!(whole, Err(Error::CorruptIndex(_))), "{whole:?}");
+        Ok(())
+    }
+
+    #[test]
+    fn an_index_file_cut_grown_or_damaged_is_refused_when_opened_and_one_cut_later_when_its_bulk_is_read()
+    -> Result<()> {
+        let index = gzip_sample();
+        let bytes = encode(&index)?;
+        let mut longer = bytes.clone();
+        longer.push(0);
+        let mut head = bytes.clone();
+        head[HEADER_LEN + 20] ^= 0x55;
+        for (what, bad) in [
+            ("cut", &bytes[..bytes.len() - 1]),
+            ("grown", &longer[..]),
+            ("damaged before its bulk", &head[..]),
+            ("no more than a header", &bytes[..HEADER_LEN]),
+        ] {
+            let r = opened(&file_with(bad)?);
+            assert!(matches!(r, Err(Error::CorruptIndex(_))), "{what}: {r:?}");
+        }
+        // Cut once it is open: the read of the bulk finds it.
+        let file = file_with(&bytes)?;
+        let got = opened(&file)?;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(file.path())?
+            .set_len(bytes.len() as u64 - 10)?;
+        let (l, k) = with_window(&index);
+        match got.layers[l].checkpoints[k].window.get() {
+            Err(Error::CorruptIndex(m)) => assert!(m.contains("ends inside"), "{m}"),
+            other => panic!("{other:?}"),
+        }
         Ok(())
     }
 
     #[test]
     fn bodies_that_lie_about_their_parts_are_refused() -> Result<()> {
         let index = gzip_sample();
-        for version in [3, 4] {
+        for version in [3, 4, 5] {
             let file = encode_version(&index, version)?;
             let body = &file[HEADER_LEN..];
             let (frames, _) = body_parts(&file);
@@ -1426,7 +1703,15 @@ mod tests {
                 ("bulk with a byte more", longer_bulk),
                 ("no bulk", body[..frames_end].to_vec()),
             ];
-            if version == 4 {
+            if version == 5 {
+                let mut damaged_bulk = body.to_vec();
+                *damaged_bulk.last_mut().unwrap() ^= 1;
+                cases.extend([
+                    ("bulk's digest cut short", body[..frames_end - 5].to_vec()),
+                    ("a damaged bulk under its digest", damaged_bulk),
+                ]);
+            }
+            if version >= 4 {
                 let at = 8 + meta as usize;
                 let entries = frames[1].len() as u64;
                 cases.extend([
@@ -1459,15 +1744,19 @@ mod tests {
         Ok(())
     }
 
-    /// The frames (each without its length) and the bulk of a version 3 or 4 file.
+    /// The frames (each without its length) and the bulk (after its digest, from version
+    /// 5) of a file of version 3 or later.
     fn body_parts(file: &[u8]) -> (Vec<&[u8]>, &[u8]) {
         let version = u32::from_le_bytes(file[8..12].try_into().unwrap());
         let mut rest = &file[HEADER_LEN..];
         let mut frames = Vec::new();
-        for _ in 0..version - 2 {
+        for _ in 0..version.min(4) - 2 {
             let len = u64::from_le_bytes(rest[..8].try_into().unwrap()) as usize;
             frames.push(&rest[8..8 + len]);
             rest = &rest[8 + len..];
+        }
+        if version >= 5 {
+            rest = &rest[32..];
         }
         (frames, rest)
     }
@@ -1481,6 +1770,7 @@ mod tests {
             b.extend_from_slice(&(f.len() as u64).to_le_bytes());
             b.extend_from_slice(f);
         }
+        b.extend_from_slice(&Digest::of(bulk).0);
         b.extend_from_slice(bulk);
         Ok(sealed(VERSION, &b))
     }
@@ -1548,7 +1838,7 @@ mod tests {
         assert!(windows.len() > 1, "the sample has windows");
         let total: usize = windows.iter().map(|w| w.len()).sum();
         let first = windows[0].as_ptr() as usize;
-        let last = windows[windows.len() - 1];
+        let last = &windows[windows.len() - 1];
         assert_eq!(
             last.as_ptr() as usize + last.len() - first,
             total,
@@ -1709,7 +1999,8 @@ mod tests {
     fn block_digests_that_do_not_fit_the_chunks_are_refused() -> Result<()> {
         let index = sample();
         let mut short = index.clone();
-        short.layers[0].blocks.pop();
+        let blocks = short.layers[0].blocks.get()?;
+        short.layers[0].blocks = blocks.slice(..blocks.len() - 32).into();
         let mut sizeless = index.clone();
         sizeless.layers[0].block_size = 0;
         let mut tiny = index;

@@ -2,11 +2,11 @@
 
 use std::ops::Range;
 
-use bytes::Bytes;
 use serde::Serialize;
 
 use crate::digest::Digest;
 use crate::error::{Error, Result};
+use crate::part::Part;
 
 /// The default size of a chunk, the unit of caching and verification. It is just under
 /// 1 MiB because allocators round exact powers of two up (design notes, Redis).
@@ -76,9 +76,10 @@ pub struct Checkpoint {
     /// Where a raw inflate resumes (true) or a fresh gzip member / zstd frame starts (false).
     pub raw_deflate: bool,
     /// The 32 KiB of output before the checkpoint, zstd-compressed (empty if not needed). It
-    /// may be a part of, and keep alive, the buffer the index was decoded from.
+    /// may be a part of, and keep alive, the buffer the index was decoded from, or be left
+    /// in the index file until first needed.
     #[serde(skip)]
-    pub window: Bytes,
+    pub window: Part,
 }
 
 /// A verified unit of uncompressed layer bytes.
@@ -107,11 +108,12 @@ pub struct LayerIndex {
     /// Size of the blocks each chunk is cut into for [`Self::blocks`] (0: no block digests,
     /// an index of format version 1).
     pub block_size: u32,
-    /// sha256 of every block of every chunk, chunk after chunk: block `j` of chunk `i` is
-    /// bytes `j * block_size..` of that chunk. A reader of a few KiB verifies the blocks it
-    /// read instead of the whole chunk.
+    /// sha256 of every block of every chunk (32 bytes each), chunk after chunk: block `j` of
+    /// chunk `i` is bytes `j * block_size..` of that chunk. A reader of a few KiB verifies
+    /// the blocks it read instead of the whole chunk. Possibly left in the index file until
+    /// first needed, as the windows.
     #[serde(skip)]
-    pub blocks: Vec<Digest>,
+    pub blocks: Part,
 }
 
 /// Which compressed bytes to fetch to produce a run of chunks, and how to start decoding.
@@ -137,15 +139,27 @@ impl LayerIndex {
         (r.end - r.start).div_ceil(u64::from(self.block_size)) as u32
     }
 
-    /// The digests of chunk `i`'s blocks (empty without block digests).
-    pub fn chunk_blocks(&self, i: u32) -> &[Digest] {
+    /// The digests of chunk `i`'s blocks (empty without block digests); an error if they
+    /// were left in the index file and cannot be read from it.
+    pub fn chunk_blocks(&self, i: u32) -> Result<Vec<Digest>> {
         if self.block_size == 0 {
-            return &[];
+            return Ok(Vec::new());
         }
         let per_chunk = self.chunk_size.div_ceil(self.block_size) as usize;
         let start = i as usize * per_chunk;
         let n = self.blocks_in_chunk(i) as usize;
-        self.blocks.get(start..start + n).unwrap_or(&[])
+        let blocks = self.blocks.get()?;
+        Ok(blocks
+            .get(start * 32..(start + n) * 32)
+            .unwrap_or(&[])
+            .chunks_exact(32)
+            .map(|d| Digest(d.try_into().unwrap_or_default()))
+            .collect())
+    }
+
+    /// How many block digests the layer has.
+    pub fn block_count(&self) -> usize {
+        self.blocks.len() / 32
     }
 
     /// The block-aligned byte range of chunk `i` that holds `want` (offsets within the
@@ -281,13 +295,13 @@ mod tests {
             uncompressed_size: size,
             chunk_size: chunk,
             block_size: 0,
-            blocks: vec![],
+            blocks: Part::default(),
             checkpoints: vec![Checkpoint {
                 compressed_offset: 100,
                 bits: 3,
                 uncompressed_offset: 250,
                 raw_deflate: true,
-                window: Bytes::new(),
+                window: Part::default(),
             }],
             chunks: (0..n)
                 .map(|i| Chunk {

@@ -14,6 +14,7 @@
 //! - [`tree`]: merging layers (whiteouts, opaque directories, hard links).
 //! - [`image`]: the decoded [`ImageIndex`] with lookup, resolve and listing.
 //! - [`format`]: the versioned binary encoding with a body digest.
+//! - [`part`]: index bytes that may be read from the file only when first needed.
 //! - [`builder`]: the indexer that ties the above together.
 //! - [`error`]: the crate's error type.
 
@@ -24,6 +25,7 @@ pub mod format;
 pub mod image;
 pub mod layer;
 pub mod node;
+pub mod part;
 pub mod stream;
 pub mod tar;
 pub mod tree;
@@ -36,4 +38,5 @@ pub use format::{ReadIndex, decode, decode_owned, encode, index_digest};
 pub use image::{ImageIndex, ImageSource, IndexStats};
 pub use layer::{BLOCK_SIZE, Checkpoint, Chunk, Compression, LayerIndex, ReadPlan};
 pub use node::{Content, Dirent, Inode, Node, NodeKind, Xattr};
+pub use part::Part;
 pub use stream::{decode_chunks, decode_stream};

@@ -399,7 +399,7 @@ impl<R: Read> LayerStream<R> {
             bits,
             uncompressed_offset: self.out_pos,
             raw_deflate,
-            window,
+            window: window.into(),
         });
         self.last_checkpoint_out = self.out_pos;
         Ok(())
@@ -805,7 +805,7 @@ fn inflate_stream(
                 input.consume(1);
                 inf.prime(cp.bits, byte).map_err(err)?;
             }
-            let window = zstd::bulk::decompress(&cp.window, WINDOW)
+            let window = zstd::bulk::decompress(&cp.window.get()?, WINDOW)
                 .map_err(|e| err(format!("checkpoint window: {e}")))?;
             inf.set_dictionary(&window).map_err(err)?;
             (inf, true, cp.uncompressed_offset)
@@ -919,13 +919,13 @@ mod tests {
                 uncompressed_size: 100,
                 chunk_size: 100,
                 block_size: 0,
-                blocks: Vec::new(),
+                blocks: crate::Part::default(),
                 checkpoints: vec![Checkpoint {
                     compressed_offset: 0,
                     bits: 0,
                     uncompressed_offset: u64::MAX,
                     raw_deflate: false,
-                    window: Bytes::new(),
+                    window: crate::Part::default(),
                 }],
                 chunks: vec![Chunk {
                     digest: Digest::of(&data),
@@ -977,7 +977,7 @@ mod tests {
             checkpoints: s.checkpoints,
             chunks: s.chunks,
             block_size: BLOCK_SIZE,
-            blocks: s.blocks,
+            blocks: crate::Part::of_digests(&s.blocks),
         };
         assert_eq!(layer.chunks.len(), 9);
         for i in 0..9 {

@@ -399,7 +399,14 @@ impl<S: BlobSource> ChunkStore<S> {
                 let Some((span, first_block)) = l.block_span(c, want.clone()) else {
                     continue;
                 };
-                let Some(blocks) = l.chunk_blocks(c).get(first_block..) else {
+                let blocks = match l.chunk_blocks(c) {
+                    Ok(blocks) => blocks,
+                    Err(e) => {
+                        warn!(layer, chunk = c, error = %e, "no block digests; reading the whole chunk");
+                        return None;
+                    }
+                };
+                let Some(blocks) = blocks.get(first_block..) else {
                     continue;
                 };
                 let Some(bytes) = self.range_from(tier, &key, span.clone()).await else {

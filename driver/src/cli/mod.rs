@@ -310,14 +310,13 @@ pub fn load_index(path: &Path) -> Result<ImageIndex> {
     read_index_file(file, path)
 }
 
-/// Reads and validates the index file `path` opened as `file`, from its start.
+/// Reads and validates the index file `path` opened as `file`, from its start; its bulk
+/// (checkpoint windows, block digests) is read when a fetch first needs it.
 pub fn read_index_file(file: std::fs::File, path: &Path) -> Result<ImageIndex> {
-    clip_index::format::read(file, false)
-        .map(|read| read.index)
-        .map_err(|source| Error::IndexFile {
-            path: path.to_owned(),
-            source,
-        })
+    clip_index::format::open(file).map_err(|source| Error::IndexFile {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// `IMAGE` arguments name an index file when one exists at that path, else a reference.

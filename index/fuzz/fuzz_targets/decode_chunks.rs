@@ -110,7 +110,7 @@ fn edit_checkpoints(layer: &mut LayerIndex, edits: Vec<(u8, CheckpointEdit)>) {
                 cp.window = zstd::bulk::compress(&w, 1).unwrap_or_default().into();
             }
             CheckpointEdit::FlipWindow { at, xor } => {
-                let mut window = cp.window.to_vec();
+                let mut window = cp.window.get().map(|w| w.to_vec()).unwrap_or_default();
                 let len = window.len();
                 if len > 0 {
                     window[usize::from(at) % len] ^= xor;

@@ -1,12 +1,13 @@
 //! Arbitrary bytes into `clip_index::decode`, three ways: as they are; resealed, with the
-//! header's magic, version (the current one), length and digest made right so mutations
-//! reach the body (frame lengths, zstd frames, bulk); and as a version 2 payload (windows
+//! header's magic, version (4, whose digest is of the whole body; version 5 parses the
+//! same frames behind a second digest, of its bulk), length and digest made right so
+//! mutations reach the body (frame lengths, zstd frames, bulk); and as a version 2 payload (windows
 //! and block digests inline), compressed and sealed, so mutations reach the parser and
 //! `validate`. Whatever decodes must answer lookups without panicking, agree with itself
 //! (`walk`, `resolve`, `lookup`, `plan`), and survive `decode(encode(x)) == x`.
 #![no_main]
 
-use clip_index::format::{HEADER_LEN, MAGIC, VERSION};
+use clip_index::format::{HEADER_LEN, MAGIC};
 use clip_index::{Content, Digest, ImageIndex, Inode, decode, decode_owned, encode};
 use libfuzzer_sys::fuzz_target;
 
@@ -22,7 +23,7 @@ fn seal(body: &[u8], version: u32, into: &mut Vec<u8>) {
 fn resealed(data: &[u8]) -> Option<Vec<u8>> {
     let body = data.get(HEADER_LEN..)?;
     let mut out = Vec::with_capacity(data.len());
-    seal(body, VERSION, &mut out);
+    seal(body, 4, &mut out);
     Some(out)
 }
 
