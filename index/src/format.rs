@@ -161,7 +161,7 @@ pub fn encode_version(index: &ImageIndex, version: u32) -> Result<Vec<u8>> {
         e.uint(d.inode.0);
     }
     let frame = zstd::bulk::compress(&w.0, PAYLOAD_LEVEL)?;
-    let body = if split {
+    let (body, head) = if split {
         let mut body = Vec::new();
         body.extend_from_slice(&(frame.len() as u64).to_le_bytes());
         body.extend_from_slice(&frame);
@@ -180,7 +180,6 @@ pub fn encode_version(index: &ImageIndex, version: u32) -> Result<Vec<u8>> {
         let head = frame.len();
         (frame, head)
     };
-    let (body, head) = body;
     // From version 5 the header's digest seals the head alone (the frames and the bulk's
     // digest), so that the bulk can be left in the file until it is needed.
     let sealed = if version >= 5 { &body[..head] } else { &body };
@@ -241,13 +240,11 @@ pub fn read(mut r: impl Read + Send, digest: bool) -> Result<ReadIndex> {
         let index = decode(&bytes)?;
         return Ok(ReadIndex { index, digest });
     }
-    let head = read_head(&mut r, version, body_len)?;
-    let bulk_len = usize::try_from(body_len - head.len() as u64)
-        .map_err(|_| Error::CorruptIndex("bulk too large".into()))?;
+    let (head, bulk_len) = read_head(&mut r, version, body_len)?;
     let frames = split_body(&head, version)?;
     // The bulk and its digest (with the head's before version 5), and the file's, from a
     // second thread.
-    let rest = |r: &mut dyn Read| -> Result<(Vec<u8>, Digest, Option<Digest>)> {
+    let rest = || -> Result<(Vec<u8>, Digest, Option<Digest>)> {
         let mut sealed = Sha256::new();
         let mut file = digest.then(|| {
             let mut h = Sha256::new();
@@ -265,7 +262,10 @@ pub fn read(mut r: impl Read + Send, digest: bool) -> Result<ReadIndex> {
             let at = bulk.len();
             // One byte past the bulk: a longer file is an error, found here.
             let want = (bulk_len + 1 - at).min(READ_PIECE);
-            let n = r.take(want as u64).read_to_end(&mut bulk).map_err(io)?;
+            let n = (&mut r)
+                .take(want as u64)
+                .read_to_end(&mut bulk)
+                .map_err(io)?;
             let piece = &bulk[at..at + n];
             sealed.update(piece);
             if let Some(h) = &mut file {
@@ -286,21 +286,9 @@ pub fn read(mut r: impl Read + Send, digest: bool) -> Result<ReadIndex> {
         let file = file.map(|h| Digest(h.finalize().into()));
         Ok((bulk, Digest(sealed.finalize().into()), file))
     };
-    let parse = || parse_frames(&frames, Some(bulk_len), version);
-    let beside = std::thread::scope(|s| {
-        let reader = &mut r;
-        let reader = std::thread::Builder::new()
-            .name("clip-index-read".into())
-            .spawn_scoped(s, || rest(reader))
-            .ok()?;
-        let parsed = parse();
-        let rest = reader
-            .join()
-            .unwrap_or_else(|_| Err(Error::CorruptIndex("the index reader failed".into())));
-        Some((rest, parsed))
+    let (rest, parsed) = beside("clip-index-read", "the index reader", rest, || {
+        parse_frames(&frames, Some(bulk_len), version)
     });
-    // No thread to be had (a pid limit): one after the other.
-    let (rest, parsed) = beside.unwrap_or_else(|| (rest(&mut r), parse()));
     let (bulk, got, file) = rest?;
     match frames.bulk_digest {
         Some(want) => {
@@ -342,12 +330,16 @@ pub fn open(file: std::fs::File) -> Result<ImageIndex> {
             HEADER_LEN as u64 + body_len
         )));
     }
-    let head = read_head(&mut r, version, body_len)?;
-    check_digest(Digest::of(&head), &header)?;
-    let bulk_len = usize::try_from(body_len - head.len() as u64)
-        .map_err(|_| Error::CorruptIndex("bulk too large".into()))?;
+    let (head, bulk_len) = read_head(&mut r, version, body_len)?;
     let frames = split_body(&head, version)?;
-    let mut parsed = parse_frames(&frames, Some(bulk_len), version)?;
+    let (sealed, parsed) = beside(
+        "clip-index-digest",
+        "the head's digest",
+        || check_digest(Digest::of(&head), &header),
+        || parse_frames(&frames, Some(bulk_len), version),
+    );
+    sealed?;
+    let mut parsed = parsed?;
     let bulk_digest = frames.bulk_digest.unwrap_or_default();
     let bulk = Deferred::new(
         file,
@@ -362,8 +354,8 @@ pub fn open(file: std::fs::File) -> Result<ImageIndex> {
 
 /// The head of a version-3-or-later body off a stream: its frames, each after its length
 /// (and from version 5 the bulk's digest), all checked to lie inside the `body_len` bytes
-/// the header gives.
-fn read_head(r: &mut impl Read, version: u32, body_len: u64) -> Result<Vec<u8>> {
+/// the header gives; and the length of the bulk that follows.
+fn read_head(r: &mut impl Read, version: u32, body_len: u64) -> Result<(Vec<u8>, usize)> {
     if body_len > MAX_PAYLOAD {
         return Err(too_large(body_len));
     }
@@ -395,7 +387,38 @@ fn read_head(r: &mut impl Read, version: u32, body_len: u64) -> Result<Vec<u8>> 
         })?;
         head.extend_from_slice(&digest);
     }
-    Ok(head)
+    let bulk_len = usize::try_from(body_len - head.len() as u64)
+        .map_err(|_| Error::CorruptIndex("bulk too large".into()))?;
+    Ok((head, bulk_len))
+}
+
+/// Runs `side` on a thread named `name` while `here` runs on this one, and gives both
+/// results; with no thread to be had (a pid limit), `side` runs here, after `here`. A side
+/// that panics is an error naming `what` it did.
+fn beside<A: Send, B>(
+    name: &str,
+    what: &str,
+    side: impl FnOnce() -> Result<A> + Send,
+    here: impl FnOnce() -> B,
+) -> (Result<A>, B) {
+    // Kept outside the thread's closure, which a failed spawn drops.
+    let side = std::sync::Mutex::new(Some(side));
+    let run = || {
+        let side = side.lock().unwrap_or_else(|p| p.into_inner()).take();
+        side.map(|f| f())
+    };
+    let failed = || Error::CorruptIndex(format!("{what} failed"));
+    std::thread::scope(|s| {
+        let thread = std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn_scoped(s, run);
+        let b = here();
+        let a = match thread {
+            Ok(t) => t.join().unwrap_or_else(|_| Some(Err(failed()))),
+            Err(_) => run(),
+        };
+        (a.unwrap_or_else(|| Err(failed())), b)
+    })
 }
 
 fn too_large(body_len: u64) -> Error {
@@ -563,18 +586,12 @@ fn decode_with(bytes: &[u8], keep: impl Fn(&[u8]) -> Bytes) -> Result<ImageIndex
     }
     // The digests on a second thread while the body is parsed; a body that does not match
     // them is refused whatever the parse found.
-    let (sealed, parsed) = std::thread::scope(|s| {
-        // No thread to be had (a pid limit): the digests here, after the parse.
-        let digest = std::thread::Builder::new()
-            .name("clip-index-digest".into())
-            .spawn_scoped(s, || check_body(body, version, header))
-            .ok();
-        let parsed = parse_body(body, version, &keep);
-        let sealed = digest
-            .and_then(|d| d.join().ok())
-            .unwrap_or_else(|| check_body(body, version, header));
-        (sealed, parsed)
-    });
+    let (sealed, parsed) = beside(
+        "clip-index-digest",
+        "the body's digest",
+        || check_body(body, version, header),
+        || parse_body(body, version, &keep),
+    );
     sealed?;
     let parsed = parsed?;
     validate_with(&parsed.index, &parsed.breaks)?;
@@ -703,21 +720,12 @@ fn parse_frames(frames: &Frames<'_>, bulk_len: Option<usize>, version: u32) -> R
             (meta, dirents, breaks)
         }
         Some(frame) => {
-            let (meta, apart) = std::thread::scope(|s| {
-                let beside = std::thread::Builder::new()
-                    .name("clip-index-entries".into())
-                    .spawn_scoped(s, || entries(frame))
-                    .ok();
-                let meta = metadata();
-                // No thread to be had (a pid limit): here, after the metadata.
-                let apart = match beside {
-                    Some(t) => t.join().unwrap_or_else(|_| {
-                        Err(Error::CorruptIndex("the entries' parse failed".into()))
-                    }),
-                    None => entries(frame),
-                };
-                (meta, apart)
-            });
+            let (apart, meta) = beside(
+                "clip-index-entries",
+                "the entries' parse",
+                || entries(frame),
+                metadata,
+            );
             let (meta, _) = meta?;
             let (dirents, breaks) = apart?;
             (meta, dirents, breaks)
