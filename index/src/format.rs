@@ -39,12 +39,15 @@ use std::ops::Range;
 use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
 
+use crate::codec::{Reader, Writer};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::image::{ImageIndex, ImageSource};
 use crate::layer::{Checkpoint, Chunk, Compression, LayerIndex};
-use crate::node::{Content, Dirent, Inode, Node, NodeKind, Xattr};
+#[cfg(test)]
+use crate::node::Dirent;
 use crate::part::{Deferred, Part};
+use crate::table::{EntryScan, NodeScan, Table, scan_entries, scan_nodes};
 
 pub const MAGIC: &[u8; 8] = b"CLIPINDX";
 pub const VERSION: u32 = 5;
@@ -117,49 +120,14 @@ pub fn encode_version(index: &ImageIndex, version: u32) -> Result<Vec<u8>> {
             out.extend_from_slice(&blocks);
         }
     }
-    w.uint(index.nodes.len() as u64);
-    for n in &index.nodes {
-        w.u8(n.kind.tag());
-        w.uint(u64::from(n.mode));
-        w.uint(u64::from(n.uid));
-        w.uint(u64::from(n.gid));
-        w.int(n.mtime);
-        w.uint(u64::from(n.mtime_nsec));
-        w.uint(n.size);
-        w.uint(u64::from(n.nlink));
-        w.uint(u64::from(n.rdev_major));
-        w.uint(u64::from(n.rdev_minor));
-        w.uint(n.xattrs.len() as u64);
-        for x in &n.xattrs {
-            w.bytes(&x.name);
-            w.bytes(&x.value);
-        }
-        match &n.content {
-            Content::None => w.u8(0),
-            Content::File { layer, offset } => {
-                w.u8(1);
-                w.uint(u64::from(*layer));
-                w.uint(*offset);
-            }
-            Content::Symlink { target } => {
-                w.u8(2);
-                w.bytes(target);
-            }
-            Content::Directory { first, count } => {
-                w.u8(3);
-                w.uint(u64::from(*first));
-                w.uint(u64::from(*count));
-            }
-        }
-    }
+    let table = &index.table;
+    w.uint(table.len() as u64);
+    w.0.extend_from_slice(table.node_records());
     // From version 4 the directory entries have a frame of their own.
     let mut apart = Writer::default();
     let e = if version >= 4 { &mut apart } else { &mut w };
-    e.uint(index.dirents.len() as u64);
-    for d in &index.dirents {
-        e.bytes(&d.name);
-        e.uint(d.inode.0);
-    }
+    e.uint(table.entry_count() as u64);
+    e.0.extend_from_slice(table.entry_records());
     let frame = zstd::bulk::compress(&w.0, PAYLOAD_LEVEL)?;
     let (body, head) = if split {
         let mut body = Vec::new();
@@ -300,7 +268,7 @@ pub fn read(mut r: impl Read + Send, digest: bool) -> Result<ReadIndex> {
     let mut parsed = parsed?;
     let bulk = Bytes::from(bulk);
     attach_bulk(&mut parsed.index, parsed.parts, |r| bulk.slice(r).into());
-    validate_with(&parsed.index, &parsed.breaks)?;
+    validate_layers(&parsed.index)?;
     Ok(ReadIndex {
         index: parsed.index,
         digest: file,
@@ -348,7 +316,7 @@ pub fn open(file: std::fs::File) -> Result<ImageIndex> {
         bulk_digest,
     );
     attach_bulk(&mut parsed.index, parsed.parts, |r| Part::later(&bulk, r));
-    validate_with(&parsed.index, &parsed.breaks)?;
+    validate_layers(&parsed.index)?;
     Ok(parsed.index)
 }
 
@@ -533,11 +501,7 @@ pub fn read_source(mut r: impl Read) -> Result<ImageSource> {
     loop {
         let n = payload.read(&mut piece).map_err(corrupt)?;
         start.extend_from_slice(&piece[..n]);
-        let source = Reader {
-            buf: &start,
-            pos: 0,
-        }
-        .source();
+        let source = Reader::new(&start).source();
         if source.is_ok() || n == 0 {
             return source;
         }
@@ -594,7 +558,7 @@ fn decode_with(bytes: &[u8], keep: impl Fn(&[u8]) -> Bytes) -> Result<ImageIndex
     );
     sealed?;
     let parsed = parsed?;
-    validate_with(&parsed.index, &parsed.breaks)?;
+    validate_layers(&parsed.index)?;
     Ok(parsed.index)
 }
 
@@ -675,66 +639,70 @@ fn parse_body(body: &[u8], version: u32, keep: &dyn Fn(&[u8]) -> Bytes) -> Resul
     Ok(parsed)
 }
 
-/// An index as parsed, before [`validate_with`]: where its windows and block digests lie
-/// in the bulk (for [`attach_bulk`]), and its entries' [`entry_breaks`].
+/// An index as parsed and its tree checked, before its layers are ([`validate_layers`], once
+/// the bulk is attached): where its windows and block digests lie in the bulk (for
+/// [`attach_bulk`]).
 struct Parsed {
     index: ImageIndex,
     parts: Vec<LayerParts>,
-    breaks: Vec<usize>,
 }
 
-/// Inflates and parses the frames of a body. Entries in a frame of their own (version 4)
-/// are inflated, parsed and their names checked on a second thread meanwhile.
+/// Inflates the frames of a body, scans their records and checks the tree they make (see
+/// [`Table`]). Entries in a frame of their own (version 4) are inflated, scanned and their
+/// names checked on a second thread meanwhile.
 fn parse_frames(frames: &Frames<'_>, bulk_len: Option<usize>, version: u32) -> Result<Parsed> {
-    let metadata = || -> Result<(Meta, Option<Vec<Dirent>>)> {
-        let payload = inflate_payload(frames.metadata)?;
-        let mut r = Reader {
-            buf: &payload,
-            pos: 0,
-        };
+    type Scanned = (Bytes, EntryScan);
+    let metadata = || -> Result<(Meta, Bytes, NodeScan, Option<Scanned>)> {
+        let payload = Bytes::from(inflate_payload(frames.metadata)?);
+        let mut r = Reader::new(&payload);
         let meta = parse_meta(&mut r, bulk_len, version)?;
+        let n = r.count(12)?;
+        let nodes = scan_nodes(&mut r, n, &meta.layers)?;
         // Before version 4, the entries follow in the same payload.
-        let dirents = match frames.entries {
+        let entries = match frames.entries {
             Some(_) => None,
-            None => Some(parse_entries(&mut r)?),
+            None => {
+                let n = r.count(2)?;
+                Some((payload.clone(), scan_entries(&mut r, n)?))
+            }
         };
         r.end()?;
-        Ok((meta, dirents))
+        Ok((meta, payload, nodes, entries))
     };
-    let entries = |frame: &[u8]| -> Result<(Vec<Dirent>, Vec<usize>)> {
-        let payload = inflate_payload(frame)?;
-        let mut r = Reader {
-            buf: &payload,
-            pos: 0,
-        };
-        let dirents = parse_entries(&mut r)?;
+    let entries = |frame: &[u8]| -> Result<Scanned> {
+        let payload = Bytes::from(inflate_payload(frame)?);
+        let mut r = Reader::new(&payload);
+        let n = r.count(2)?;
+        let scan = scan_entries(&mut r, n)?;
         r.end()?;
-        let breaks = entry_breaks(&dirents)?;
-        Ok((dirents, breaks))
+        Ok((payload, scan))
     };
-    let (meta, dirents, breaks) = match frames.entries {
+    let (meta, payload, nodes, entries) = match frames.entries {
         None => {
-            let (meta, dirents) = metadata()?;
-            let dirents = dirents.unwrap_or_default();
-            let breaks = entry_breaks(&dirents)?;
-            (meta, dirents, breaks)
+            let (meta, payload, nodes, entries) = metadata()?;
+            let entries =
+                entries.ok_or_else(|| Error::CorruptIndex("no directory entries".into()))?;
+            (meta, payload, nodes, entries)
         }
         Some(frame) => {
             let (apart, meta) = beside(
                 "clip-index-entries",
-                "the entries' parse",
+                "the entries' scan",
                 || entries(frame),
                 metadata,
             );
-            let (meta, _) = meta?;
-            let (dirents, breaks) = apart?;
-            (meta, dirents, breaks)
+            let (meta, payload, nodes, _) = meta?;
+            (meta, payload, nodes, apart?)
         }
     };
+    let table = Table::assemble(&payload, nodes, &entries.0, entries.1)?;
     Ok(Parsed {
-        index: ImageIndex::new(meta.source, meta.layers, meta.nodes, dirents),
+        index: ImageIndex {
+            source: meta.source,
+            layers: meta.layers,
+            table,
+        },
         parts: meta.parts,
-        breaks,
     })
 }
 
@@ -801,7 +769,6 @@ struct LayerParts {
 struct Meta {
     source: ImageSource,
     layers: Vec<LayerIndex>,
-    nodes: Vec<Node>,
     /// Each layer's parts of the bulk.
     parts: Vec<LayerParts>,
 }
@@ -891,58 +858,6 @@ fn parse_meta(r: &mut Reader<'_>, bulk_len: Option<usize>, version: u32) -> Resu
             blocks,
         });
     }
-    let n_nodes = r.count(12)?;
-    let mut nodes = Vec::with_capacity(n_nodes);
-    for _ in 0..n_nodes {
-        let kind = NodeKind::from_tag(r.u8()?)
-            .ok_or_else(|| Error::CorruptIndex("unknown node kind".into()))?;
-        let mode = r.u32()?;
-        let uid = r.u32()?;
-        let gid = r.u32()?;
-        let mtime = r.int()?;
-        let mtime_nsec = r.u32()?;
-        let size = r.uint()?;
-        let nlink = r.u32()?;
-        let rdev_major = r.u32()?;
-        let rdev_minor = r.u32()?;
-        let n_x = r.count(2)?;
-        let mut xattrs = Vec::with_capacity(n_x);
-        for _ in 0..n_x {
-            xattrs.push(Xattr {
-                name: r.bytes()?.into(),
-                value: r.bytes()?.into(),
-            });
-        }
-        let content = match r.u8()? {
-            0 => Content::None,
-            1 => Content::File {
-                layer: r.u32()?,
-                offset: r.uint()?,
-            },
-            2 => Content::Symlink {
-                target: r.bytes()?.into(),
-            },
-            3 => Content::Directory {
-                first: r.u32()?,
-                count: r.u32()?,
-            },
-            _ => return Err(Error::CorruptIndex("unknown content tag".into())),
-        };
-        nodes.push(Node {
-            kind,
-            mode,
-            uid,
-            gid,
-            mtime,
-            mtime_nsec,
-            size,
-            nlink,
-            rdev_major,
-            rdev_minor,
-            xattrs,
-            content,
-        });
-    }
     if b.pos != b.len {
         return Err(Error::CorruptIndex(
             "bulk bytes that the metadata does not place".into(),
@@ -951,22 +866,8 @@ fn parse_meta(r: &mut Reader<'_>, bulk_len: Option<usize>, version: u32) -> Resu
     Ok(Meta {
         source,
         layers,
-        nodes,
         parts,
     })
-}
-
-/// Parses the directory entries (a count, then each name and inode).
-fn parse_entries(r: &mut Reader<'_>) -> Result<Vec<Dirent>> {
-    let n_dirents = r.count(2)?;
-    let mut dirents = Vec::with_capacity(n_dirents);
-    for _ in 0..n_dirents {
-        dirents.push(Dirent {
-            name: r.bytes()?.into(),
-            inode: Inode(r.uint()?),
-        });
-    }
-    Ok(dirents)
 }
 
 /// Gives each checkpoint its window and each layer its block digests, where
@@ -988,37 +889,13 @@ fn attach_bulk(
 
 /// Checks every invariant the rest of clip relies on.
 pub fn validate(index: &ImageIndex) -> Result<()> {
-    validate_with(index, &entry_breaks(&index.dirents)?)
+    validate_layers(index)?;
+    index.table.check(&index.layers)
 }
 
-/// Checks each directory entry's name on its own, and returns where the names stop
-/// ascending: the entries whose name does not sort after the one before (the first entry
-/// is one). A directory's entries are sorted when none but its first is such a break.
-fn entry_breaks(dirents: &[Dirent]) -> Result<Vec<usize>> {
-    let mut breaks = Vec::new();
-    let mut prev: &[u8] = &[];
-    for (j, d) in dirents.iter().enumerate() {
-        let name = &*d.name;
-        if name.is_empty()
-            || name == b"."
-            || name == b".."
-            || name.contains(&b'/')
-            || name.contains(&0)
-        {
-            return Err(Error::CorruptIndex(format!(
-                "directory entry {j}: invalid name"
-            )));
-        }
-        if j == 0 || prev >= name {
-            breaks.push(j);
-        }
-        prev = name;
-    }
-    Ok(breaks)
-}
-
-/// [`validate`], with the names already checked by [`entry_breaks`], which gave `breaks`.
-fn validate_with(index: &ImageIndex, breaks: &[usize]) -> Result<()> {
+/// Checks each layer's sizes, chunks, block digests and checkpoints (the tree is checked
+/// when it is scanned: [`Table::assemble`]).
+fn validate_layers(index: &ImageIndex) -> Result<()> {
     let bad = |m: String| Err(Error::CorruptIndex(m));
     for (i, l) in index.layers.iter().enumerate() {
         if l.chunk_size == 0 {
@@ -1076,135 +953,7 @@ fn validate_with(index: &ImageIndex, breaks: &[usize]) -> Result<()> {
             return bad(format!("layer {i}: plain tar sizes differ"));
         }
     }
-    let nodes = &index.nodes;
-    let Some(root) = nodes.first() else {
-        return bad("no root directory".into());
-    };
-    if root.kind != NodeKind::Directory {
-        return bad("root is not a directory".into());
-    }
-    let n = nodes.len() as u64;
-    let mut refs = vec![0u32; nodes.len()];
-    let mut owned = vec![false; index.dirents.len()];
-    for (i, node) in nodes.iter().enumerate() {
-        let ok_kind = matches!(
-            (&node.kind, &node.content),
-            (NodeKind::Directory, Content::Directory { .. })
-                | (NodeKind::Regular, Content::File { .. } | Content::None)
-                | (NodeKind::Symlink, Content::Symlink { .. })
-                | (
-                    NodeKind::CharDevice | NodeKind::BlockDevice | NodeKind::Fifo,
-                    Content::None
-                )
-        );
-        if !ok_kind || node.mode > 0o7777 || node.mtime_nsec >= 1_000_000_000 {
-            return bad(format!("inode {}: malformed node", i + 1));
-        }
-        match &node.content {
-            Content::File { layer, offset } => {
-                let Some(l) = index.layers.get(*layer as usize) else {
-                    return bad(format!("inode {}: no layer {layer}", i + 1));
-                };
-                if node.size == 0
-                    || offset
-                        .checked_add(node.size)
-                        .is_none_or(|e| e > l.uncompressed_size)
-                {
-                    return bad(format!("inode {}: data outside its layer", i + 1));
-                }
-            }
-            Content::None if node.kind == NodeKind::Regular && node.size != 0 => {
-                return bad(format!("inode {}: file without data", i + 1));
-            }
-            Content::Symlink { target } if target.len() as u64 != node.size => {
-                return bad(format!("inode {}: symlink size mismatch", i + 1));
-            }
-            Content::Directory { first, count } => {
-                let (start, len) = (*first as usize, *count as usize);
-                let Some(slice) = index.dirents.get(start..start.saturating_add(len)) else {
-                    return bad(format!("inode {}: entries out of range", i + 1));
-                };
-                // Sorted: no break after the first entry.
-                let after_first = breaks.partition_point(|&b| b <= start);
-                if breaks.get(after_first).is_some_and(|&b| b < start + len) {
-                    return bad(format!("inode {}: entries not sorted", i + 1));
-                }
-                for (j, d) in slice.iter().enumerate() {
-                    if std::mem::replace(&mut owned[start + j], true) {
-                        return bad("directory entries shared by two directories".into());
-                    }
-                    if d.inode.0 < 2 || d.inode.0 > n {
-                        return bad(format!("inode {}: entry points outside the index", i + 1));
-                    }
-                    refs[(d.inode.0 - 1) as usize] += 1;
-                }
-            }
-            _ => {}
-        }
-    }
-    if owned.iter().any(|&o| !o) {
-        return bad("directory entries that belong to no directory".into());
-    }
-    for (i, node) in nodes.iter().enumerate().skip(1) {
-        let r = refs[i];
-        let fine = match node.kind {
-            NodeKind::Directory => r == 1,
-            _ => r >= 1 && node.nlink == r,
-        };
-        if !fine {
-            return bad(format!("inode {}: wrong number of links", i + 1));
-        }
-    }
-    // Every directory referenced once does not rule out detached cycles: walk from the root.
-    let mut seen = vec![false; nodes.len()];
-    seen[0] = true;
-    let mut todo = vec![Inode::ROOT];
-    let mut reached = 1;
-    while let Some(ino) = todo.pop() {
-        for d in index.children(ino) {
-            let k = (d.inode.0 - 1) as usize;
-            if !std::mem::replace(&mut seen[k], true) {
-                reached += 1;
-                if nodes[k].kind == NodeKind::Directory {
-                    todo.push(d.inode);
-                }
-            }
-        }
-    }
-    if reached != nodes.len() {
-        return bad("nodes unreachable from the root".into());
-    }
     Ok(())
-}
-
-#[derive(Default)]
-struct Writer(Vec<u8>);
-
-impl Writer {
-    fn u8(&mut self, v: u8) {
-        self.0.push(v);
-    }
-
-    fn uint(&mut self, mut v: u64) {
-        while v >= 0x80 {
-            self.0.push((v as u8) | 0x80);
-            v >>= 7;
-        }
-        self.0.push(v as u8);
-    }
-
-    fn int(&mut self, v: i64) {
-        self.uint(((v << 1) ^ (v >> 63)) as u64);
-    }
-
-    fn bytes(&mut self, b: &[u8]) {
-        self.uint(b.len() as u64);
-        self.0.extend_from_slice(b);
-    }
-
-    fn digest(&mut self, d: &Digest) {
-        self.0.extend_from_slice(&d.0);
-    }
 }
 
 /// A position in a part of the file that is not at hand yet (the bulk): what is taken from
@@ -1225,126 +974,6 @@ impl Span {
         let range = self.pos..self.pos + len;
         self.pos += len;
         Ok(range)
-    }
-}
-
-struct Reader<'a> {
-    buf: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn truncated() -> Error {
-        Error::CorruptIndex("payload ends early".into())
-    }
-
-    #[inline]
-    fn u8(&mut self) -> Result<u8> {
-        let b = *self.buf.get(self.pos).ok_or_else(Self::truncated)?;
-        self.pos += 1;
-        Ok(b)
-    }
-
-    #[inline]
-    fn uint(&mut self) -> Result<u64> {
-        // Most values fit in one byte.
-        if let Some(&b) = self.buf.get(self.pos)
-            && b < 0x80
-        {
-            self.pos += 1;
-            return Ok(u64::from(b));
-        }
-        self.long_uint()
-    }
-
-    fn long_uint(&mut self) -> Result<u64> {
-        let mut v: u64 = 0;
-        for shift in (0..64).step_by(7) {
-            let b = self.u8()?;
-            let bits = u64::from(b & 0x7f);
-            if shift == 63 && bits > 1 {
-                return Err(Error::CorruptIndex("varint overflow".into()));
-            }
-            v |= bits << shift;
-            if b & 0x80 == 0 {
-                return Ok(v);
-            }
-        }
-        Err(Error::CorruptIndex("varint too long".into()))
-    }
-
-    fn int(&mut self) -> Result<i64> {
-        let u = self.uint()?;
-        Ok(((u >> 1) as i64) ^ -((u & 1) as i64))
-    }
-
-    #[inline]
-    fn u32(&mut self) -> Result<u32> {
-        u32::try_from(self.uint()?).map_err(|_| Error::CorruptIndex("value out of range".into()))
-    }
-
-    /// Refuses bytes after what was parsed.
-    fn end(&self) -> Result<()> {
-        if self.pos != self.buf.len() {
-            return Err(Error::CorruptIndex(
-                "trailing bytes after the payload".into(),
-            ));
-        }
-        Ok(())
-    }
-
-    /// A length that will size an allocation: it must fit in what is left of the payload,
-    /// given that each element takes at least `min_size` bytes.
-    fn count(&mut self, min_size: usize) -> Result<usize> {
-        let n = self.uint()?;
-        let left = (self.buf.len() - self.pos) as u64;
-        if n.saturating_mul(min_size as u64) > left {
-            return Err(Self::truncated());
-        }
-        Ok(n as usize)
-    }
-
-    /// The next `n` items of `size` bytes each, as one slice.
-    fn fixed(&mut self, n: u64, size: usize) -> Result<&'a [u8]> {
-        let left = (self.buf.len() - self.pos) as u64;
-        let len = n
-            .checked_mul(size as u64)
-            .filter(|&l| l <= left)
-            .ok_or_else(Self::truncated)? as usize;
-        let b = &self.buf[self.pos..self.pos + len];
-        self.pos += len;
-        Ok(b)
-    }
-
-    fn bytes(&mut self) -> Result<&'a [u8]> {
-        let n = self.uint()?;
-        self.fixed(n, 1)
-    }
-
-    fn string(&mut self) -> Result<String> {
-        String::from_utf8(self.bytes()?.to_vec())
-            .map_err(|_| Error::CorruptIndex("text is not UTF-8".into()))
-    }
-
-    /// The image source, which a payload starts with.
-    fn source(&mut self) -> Result<ImageSource> {
-        Ok(ImageSource {
-            repository: self.string()?,
-            manifest_digest: self.digest()?,
-            config_digest: self.digest()?,
-            platform: self.string()?,
-        })
-    }
-
-    fn digest(&mut self) -> Result<Digest> {
-        let b = self
-            .buf
-            .get(self.pos..self.pos + 32)
-            .ok_or_else(Self::truncated)?;
-        self.pos += 32;
-        let mut d = [0u8; 32];
-        d.copy_from_slice(b);
-        Ok(Digest(d))
     }
 }
 
@@ -1438,7 +1067,7 @@ mod tests {
         assert_eq!(old.layers[0].block_size, 0);
         assert!(old.layers[0].blocks.is_empty() && old.layers[0].chunk_blocks(0)?.is_empty());
         assert_eq!(old.layers[0].chunks, l.chunks);
-        assert_eq!(old.nodes, index.nodes);
+        assert_eq!(old.nodes(), index.nodes());
         Ok(())
     }
 
@@ -1505,8 +1134,8 @@ mod tests {
         }
         // The entries as version 4 writes them: a count, then each name and inode.
         let mut entries = Writer::default();
-        entries.uint(index.dirents.len() as u64);
-        for d in &index.dirents {
+        entries.uint(index.dirents().len() as u64);
+        for d in &index.dirents() {
             entries.bytes(&d.name);
             entries.uint(d.inode.0);
         }
@@ -1595,8 +1224,8 @@ mod tests {
         let got = opened(&file)?;
         // All but the bulk is at hand, and checked.
         assert_eq!(got.source, index.source);
-        assert_eq!(got.nodes, index.nodes);
-        assert_eq!(got.dirents, index.dirents);
+        assert_eq!(got.nodes(), index.nodes());
+        assert_eq!(got.dirents(), index.dirents());
         assert_eq!(got.layers[1].chunks, index.layers[1].chunks);
         assert!(parts_of(&got).iter().all(|p| !p.is_loaded()));
         // The first window asked for reads the whole bulk, once.
@@ -1630,7 +1259,7 @@ mod tests {
         *bytes.last_mut().unwrap() ^= 1;
         let file = file_with(&bytes)?;
         let got = opened(&file)?;
-        assert_eq!(got.nodes, index.nodes);
+        assert_eq!(got.nodes(), index.nodes());
         let (l, k) = with_window(&index);
         // Asked twice: the failure is kept, not read again.
         for _ in 0..2 {
@@ -2041,7 +1670,8 @@ mod tests {
     #[test]
     fn entries_out_of_order_or_badly_named_are_refused_in_every_version() -> Result<()> {
         let index = nested_sample();
-        let names: Vec<&[u8]> = index.dirents.iter().map(|d| &*d.name).collect();
+        let dirents = index.dirents();
+        let names: Vec<&[u8]> = dirents.iter().map(|d| &*d.name).collect();
         let zz = names.iter().position(|n| n == b"zz").unwrap();
         assert_eq!(
             names[zz + 1],
@@ -2051,23 +1681,22 @@ mod tests {
         for version in OLDEST_VERSION..=VERSION {
             let got = decode_both(&encode_version(&index, version)?)?;
             assert_eq!(
-                (got.nodes, got.dirents),
-                (index.nodes.clone(), index.dirents.clone())
+                (got.nodes(), got.dirents()),
+                (index.nodes(), index.dirents())
             );
         }
-        let mut swapped = index.clone();
-        swapped.dirents.swap(zz - 1, zz);
-        let mut slash = index.clone();
-        slash.dirents[zz].name = b"z/z".to_vec().into();
-        let mut dots = index.clone();
-        dots.dirents[zz].name = b"..".to_vec().into();
-        let mut nul = index.clone();
-        nul.dirents[zz].name = b"z\0".to_vec().into();
+        let with = |change: &dyn Fn(&mut Vec<Dirent>)| {
+            let mut dirents = index.dirents();
+            change(&mut dirents);
+            let layers = index.layers.clone();
+            ImageIndex::new(index.source.clone(), layers, index.nodes(), dirents)
+        };
+        let named = |name: &'static [u8]| with(&move |d| d[zz].name = name.into());
         let cases = [
-            (swapped, "not sorted"),
-            (slash, "invalid name"),
-            (dots, "invalid name"),
-            (nul, "invalid name"),
+            (with(&|d| d.swap(zz - 1, zz)), "not sorted"),
+            (named(b"z/z"), "invalid name"),
+            (named(b".."), "invalid name"),
+            (named(b"z\0"), "invalid name"),
         ];
         for (bad, why) in cases {
             assert!(matches!(validate(&bad), Err(Error::CorruptIndex(m)) if m.contains(why)));

@@ -6,7 +6,8 @@ use serde::Serialize;
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::layer::LayerIndex;
-use crate::node::{Content, Dirent, Inode, Node, NodeKind};
+use crate::node::{Child, Content, Dirent, Inode, Node, NodeKind};
+use crate::table::Table;
 
 /// Linux gives up after 40 symlinks in one lookup.
 const MAX_SYMLINKS: usize = 40;
@@ -29,8 +30,8 @@ pub struct ImageSource {
 pub struct ImageIndex {
     pub source: ImageSource,
     pub layers: Vec<LayerIndex>,
-    pub(crate) nodes: Vec<Node>,
-    pub(crate) dirents: Vec<Dirent>,
+    /// The nodes and directory entries, used in place (see [`crate::table`]).
+    pub(crate) table: Table,
 }
 
 /// Totals for summaries and status reports.
@@ -61,41 +62,62 @@ impl ImageIndex {
         Self {
             source,
             layers,
-            nodes,
-            dirents,
+            table: Table::new(&nodes, &dirents),
         }
     }
 
-    pub fn node(&self, ino: Inode) -> Option<&Node> {
+    /// Inode `ino`, decoded from its record.
+    pub fn node(&self, ino: Inode) -> Option<Node> {
         let i = usize::try_from(ino.0.checked_sub(1)?).ok()?;
-        self.nodes.get(i)
+        self.table.node(i)
     }
 
     /// Number of inodes; valid inode numbers are `1..=inode_count()`.
     pub fn inode_count(&self) -> u64 {
-        self.nodes.len() as u64
+        self.table.len() as u64
     }
 
-    /// The entries of directory `dir`, sorted by name (empty for non-directories).
-    pub fn children(&self, dir: Inode) -> &[Dirent] {
-        match self.node(dir).map(|n| &n.content) {
-            Some(Content::Directory { first, count }) => {
-                let start = *first as usize;
-                self.dirents
-                    .get(start..start + *count as usize)
-                    .unwrap_or_default()
-            }
-            _ => &[],
+    /// The entries of directory `dir`, sorted by name (none for non-directories).
+    pub fn children(&self, dir: Inode) -> Children<'_> {
+        let range = match dir.0.checked_sub(1).and_then(|i| usize::try_from(i).ok()) {
+            Some(i) => self.table.children(i),
+            None => 0..0,
+        };
+        Children {
+            table: &self.table,
+            range,
+        }
+    }
+
+    /// The directory that lists `dir` (the root for the root): what `..` is in it.
+    pub fn parent(&self, dir: Inode) -> Inode {
+        match dir.0.checked_sub(1).and_then(|i| usize::try_from(i).ok()) {
+            Some(i) => Inode(self.table.parent(i)),
+            None => Inode::ROOT,
         }
     }
 
     /// Looks `name` up in directory `dir` by binary search.
     pub fn lookup(&self, dir: Inode, name: &[u8]) -> Option<Inode> {
-        let children = self.children(dir);
-        children
-            .binary_search_by(|d| (*d.name).cmp(name))
-            .ok()
-            .map(|i| children[i].inode)
+        self.children(dir).find(name)
+    }
+
+    /// Every node, decoded (for tests and tools: a mount decodes one at a time).
+    pub fn nodes(&self) -> Vec<Node> {
+        (0..self.table.len())
+            .filter_map(|i| self.table.node(i))
+            .collect()
+    }
+
+    /// Every directory entry, directory after directory, owned.
+    pub fn dirents(&self) -> Vec<Dirent> {
+        (0..self.table.entry_count())
+            .filter_map(|j| self.table.entry(j))
+            .map(|c| Dirent {
+                name: c.name.into(),
+                inode: c.inode,
+            })
+            .collect()
     }
 
     /// Resolves an absolute or root-relative path inside the image. Symlinks in the middle
@@ -129,7 +151,7 @@ impl ImageIndex {
                 .lookup(cur, &comp)
                 .ok_or_else(|| Error::NotFound(shown()))?;
             let last = todo.iter().all(|c| c.is_empty() || c == b".");
-            match self.node(next).map(|n| &n.content) {
+            match self.node(next).map(|n| n.content) {
                 Some(Content::Symlink { target }) if follow || !last => {
                     hops += 1;
                     if hops > MAX_SYMLINKS {
@@ -156,39 +178,34 @@ impl ImageIndex {
     }
 
     /// Visits every path of the tree depth-first (hard links once per name).
-    pub fn walk<'a>(&'a self, mut visit: impl FnMut(&[u8], Inode, &'a Node)) {
+    pub fn walk(&self, mut visit: impl FnMut(&[u8], Inode, &Node)) {
         let mut todo: Vec<(Vec<u8>, Inode)> = vec![(b"/".to_vec(), Inode::ROOT)];
         while let Some((path, ino)) = todo.pop() {
             let Some(node) = self.node(ino) else { continue };
-            visit(&path, ino, node);
+            visit(&path, ino, &node);
             for d in self.children(ino).iter().rev() {
                 let mut p = path.clone();
                 if p.len() > 1 {
                     p.push(b'/');
                 }
-                p.extend_from_slice(&d.name);
+                p.extend_from_slice(d.name);
                 todo.push((p, d.inode));
             }
         }
     }
 
     pub fn stats(&self) -> IndexStats {
+        let c = self.table.counts();
         let mut s = IndexStats {
             layers: self.layers.len(),
-            inodes: self.nodes.len(),
+            inodes: self.table.len(),
+            files: c.files,
+            directories: c.directories,
+            symlinks: c.symlinks,
+            other: c.other,
+            file_bytes: c.file_bytes,
             ..IndexStats::default()
         };
-        for n in &self.nodes {
-            match n.kind {
-                NodeKind::Regular => {
-                    s.files += 1;
-                    s.file_bytes = s.file_bytes.saturating_add(n.size);
-                }
-                NodeKind::Directory => s.directories += 1,
-                NodeKind::Symlink => s.symlinks += 1,
-                _ => s.other += 1,
-            }
-        }
         for l in &self.layers {
             // Sizes come from (validated, but possibly hostile) index files: never overflow.
             s.compressed_size = s.compressed_size.saturating_add(l.compressed_size);
@@ -199,3 +216,86 @@ impl ImageIndex {
         s
     }
 }
+
+/// The entries of one directory, sorted by name, decoded as they are asked for.
+#[derive(Debug, Clone)]
+pub struct Children<'a> {
+    table: &'a Table,
+    range: std::ops::Range<usize>,
+}
+
+impl<'a> Children<'a> {
+    pub fn len(&self) -> usize {
+        self.range.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.range.is_empty()
+    }
+
+    /// The `k`th entry.
+    pub fn get(&self, k: usize) -> Option<Child<'a>> {
+        let j = self.range.start.checked_add(k)?;
+        (j < self.range.end).then(|| self.table.entry(j)).flatten()
+    }
+
+    /// The inode named `name`, by binary search.
+    pub fn find(&self, name: &[u8]) -> Option<Inode> {
+        let (mut lo, mut hi) = (0, self.len());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let child = self.get(mid)?;
+            match child.name.cmp(name) {
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+                std::cmp::Ordering::Equal => return Some(child.inode),
+            }
+        }
+        None
+    }
+
+    pub fn iter(&self) -> ChildIter<'a> {
+        ChildIter {
+            table: self.table,
+            range: self.range.clone(),
+        }
+    }
+}
+
+impl<'a> IntoIterator for Children<'a> {
+    type Item = Child<'a>;
+    type IntoIter = ChildIter<'a>;
+
+    fn into_iter(self) -> ChildIter<'a> {
+        self.iter()
+    }
+}
+
+/// An iterator over a directory's entries.
+#[derive(Debug, Clone)]
+pub struct ChildIter<'a> {
+    table: &'a Table,
+    range: std::ops::Range<usize>,
+}
+
+impl<'a> Iterator for ChildIter<'a> {
+    type Item = Child<'a>;
+
+    fn next(&mut self) -> Option<Child<'a>> {
+        let j = self.range.next()?;
+        self.table.entry(j)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.range.size_hint()
+    }
+}
+
+impl DoubleEndedIterator for ChildIter<'_> {
+    fn next_back(&mut self) -> Option<Self::Item> {
+        let j = self.range.next_back()?;
+        self.table.entry(j)
+    }
+}
+
+impl ExactSizeIterator for ChildIter<'_> {}

@@ -13,12 +13,14 @@
 //! - [`node`]: inodes, directory entries and their metadata.
 //! - [`tree`]: merging layers (whiteouts, opaque directories, hard links).
 //! - [`image`]: the decoded [`ImageIndex`] with lookup, resolve and listing.
+//! - `table`: the tree's nodes and entries as the file encodes them, used in place.
 //! - [`format`]: the versioned binary encoding with a body digest.
 //! - [`part`]: index bytes that may be read from the file only when first needed.
 //! - [`builder`]: the indexer that ties the above together.
 //! - [`error`]: the crate's error type.
 
 pub mod builder;
+mod codec;
 pub mod digest;
 pub mod error;
 pub mod format;
@@ -27,6 +29,7 @@ pub mod layer;
 pub mod node;
 pub mod part;
 pub mod stream;
+mod table;
 pub mod tar;
 pub mod tree;
 mod zlib;
@@ -35,8 +38,8 @@ pub use builder::{IndexOptions, LayerBuild, LayerSpec, assemble, index_layer};
 pub use digest::Digest;
 pub use error::{Error, Result};
 pub use format::{ReadIndex, decode, decode_owned, encode, index_digest};
-pub use image::{ImageIndex, ImageSource, IndexStats};
+pub use image::{ChildIter, Children, ImageIndex, ImageSource, IndexStats};
 pub use layer::{BLOCK_SIZE, Checkpoint, Chunk, Compression, LayerIndex, ReadPlan};
-pub use node::{Content, Dirent, Inode, Node, NodeKind, Xattr};
+pub use node::{Child, Content, Dirent, Inode, Node, NodeKind, Xattr};
 pub use part::Part;
 pub use stream::{decode_chunks, decode_stream};

@@ -129,6 +129,14 @@ pub struct Dirent {
     pub inode: Inode,
 }
 
+/// A directory entry as an index holds it: a name borrowed from the index and the inode it
+/// points at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Child<'a> {
+    pub name: &'a [u8],
+    pub inode: Inode,
+}
+
 fn lossy<S: serde::Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&String::from_utf8_lossy(b))
 }

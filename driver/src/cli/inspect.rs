@@ -25,11 +25,11 @@ pub struct InspectArgs {
 }
 
 #[derive(Serialize)]
-struct JsonEntry<'a> {
+struct JsonEntry {
     path: String,
     inode: u64,
     #[serde(flatten)]
-    node: &'a clip_index::Node,
+    node: clip_index::Node,
 }
 
 pub fn run(args: InspectArgs) -> Result<()> {
@@ -44,7 +44,7 @@ pub fn run(args: InspectArgs) -> Result<()> {
                 entries.push(JsonEntry {
                     path: String::from_utf8_lossy(path).into_owned(),
                     inode: ino.0,
-                    node,
+                    node: node.clone(),
                 });
             });
         }

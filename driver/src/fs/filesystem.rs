@@ -33,8 +33,6 @@ pub struct ClipFs<S> {
     index: Arc<ImageIndex>,
     store: Arc<ChunkStore<S>>,
     runtime: tokio::runtime::Handle,
-    /// Parent of each directory inode (for ".."), computed once at mount.
-    parents: Vec<u64>,
     /// Blocks of file data and inodes, for statfs (the image never changes).
     totals: (u64, u64),
     name: String,
@@ -136,14 +134,6 @@ impl<S: BlobSource> ClipFs<S> {
         backings: Backings,
     ) -> Self {
         let index = store.index().clone();
-        let mut parents = vec![1u64; index.inode_count() as usize + 1];
-        for ino in 1..=index.inode_count() {
-            for d in index.children(Inode(ino)) {
-                if let Some(p) = parents.get_mut(d.inode.0 as usize) {
-                    *p = ino;
-                }
-            }
-        }
         let stats = index.stats();
         let pages = Arc::new(Pages::new(store.clone(), runtime.clone(), passthrough));
         let counters = Arc::<FsCounters>::default();
@@ -154,7 +144,6 @@ impl<S: BlobSource> ClipFs<S> {
             index,
             store,
             runtime,
-            parents,
             name,
             counters,
             no_open: false,
@@ -175,7 +164,7 @@ impl<S: BlobSource> ClipFs<S> {
     }
 
     fn attr_of(&self, ino: u64) -> Option<FileAttr> {
-        self.index.node(Inode(ino)).map(|n| attr(Inode(ino), n))
+        self.index.node(Inode(ino)).map(|n| attr(Inode(ino), &n))
     }
 
     fn negative_entry() -> FileAttr {
@@ -309,8 +298,8 @@ impl<S: BlobSource> Filesystem for ClipFs<S> {
         self.counters
             .readlinks
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        match self.index.node(Inode(ino.0)).map(|n| &n.content) {
-            Some(Content::Symlink { target }) => reply.data(target),
+        match self.index.node(Inode(ino.0)).map(|n| n.content) {
+            Some(Content::Symlink { target }) => reply.data(&target),
             Some(_) => reply.error(Errno::EINVAL),
             None => reply.error(Errno::ENOENT),
         }
@@ -499,7 +488,7 @@ impl<S: BlobSource> Filesystem for ClipFs<S> {
         if self.index.node(Inode(ino.0)).is_none() {
             return reply.error(Errno::ENOENT);
         }
-        let parent = self.parents.get(ino.0 as usize).copied().unwrap_or(1);
+        let parent = self.index.parent(Inode(ino.0)).0;
         let children = self.index.children(Inode(ino.0));
         let total = children.len() as u64 + 2;
         for i in offset..total {
@@ -507,12 +496,14 @@ impl<S: BlobSource> Filesystem for ClipFs<S> {
                 0 => reply.add(ino, 1, FileType::Directory, "."),
                 1 => reply.add(INodeNo(parent), 2, FileType::Directory, ".."),
                 _ => {
-                    let d = &children[(i - 2) as usize];
+                    let Some(d) = children.get((i - 2) as usize) else {
+                        break;
+                    };
                     let kind = self
                         .index
                         .node(d.inode)
                         .map_or(FileType::RegularFile, |n| file_type(n.kind));
-                    reply.add(INodeNo(d.inode.0), i + 1, kind, OsStr::from_bytes(&d.name))
+                    reply.add(INodeNo(d.inode.0), i + 1, kind, OsStr::from_bytes(d.name))
                 }
             };
             if full {
@@ -533,7 +524,7 @@ impl<S: BlobSource> Filesystem for ClipFs<S> {
         let Some(dir_attr) = self.attr_of(ino.0) else {
             return reply.error(Errno::ENOENT);
         };
-        let parent = self.parents.get(ino.0 as usize).copied().unwrap_or(1);
+        let parent = self.index.parent(Inode(ino.0)).0;
         let parent_attr = self.attr_of(parent).unwrap_or(dir_attr);
         let children = self.index.children(Inode(ino.0));
         let total = children.len() as u64 + 2;
@@ -542,14 +533,16 @@ impl<S: BlobSource> Filesystem for ClipFs<S> {
                 0 => reply.add(ino, 1, ".", &TTL, &dir_attr, Generation(0)),
                 1 => reply.add(INodeNo(parent), 2, "..", &TTL, &parent_attr, Generation(0)),
                 _ => {
-                    let d = &children[(i - 2) as usize];
+                    let Some(d) = children.get((i - 2) as usize) else {
+                        break;
+                    };
                     let Some(a) = self.attr_of(d.inode.0) else {
                         continue;
                     };
                     reply.add(
                         INodeNo(d.inode.0),
                         i + 1,
-                        OsStr::from_bytes(&d.name),
+                        OsStr::from_bytes(d.name),
                         &TTL,
                         &a,
                         Generation(0),
