@@ -978,7 +978,7 @@ impl Span {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A stream that hands out at most 7 bytes a read, as a pipe or a slow disk may.
@@ -1699,14 +1699,24 @@ mod tests {
             (named(b"z\0"), "invalid name"),
         ];
         for (bad, why) in cases {
-            assert!(matches!(validate(&bad), Err(Error::CorruptIndex(m)) if m.contains(why)));
-            for version in OLDEST_VERSION..=VERSION {
-                let r = decode_both(&encode_version(&bad, version)?);
-                assert!(
-                    matches!(&r, Err(Error::CorruptIndex(m)) if m.contains(why)),
-                    "version {version}, {why}: {r:?}"
-                );
-            }
+            refused_with(&bad, why)?;
+        }
+        Ok(())
+    }
+
+    /// `bad` is refused by `validate`, and decoding it in every version fails, with `why`.
+    pub(crate) fn refused_with(bad: &ImageIndex, why: &str) -> Result<()> {
+        let r = validate(bad);
+        assert!(
+            matches!(&r, Err(Error::CorruptIndex(m)) if m.contains(why)),
+            "{why}: {r:?}"
+        );
+        for version in OLDEST_VERSION..=VERSION {
+            let r = decode_both(&encode_version(bad, version)?);
+            assert!(
+                matches!(&r, Err(Error::CorruptIndex(m)) if m.contains(why)),
+                "version {version}, {why}: {r:?}"
+            );
         }
         Ok(())
     }
