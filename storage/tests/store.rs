@@ -4,6 +4,8 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,6 +27,26 @@ struct Counting {
     fetched: Mutex<HashMap<Range<u64>, u32>>,
     gate: Mutex<Option<(u64, Arc<tokio::sync::Semaphore>)>>,
     streams_done: std::sync::atomic::AtomicUsize,
+    /// Ranges being fetched now, and the most there have been at once.
+    in_flight: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+/// Counts a range in [`Counting::in_flight`] while it is fetched.
+struct Fetching<'a>(&'a Counting);
+
+impl<'a> Fetching<'a> {
+    fn new(source: &'a Counting) -> Self {
+        let now = source.in_flight.fetch_add(1, SeqCst) + 1;
+        source.peak.fetch_max(now, SeqCst);
+        Self(source)
+    }
+}
+
+impl Drop for Fetching<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, SeqCst);
+    }
 }
 
 impl Counting {
@@ -40,6 +62,7 @@ impl Counting {
 
 impl BlobSource for Counting {
     async fn fetch_range(&self, digest: &Digest, range: Range<u64>) -> clip_storage::Result<Bytes> {
+        let _fetching = Fetching::new(self);
         self.count(&range);
         tokio::time::sleep(Duration::from_millis(30)).await;
         self.inner.fetch_range(digest, range).await
@@ -51,6 +74,7 @@ impl BlobSource for Counting {
         range: Range<u64>,
         sink: tokio::sync::mpsc::Sender<Bytes>,
     ) -> clip_storage::Result<()> {
+        let _fetching = Fetching::new(self);
         self.count(&range);
         tokio::time::sleep(Duration::from_millis(30)).await;
         let gate = self.gate.lock().unwrap().clone();
@@ -126,6 +150,8 @@ async fn setup(config: StoreConfig) -> anyhow::Result<Setup> {
         fetched: Mutex::new(HashMap::new()),
         gate: Mutex::new(None),
         streams_done: Default::default(),
+        in_flight: AtomicUsize::new(0),
+        peak: AtomicUsize::new(0),
     });
     let cache = tempfile::tempdir()?;
     let disk = DiskCache::open(cache.path(), 1 << 30)?;
@@ -289,6 +315,46 @@ async fn concurrent_misses_for_one_chunk_fetch_it_once() -> anyhow::Result<()> {
     let fetched = s.source.fetched.lock().unwrap().clone();
     assert_eq!(fetched.len(), 1, "{fetched:?}");
     assert!(fetched.values().all(|&n| n == 1), "{fetched:?}");
+    Ok(())
+}
+
+/// Readers that miss in many places at once get their bytes, through at most
+/// `fetch_concurrency` registry fetches at a time, and that many run side by side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn misses_everywhere_at_once_fetch_at_most_the_configured_number_of_ranges_at_a_time()
+-> anyhow::Result<()> {
+    let s = setup(StoreConfig {
+        readahead_runs: 0,
+        preload_chunks: 0,
+        fetch_concurrency: 2,
+        ..StoreConfig::default()
+    })
+    .await?;
+    let base = file_offset(&s);
+    let len = s.data.len() as u64;
+    let offsets: Vec<u64> = (0..16).map(|i| i * (len - 4096) / 15).collect();
+    let reads = offsets.iter().map(|&off| {
+        let store = s.store.clone();
+        async move { store.read(0, base + off, 4096).await }
+    });
+    let results = futures::future::try_join_all(reads).await?;
+    for (r, &off) in results.iter().zip(&offsets) {
+        assert!(
+            r[..] == s.data[off as usize..off as usize + 4096],
+            "at {off}"
+        );
+    }
+    settle(&s).await;
+    let ranges = s.source.fetched.lock().unwrap().len();
+    assert!(
+        ranges >= 3,
+        "the readers needed {ranges} ranges: too few to test a limit of 2"
+    );
+    assert_eq!(
+        s.source.peak.load(SeqCst),
+        2,
+        "fetches at once ({ranges} ranges)"
+    );
     Ok(())
 }
 
