@@ -68,8 +68,7 @@ impl ImageIndex {
 
     /// Inode `ino`, decoded from its record.
     pub fn node(&self, ino: Inode) -> Option<Node> {
-        let i = usize::try_from(ino.0.checked_sub(1)?).ok()?;
-        self.table.node(i)
+        self.table.node(slot(ino)?)
     }
 
     /// Number of inodes; valid inode numbers are `1..=inode_count()`.
@@ -79,10 +78,7 @@ impl ImageIndex {
 
     /// The entries of directory `dir`, sorted by name (none for non-directories).
     pub fn children(&self, dir: Inode) -> Children<'_> {
-        let range = match dir.0.checked_sub(1).and_then(|i| usize::try_from(i).ok()) {
-            Some(i) => self.table.children(i),
-            None => 0..0,
-        };
+        let range = slot(dir).map_or(0..0, |i| self.table.children(i));
         Children {
             table: &self.table,
             range,
@@ -91,10 +87,7 @@ impl ImageIndex {
 
     /// The directory that lists `dir` (the root for the root): what `..` is in it.
     pub fn parent(&self, dir: Inode) -> Inode {
-        match dir.0.checked_sub(1).and_then(|i| usize::try_from(i).ok()) {
-            Some(i) => Inode(self.table.parent(i)),
-            None => Inode::ROOT,
-        }
+        slot(dir).map_or(Inode::ROOT, |i| Inode(self.table.parent(i)))
     }
 
     /// Looks `name` up in directory `dir` by binary search.
@@ -215,6 +208,11 @@ impl ImageIndex {
         }
         s
     }
+}
+
+/// Where inode `ino`'s record is in the index's table (inode numbers start at 1).
+fn slot(ino: Inode) -> Option<usize> {
+    usize::try_from(ino.0.checked_sub(1)?).ok()
 }
 
 /// The entries of one directory, sorted by name, decoded as they are asked for.
