@@ -210,9 +210,9 @@ pub fn read(mut r: impl Read + Send, digest: bool) -> Result<ReadIndex> {
     }
     let (head, bulk_len) = read_head(&mut r, version, body_len)?;
     let frames = split_body(&head, version)?;
-    // The bulk and its digest (with the head's before version 5), and the file's, from a
-    // second thread.
-    let rest = || -> Result<(Vec<u8>, Digest, Option<Digest>)> {
+    // The bulk, checked against the digests (the head's too), and the file's digest, from
+    // a second thread.
+    let rest = || -> Result<(Vec<u8>, Option<Digest>)> {
         let mut sealed = Sha256::new();
         let mut file = digest.then(|| {
             let mut h = Sha256::new();
@@ -251,20 +251,20 @@ pub fn read(mut r: impl Read + Send, digest: bool) -> Result<ReadIndex> {
         if bulk.len() < bulk_len {
             return Err(body_length(HEADER_LEN + head.len() + bulk.len(), body_len));
         }
-        let file = file.map(|h| Digest(h.finalize().into()));
-        Ok((bulk, Digest(sealed.finalize().into()), file))
+        let got = Digest(sealed.finalize().into());
+        match frames.bulk_digest {
+            Some(want) => {
+                check_digest(Digest::of(&head), &header)?;
+                check_bulk(got, want)?;
+            }
+            None => check_digest(got, &header)?,
+        }
+        Ok((bulk, file.map(|h| Digest(h.finalize().into()))))
     };
     let (rest, parsed) = beside("clip-index-read", "the index reader", rest, || {
         parse_frames(&frames, Some(bulk_len), version)
     });
-    let (bulk, got, file) = rest?;
-    match frames.bulk_digest {
-        Some(want) => {
-            check_digest(Digest::of(&head), &header)?;
-            check_bulk(got, want)?;
-        }
-        None => check_digest(got, &header)?,
-    }
+    let (bulk, file) = rest?;
     let mut parsed = parsed?;
     let bulk = Bytes::from(bulk);
     attach_bulk(&mut parsed.index, parsed.parts, |r| bulk.slice(r).into());
