@@ -1032,7 +1032,7 @@ pub(crate) mod tests {
     fn sample_in(compression: TarCompression, media_type: &str) -> ImageIndex {
         let entries = vec![
             Entry::file("small", b"hello".to_vec()),
-            Entry::file("big", clip_e2e::Rng(5).bytes(700_000)),
+            Entry::file("big", clip_e2e::Rng(5).bytes(1_000_000)),
         ];
         let tar = layer_tar(&Layer::with(entries, compression)).unwrap();
         let (_, blob) = compress(&tar, compression).unwrap();

@@ -19,6 +19,18 @@ const INPUT_BUFFER: usize = 128 * 1024;
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 /// zstd level for stored windows: good ratio, well under a millisecond per window.
 const WINDOW_LEVEL: i32 = 9;
+/// How far before a chunk boundary a deflate block boundary may be to become the checkpoint
+/// in front of that chunk (at most a quarter of a chunk).
+const NEAR_CHUNK_END: u64 = 256 * 1024;
+
+/// A deflate block boundary just before a chunk boundary, remembered until that chunk ends
+/// (see `LayerStream::place_checkpoint`); its window is kept beside it.
+#[derive(Debug, Clone, Copy)]
+struct Candidate {
+    compressed_offset: u64,
+    bits: u8,
+    uncompressed_offset: u64,
+}
 
 /// Output bytes handed to the hashing thread at a time.
 const HASH_BATCH: usize = 256 * 1024;
@@ -215,6 +227,9 @@ pub struct LayerStream<R> {
     chunk_size: u64,
     span: u64,
     last_checkpoint_out: u64,
+    candidate: Option<Candidate>,
+    /// The 32 KiB of output before `candidate`, as is.
+    candidate_window: Vec<u8>,
     hashes: HashPipe,
     chunk_fill: u64,
     comp_at_last_output: u64,
@@ -280,6 +295,8 @@ impl<R: Read> LayerStream<R> {
             chunk_size: u64::from(chunk_size.max(1)),
             span: span.max(1),
             last_checkpoint_out: 0,
+            candidate: None,
+            candidate_window: Vec::new(),
             hashes: HashPipe::new(diff_id)?,
             chunk_fill: 0,
             comp_at_last_output: 0,
@@ -402,6 +419,54 @@ impl<R: Read> LayerStream<R> {
             window: window.into(),
         });
         self.last_checkpoint_out = self.out_pos;
+        self.candidate = None;
+        Ok(())
+    }
+
+    /// Where gzip checkpoints go. A span run (the chunks decoded from one checkpoint) ends
+    /// with the chunk that holds the next checkpoint, and the next run starts at that
+    /// checkpoint: the compressed bytes between the two are fetched by both. So a checkpoint
+    /// goes on the last block boundary before a chunk boundary (or on the chunk boundary),
+    /// about `span` after the previous one: runs then overlap by less than a deflate block
+    /// instead of half a chunk on average. A stretch without such a boundary (blocks of
+    /// megabytes, as runs of zeros make) gets one at its first block boundary past
+    /// `span + chunk_size`.
+    ///
+    /// Called after each inflate step: `block_bits` when it stopped at a block boundary,
+    /// `chunk_end` when its output completed a chunk.
+    fn place_checkpoint(&mut self, block_bits: Option<u8>, chunk_end: bool) -> Result<()> {
+        let since = self.out_pos - self.last_checkpoint_out;
+        let due = since > 0 && since >= self.span.saturating_sub(self.chunk_size / 2);
+        let near = NEAR_CHUNK_END.min(self.chunk_size / 4);
+        if let Some(bits) = block_bits {
+            if (due && self.chunk_fill == 0) || since >= self.span + self.chunk_size {
+                return self.checkpoint(bits, true);
+            }
+            if due && self.chunk_fill >= self.chunk_size - near {
+                let tail = &self.window[self.window.len().saturating_sub(WINDOW)..];
+                self.candidate_window.clear();
+                self.candidate_window.extend_from_slice(tail);
+                self.candidate = Some(Candidate {
+                    compressed_offset: self.comp_pos,
+                    bits,
+                    uncompressed_offset: self.out_pos,
+                });
+            }
+        }
+        if chunk_end
+            && let Some(c) = self.candidate.take()
+            && self.out_pos - c.uncompressed_offset <= near
+        {
+            let window = zstd::bulk::compress(&self.candidate_window, WINDOW_LEVEL)?;
+            self.checkpoints.push(Checkpoint {
+                compressed_offset: c.compressed_offset,
+                bits: c.bits,
+                uncompressed_offset: c.uncompressed_offset,
+                raw_deflate: true,
+                window: Bytes::from(window).into(),
+            });
+            self.last_checkpoint_out = c.uncompressed_offset;
+        }
         Ok(())
     }
 
@@ -501,12 +566,8 @@ impl<R: Read> LayerStream<R> {
             }
             self.consume(step.consumed);
             self.account(&buf[..step.produced]);
-            if step.at_block_boundary()
-                && !step.stream_end
-                && self.out_pos - self.last_checkpoint_out >= self.span
-            {
-                self.checkpoint(step.bits(), true)?;
-            }
+            let block = (step.at_block_boundary() && !step.stream_end).then(|| step.bits());
+            self.place_checkpoint(block, step.produced > 0 && self.chunk_fill == 0)?;
             if step.produced > 0 {
                 return Ok(step.produced);
             }
