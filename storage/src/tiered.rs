@@ -75,6 +75,22 @@ impl Drop for PendingPut {
     }
 }
 
+/// Counts a reader's source fetch in [`ChunkStore::reading`] while it lives.
+struct Reading(Arc<tokio::sync::watch::Sender<usize>>);
+
+impl Reading {
+    fn new(counter: &Arc<tokio::sync::watch::Sender<usize>>) -> Self {
+        counter.send_modify(|n| *n += 1);
+        Self(counter.clone())
+    }
+}
+
+impl Drop for Reading {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
 /// Where a chunk is, for read-ahead.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Whereabouts {
@@ -122,6 +138,9 @@ pub struct ChunkStore<S> {
     /// share one disk read and one verification.
     loading: Mutex<HashMap<(usize, u32), ChunkFuture>>,
     permits: Arc<Semaphore>,
+    /// Source fetches for readers (their misses and read-ahead) in flight: the whole-image
+    /// prefetch starts a run only when there are none.
+    reading: Arc<tokio::sync::watch::Sender<usize>>,
     last_chunk: Mutex<HashMap<usize, u32>>,
     /// Cluster-wide single-flight of registry fetches, when Redis is configured.
     lease: Option<Arc<RedisCache>>,
@@ -168,6 +187,7 @@ impl<S: BlobSource> ChunkStore<S> {
             inflight: Mutex::new(HashMap::new()),
             loading: Mutex::new(HashMap::new()),
             permits: Arc::new(Semaphore::new(config.fetch_concurrency.max(1))),
+            reading: Arc::new(tokio::sync::watch::Sender::new(0)),
             last_chunk: Mutex::new(HashMap::new()),
             lease,
             pending_puts: Arc::default(),
@@ -537,7 +557,7 @@ impl<S: BlobSource> ChunkStore<S> {
         }
         let run = self.miss_run(layer, c)?;
         let chunk = self
-            .fetch(layer, run.clone(), ahead)
+            .fetch(layer, run.clone(), ahead, true)
             .into_iter()
             .nth((c - run.start) as usize)
             .ok_or_else(|| Error::Task(format!("chunk {c} missing from its run")))?;
@@ -549,8 +569,15 @@ impl<S: BlobSource> ChunkStore<S> {
     }
 
     /// Starts (or joins) the source fetch of `chunks`; one future per chunk, each resolved
-    /// as soon as its chunk is decoded and verified.
-    fn fetch(self: &Arc<Self>, layer: usize, chunks: Range<u32>, ahead: bool) -> Vec<ChunkFuture> {
+    /// as soon as its chunk is decoded and verified. `for_reader`: a read or its read-ahead
+    /// wants it (counted in [`Self::reading`] while it runs), not the whole-image prefetch.
+    fn fetch(
+        self: &Arc<Self>,
+        layer: usize,
+        chunks: Range<u32>,
+        ahead: bool,
+        for_reader: bool,
+    ) -> Vec<ChunkFuture> {
         let mut inflight = self.lock_inflight();
         let joined: Option<Vec<ChunkFuture>> = chunks
             .clone()
@@ -585,7 +612,9 @@ impl<S: BlobSource> ChunkStore<S> {
         let this = self.clone();
         // Counted until the chunks are in the local tiers too (after their waiters got them).
         let pending = PendingPut::new(&self.pending_puts);
+        let reading = for_reader.then(|| Reading::new(&self.reading));
         tokio::spawn(async move {
+            let _reading = reading;
             let result = this
                 .fetch_run(layer, chunks.clone(), ahead, &mut senders)
                 .await;
@@ -1213,7 +1242,9 @@ impl<S: BlobSource> ChunkStore<S> {
     }
 
     /// Fetches every chunk of the image that no tier holds, `parallel` runs at a time.
-    /// For `--prefetch`: the whole image lands in the caches at low priority.
+    /// For `--prefetch`: the whole image lands in the caches at low priority. A run starts
+    /// only while no reader's fetch is in flight, so reads have the link to themselves (the
+    /// runs already under way finish).
     pub async fn prefetch_all(self: &Arc<Self>, parallel: usize) -> Result<u64> {
         let mut runs = Vec::new();
         for (layer, l) in self.index.layers.iter().enumerate() {
@@ -1226,11 +1257,14 @@ impl<S: BlobSource> ChunkStore<S> {
         let mut fetched = 0u64;
         let mut results = futures::stream::iter(runs)
             .map(|(layer, run)| async move {
+                // Readers first (the sender lives in `self`: the wait cannot fail); then
+                // whatever they fetched meanwhile is cached.
+                let _ = self.reading.subscribe().wait_for(|n| *n == 0).await;
                 if self.cached(layer, run.clone()).await {
                     return Ok(0);
                 }
                 let n = run.len() as u64;
-                futures::future::try_join_all(self.fetch(layer, run, true))
+                futures::future::try_join_all(self.fetch(layer, run, true, false))
                     .await
                     .map_err(Error::Shared)?;
                 Ok::<u64, Error>(n)

@@ -7,8 +7,9 @@ use std::ops::Range;
 use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use bytes::Bytes;
 use clip_e2e::check::resident;
 use clip_e2e::image::{Entry, Layer, Pusher, build_image};
@@ -30,21 +31,40 @@ struct Counting {
     /// Ranges being fetched now, and the most there have been at once.
     in_flight: AtomicUsize,
     peak: AtomicUsize,
+    /// Every range fetched, in the order the fetches started: when it started and ended.
+    log: Mutex<Vec<Logged>>,
+    /// The fetch that starts `n`-th (from 0) takes this much longer.
+    slow: Mutex<Option<(usize, Duration)>>,
 }
 
-/// Counts a range in [`Counting::in_flight`] while it is fetched.
-struct Fetching<'a>(&'a Counting);
+/// A range fetched: when it started, and when it ended.
+type Logged = (Range<u64>, Instant, Option<Instant>);
+
+/// Counts a range in [`Counting::in_flight`] while it is fetched, and logs it.
+struct Fetching<'a>(&'a Counting, usize);
 
 impl<'a> Fetching<'a> {
-    fn new(source: &'a Counting) -> Self {
+    fn new(source: &'a Counting, range: &Range<u64>) -> Self {
         let now = source.in_flight.fetch_add(1, SeqCst) + 1;
         source.peak.fetch_max(now, SeqCst);
-        Self(source)
+        let mut log = source.log.lock().unwrap();
+        log.push((range.clone(), Instant::now(), None));
+        Self(source, log.len() - 1)
+    }
+
+    /// The test's 30 ms of latency, and more for the fetch [`Counting::slow`] names.
+    async fn wait(&self) {
+        let slow = *self.0.slow.lock().unwrap();
+        let extra = slow
+            .filter(|(n, _)| *n == self.1)
+            .map_or(Duration::ZERO, |s| s.1);
+        tokio::time::sleep(Duration::from_millis(30) + extra).await;
     }
 }
 
 impl Drop for Fetching<'_> {
     fn drop(&mut self) {
+        self.0.log.lock().unwrap()[self.1].2 = Some(Instant::now());
         self.0.in_flight.fetch_sub(1, SeqCst);
     }
 }
@@ -62,9 +82,9 @@ impl Counting {
 
 impl BlobSource for Counting {
     async fn fetch_range(&self, digest: &Digest, range: Range<u64>) -> clip_storage::Result<Bytes> {
-        let _fetching = Fetching::new(self);
+        let fetching = Fetching::new(self, &range);
         self.count(&range);
-        tokio::time::sleep(Duration::from_millis(30)).await;
+        fetching.wait().await;
         self.inner.fetch_range(digest, range).await
     }
 
@@ -74,9 +94,9 @@ impl BlobSource for Counting {
         range: Range<u64>,
         sink: tokio::sync::mpsc::Sender<Bytes>,
     ) -> clip_storage::Result<()> {
-        let _fetching = Fetching::new(self);
+        let fetching = Fetching::new(self, &range);
         self.count(&range);
-        tokio::time::sleep(Duration::from_millis(30)).await;
+        fetching.wait().await;
         let gate = self.gate.lock().unwrap().clone();
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(16);
         let forward = async {
@@ -152,6 +172,8 @@ async fn setup(config: StoreConfig) -> anyhow::Result<Setup> {
         streams_done: Default::default(),
         in_flight: AtomicUsize::new(0),
         peak: AtomicUsize::new(0),
+        log: Mutex::default(),
+        slow: Mutex::default(),
     });
     let cache = tempfile::tempdir()?;
     let disk = DiskCache::open(cache.path(), 1 << 30)?;
@@ -397,6 +419,44 @@ async fn prefetch_fills_the_cache_so_reads_need_no_source() -> anyhow::Result<()
         s.store.prefetch_all(2).await?,
         0,
         "nothing left to prefetch"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn prefetch_starts_no_fetch_while_a_reader_fetches() -> anyhow::Result<()> {
+    let s = setup(StoreConfig {
+        readahead_runs: 0,
+        ..StoreConfig::default()
+    })
+    .await?;
+    let store = s.store.clone();
+    let prefetch = tokio::spawn(async move { store.prefetch_all(1).await });
+    while s.source.in_flight.load(SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // A read of uncached bytes while the prefetch fetches its first run: a slow one, which
+    // the prefetch outlasts.
+    *s.source.slow.lock().unwrap() = Some((1, Duration::from_millis(300)));
+    let off = 10_000_000;
+    let got = s.store.read(0, file_offset(&s) + off, 4096).await?;
+    assert!(got[..] == s.data[off as usize..off as usize + 4096]);
+    let chunks = prefetch.await??;
+    let layer = &s.store.index().layers[0];
+    assert!(chunks > 0 && chunks < layer.chunks.len() as u64, "{chunks}");
+    let log = s.source.log.lock().unwrap().clone();
+    assert_eq!(
+        log.len(),
+        layer.span_runs(0..layer.chunks.len() as u32).count(),
+        "every run fetched once: {log:?}"
+    );
+    // The read's fetch started second; none started until it ended.
+    let read_end = log[1].2.context("the read's fetch ended")?;
+    let third = log.get(2).context("the prefetch went on")?;
+    assert!(
+        third.1 >= read_end,
+        "a prefetch fetch started {:?} before the reader's ended",
+        read_end - third.1
     );
     Ok(())
 }

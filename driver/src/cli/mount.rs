@@ -42,7 +42,8 @@ pub struct MountArgs {
     #[arg(long, default_value = "1MiB", env = "CLIP_KERNEL_READAHEAD")]
     pub kernel_readahead: String,
 
-    /// Fetch the whole image into the cache in the background after mounting.
+    /// Fetch the whole image into the cache in the background after mounting, at low
+    /// priority: it waits while reads fetch.
     #[arg(long, env = "CLIP_PREFETCH")]
     pub prefetch: bool,
 
