@@ -25,6 +25,14 @@ impl Rng {
     }
 }
 
+fn add_file(b: &mut tar::Builder<Vec<u8>>, name: &str, data: &[u8]) {
+    let mut h = tar::Header::new_gnu();
+    h.set_size(data.len() as u64);
+    h.set_mode(0o644);
+    h.set_cksum();
+    b.append_data(&mut h, name, data).unwrap_or_default();
+}
+
 /// A tar of files with text-like and random content, `total` bytes of data or so.
 fn sample_tar(total: usize, seed: u64) -> Vec<u8> {
     let mut rng = Rng(seed);
@@ -40,12 +48,7 @@ fn sample_tar(total: usize, seed: u64) -> Vec<u8> {
                 .map(|j| b"the quick brown fox jumps over the lazy dog\n"[j % 44])
                 .collect()
         };
-        let mut h = tar::Header::new_gnu();
-        h.set_size(len as u64);
-        h.set_mode(0o644);
-        h.set_cksum();
-        b.append_data(&mut h, format!("f{i}"), data.as_slice())
-            .unwrap_or_default();
+        add_file(&mut b, &format!("f{i}"), &data);
         written += len;
         i += 1;
     }
@@ -333,12 +336,7 @@ fn words_tar(total: usize, seed: u64) -> Vec<u8> {
             }
         }
         data.truncate(len);
-        let mut h = tar::Header::new_gnu();
-        h.set_size(len as u64);
-        h.set_mode(0o644);
-        h.set_cksum();
-        b.append_data(&mut h, format!("src/m{i}.py"), data.as_slice())
-            .unwrap_or_default();
+        add_file(&mut b, &format!("src/m{i}.py"), &data);
         written += len;
         i += 1;
     }
