@@ -727,8 +727,18 @@ impl RegistryBlobs {
             Ok(Ok(())) => {
                 // More pooled connections, for the fetches a start-up makes in parallel (a
                 // file's first spans at open, read-ahead): each would otherwise pay for its
-                // connection (and TLS) on the first read that needs it.
-                let more = (0..WARM_UP_CONNECTIONS).map(|_| self.first_byte(&d));
+                // connection (and TLS) on the first read that needs it. Each request keeps
+                // its connection until all have their answers, so that none is done and
+                // handing its connection to the next before that one is sent (a busy
+                // machine runs them one after the other).
+                let all = tokio::sync::Barrier::new(WARM_UP_CONNECTIONS);
+                let more = (0..WARM_UP_CONNECTIONS).map(|_| async {
+                    let answer = self.range_request(&d, &(0..1)).send().await;
+                    all.wait().await;
+                    if let Ok(answer) = answer {
+                        let _ = answer.bytes().await;
+                    }
+                });
                 let _ = tokio::time::timeout(WARM_UP_LIMIT, futures::future::join_all(more)).await;
                 return;
             }
@@ -842,6 +852,23 @@ impl RegistryBlobs {
 
     /// One range request; its body goes to `sink` piece by piece as it arrives, and `sent`
     /// counts the bytes that went (so a retry can resume after them).
+    /// A GET of `range` of blob `digest`, with the credentials the client has.
+    fn range_request(&self, digest: &str, range: &Range<u64>) -> reqwest::RequestBuilder {
+        let req = self.http().get(self.blob_url(digest)).header(
+            reqwest::header::RANGE,
+            format!("bytes={}-{}", range.start, range.end.saturating_sub(1)),
+        );
+        let auth = self
+            .authorization
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        match auth {
+            Some(h) => req.header(reqwest::header::AUTHORIZATION, h),
+            None => req,
+        }
+    }
+
     async fn fetch_once(
         &self,
         digest: &str,
@@ -850,19 +877,11 @@ impl RegistryBlobs {
         sent: &mut u64,
     ) -> Result<(), FetchError> {
         let len = range.end - range.start;
-        let mut req = self.http().get(self.blob_url(digest)).header(
-            reqwest::header::RANGE,
-            format!("bytes={}-{}", range.start, range.end - 1),
-        );
-        let auth = self
-            .authorization
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        if let Some(h) = auth {
-            req = req.header(reqwest::header::AUTHORIZATION, h);
-        }
-        let resp = req.send().await.map_err(FetchError::Http)?;
+        let resp = self
+            .range_request(digest, range)
+            .send()
+            .await
+            .map_err(FetchError::Http)?;
         let mut skip = match resp.status().as_u16() {
             206 => 0,
             // The registry ignored Range: read past the prefix ourselves.
