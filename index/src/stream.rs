@@ -23,8 +23,9 @@ const WINDOW_LEVEL: i32 = 9;
 /// in front of that chunk (at most a quarter of a chunk).
 const NEAR_CHUNK_END: u64 = 256 * 1024;
 
-/// A deflate block boundary just before a chunk boundary, remembered until that chunk ends
-/// (see `LayerStream::place_checkpoint`); its window is kept beside it.
+/// A place a checkpoint can go: the current position, or a deflate block boundary just
+/// before a chunk boundary, remembered until that chunk ends (see
+/// `LayerStream::place_checkpoint`; its window is kept beside it).
 #[derive(Debug, Clone, Copy)]
 struct Candidate {
     compressed_offset: u64,
@@ -404,23 +405,46 @@ impl<R: Read> LayerStream<R> {
         }
     }
 
+    /// A checkpoint here (the current position).
     fn checkpoint(&mut self, bits: u8, raw_deflate: bool) -> Result<()> {
         let window = if raw_deflate {
-            let tail = &self.window[self.window.len().saturating_sub(WINDOW)..];
-            zstd::bulk::compress(tail, WINDOW_LEVEL)?.into()
+            Self::stored_window(self.window_tail())?
         } else {
             Bytes::new()
         };
-        self.checkpoints.push(Checkpoint {
+        self.push_checkpoint(self.here(bits), raw_deflate, window);
+        Ok(())
+    }
+
+    /// The current position, with `bits` of the byte before it to resume from.
+    fn here(&self, bits: u8) -> Candidate {
+        Candidate {
             compressed_offset: self.comp_pos,
             bits,
             uncompressed_offset: self.out_pos,
+        }
+    }
+
+    /// The last 32 KiB of output: what a raw inflate resuming here needs.
+    fn window_tail(&self) -> &[u8] {
+        &self.window[self.window.len().saturating_sub(WINDOW)..]
+    }
+
+    /// `window` (the output before a raw deflate checkpoint) as the index stores it.
+    fn stored_window(window: &[u8]) -> Result<Bytes> {
+        Ok(zstd::bulk::compress(window, WINDOW_LEVEL)?.into())
+    }
+
+    fn push_checkpoint(&mut self, at: Candidate, raw_deflate: bool, window: Bytes) {
+        self.checkpoints.push(Checkpoint {
+            compressed_offset: at.compressed_offset,
+            bits: at.bits,
+            uncompressed_offset: at.uncompressed_offset,
             raw_deflate,
             window: window.into(),
         });
-        self.last_checkpoint_out = self.out_pos;
+        self.last_checkpoint_out = at.uncompressed_offset;
         self.candidate = None;
-        Ok(())
     }
 
     /// Where gzip checkpoints go. A span run (the chunks decoded from one checkpoint) ends
@@ -443,29 +467,19 @@ impl<R: Read> LayerStream<R> {
                 return self.checkpoint(bits, true);
             }
             if due && self.chunk_fill >= self.chunk_size - near {
-                let tail = &self.window[self.window.len().saturating_sub(WINDOW)..];
-                self.candidate_window.clear();
-                self.candidate_window.extend_from_slice(tail);
-                self.candidate = Some(Candidate {
-                    compressed_offset: self.comp_pos,
-                    bits,
-                    uncompressed_offset: self.out_pos,
-                });
+                let mut window = std::mem::take(&mut self.candidate_window);
+                window.clear();
+                window.extend_from_slice(self.window_tail());
+                self.candidate_window = window;
+                self.candidate = Some(self.here(bits));
             }
         }
         if chunk_end
             && let Some(c) = self.candidate.take()
             && self.out_pos - c.uncompressed_offset <= near
         {
-            let window = zstd::bulk::compress(&self.candidate_window, WINDOW_LEVEL)?;
-            self.checkpoints.push(Checkpoint {
-                compressed_offset: c.compressed_offset,
-                bits: c.bits,
-                uncompressed_offset: c.uncompressed_offset,
-                raw_deflate: true,
-                window: Bytes::from(window).into(),
-            });
-            self.last_checkpoint_out = c.uncompressed_offset;
+            let window = Self::stored_window(&self.candidate_window)?;
+            self.push_checkpoint(c, true, window);
         }
         Ok(())
     }
