@@ -850,8 +850,6 @@ impl RegistryBlobs {
         Ok(())
     }
 
-    /// One range request; its body goes to `sink` piece by piece as it arrives, and `sent`
-    /// counts the bytes that went (so a retry can resume after them).
     /// A GET of `range` of blob `digest`, with the credentials the client has.
     fn range_request(&self, digest: &str, range: &Range<u64>) -> reqwest::RequestBuilder {
         let req = self.http().get(self.blob_url(digest)).header(
@@ -869,6 +867,8 @@ impl RegistryBlobs {
         }
     }
 
+    /// One range request; its body goes to `sink` piece by piece as it arrives, and `sent`
+    /// counts the bytes that went (so a retry can resume after them).
     async fn fetch_once(
         &self,
         digest: &str,
