@@ -136,29 +136,19 @@ fn wait_for_whole_file(cache: &Path, len: u64, limit: Duration) -> bool {
     let files = cache.join("chunks").join("files");
     let t = Instant::now();
     while t.elapsed() < limit {
-        let found = walk_sizes(&files).contains(&len);
+        // (No such directory until the first whole file.)
+        let found = clip_e2e::check::list(&files).is_ok_and(|paths| {
+            paths.iter().any(|p| {
+                std::fs::metadata(files.join(p.trim_start_matches('/')))
+                    .is_ok_and(|m| m.is_file() && m.len() == len)
+            })
+        });
         if found {
             return true;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     false
-}
-
-/// Sizes of the files below `dir`.
-fn walk_sizes(dir: &Path) -> Vec<u64> {
-    let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return out;
-    };
-    for e in entries.flatten() {
-        match e.metadata() {
-            Ok(m) if m.is_dir() => out.extend(walk_sizes(&e.path())),
-            Ok(m) => out.push(m.len()),
-            Err(_) => {}
-        }
-    }
-    out
 }
 
 /// Opens `path` and reads 4 KiB from the middle: what a program that wants a little of a
