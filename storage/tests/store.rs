@@ -147,6 +147,15 @@ struct Setup {
     cache: tempfile::TempDir,
 }
 
+/// [`setup`] with the default configuration but no read-ahead: only what reads ask for.
+async fn setup_without_readahead() -> anyhow::Result<Setup> {
+    setup(StoreConfig {
+        readahead_runs: 0,
+        ..StoreConfig::default()
+    })
+    .await
+}
+
 async fn setup(config: StoreConfig) -> anyhow::Result<Setup> {
     let registry = Registry::start()?;
     let mut data = text_bytes(12 << 20, 3);
@@ -251,11 +260,7 @@ impl Setup {
 /// ends at `file_end` bytes, checking every byte; then lets background work finish.
 /// A store whose disk cache holds every chunk of the image, without read-ahead.
 async fn warm_cache() -> anyhow::Result<Setup> {
-    let s = setup(StoreConfig {
-        readahead_runs: 0,
-        ..StoreConfig::default()
-    })
-    .await?;
+    let s = setup_without_readahead().await?;
     s.store.prefetch_all(2).await?;
     Ok(s)
 }
@@ -319,11 +324,7 @@ fn file_offset(s: &Setup) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_misses_for_one_chunk_fetch_it_once() -> anyhow::Result<()> {
-    let s = setup(StoreConfig {
-        readahead_runs: 0,
-        ..StoreConfig::default()
-    })
-    .await?;
+    let s = setup_without_readahead().await?;
     let base = file_offset(&s);
     let reads = (0..64).map(|i| {
         let store = s.store.clone();
@@ -425,11 +426,7 @@ async fn prefetch_fills_the_cache_so_reads_need_no_source() -> anyhow::Result<()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn prefetch_starts_no_fetch_while_a_reader_fetches() -> anyhow::Result<()> {
-    let s = setup(StoreConfig {
-        readahead_runs: 0,
-        ..StoreConfig::default()
-    })
-    .await?;
+    let s = setup_without_readahead().await?;
     let store = s.store.clone();
     let prefetch = tokio::spawn(async move { store.prefetch_all(1).await });
     while s.source.in_flight.load(SeqCst) == 0 {
@@ -578,11 +575,7 @@ async fn warm_sequential_reads_find_the_next_chunks_in_memory() -> anyhow::Resul
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_reader_gets_its_chunk_before_the_rest_of_its_fetch_arrives() -> anyhow::Result<()> {
-    let s = setup(StoreConfig {
-        readahead_runs: 0,
-        ..StoreConfig::default()
-    })
-    .await?;
+    let s = setup_without_readahead().await?;
     let layer = &s.store.index().layers[0];
     let base = file_offset(&s);
     // A span of several chunks, and the compressed bytes its first chunk needs.
