@@ -25,7 +25,6 @@ use clip_storage::{
 /// streamed range stops after `gate.0` bytes until the gate opens.
 struct Counting {
     inner: RegistryBlobs,
-    fetched: Mutex<HashMap<Range<u64>, u32>>,
     gate: Mutex<Option<(u64, Arc<tokio::sync::Semaphore>)>>,
     streams_done: std::sync::atomic::AtomicUsize,
     /// Ranges being fetched now, and the most there have been at once.
@@ -70,20 +69,19 @@ impl Drop for Fetching<'_> {
 }
 
 impl Counting {
-    fn count(&self, range: &Range<u64>) {
-        *self
-            .fetched
-            .lock()
-            .unwrap()
-            .entry(range.clone())
-            .or_default() += 1;
+    /// How many times each range was fetched (from [`Counting::log`]).
+    fn fetched(&self) -> HashMap<Range<u64>, u32> {
+        let mut counts = HashMap::new();
+        for (range, _, _) in self.log.lock().unwrap().iter() {
+            *counts.entry(range.clone()).or_default() += 1;
+        }
+        counts
     }
 }
 
 impl BlobSource for Counting {
     async fn fetch_range(&self, digest: &Digest, range: Range<u64>) -> clip_storage::Result<Bytes> {
         let fetching = Fetching::new(self, &range);
-        self.count(&range);
         fetching.wait().await;
         self.inner.fetch_range(digest, range).await
     }
@@ -95,7 +93,6 @@ impl BlobSource for Counting {
         sink: tokio::sync::mpsc::Sender<Bytes>,
     ) -> clip_storage::Result<()> {
         let fetching = Fetching::new(self, &range);
-        self.count(&range);
         fetching.wait().await;
         let gate = self.gate.lock().unwrap().clone();
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(16);
@@ -176,7 +173,6 @@ async fn setup(config: StoreConfig) -> anyhow::Result<Setup> {
     let inner = client.repository(&index.source.repository, &index.source.manifest_digest)?;
     let source = Arc::new(Counting {
         inner,
-        fetched: Mutex::new(HashMap::new()),
         gate: Mutex::new(None),
         streams_done: Default::default(),
         in_flight: AtomicUsize::new(0),
@@ -247,12 +243,12 @@ impl Setup {
 
     /// The end of the compressed bytes fetched so far (0 if nothing was).
     fn fetched_up_to(&self) -> u64 {
-        let fetched = self.source.fetched.lock().unwrap();
-        fetched.keys().map(|r| r.end).max().unwrap_or(0)
+        let log = self.source.log.lock().unwrap();
+        log.iter().map(|(r, _, _)| r.end).max().unwrap_or(0)
     }
 
     fn requests(&self) -> u32 {
-        self.source.fetched.lock().unwrap().values().sum()
+        self.source.log.lock().unwrap().len() as u32
     }
 }
 
@@ -335,7 +331,7 @@ async fn concurrent_misses_for_one_chunk_fetch_it_once() -> anyhow::Result<()> {
         let off = 9_000_000 + i * 100;
         assert_eq!(&r[..], &s.data[off..off + 1000]);
     }
-    let fetched = s.source.fetched.lock().unwrap().clone();
+    let fetched = s.source.fetched();
     assert_eq!(fetched.len(), 1, "{fetched:?}");
     assert!(fetched.values().all(|&n| n == 1), "{fetched:?}");
     Ok(())
@@ -368,7 +364,7 @@ async fn misses_everywhere_at_once_fetch_at_most_the_configured_number_of_ranges
         );
     }
     settle(&s).await;
-    let ranges = s.source.fetched.lock().unwrap().len();
+    let ranges = s.source.fetched().len();
     assert!(
         ranges >= 3,
         "the readers needed {ranges} ranges: too few to test a limit of 2"
@@ -394,7 +390,7 @@ async fn sequential_reads_fetch_ahead_and_never_twice() -> anyhow::Result<()> {
     }
     let stats = s.store.stats().snapshot();
     assert!(stats.prefetched_chunks > 0, "read-ahead ran: {stats:?}");
-    let fetched = s.source.fetched.lock().unwrap().clone();
+    let fetched = s.source.fetched();
     assert!(
         fetched.values().all(|&n| n == 1),
         "a range fetched twice: {fetched:?}"
@@ -407,15 +403,11 @@ async fn prefetch_fills_the_cache_so_reads_need_no_source() -> anyhow::Result<()
     let s = setup(StoreConfig::default()).await?;
     let n = s.store.prefetch_all(2).await?;
     assert_eq!(n, s.store.index().layers[0].chunks.len() as u64);
-    let before = s.source.fetched.lock().unwrap().len();
+    let before = s.source.fetched().len();
     let base = file_offset(&s);
     let got = s.store.read(0, base + 15_000_000, 3_000_000).await?;
     assert!(got[..] == s.data[15_000_000..18_000_000]);
-    assert_eq!(
-        s.source.fetched.lock().unwrap().len(),
-        before,
-        "served from the caches"
-    );
+    assert_eq!(s.source.fetched().len(), before, "served from the caches");
     assert_eq!(
         s.store.prefetch_all(2).await?,
         0,
