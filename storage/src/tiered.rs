@@ -39,7 +39,10 @@ pub struct StoreConfig {
     /// Chunks already on local disk read into memory ahead of a sequential reader, so disk
     /// reads and verification overlap with serving.
     pub preload_chunks: u32,
-    /// Uncompressed bytes from the start of a file fetched when it is opened (0: none).
+    /// Uncompressed bytes from the start of a file fetched when it is opened, and read into
+    /// the page cache at a warm start for each file a start-up profile says was handed over
+    /// whole ([`ChunkStore::replay`]; the kernel reads the rest ahead itself as a program
+    /// reads on). 0: none.
     pub open_prefetch_bytes: u64,
     /// Files at least this large are kept whole on local disk, for FUSE passthrough, once
     /// the store is given a disk cache for them ([`Self::keep_whole_files`]); 0: none.
@@ -1093,8 +1096,9 @@ impl<S: BlobSource> ChunkStore<S> {
     /// [`crate::profile::Profile::reads_to_bring`] leaves them: reads whose bytes a file kept
     /// whole holds are left to it) that are on local disk read into the kernel's page cache
     /// ahead of the program, up to `budget` bytes (and [`WARM_UP_LIMIT`]): the blocks of the
-    /// chunk files they lie in, and the files kept whole (whose check at their first open in
-    /// this process, when one is due, then happens here, off the program's path). The kernel is asked
+    /// chunk files they lie in, and the heads of the files kept whole
+    /// ([`StoreConfig::open_prefetch_bytes`]; their check at their first open in this
+    /// process, when one is due, then happens here, off the program's path). The kernel is asked
     /// (`posix_fadvise(WILLNEED)`) without waiting, from a blocking thread; nothing is
     /// fetched, kept in memory or recorded. With every byte of a warm start-up in the page
     /// cache, the program's opens and reads wait for no disk.
@@ -1114,9 +1118,15 @@ impl<S: BlobSource> ChunkStore<S> {
                     return;
                 }
                 if r.whole {
-                    if let Some(file) = this.kept_whole(r.layer, r.offset, r.len) {
-                        crate::cache::disk::will_need(&file, 0, 0);
-                        planned += r.len;
+                    // Which bytes of it the program read, the kernel alone knows: its head
+                    // only, or a program wanting a little of a large file would wait for a
+                    // disk busy reading all of it.
+                    let head = r.len.min(this.config.open_prefetch_bytes);
+                    if let Some(file) = this.kept_whole(r.layer, r.offset, r.len)
+                        && head > 0
+                    {
+                        crate::cache::disk::will_need(&file, 0, head);
+                        planned += head;
                     }
                     continue;
                 }

@@ -157,7 +157,9 @@ pub struct StoreArgs {
     #[arg(long, default_value_t = 4, env = "CLIP_READAHEAD_SPANS")]
     pub readahead_spans: usize,
 
-    /// Bytes from the start of a file fetched as soon as it is opened (0: none).
+    /// Bytes from the start of a file fetched as soon as it is opened, and of a file a
+    /// start-up profile says was handed to the kernel whole, read into the page cache at a
+    /// warm start (0: none).
     #[arg(long, default_value = "16MiB", env = "CLIP_OPEN_PREFETCH")]
     pub open_prefetch: String,
 
