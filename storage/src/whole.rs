@@ -1,14 +1,15 @@
 //! Whole files for FUSE passthrough: which files a store keeps whole on local disk, and
-//! copying them there from the chunks already on disk, one file at a time in the
-//! background (see [`crate::cache::disk::DiskCache::store_whole`]).
+//! copying them there from the chunks on disk in the background, part after part as the
+//! reads bring them (see [`crate::cache::disk::DiskCache::begin_whole`]), so that a file
+//! read through is kept whole moments after its last chunk arrived.
 
 use std::collections::HashSet;
 use std::fs::File;
 use std::ops::Range;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use clip_index::Digest;
-use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
 use crate::cache::ChunkKey;
@@ -16,8 +17,13 @@ use crate::cache::disk::{DiskCache, whole_key};
 use crate::source::BlobSource;
 use crate::tiered::ChunkStore;
 
-/// How long keeping a file whole waits for chunk writes under way.
-const WRITES_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a copy waits for the next chunk of its file to reach the disk before it gives
+/// up (its reader stopped, or wants only some of the file).
+const STALL: Duration = Duration::from_secs(3);
+/// How often a copy looks for the next chunk.
+const POLL: Duration = Duration::from_millis(5);
+/// How long an open waits for a copy whose chunks are all here to end.
+const OPEN_WAIT: Duration = Duration::from_millis(500);
 
 /// Where a store keeps whole files, and which.
 #[derive(Debug)]
@@ -27,10 +33,18 @@ pub(crate) struct WholeFiles {
     min_len: u64,
     /// Files being copied now.
     busy: Mutex<HashSet<Digest>>,
+    /// Told when a copy ends.
+    ended: Condvar,
     /// Files whose copy failed (not tried again by this store).
     failed: Mutex<HashSet<Digest>>,
-    /// One copy at a time: it competes with the program for the disk.
-    permit: Arc<Semaphore>,
+    /// One part copied at a time: copies compete with the program for the disk.
+    copying: Mutex<()>,
+}
+
+impl WholeFiles {
+    fn busy(&self) -> std::sync::MutexGuard<'_, HashSet<Digest>> {
+        self.busy.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl<S: BlobSource> ChunkStore<S> {
@@ -46,8 +60,9 @@ impl<S: BlobSource> ChunkStore<S> {
             disk,
             min_len,
             busy: Mutex::default(),
+            ended: Condvar::new(),
             failed: Mutex::default(),
-            permit: Arc::new(Semaphore::new(1)),
+            copying: Mutex::default(),
         });
     }
 
@@ -68,9 +83,13 @@ impl<S: BlobSource> ChunkStore<S> {
 
     /// The file of `len` bytes at uncompressed `offset` of `layer`, kept whole on local
     /// disk and checked, opened read-only; `None` if it is not kept (or was found damaged
-    /// and removed). Blocking: the first call in a process reads the whole file.
+    /// and removed). When its copy is under way with all its chunks on local disk or on
+    /// their way there (a reader just read it through), waits for it, up to [`OPEN_WAIT`].
+    /// Blocking: the first call in a process reads the whole file.
     pub fn whole_file(&self, layer: usize, offset: u64, len: u64) -> Option<File> {
-        let file = self.kept_whole(layer, offset, len)?;
+        let file = self
+            .kept_whole(layer, offset, len)
+            .or_else(|| self.copied_soon(layer, offset, len))?;
         self.recorder.note_read(crate::profile::FileRead {
             layer,
             offset,
@@ -87,9 +106,33 @@ impl<S: BlobSource> ChunkStore<S> {
         w.disk.open_whole(&key, len)
     }
 
+    /// The file kept whole once its copy under way ends, if all its chunks are on local
+    /// disk or in memory (written to disk soon), waiting up to [`OPEN_WAIT`].
+    fn copied_soon(&self, layer: usize, offset: u64, len: u64) -> Option<File> {
+        let w = self.whole.get().filter(|w| len >= w.min_len)?;
+        let key = self.whole_key(layer, offset, len)?;
+        if !w.busy().contains(&key) {
+            return None;
+        }
+        let near = |k: &ChunkKey| w.disk.contains(&k.digest) || self.memory.contains(&k.digest);
+        if !self.parts(layer, offset, len)?.iter().all(|(k, _)| near(k)) {
+            return None;
+        }
+        let busy = w.busy();
+        let (busy, _) = w
+            .ended
+            .wait_timeout_while(busy, OPEN_WAIT, |b| b.contains(&key))
+            .unwrap_or_else(|p| p.into_inner());
+        drop(busy);
+        w.disk.open_whole(&key, len)
+    }
+
     /// Starts keeping the file of `len` bytes at `offset` of `layer` whole, in the
-    /// background, if it is not kept yet and every chunk of it is on local disk once the
-    /// chunks being written there are (nothing is fetched for it). Returns at once.
+    /// background, if it is not kept or being copied yet: each part is copied once its
+    /// chunk is on local disk, in order, as a reader's reads bring them (nothing is
+    /// fetched for it). Nothing is written before the file's first quarter is there (a
+    /// program that wants a little of a large file leaves it be), and the copy gives up
+    /// when its next chunk has not come for [`STALL`]. Returns at once.
     pub fn keep_whole(self: &Arc<Self>, layer: usize, offset: u64, len: u64) {
         let Some(w) = self.whole.get().filter(|w| len >= w.min_len) else {
             return;
@@ -108,53 +151,28 @@ impl<S: BlobSource> ChunkStore<S> {
         let Some(parts) = self.parts(layer, offset, len) else {
             return;
         };
-        if !w.busy.lock().unwrap_or_else(|p| p.into_inner()).insert(key) {
+        if !w.busy().insert(key) {
             return;
         }
         let this = self.clone();
-        tokio::spawn(async move {
+        let copy = tokio::task::spawn_blocking(move || {
             let Some(w) = this.whole.get() else { return };
-            this.copy_whole(w, key, len, parts, (layer, offset)).await;
-            w.busy
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&key);
-        });
-    }
-
-    /// Copies the file `key` (`len` bytes of `parts`; `at` is its layer and offset, for
-    /// logs) into a whole file, once the chunks on their way to the disk are there, if all
-    /// of them are.
-    async fn copy_whole(
-        &self,
-        w: &WholeFiles,
-        key: Digest,
-        len: u64,
-        parts: Vec<(ChunkKey, Range<u32>)>,
-        (layer, offset): (usize, u64),
-    ) {
-        // The reads that just ended may have left chunks on their way to the disk.
-        self.flush(WRITES_WAIT).await;
-        if !parts.iter().all(|(k, _)| w.disk.contains(&k.digest)) {
-            return;
-        }
-        let Ok(_permit) = w.permit.clone().acquire_owned().await else {
-            return;
-        };
-        let disk = w.disk.clone();
-        let kept = tokio::task::spawn_blocking(move || disk.store_whole(&key, len, &parts)).await;
-        match kept {
-            Ok(Ok(kept)) => debug!(layer, offset, len, kept, "whole file"),
-            Ok(Err(e)) => {
-                // (A cache directory without user xattrs fails every copy.)
-                warn!(layer, offset, len, error = %e, "keeping a whole file failed; not tried again");
-                w.failed
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(key);
+            match follow(w, &key, len, &parts) {
+                Ok(true) => debug!(layer, offset, len, "whole file"),
+                Ok(false) => {}
+                Err(e) => {
+                    // (A cache directory without user xattrs fails every copy.)
+                    warn!(layer, offset, len, error = %e, "keeping a whole file failed; not tried again");
+                    w.failed
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(key);
+                }
             }
-            Err(e) => debug!(error = %e, "the whole-file copy ended early"),
-        }
+            w.busy().remove(&key);
+            w.ended.notify_all();
+        });
+        drop(copy);
     }
 
     /// The chunks holding `len` bytes at `offset` of `layer`, with the bytes of each.
@@ -172,5 +190,52 @@ impl<S: BlobSource> ChunkStore<S> {
                 Some((key, self.bytes_in_chunk(layer, c, offset, len).ok()?))
             })
             .collect()
+    }
+}
+
+/// Copies the file `key` (`len` bytes of `parts`) into a whole file in `w`'s disk cache,
+/// each part once its chunk is there: [`ChunkStore::keep_whole`]. `Ok(false)` when it gave
+/// up or the file is not kept (no room, a chunk gone).
+fn follow(
+    w: &WholeFiles,
+    key: &Digest,
+    len: u64,
+    parts: &[(ChunkKey, Range<u32>)],
+) -> crate::Result<bool> {
+    let part_len = |i: usize| u64::from(parts[i].1.end - parts[i].1.start);
+    // Parts [..here] are on disk; [..copied] are in the file.
+    let (mut here, mut here_bytes, mut copied) = (0, 0u64, 0);
+    let mut writer = None;
+    let mut moved = Instant::now();
+    loop {
+        while here < parts.len() && w.disk.contains(&parts[here].0.digest) {
+            here_bytes += part_len(here);
+            here += 1;
+            moved = Instant::now();
+        }
+        if writer.is_none() && (here == parts.len() || here_bytes >= len / 4) {
+            match w.disk.begin_whole(key, len)? {
+                Some(began) => writer = Some(began),
+                None => return Ok(w.disk.has_whole(key)),
+            }
+        }
+        if let Some(file) = writer.as_mut() {
+            while copied < here {
+                let _one = w.copying.lock().unwrap_or_else(|p| p.into_inner());
+                if !file.append(&parts[copied].0, parts[copied].1.clone())? {
+                    return Ok(false);
+                }
+                copied += 1;
+                moved = Instant::now();
+            }
+            if copied == parts.len() {
+                return writer.take().map_or(Ok(false), |f| f.finish());
+            }
+        }
+        if moved.elapsed() >= STALL {
+            debug!(key = %key, here_bytes, len, "not kept whole: its reads stopped");
+            return Ok(false);
+        }
+        std::thread::sleep(POLL);
     }
 }

@@ -1035,3 +1035,81 @@ async fn a_file_handed_over_whole_is_recorded_and_read_ahead_by_the_next_start()
     assert!(next.recorded_profile().is_empty());
     Ok(())
 }
+
+/// A store over `s`'s source and disk cache that keeps files of 1 MiB or more whole, and
+/// fetches what is read only.
+fn keeping_whole(s: &Setup) -> anyhow::Result<Arc<ChunkStore<Counting>>> {
+    s.reopen(StoreConfig {
+        whole_file_min_bytes: 1 << 20,
+        readahead_runs: 0,
+        ..StoreConfig::default()
+    })
+}
+
+/// Reads `len` bytes of the file from its start through `store` in reads of 128 KiB,
+/// checking each, and returns as soon as the last read does.
+async fn read_head(s: &Setup, store: &Arc<ChunkStore<Counting>>, len: u64) -> anyhow::Result<()> {
+    let (base, size) = (file_offset(s), s.data.len() as u64);
+    let mut off = 0;
+    while off < len {
+        let n = (128 << 10).min(len - off);
+        let got = store.read_in_file(0, base + off, n, base + size).await?;
+        assert!(got[..] == s.data[off as usize..(off + n) as usize]);
+        off += n;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_file_read_through_is_kept_whole_as_its_chunks_arrive() -> anyhow::Result<()> {
+    let s = setup_without_readahead().await?;
+    let store = keeping_whole(&s)?;
+    let (base, size) = (file_offset(&s), s.data.len() as u64);
+    // Opened (the filesystem asks to keep it whole at each open), then read through once.
+    store.keep_whole(0, base, size);
+    read_head(&s, &store, size).await?;
+    // An open right after the last read finds it whole: the copy followed the reads, and
+    // the open waits for its last parts.
+    let opened = tokio::task::spawn_blocking({
+        let store = store.clone();
+        move || store.whole_file(0, base, size)
+    })
+    .await?;
+    let file = opened.expect("kept whole by the time the reads ended");
+    let mut got = vec![0u8; size as usize];
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut got, 0)?;
+    assert!(got == s.data, "the whole file holds the file's bytes");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_copy_whose_reader_stopped_gives_up_and_leaves_nothing() -> anyhow::Result<()> {
+    let s = setup_without_readahead().await?;
+    let store = keeping_whole(&s)?;
+    let (base, size) = (file_offset(&s), s.data.len() as u64);
+    let tmp = s.cache.path().join("tmp");
+    let temp_files = || std::fs::read_dir(&tmp).map_or(0, |d| d.count());
+    store.keep_whole(0, base, size);
+    // A third of it, past the quarter after which the copy starts writing; then no more.
+    read_head(&s, &store, size / 3).await?;
+    clip_e2e::wait::until("the copy started", Duration::from_secs(10), || {
+        temp_files() == 1
+    })?;
+    clip_e2e::wait::until("the copy gave up", Duration::from_secs(20), || {
+        temp_files() == 0
+    })?;
+    let opened = tokio::task::spawn_blocking({
+        let store = store.clone();
+        move || store.whole_file(0, base, size)
+    })
+    .await?;
+    assert!(opened.is_none(), "not kept: a third of it was read");
+    // Its room in the cap went with it: read through by a later open, it is kept.
+    store.keep_whole(0, base, size);
+    read_head(&s, &store, size).await?;
+    clip_e2e::wait::until("kept whole", Duration::from_secs(20), || {
+        store.whole_file(0, base, size).is_some()
+    })?;
+    assert_eq!(temp_files(), 0);
+    Ok(())
+}

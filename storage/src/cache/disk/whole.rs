@@ -232,7 +232,7 @@ impl DiskCache {
         parts: &[(ChunkKey, Range<u32>)],
     ) -> Result<bool> {
         let total: u64 = parts.iter().map(|(_, r)| u64::from(r.end - r.start)).sum();
-        if len == 0 || total != len || len > self.capacity / 4 {
+        if total != len {
             return Ok(false);
         }
         // The chunks stay while they are copied, whatever the reservation below evicts.
@@ -244,70 +244,140 @@ impl DiskCache {
             }
             pinned.push(k.digest);
         }
-        let kept = self.reserve_and_copy(key, len, parts);
+        let kept = self.copy_parts(key, len, parts);
         pinned.iter().for_each(|d| self.unpin(d));
         kept
     }
 
-    fn reserve_and_copy(
-        &self,
-        key: &Digest,
-        len: u64,
-        parts: &[(ChunkKey, Range<u32>)],
-    ) -> Result<bool> {
+    fn copy_parts(&self, key: &Digest, len: u64, parts: &[(ChunkKey, Range<u32>)]) -> Result<bool> {
+        let Some(mut writer) = self.begin_whole(key, len)? else {
+            return Ok(self.has_whole(key));
+        };
+        for (chunk, range) in parts {
+            if !writer.append(chunk, range.clone())? {
+                return Ok(false);
+            }
+        }
+        writer.finish()
+    }
+
+    /// Starts writing the whole file `key` of `len` bytes, part after part
+    /// ([`WholeWriter::append`]), with its room in the cap reserved. `None` when it is kept
+    /// already or being written, would take more than a quarter of the cap, or does not fit
+    /// beside what is being read.
+    pub(crate) fn begin_whole(&self, key: &Digest, len: u64) -> Result<Option<WholeWriter<'_>>> {
+        if len == 0 || len > self.capacity / 4 {
+            return Ok(None);
+        }
         match self.reserve(key, len, true) {
             Reservation::Made => {}
-            Reservation::Present { readable } => return Ok(readable),
-            Reservation::Skipped => return Ok(false),
+            Reservation::Present { .. } | Reservation::Skipped => return Ok(None),
         }
-        let copied = self.copy_whole(key, len, parts);
-        let kept = matches!(copied, Ok(true));
-        self.settle(key, true, kept);
-        if kept {
-            self.stats.whole_kept.fetch_add(1, Ordering::Relaxed);
+        let tmp = self.temp_path(key);
+        let file = match File::create(&tmp) {
+            Ok(file) => file,
+            Err(e) => {
+                self.settle(key, true, false);
+                return Err(whole_error(key, e));
+            }
+        };
+        Ok(Some(WholeWriter {
+            cache: self,
+            key: *key,
+            len,
+            tmp,
+            file,
+            crc: 0,
+            at: 0,
+            placed: false,
+        }))
+    }
+}
+
+fn whole_error(key: &Digest, e: std::io::Error) -> Error {
+    Error::Cache {
+        tier: "disk",
+        detail: format!("keeping whole file {key}: {e}"),
+    }
+}
+
+/// A whole file being written under a temporary name ([`DiskCache::begin_whole`]), its
+/// room reserved in the cap. Dropped before [`Self::finish`] placed it, it goes, and its
+/// room with it.
+#[derive(Debug)]
+pub(crate) struct WholeWriter<'a> {
+    cache: &'a DiskCache,
+    key: Digest,
+    len: u64,
+    tmp: PathBuf,
+    file: File,
+    crc: u32,
+    at: u64,
+    placed: bool,
+}
+
+impl WholeWriter<'_> {
+    /// Appends bytes `range` of `chunk`'s file in this cache, checked against the chunk's
+    /// block checksums as they are read. `Ok(false)` when the chunk is not there or is
+    /// damaged (the file cannot be finished then).
+    pub(crate) fn append(&mut self, chunk: &ChunkKey, range: Range<u32>) -> Result<bool> {
+        let cache = self.cache;
+        if !cache.pin(&chunk.digest) {
+            return Ok(false);
         }
+        let copied = self.copy(chunk, range);
+        cache.unpin(&chunk.digest);
         copied
     }
 
-    /// Writes the file to a temporary name, seals it and renames it into place.
-    fn copy_whole(&self, key: &Digest, len: u64, parts: &[(ChunkKey, Range<u32>)]) -> Result<bool> {
-        let io = |e: std::io::Error| Error::Cache {
-            tier: "disk",
-            detail: format!("keeping whole file {key}: {e}"),
-        };
-        let tmp = self.temp_path(key);
-        let file = File::create(&tmp).map_err(io)?;
-        let mut crc = 0u32;
-        let mut at = 0u64;
-        for (chunk, range) in parts {
-            let mut from = range.start;
-            while from < range.end {
-                let to = range.end.min(from.saturating_add(STEP));
-                let Some(bytes) = self.read_part(chunk, from..to) else {
-                    debug!(chunk = %chunk.digest, "a chunk of a whole file is gone; not kept");
-                    std::fs::remove_file(&tmp).ok();
-                    return Ok(false);
-                };
-                crc = crc32c::crc32c_append(crc, &bytes);
-                if let Err(e) = file.write_all_at(&bytes, at) {
-                    std::fs::remove_file(&tmp).ok();
-                    return Err(io(e));
-                }
-                at += bytes.len() as u64;
-                from = to;
+    fn copy(&mut self, chunk: &ChunkKey, range: Range<u32>) -> Result<bool> {
+        let mut from = range.start;
+        while from < range.end {
+            let to = range.end.min(from.saturating_add(STEP));
+            let Some(bytes) = self.cache.read_part(chunk, from..to) else {
+                debug!(chunk = %chunk.digest, "a chunk of a whole file is gone; not kept");
+                return Ok(false);
+            };
+            if self.at + bytes.len() as u64 > self.len {
+                return Ok(false);
             }
+            self.crc = crc32c::crc32c_append(self.crc, &bytes);
+            self.file
+                .write_all_at(&bytes, self.at)
+                .map_err(|e| whole_error(&self.key, e))?;
+            self.at += bytes.len() as u64;
+            from = to;
         }
-        let dest = self.path_of(key, true);
-        let placed = write_seal(&file, &seal(key, len, crc))
-            .and_then(|()| std::fs::create_dir_all(dest.parent().unwrap_or(&self.dir)))
-            .and_then(|()| std::fs::rename(&tmp, &dest));
-        if let Err(e) = placed {
-            std::fs::remove_file(&tmp).ok();
-            return Err(io(e));
-        }
-        // Written from checked chunks just now: as good as read and matched in full.
-        self.record_checked(key, &file);
         Ok(true)
+    }
+
+    /// Seals the file and puts it in place. `Ok(false)` (and nothing kept) unless all its
+    /// bytes were appended.
+    pub(crate) fn finish(mut self) -> Result<bool> {
+        if self.at != self.len {
+            return Ok(false);
+        }
+        let cache = self.cache;
+        let dest = cache.path_of(&self.key, true);
+        write_seal(&self.file, &seal(&self.key, self.len, self.crc))
+            .and_then(|()| std::fs::create_dir_all(dest.parent().unwrap_or(&cache.dir)))
+            .and_then(|()| std::fs::rename(&self.tmp, &dest))
+            .map_err(|e| whole_error(&self.key, e))?;
+        self.placed = true;
+        cache.settle(&self.key, true, true);
+        cache.stats.whole_kept.fetch_add(1, Ordering::Relaxed);
+        // Written from checked chunks just now: as good as read and matched in full.
+        cache.record_checked(&self.key, &self.file);
+        Ok(true)
+    }
+}
+
+impl Drop for WholeWriter<'_> {
+    fn drop(&mut self) {
+        if !self.placed {
+            std::fs::remove_file(&self.tmp).ok();
+            self.cache.settle(&self.key, true, false);
+        }
     }
 }
 
