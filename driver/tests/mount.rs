@@ -817,6 +817,8 @@ fn files_kept_whole_are_read_by_the_kernel_itself() -> anyhow::Result<()> {
     let cache = tempfile::tempdir()?;
     let config = StoreConfig {
         whole_file_min_bytes: 1 << 20,
+        // Files come as they are read (not whole at their open).
+        open_prefetch_bytes: 0,
         ..StoreConfig::default()
     };
     // Mounts of the image on this cache.
@@ -835,12 +837,28 @@ fn files_kept_whole_are_read_by_the_kernel_itself() -> anyhow::Result<()> {
     let kernel_reads = kernel_at_least(6, 9);
     let whole_dir = cache.path().join("files");
 
-    // First mount: files are read through clip; once closed, those of at least 1 MiB
-    // (their chunks all on disk now) are kept whole.
+    // First mount: files are read through clip and those of at least 1 MiB are kept
+    // whole (copied as their chunks reach the disk).
     {
         let served = mount_on_cache(&test_mount())?;
         let p = served.path();
-        assert!(std::fs::read(p.join("big"))? == big);
+        let counters = served.mount.as_ref().unwrap().counters().clone();
+        let mut reader = std::fs::File::open(p.join("big"))?;
+        let mut got = Vec::new();
+        std::io::Read::read_to_end(&mut reader, &mut got)?;
+        assert!(got == big);
+        if kernel_reads {
+            // Copied whole as its chunks came, while its reader still has it open...
+            clip_e2e::wait::until("big kept whole", Duration::from_secs(10), || {
+                files_under(&whole_dir).len() == 1
+            })?;
+            drop(reader);
+            // ...so an open right after that one closed hands it to the kernel.
+            let reads = counters.reads.load(Relaxed);
+            assert!(std::fs::read(p.join("big"))? == big);
+            assert_eq!(counters.passthrough_opens.load(Relaxed), 1);
+            assert_eq!(counters.reads.load(Relaxed), reads, "read by the kernel");
+        }
         assert!(std::fs::read(p.join("text"))? == text);
         assert!(std::fs::read(p.join("small"))? == small);
         assert!(std::fs::read(p.join("bin/busybox"))? == busybox);
