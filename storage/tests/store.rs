@@ -1060,6 +1060,16 @@ async fn read_head(s: &Setup, store: &Arc<ChunkStore<Counting>>, len: u64) -> an
     Ok(())
 }
 
+/// The file kept whole, as an open asks for it (on a blocking thread: it may wait).
+async fn open_whole(
+    s: &Setup,
+    store: &Arc<ChunkStore<Counting>>,
+) -> anyhow::Result<Option<std::fs::File>> {
+    let (base, size) = (file_offset(s), s.data.len() as u64);
+    let store = store.clone();
+    Ok(tokio::task::spawn_blocking(move || store.whole_file(0, base, size)).await?)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_file_read_through_is_kept_whole_as_its_chunks_arrive() -> anyhow::Result<()> {
     let s = setup_without_readahead().await?;
@@ -1070,11 +1080,7 @@ async fn a_file_read_through_is_kept_whole_as_its_chunks_arrive() -> anyhow::Res
     read_head(&s, &store, size).await?;
     // An open right after the last read finds it whole: the copy followed the reads, and
     // the open waits for its last parts.
-    let opened = tokio::task::spawn_blocking({
-        let store = store.clone();
-        move || store.whole_file(0, base, size)
-    })
-    .await?;
+    let opened = open_whole(&s, &store).await?;
     let file = opened.expect("kept whole by the time the reads ended");
     let mut got = vec![0u8; size as usize];
     std::os::unix::fs::FileExt::read_exact_at(&file, &mut got, 0)?;
@@ -1098,11 +1104,7 @@ async fn a_copy_whose_reader_stopped_gives_up_and_leaves_nothing() -> anyhow::Re
     clip_e2e::wait::until("the copy gave up", Duration::from_secs(20), || {
         temp_files() == 0
     })?;
-    let opened = tokio::task::spawn_blocking({
-        let store = store.clone();
-        move || store.whole_file(0, base, size)
-    })
-    .await?;
+    let opened = open_whole(&s, &store).await?;
     assert!(opened.is_none(), "not kept: a third of it was read");
     // Its room in the cap went with it: read through by a later open, it is kept.
     store.keep_whole(0, base, size);
