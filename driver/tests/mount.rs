@@ -852,8 +852,14 @@ fn files_kept_whole_are_read_by_the_kernel_itself() -> anyhow::Result<()> {
             clip_e2e::wait::until("big kept whole", Duration::from_secs(10), || {
                 files_under(&whole_dir).len() == 1
             })?;
+            // ...so an open after that one closed hands it to the kernel. (The kernel
+            // sends the release after `close` returns: an open that overtakes it is served
+            // the usual way, the first open still counting.)
+            let releases = counters.releases.load(Relaxed);
             drop(reader);
-            // ...so an open right after that one closed hands it to the kernel.
+            clip_e2e::wait::until("the release", Duration::from_secs(10), || {
+                counters.releases.load(Relaxed) > releases
+            })?;
             let reads = counters.reads.load(Relaxed);
             assert!(std::fs::read(p.join("big"))? == big);
             assert_eq!(counters.passthrough_opens.load(Relaxed), 1);

@@ -445,10 +445,12 @@ impl<S: BlobSource> Filesystem for ClipFs<S> {
         reply: ReplyEmpty,
     ) {
         reply.ok();
+        let last_usual = self.backings.release(ino.0, fh);
+        // Counted once the open is forgotten (a later open finds it gone).
         self.counters
             .releases
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if !self.backings.release(ino.0, fh) {
+        if !last_usual {
             return;
         }
         // Its reads brought its chunks: keep it whole for the next open.
