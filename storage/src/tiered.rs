@@ -132,7 +132,7 @@ impl std::fmt::Debug for ReadNow {
 pub struct ChunkStore<S> {
     index: Arc<ImageIndex>,
     reader: RangeReader<S>,
-    pub(crate) memory: MemoryCache,
+    memory: MemoryCache,
     tiers: Vec<Arc<dyn ChunkCache>>,
     /// Source fetches in flight: one future per chunk of their run, resolved as soon as
     /// that chunk is decoded.

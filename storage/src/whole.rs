@@ -106,16 +106,12 @@ impl<S: BlobSource> ChunkStore<S> {
         w.disk.open_whole(&key, len)
     }
 
-    /// The file kept whole once its copy under way ends, if all its chunks are on local
-    /// disk or in memory (written to disk soon), waiting up to [`OPEN_WAIT`].
+    /// The file kept whole once its copy under way ends, if all its chunks are in memory
+    /// (written to disk soon) or on local disk, waiting up to [`OPEN_WAIT`].
     fn copied_soon(&self, layer: usize, offset: u64, len: u64) -> Option<File> {
         let w = self.whole.get().filter(|w| len >= w.min_len)?;
         let key = self.whole_key(layer, offset, len)?;
-        if !w.busy().contains(&key) {
-            return None;
-        }
-        let near = |k: &ChunkKey| w.disk.contains(&k.digest) || self.memory.contains(&k.digest);
-        if !self.parts(layer, offset, len)?.iter().all(|(k, _)| near(k)) {
+        if !w.busy().contains(&key) || !self.is_local(layer, offset, len) {
             return None;
         }
         let busy = w.busy();
@@ -155,7 +151,7 @@ impl<S: BlobSource> ChunkStore<S> {
             return;
         }
         let this = self.clone();
-        let copy = tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
             let Some(w) = this.whole.get() else { return };
             match follow(w, &key, len, &parts) {
                 Ok(true) => debug!(layer, offset, len, "whole file"),
@@ -172,7 +168,6 @@ impl<S: BlobSource> ChunkStore<S> {
             w.busy().remove(&key);
             w.ended.notify_all();
         });
-        drop(copy);
     }
 
     /// The chunks holding `len` bytes at `offset` of `layer`, with the bytes of each.
@@ -213,7 +208,13 @@ fn follow(
             here += 1;
             moved = Instant::now();
         }
-        if writer.is_none() && (here == parts.len() || here_bytes >= len / 4) {
+        if writer.is_none() && here == parts.len() {
+            // All there already: pinned at once, so that making room for the copy evicts
+            // none of them.
+            let _one = w.copying.lock().unwrap_or_else(|p| p.into_inner());
+            return w.disk.store_whole(key, len, parts);
+        }
+        if writer.is_none() && here_bytes >= len / 4 {
             match w.disk.begin_whole(key, len)? {
                 Some(began) => writer = Some(began),
                 None => return Ok(w.disk.has_whole(key)),
