@@ -111,7 +111,12 @@ impl<S: BlobSource> ChunkStore<S> {
     fn copied_soon(&self, layer: usize, offset: u64, len: u64) -> Option<File> {
         let w = self.whole.get().filter(|w| len >= w.min_len)?;
         let key = self.whole_key(layer, offset, len)?;
-        if !w.busy().contains(&key) || !self.is_local(layer, offset, len) {
+        let busy = w.busy().contains(&key);
+        if !busy || !self.is_local(layer, offset, len) {
+            debug!(
+                layer,
+                offset, len, busy, "not kept whole yet: opened the usual way"
+            );
             return None;
         }
         let busy = w.busy();
@@ -120,7 +125,15 @@ impl<S: BlobSource> ChunkStore<S> {
             .wait_timeout_while(busy, OPEN_WAIT, |b| b.contains(&key))
             .unwrap_or_else(|p| p.into_inner());
         drop(busy);
-        w.disk.open_whole(&key, len)
+        let file = w.disk.open_whole(&key, len);
+        debug!(
+            layer,
+            offset,
+            len,
+            kept = file.is_some(),
+            "waited for a whole-file copy"
+        );
+        file
     }
 
     /// Starts keeping the file of `len` bytes at `offset` of `layer` whole, in the

@@ -327,9 +327,11 @@ impl<S: BlobSource> Filesystem for ClipFs<S> {
                 if known || (self.backings.enabled() && self.store.keeps_whole(size)) {
                     let (backings, store) = (self.backings.clone(), self.store.clone());
                     let open = move || {
+                        let began = std::time::Instant::now();
                         let whole = || store.whole_file(layer, offset, size);
                         let opened =
                             backings.open(ino.0, FopenFlags::FOPEN_KEEP_CACHE, whole, reply);
+                        tracing::debug!(ino = ino.0, ?opened, took = ?began.elapsed(), "opened");
                         if opened == Opened::Backing {
                             use std::sync::atomic::Ordering::Relaxed;
                             store.stats().whole_files_opened.fetch_add(1, Relaxed);
