@@ -62,33 +62,21 @@ impl Default for StoreConfig {
     }
 }
 
-/// Counts a background write while it lives.
-struct PendingPut(Arc<std::sync::atomic::AtomicUsize>);
+/// Work in flight (background writes, readers' fetches), counted so that others can wait
+/// for none to be left.
+type Counter = Arc<tokio::sync::watch::Sender<usize>>;
 
-impl PendingPut {
-    fn new(counter: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
-        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        Self(counter.clone())
-    }
-}
+/// Counts one piece of work in its [`Counter`] while it lives.
+struct Counted(Counter);
 
-impl Drop for PendingPut {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-/// Counts a reader's source fetch in [`ChunkStore::reading`] while it lives.
-struct Reading(Arc<tokio::sync::watch::Sender<usize>>);
-
-impl Reading {
-    fn new(counter: &Arc<tokio::sync::watch::Sender<usize>>) -> Self {
+impl Counted {
+    fn new(counter: &Counter) -> Self {
         counter.send_modify(|n| *n += 1);
         Self(counter.clone())
     }
 }
 
-impl Drop for Reading {
+impl Drop for Counted {
     fn drop(&mut self) {
         self.0.send_modify(|n| *n = n.saturating_sub(1));
     }
@@ -143,12 +131,12 @@ pub struct ChunkStore<S> {
     permits: Arc<Semaphore>,
     /// Source fetches for readers (their misses and read-ahead) in flight: the whole-image
     /// prefetch starts a run only when there are none.
-    reading: Arc<tokio::sync::watch::Sender<usize>>,
+    reading: Counter,
     last_chunk: Mutex<HashMap<usize, u32>>,
     /// Cluster-wide single-flight of registry fetches, when Redis is configured.
     lease: Option<Arc<RedisCache>>,
     /// Background writes to the tiers not finished yet.
-    pending_puts: Arc<std::sync::atomic::AtomicUsize>,
+    pending_puts: Counter,
     config: StoreConfig,
     stats: Arc<StoreStats>,
     /// The chunks readers asked for first (a start-up profile, for a later mount).
@@ -193,7 +181,7 @@ impl<S: BlobSource> ChunkStore<S> {
             reading: Arc::new(tokio::sync::watch::Sender::new(0)),
             last_chunk: Mutex::new(HashMap::new()),
             lease,
-            pending_puts: Arc::default(),
+            pending_puts: Arc::new(tokio::sync::watch::Sender::new(0)),
             stats: Arc::new(StoreStats::new(&names)),
             config,
             recorder: crate::profile::Recorder::default(),
@@ -614,8 +602,8 @@ impl<S: BlobSource> ChunkStore<S> {
         drop(inflight);
         let this = self.clone();
         // Counted until the chunks are in the local tiers too (after their waiters got them).
-        let pending = PendingPut::new(&self.pending_puts);
-        let reading = for_reader.then(|| Reading::new(&self.reading));
+        let pending = Counted::new(&self.pending_puts);
+        let reading = for_reader.then(|| Counted::new(&self.reading));
         tokio::spawn(async move {
             let _reading = reading;
             let result = this
@@ -690,7 +678,7 @@ impl<S: BlobSource> ChunkStore<S> {
                     .filter_map(|c| self.key(layer, c).ok())
                     .zip(data)
                     .collect();
-                let pending = PendingPut::new(&self.pending_puts);
+                let pending = Counted::new(&self.pending_puts);
                 tokio::spawn(async move {
                     for (k, b) in items {
                         if let Err(e) = redis.put(&k, b).await {
@@ -882,7 +870,7 @@ impl<S: BlobSource> ChunkStore<S> {
     }
 
     fn spawn_put(&self, tier: Arc<dyn ChunkCache>, key: ChunkKey, data: Bytes) {
-        let pending = PendingPut::new(&self.pending_puts);
+        let pending = Counted::new(&self.pending_puts);
         tokio::spawn(async move {
             if let Err(e) = tier.put(&key, data).await {
                 warn!(tier = tier.name(), error = %e, "storing a chunk failed");
@@ -894,14 +882,11 @@ impl<S: BlobSource> ChunkStore<S> {
     /// Waits (at most `limit`) for fetches and background writes to the tiers to finish,
     /// so a process that stops leaves what it fetched in the caches.
     pub async fn flush(&self, limit: Duration) -> bool {
-        let deadline = Instant::now() + limit;
-        while self.pending_puts.load(std::sync::atomic::Ordering::SeqCst) > 0 {
-            if Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-        true
+        // (The sender lives in `self`: the wait cannot fail.)
+        let mut pending = self.pending_puts.subscribe();
+        tokio::time::timeout(limit, pending.wait_for(|n| *n == 0))
+            .await
+            .is_ok()
     }
 
     /// The chunks that share chunk `c`'s checkpoint: decoding them costs one fetch.
