@@ -111,20 +111,19 @@ impl<S: BlobSource> ChunkStore<S> {
     fn copied_soon(&self, layer: usize, offset: u64, len: u64) -> Option<File> {
         let w = self.whole.get().filter(|w| len >= w.min_len)?;
         let key = self.whole_key(layer, offset, len)?;
-        let busy = w.busy().contains(&key);
-        if !busy || !self.is_local(layer, offset, len) {
+        let under_way = w.busy().contains(&key);
+        if !under_way || !self.is_local(layer, offset, len) {
             debug!(
                 layer,
-                offset, len, busy, "not kept whole yet: opened the usual way"
+                offset, len, under_way, "not kept whole yet: opened the usual way"
             );
             return None;
         }
-        let busy = w.busy();
-        let (busy, _) = w
-            .ended
-            .wait_timeout_while(busy, OPEN_WAIT, |b| b.contains(&key))
-            .unwrap_or_else(|p| p.into_inner());
-        drop(busy);
+        drop(
+            w.ended
+                .wait_timeout_while(w.busy(), OPEN_WAIT, |b| b.contains(&key))
+                .unwrap_or_else(|p| p.into_inner()),
+        );
         let file = w.disk.open_whole(&key, len);
         debug!(
             layer,
