@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use clip_driver::fs::{Mount, MountOptions, is_mounted, mount, mount_line, premount};
 use clip_e2e::Rng;
-use clip_e2e::check::{assert_dir_matches, resident, run_in_root};
+use clip_e2e::check::{assert_dir_matches, assert_same_tree, resident, run_in_root};
+use clip_e2e::extract::extract_image;
 use clip_e2e::fixtures;
 use clip_e2e::image::{Entry, Layer, Meta, Pusher, build_image};
 use clip_e2e::model::{Kind, expected_tree};
@@ -151,6 +152,13 @@ fn every_entry_of_the_mounted_images_matches_the_reference() -> anyhow::Result<(
         let served = serve(&rt, &index, &client, cache.path(), 1 << 30)?;
         assert_dir_matches(served.path(), &expected_tree(&layers))
             .map_err(|e| e.context(format!("image {name}")))?;
+        // And to what GNU tar unpacks from the same blobs, whiteouts applied as a runtime does.
+        let extracted = tempfile::tempdir()?;
+        let extracted_from = std::time::SystemTime::now();
+        extract_image(&image, extracted.path())?;
+        let compared = assert_same_tree(served.path(), extracted.path(), extracted_from)
+            .map_err(|e| e.context(format!("image {name} against tar -x")))?;
+        assert_eq!(compared, expected_tree(&layers).len(), "image {name}");
         // The mount is read-only.
         let err = std::fs::write(served.path().join("new-file"), b"x").err();
         assert_eq!(err.and_then(|e| e.raw_os_error()), Some(libc::EROFS));

@@ -1,5 +1,5 @@
-//! Compares a real directory tree (a mount) with the model, the way a user's tools see it:
-//! lstat, readlink, listxattr/getxattr, read.
+//! Compares a real directory tree (a mount) with the model, or with a real extraction of
+//! the same image, the way a user's tools see it: lstat, readlink, listxattr/getxattr, read.
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
@@ -156,6 +156,106 @@ pub fn assert_dir_matches(root: &Path, expected: &Tree) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Asserts that the tree at `root` (a mount) is the tree at `reference` (a real
+/// extraction), entry by entry as `lstat`, `readlink`, the xattr calls and `read` see them:
+/// the same paths and, for each but the root, its type, mode, owner, mtime with
+/// nanoseconds, link count, size, symlink target, device numbers, xattrs and bytes, and the
+/// same entries sharing an inode. A directory that the extraction itself changed after
+/// `extracted_from` (one a layer wrote into or removed from without naming it, or a parent
+/// no layer named) has the time of the extraction there, which no image defines, so its
+/// mtime alone is not compared. Returns how many entries were compared.
+pub fn assert_same_tree(
+    root: &Path,
+    reference: &Path,
+    extracted_from: std::time::SystemTime,
+) -> anyhow::Result<usize> {
+    let got = list(root)?;
+    let want = list(reference)?;
+    if got != want {
+        let extra: Vec<_> = got.iter().filter(|p| !want.contains(p)).collect();
+        let missing: Vec<_> = want.iter().filter(|p| !got.contains(p)).collect();
+        bail!("paths differ from the extraction: extra {extra:?}, missing {missing:?}");
+    }
+    let mut inodes: BTreeMap<u64, u64> = BTreeMap::new();
+    for rel in want.iter().filter(|p| *p != "/") {
+        let (g, w) = (
+            root.join(rel.trim_start_matches('/')),
+            reference.join(rel.trim_start_matches('/')),
+        );
+        let gm = std::fs::symlink_metadata(&g).with_context(|| rel.clone())?;
+        let wm = std::fs::symlink_metadata(&w).with_context(|| rel.clone())?;
+        ensure!(
+            gm.mode() == wm.mode(),
+            "{rel}: type and mode {:o}, extracted {:o}",
+            gm.mode(),
+            wm.mode()
+        );
+        ensure!(
+            (gm.uid(), gm.gid()) == (wm.uid(), wm.gid()),
+            "{rel}: owner {}:{}, extracted {}:{}",
+            gm.uid(),
+            gm.gid(),
+            wm.uid(),
+            wm.gid()
+        );
+        let made_by_extraction = wm.is_dir() && wm.modified()? >= extracted_from;
+        ensure!(
+            made_by_extraction || (gm.mtime(), gm.mtime_nsec()) == (wm.mtime(), wm.mtime_nsec()),
+            "{rel}: mtime {}.{:09}, extracted {}.{:09}",
+            gm.mtime(),
+            gm.mtime_nsec(),
+            wm.mtime(),
+            wm.mtime_nsec()
+        );
+        ensure!(
+            gm.nlink() == wm.nlink(),
+            "{rel}: nlink {}, extracted {}",
+            gm.nlink(),
+            wm.nlink()
+        );
+        ensure!(
+            xattrs(&g)? == xattrs(&w)?,
+            "{rel}: xattrs {:?}, extracted {:?}",
+            xattrs(&g)?,
+            xattrs(&w)?
+        );
+        let ft = wm.file_type();
+        if ft.is_dir() {
+            continue;
+        }
+        ensure!(
+            gm.len() == wm.len(),
+            "{rel}: size {}, extracted {}",
+            gm.len(),
+            wm.len()
+        );
+        if ft.is_file() {
+            ensure!(
+                std::fs::read(&g).with_context(|| rel.clone())? == std::fs::read(&w)?,
+                "{rel}: bytes differ from the extraction"
+            );
+        } else if ft.is_symlink() {
+            ensure!(
+                std::fs::read_link(&g)? == std::fs::read_link(&w)?,
+                "{rel}: symlink target differs from the extraction"
+            );
+        } else if ft.is_char_device() || ft.is_block_device() {
+            ensure!(gm.rdev() == wm.rdev(), "{rel}: device numbers differ");
+        }
+        let prev = inodes.insert(wm.ino(), gm.ino());
+        ensure!(
+            prev.is_none_or(|i| i == gm.ino()),
+            "{rel}: the extraction's hard links are not one inode here"
+        );
+    }
+    let distinct: std::collections::BTreeSet<_> = inodes.values().collect();
+    ensure!(
+        distinct.len() == inodes.len(),
+        "entries that are separate in the extraction share an inode here"
+    );
+    Ok(want.len())
 }
 
 /// Runs `script` with `/bin/sh` of the tree at `root` (chroot; root only) and returns what

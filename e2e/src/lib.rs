@@ -12,7 +12,10 @@
 //! - [`kube_api`]: a fake Kubernetes API server (tower-test) for controller and node tests.
 //! - [`model`]: the expected merged tree of a test image, computed independently of clip.
 //! - [`cleanup`]: guards that stop mount processes and detach mounts when a test fails.
-//! - [`check`]: compares a mounted tree with the model, field by field and byte by byte.
+//! - [`check`]: compares a mounted tree with the model, or with the reference extraction,
+//!   field by field and byte by byte.
+//! - [`extract`]: the reference extraction of a test image by GNU `tar`, whiteouts applied
+//!   as a runtime applies them.
 //! - [`fixtures`]: the standard test images.
 //! - [`redis`]: a 6-process Redis Cluster (and a plain Redis) on loopback, optionally with a
 //!   password, ACL users or TLS only (a CA and certificate made for the test).
@@ -24,6 +27,7 @@
 
 pub mod check;
 pub mod cleanup;
+pub mod extract;
 pub mod fixtures;
 pub mod forward;
 pub mod http;
