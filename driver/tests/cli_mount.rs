@@ -494,13 +494,38 @@ fn a_reference_is_indexed_once_and_its_kept_index_is_mounted_early_after() -> an
     );
 
     // A kept index that turns out corrupt is built again, its early mount undone.
-    let mut bytes = std::fs::read(&kept)?;
+    let good = std::fs::read(&kept)?;
+    let mut bytes = good.clone();
     damage_entries(&mut bytes);
     std::fs::write(&kept, &bytes)?;
     let err = mount_ref()?;
     assert!(
         err.contains("mounted early") && err.contains("indexing"),
         "{err}"
+    );
+    assert!(
+        std::fs::read(&kept)? == good,
+        "the kept index is whole again"
+    );
+
+    // So is one whose bulk alone (checkpoint windows, block digests: the file's last
+    // byte) is damaged, with the tree intact: found before the mount serves, not by a
+    // fetch failing with EIO; every file of the tree reads right from an empty chunk cache.
+    let mut bytes = good.clone();
+    *bytes.last_mut().unwrap() ^= 1;
+    std::fs::write(&kept, &bytes)?;
+    std::fs::remove_dir_all(cache.join("chunks"))?;
+    let err = mount_ref()?;
+    assert!(
+        err.contains("mounted early")
+            && err.contains("bulk digest")
+            && err.contains("kept index cannot be used; building it again")
+            && err.contains("indexing"),
+        "{err}"
+    );
+    assert!(
+        std::fs::read(&kept)? == good,
+        "the kept index is whole again"
     );
     Ok(())
 }

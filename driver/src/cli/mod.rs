@@ -305,11 +305,19 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// Reads and validates an index file.
 pub fn load_index(path: &Path) -> Result<ImageIndex> {
-    let file = std::fs::File::open(path).map_err(|source| Error::File {
+    read_index_file(open_file(path)?, path)
+}
+
+/// Reads and validates an index file whole (see [`read_whole_index_file`]).
+pub fn load_whole_index(path: &Path) -> Result<ImageIndex> {
+    read_whole_index_file(open_file(path)?, path)
+}
+
+fn open_file(path: &Path) -> Result<std::fs::File> {
+    std::fs::File::open(path).map_err(|source| Error::File {
         path: path.to_owned(),
         source,
-    })?;
-    read_index_file(file, path)
+    })
 }
 
 /// Reads and validates the index file `path` opened as `file`, from its start; its bulk
@@ -319,6 +327,18 @@ pub fn read_index_file(file: std::fs::File, path: &Path) -> Result<ImageIndex> {
         path: path.to_owned(),
         source,
     })
+}
+
+/// Reads and validates the index file `path` opened as `file` whole, from its start, its
+/// bulk included and checked (an index clip keeps itself, which it can build again if the
+/// bulk is damaged, rather than finding out at the first fetch that needs it).
+pub fn read_whole_index_file(file: std::fs::File, path: &Path) -> Result<ImageIndex> {
+    clip_index::format::read(file, false)
+        .map(|read| read.index)
+        .map_err(|source| Error::IndexFile {
+            path: path.to_owned(),
+            source,
+        })
 }
 
 /// `IMAGE` arguments name an index file when one exists at that path, else a reference.

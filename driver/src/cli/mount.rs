@@ -13,7 +13,8 @@ use clip_storage::{ChunkStore, RegistryClient};
 use tracing::info;
 
 use super::{
-    RegistryArgs, default_parallelism, human_bytes, load_index, parse_size, read_index_file,
+    RegistryArgs, default_parallelism, human_bytes, load_index, load_whole_index, parse_size,
+    read_index_file, read_whole_index_file,
 };
 use crate::error::{Error, Result};
 use crate::fs::{MountOptions, Premount, is_mounted, mount, premount, serve, unmount_path};
@@ -138,17 +139,18 @@ async fn index_for_mount(
     let dir = cache_dir.join("indexes");
     let file = dir.join(format!("{}.clipidx", resolved.manifest_digest.hex()));
     if file.is_file() {
-        // A kept index that cannot be read is built again (an early mount of it undone).
-        match early(&file) {
-            Some((pre, opened)) => {
-                if let Ok(index) = read_index_off_runtime(opened, &file).await {
-                    return Ok((index, Some(pre)));
-                }
-            }
-            None => {
-                if let Ok(index) = load_index(&file) {
-                    return Ok((Arc::new(index), None));
-                }
+        // A kept index is read whole, its bulk checked too; one that is damaged or cannot be
+        // read is built again (an early mount of it undone) and replaced.
+        let kept = match early(&file) {
+            Some((pre, opened)) => read_index_off_runtime(opened, &file, Read::Whole)
+                .await
+                .map(|index| (index, Some(pre))),
+            None => load_whole_index(&file).map(|index| (Arc::new(index), None)),
+        };
+        match kept {
+            Ok(found) => return Ok(found),
+            Err(e) => {
+                tracing::warn!(error = %e, "the kept index cannot be used; building it again")
             }
         }
     }
@@ -191,14 +193,27 @@ fn fsname(source: &ImageSource) -> String {
     format!("clip:{}@{}", source.repository, source.manifest_digest)
 }
 
+/// How much of an index file is read before the mount serves.
+#[derive(Debug, Clone, Copy)]
+enum Read {
+    /// The head; the bulk when a fetch first needs it (a file the user named).
+    Head,
+    /// All of it, the bulk checked (an index kept in the cache, built again if damaged).
+    Whole,
+}
+
 /// Reads the index file `path`, opened as `file`, off the runtime (a signal meanwhile is
 /// seen at once). The read starts at once, not when the future is first awaited.
 fn read_index_off_runtime(
     file: std::fs::File,
     path: &Path,
+    how: Read,
 ) -> impl Future<Output = Result<Arc<ImageIndex>>> + use<> {
     let path = path.to_owned();
-    let read = tokio::task::spawn_blocking(move || read_index_file(file, &path));
+    let read = tokio::task::spawn_blocking(move || match how {
+        Read::Head => read_index_file(file, &path),
+        Read::Whole => read_whole_index_file(file, &path),
+    });
     async move { Ok(Arc::new(read.await.map_err(std::io::Error::other)??)) }
 }
 
@@ -289,8 +304,12 @@ pub async fn run(args: MountArgs) -> Result<()> {
     let early_for = |path: &Path| premount_index(path, &args.dir, &inputs, &options);
     // An index file is mounted before anything else is done, and read from then on while
     // the rest gets ready.
-    let first = early_for(Path::new(&args.image))
-        .map(|(pre, file)| (pre, read_index_off_runtime(file, Path::new(&args.image))));
+    let first = early_for(Path::new(&args.image)).map(|(pre, file)| {
+        (
+            pre,
+            read_index_off_runtime(file, Path::new(&args.image), Read::Head),
+        )
+    });
     // Everything until the filesystem serves; a signal meanwhile ends it (dropping an early
     // mount unmounts it).
     let loading = async {
