@@ -140,14 +140,44 @@ impl Drop for Served {
 fn every_entry_of_the_mounted_images_matches_the_reference() -> anyhow::Result<()> {
     let rt = runtime()?;
     let registry = Registry::start()?;
+    let pusher = Pusher::new(&registry.host(), None);
+    // Every test image of the foundation issue: the one of every entry type and whiteout
+    // form, the compression forms, the 200 MB file, and a multi-platform index (which
+    // resolves to this host's platform).
+    let mut images = Vec::new();
     for (name, layers) in [
         ("complex", fixtures::complex_layers()),
         ("formats", fixtures::format_layers()),
+        ("big", fixtures::big_layers(200 << 20)),
     ] {
         let image = build_image(&layers, "linux", "amd64")?;
-        let reference =
-            Pusher::new(&registry.host(), None).push_image(&format!("fs/{name}"), "v1", &image)?;
+        let reference = pusher.push_image(&format!("fs/{name}"), "v1", &image)?;
+        images.push((name, layers, image, reference));
+    }
+    let host = match std::env::consts::ARCH {
+        "aarch64" => "arm64",
+        _ => "amd64",
+    };
+    let platforms: Vec<_> = ["amd64", "arm64"]
+        .iter()
+        .map(|arch| {
+            let layers = fixtures::platform_layers(&format!("linux/{arch}"));
+            build_image(&layers, "linux", arch).map(|image| (*arch, layers, image))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let images_of: Vec<_> = platforms.iter().map(|(_, _, i)| i.clone()).collect();
+    let reference = pusher.push_index("fs/multi", "v1", &images_of)?;
+    let Some((_, layers, image)) = platforms.into_iter().find(|(arch, ..)| *arch == host) else {
+        anyhow::bail!("no image for {host}");
+    };
+    images.push(("multi-platform", layers, image, reference));
+
+    for (name, layers, image, reference) in images {
         let (index, client) = index(&rt, &reference)?;
+        assert_eq!(
+            index.source.manifest_digest.to_string(),
+            image.manifest.digest
+        );
         let cache = tempfile::tempdir()?;
         let served = serve(&rt, &index, &client, cache.path(), 1 << 30)?;
         assert_dir_matches(served.path(), &expected_tree(&layers))
