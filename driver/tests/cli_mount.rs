@@ -163,7 +163,16 @@ fn a_killed_mount_is_detached_by_clip_umount() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let mut child = spawn_mount(&f, dir.path(), &[])?;
     signal(&child, libc::SIGKILL);
-    child.wait()?;
+    // Killed at once, just as it starts serving: a server that asked its own mount
+    // something then could never exit (its thread would wait for its own answer).
+    let died = wait::until("clip mount to die", Duration::from_secs(20), || {
+        child.try_wait().is_ok_and(|s| s.is_some())
+    });
+    if died.is_err() {
+        // Lets it die, and the test end, rather than wait forever.
+        clip_e2e::cleanup::abort_connection(dir.path());
+        panic!("a killed clip mount did not die: one of its threads waited on its own mount");
+    }
     assert!(
         is_mounted(dir.path()),
         "a killed server leaves a dead mount"
@@ -273,6 +282,57 @@ fn prefetch_fills_the_cache_so_the_image_reads_without_the_registry() -> anyhow:
     );
     signal(&child, libc::SIGTERM);
     assert!(child.wait()?.success());
+    Ok(())
+}
+
+/// How many descriptors of /dev/fuse process `pid` holds.
+fn fuse_descriptors(pid: u32) -> anyhow::Result<usize> {
+    let mut n = 0;
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+        if std::fs::read_link(fd?.path()).is_ok_and(|t| t == Path::new("/dev/fuse")) {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+#[test]
+fn cache_size_and_threads_flags_take_effect() -> anyhow::Result<()> {
+    let registry = Registry::start()?;
+    // About 10 MB of files, read whole through a 4 MiB cache.
+    let layers = fixtures::format_layers();
+    let image = build_image(&layers, "linux", "amd64")?;
+    let reference = Pusher::new(&registry.host(), None).push_image("cli/flags", "v1", &image)?;
+    let work = tempfile::tempdir()?;
+    let index_file = work.path().join("flags.clipidx");
+    index_to(&reference, &index_file)?;
+    let cap = 4u64 << 20;
+    let mut fuse_fds = Vec::new();
+    for threads in ["2", "5"] {
+        let cache = work.path().join(format!("cache-{threads}"));
+        let dir = tempfile::tempdir()?;
+        let child = spawn_mount_of(
+            &index_file,
+            &cache,
+            dir.path(),
+            &["--cache-size", "4MiB", "--threads", threads],
+        )?;
+        // Each worker thread reads its own clone of the FUSE connection.
+        fuse_fds.push(fuse_descriptors(child.id())?);
+        clip_e2e::check::assert_dir_matches(dir.path(), &clip_e2e::model::expected_tree(&layers))?;
+        let held = clip_e2e::check::bytes_under(&cache.join("chunks"))
+            + clip_e2e::check::bytes_under(&cache.join("files"));
+        assert!(
+            held > 0 && held <= cap,
+            "--cache-size 4MiB: {held} bytes kept"
+        );
+        stop(child)?;
+    }
+    assert_eq!(
+        fuse_fds[1] - fuse_fds[0],
+        3,
+        "/dev/fuse descriptors: {fuse_fds:?}"
+    );
     Ok(())
 }
 
@@ -565,7 +625,7 @@ fn an_index_whose_bulk_is_damaged_fails_only_the_reads_that_need_it() -> anyhow:
         clip_e2e::check::list(bad_dir.path())?,
         clip_e2e::check::list(good_dir.path())?
     );
-    let (mut right, mut failed) = (0, 0);
+    let (mut right, mut failed) = (0, Vec::new());
     for path in clip_e2e::check::list(good_dir.path())? {
         let want = good_dir.path().join(&path[1..]);
         if !std::fs::symlink_metadata(&want)?.is_file() {
@@ -578,13 +638,25 @@ fn an_index_whose_bulk_is_damaged_fails_only_the_reads_that_need_it() -> anyhow:
             }
             Err(e) => {
                 assert_eq!(e.raw_os_error(), Some(libc::EIO), "{path}: {e}");
-                failed += 1;
+                failed.push(path);
             }
         }
     }
-    assert!(right > 0 && failed > 0, "{right} read, {failed} failed");
+    assert!(
+        right > 0 && !failed.is_empty(),
+        "{right} read, {failed:?} failed"
+    );
+    // Each failed read is logged with the image, the file and the cause.
     let err = stop(bad_mount)?;
-    assert!(err.contains("does not match its digest"), "{err}");
+    for path in &failed {
+        assert!(
+            err.lines().any(|l| l.contains("read failed")
+                && l.contains("image=clip:127.0.0.1:")
+                && l.contains(&format!("path={path} "))
+                && l.contains("does not match its digest")),
+            "{path}: {err}"
+        );
+    }
 
     // With the chunks on local disk, the damaged index serves every byte, the registry gone:
     // no read needs the bulk.

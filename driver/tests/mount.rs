@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clip_driver::fs::{Mount, MountOptions, is_mounted, mount, mount_line, premount};
 use clip_e2e::Rng;
-use clip_e2e::check::{assert_dir_matches, assert_same_tree, resident, run_in_root};
+use clip_e2e::check::{assert_dir_matches, assert_same_tree, bytes_under, resident, run_in_root};
 use clip_e2e::extract::extract_image;
 use clip_e2e::fixtures;
 use clip_e2e::image::{Entry, Layer, Meta, Pusher, build_image};
@@ -194,6 +194,21 @@ fn every_entry_of_the_mounted_images_matches_the_reference() -> anyhow::Result<(
         assert_eq!(err.and_then(|e| e.raw_os_error()), Some(libc::EROFS));
         let stat = nix_statfs(served.path())?;
         assert!(stat.f_flag & libc::ST_RDONLY != 0, "mounted read-only");
+        // As mount(8) shows it: read-only, no setuid programs or devices, the kernel
+        // checking permissions, open to every user, named as asked.
+        let fields = mount_fields(served.path())?;
+        let (options, sb) = fields.split_once(" - ").unwrap_or_default();
+        let sb: Vec<&str> = sb.split(' ').collect();
+        for o in ["ro", "nosuid", "nodev"] {
+            assert!(options.split(',').any(|x| x == o), "{o}: {fields}");
+        }
+        assert!(
+            sb[0].starts_with("fuse") && sb[1] == "clip:test",
+            "{fields}"
+        );
+        for o in ["default_permissions", "allow_other"] {
+            assert!(sb[2].split(',').any(|x| x == o), "{o}: {fields}");
+        }
         // The kernel reads ahead 1 MiB (not its 128 KiB default) on the mount.
         let dev = std::os::unix::fs::MetadataExt::dev(&std::fs::metadata(served.path())?);
         let knob = format!(
@@ -334,23 +349,8 @@ fn concurrent_random_reads_are_exact_and_fetch_each_span_once() -> anyhow::Resul
 fn du(dir: &Path) -> u64 {
     ["chunks", "files", "checked", "tmp"]
         .iter()
-        .map(|sub| walk_bytes(&dir.join(sub)))
+        .map(|sub| bytes_under(&dir.join(sub)))
         .sum()
-}
-
-fn walk_bytes(dir: &Path) -> u64 {
-    let mut total = 0;
-    let mut todo = vec![dir.to_owned()];
-    while let Some(d) = todo.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            match e.metadata() {
-                Ok(m) if m.is_dir() => todo.push(e.path()),
-                Ok(m) => total += m.len(),
-                Err(_) => {}
-            }
-        }
-    }
-    total
 }
 
 #[test]
@@ -415,7 +415,7 @@ fn read_all_under_cap(
                 // The copy of a file read whole trails its read by a moment.
                 let waiting = std::time::Instant::now();
                 while !seen_whole && waiting.elapsed() < Duration::from_secs(2) {
-                    seen_whole = walk_bytes(&cache.join("files")) > 0;
+                    seen_whole = bytes_under(&cache.join("files")) > 0;
                     let held = du(cache);
                     anyhow::ensure!(held <= cap, "{path}: cache holds {held} > {cap}");
                     std::thread::sleep(Duration::from_millis(10));

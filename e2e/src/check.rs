@@ -258,6 +258,22 @@ pub fn assert_same_tree(
     Ok(want.len())
 }
 
+/// Bytes of the files under `dir`, however deep (0 if it does not exist).
+pub fn bytes_under(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut todo = vec![dir.to_owned()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => todo.push(e.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
+
 /// Runs `script` with `/bin/sh` of the tree at `root` (chroot; root only) and returns what
 /// it printed; an error, with its stderr, if it failed.
 pub fn run_in_root(root: &Path, script: &str) -> anyhow::Result<String> {

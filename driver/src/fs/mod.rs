@@ -333,7 +333,7 @@ fn start_session<S: BlobSource>(
     let device = session.as_fd().try_clone_to_owned()?;
     let session = session.spawn()?;
     if options.readahead_kb > 0
-        && let Err(e) = set_readahead(dir, options.readahead_kb)
+        && let Err(e) = set_readahead(dir, by_path, options.readahead_kb)
     {
         tracing::warn!(dir = %dir.display(), error = %e, "setting the mount's read-ahead failed; the kernel's default applies");
     }
@@ -519,12 +519,21 @@ pub fn mounted_device(dir: &Path) -> Option<u64> {
     Some(libc::makedev(major.parse().ok()?, minor.parse().ok()?))
 }
 
-/// Sets the read-ahead of the mount at `dir` (its backing device in /sys/class/bdi). The
-/// kernel caps what FUSE negotiated at mount time to 128 KiB; the sysfs knob lifts it for
-/// files opened afterwards.
-fn set_readahead(dir: &Path, kb: u32) -> std::io::Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    let dev = std::fs::metadata(dir)?.dev();
+/// Sets the read-ahead of the mount at `dir` (its backing device in /sys/class/bdi), whose
+/// device number is `dev` when known. The kernel caps what FUSE negotiated at mount time to
+/// 128 KiB; the sysfs knob lifts it for files opened afterwards.
+///
+/// The device number comes from /proc/self/mountinfo, not from a stat of `dir`: a stat is
+/// a request to this very process, and a process killed (SIGKILL) while one of its threads
+/// waits for its own answer can never exit (the wait is uninterruptible once a worker has
+/// read the request, and the connection ends only when the process has exited).
+fn set_readahead(dir: &Path, dev: Option<u64>, kb: u32) -> std::io::Result<()> {
+    let dev = dev.or_else(|| mounted_device(dir)).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{} is not in /proc/self/mountinfo", dir.display()),
+        )
+    })?;
     let (major, minor) = (libc::major(dev), libc::minor(dev));
     std::fs::write(
         format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb"),
