@@ -332,14 +332,22 @@ fn start_session<S: BlobSource>(
     let _ = notifier.set(session.notifier());
     let device = session.as_fd().try_clone_to_owned()?;
     let session = session.spawn()?;
+    // Never a stat of `dir` from here on: a stat is a request to this very process, and a
+    // process killed (SIGKILL) while one of its threads waits for its own answer can never
+    // exit (the wait is uninterruptible once a worker has read the request, and the
+    // connection ends only when the process has exited). The device number comes from
+    // /proc/self/mountinfo instead.
+    let dev = by_path.or_else(|| mounted_device(dir));
     if options.readahead_kb > 0
-        && let Err(e) = set_readahead(dir, by_path, options.readahead_kb)
+        && let Err(e) = set_readahead(dir, dev, options.readahead_kb)
     {
         tracing::warn!(dir = %dir.display(), error = %e, "setting the mount's read-ahead failed; the kernel's default applies");
     }
     let prefill = options
         .prefill
-        .then(|| prefill::start(dir, pages, counters.clone(), &runtime));
+        .then_some(dev)
+        .flatten()
+        .map(|dev| prefill::start(dir, dev, pages, counters.clone(), &runtime));
     Ok(Mount {
         session: Some(session),
         dir: dir.to_owned(),
@@ -520,15 +528,11 @@ pub fn mounted_device(dir: &Path) -> Option<u64> {
 }
 
 /// Sets the read-ahead of the mount at `dir` (its backing device in /sys/class/bdi), whose
-/// device number is `dev` when known. The kernel caps what FUSE negotiated at mount time to
-/// 128 KiB; the sysfs knob lifts it for files opened afterwards.
-///
-/// The device number comes from /proc/self/mountinfo, not from a stat of `dir`: a stat is
-/// a request to this very process, and a process killed (SIGKILL) while one of its threads
-/// waits for its own answer can never exit (the wait is uninterruptible once a worker has
-/// read the request, and the connection ends only when the process has exited).
+/// device number is `dev` (from /proc/self/mountinfo: not a stat of the mount, see
+/// `start_session`). The kernel caps what FUSE negotiated at mount time to 128 KiB; the
+/// sysfs knob lifts it for files opened afterwards.
 fn set_readahead(dir: &Path, dev: Option<u64>, kb: u32) -> std::io::Result<()> {
-    let dev = dev.or_else(|| mounted_device(dir)).ok_or_else(|| {
+    let dev = dev.ok_or_else(|| {
         std::io::Error::new(
             std::io::ErrorKind::NotFound,
             format!("{} is not in /proc/self/mountinfo", dir.display()),

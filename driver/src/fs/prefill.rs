@@ -184,25 +184,19 @@ fn prefill<S: BlobSource>(
     })
 }
 
-/// Starts the prefill of a new mount at `dir` in the background: waits (up to
-/// [`PROFILE_WAIT`]) for the profile the store replays, then runs [`prefill`] on blocking
-/// threads. Returns what stops it.
+/// Starts the prefill of a new mount at `dir`, whose device number is `device` (the
+/// prefill works only on that mount), in the background: waits (up to [`PROFILE_WAIT`])
+/// for the profile the store replays, then runs [`prefill`] on blocking threads. Returns
+/// what stops it.
 pub(super) fn start<S: BlobSource>(
     dir: &std::path::Path,
+    device: u64,
     pages: Arc<Pages<S>>,
     counters: Arc<FsCounters>,
     runtime: &tokio::runtime::Handle,
 ) -> Arc<Control> {
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let stop = Arc::new(Control::default());
-    // The mount's device now, while the mount at `dir` is surely this one.
-    let device = match std::fs::metadata(dir) {
-        Ok(m) => m.dev(),
-        Err(e) => {
-            tracing::debug!(dir = %dir.display(), error = %e, "no prefill: the mount's root is not there");
-            return stop;
-        }
-    };
     let dir = dir.to_owned();
     let flag = stop.clone();
     runtime.spawn(async move {
