@@ -10,16 +10,22 @@ use anyhow::{Context, bail, ensure};
 
 use crate::image::BuiltImage;
 
-/// Unpacks every layer of `image`, bottom-up, into the empty directory `dest`.
-pub fn extract_image(image: &BuiltImage, dest: &Path) -> anyhow::Result<()> {
+/// Unpacks every layer of `image`, bottom-up, into the empty directory `dest`. Returns a
+/// time no later than any timestamp the extraction itself gave (the mtime of a file made
+/// just before it: file times come from the kernel's coarse clock, which may lag the
+/// system time by a tick).
+pub fn extract_image(image: &BuiltImage, dest: &Path) -> anyhow::Result<std::time::SystemTime> {
     let scratch = tempfile::tempdir()?;
+    let probe = scratch.path().join("probe");
+    std::fs::write(&probe, b"")?;
+    let began = std::fs::metadata(&probe)?.modified()?;
     for (i, (blob, tar_bytes)) in image.layers.iter().zip(&image.tars).enumerate() {
         prepare_layer(tar_bytes, dest).with_context(|| format!("layer {i}"))?;
         let file = scratch.path().join(format!("layer-{i}"));
         std::fs::write(&file, &blob.data)?;
         unpack(&file, dest).with_context(|| format!("layer {i}"))?;
     }
-    Ok(())
+    Ok(began)
 }
 
 /// `dest/path` for a path as a layer names it, refusing any that would leave `dest`.

@@ -187,11 +187,6 @@ fn keep_profile(
     });
 }
 
-/// Whether the FUSE mount at `dir` still answers (a dead server gives ENOTCONN).
-fn mount_alive(dir: &Path) -> bool {
-    crate::fs::mount_responds(dir).is_ok()
-}
-
 impl NodeContext {
     /// Opens the caches and the mount table. Volumes of the table are re-served (when
     /// configured) by [`NodeContext::restore`].
@@ -835,10 +830,11 @@ impl NodeContext {
                     rec.target_path.display()
                 )));
             }
+            // Served by this process and still mounted there: asked of its own state, not
+            // of the mount (a request to itself; see `fs::Mount::serving`).
             if lock(&self.active)
                 .get(&volume)
-                .is_some_and(|a| a.mount.is_some())
-                && mount_alive(&target)
+                .is_some_and(|a| a.mount.as_ref().is_some_and(|m| m.serving()))
             {
                 return Ok(());
             }
@@ -990,13 +986,19 @@ impl NodeContext {
                 path.display()
             )));
         }
-        let served = lock(&self.active)
+        let serving = lock(&self.active)
             .get(&volume)
-            .is_some_and(|a| a.mount.is_some());
-        // A mount this process does not serve is not probed: one a keeper holds for the next
-        // server would make the probe wait.
-        let probe = if served {
-            crate::fs::mount_responds(&path)
+            .and_then(|a| a.mount.as_ref().map(|m| m.serving()));
+        let served = serving.is_some();
+        // A mount this process serves is asked of its own state, not probed (a request to
+        // itself; see `fs::Mount::serving`); one it does not serve is not probed either when
+        // a keeper may hold it for the next server (the probe would wait).
+        let probe = if let Some(serving) = serving {
+            if serving {
+                Ok(())
+            } else {
+                Err(std::io::Error::other("its server session has ended"))
+            }
         } else if self.keeper.get().is_some() {
             Ok(())
         } else {

@@ -82,6 +82,8 @@ pub struct Mount {
     /// server, see [`premount`]): fuser holds no mount handle, so unmount by path, and
     /// only while the mount there is still this one (this device number).
     by_path: Option<u64>,
+    /// The mount's device number when it started serving (from /proc/self/mountinfo).
+    dev: Option<u64>,
     /// Stops the prefill of the kernel's caches, if one was started.
     prefill: Option<Arc<prefill::Control>>,
 }
@@ -100,6 +102,18 @@ impl Mount {
     /// What the kernel has asked of this mount so far.
     pub fn counters(&self) -> &Arc<FsCounters> {
         &self.counters
+    }
+
+    /// Whether this mount is still served by this process and still the one at its
+    /// directory: its session runs, and /proc/self/mountinfo shows the device it started
+    /// with there. Asks the mount nothing (see `start_session` for why this process must
+    /// not): a `statvfs` of it would be a request to this very process.
+    pub fn serving(&self) -> bool {
+        self.session
+            .as_ref()
+            .is_some_and(|s| !s.guard.is_finished())
+            && self.dev.is_some()
+            && mounted_device(&self.dir) == self.dev
     }
 
     /// A new descriptor of this mount's FUSE connection. Whoever holds it keeps the
@@ -204,7 +218,10 @@ pub fn mount<S: BlobSource>(
     options: &MountOptions,
     runtime: tokio::runtime::Handle,
 ) -> std::io::Result<Mount> {
-    start_session(store, Connection::New(dir), options, runtime)
+    // Resolved now, before anything is mounted there (fuser mounts at the resolved path,
+    // which is the one /proc/self/mountinfo shows: a symlink to it would not be found).
+    let dir = dir.canonicalize()?;
+    start_session(store, Connection::New(&dir), options, runtime)
 }
 
 /// A FUSE mount whose server is not there yet (see [`premount`]); unmounted on drop unless
@@ -348,12 +365,16 @@ fn start_session<S: BlobSource>(
         .then_some(dev)
         .flatten()
         .map(|dev| prefill::start(dir, dev, pages, counters.clone(), &runtime));
+    if prefill.is_none() && options.prefill {
+        tracing::debug!(dir = %dir.display(), "no prefill: the mount is not in /proc/self/mountinfo");
+    }
     Ok(Mount {
         session: Some(session),
         dir: dir.to_owned(),
         counters,
         device,
         by_path,
+        dev,
         prefill,
     })
 }
@@ -417,6 +438,7 @@ pub fn resume<S: BlobSource>(
         counters,
         device,
         by_path: Some(here),
+        dev: Some(here),
         prefill: None,
     })
 }
