@@ -80,8 +80,8 @@ pub struct Mount {
     device: OwnedFd,
     /// Mounted by clip itself (taken over from another process, or mounted before its
     /// server, see [`premount`]): fuser holds no mount handle, so unmount by path, and
-    /// only while the mount there is still this one (this device number).
-    by_path: Option<u64>,
+    /// only while the mount there is still this one (device number `dev`).
+    by_path: bool,
     /// The mount's device number when it started serving (from /proc/self/mountinfo).
     dev: Option<u64>,
     /// Stops the prefill of the kernel's caches, if one was started.
@@ -134,8 +134,8 @@ impl Mount {
     pub fn unmount(mut self) -> std::io::Result<()> {
         self.stop_prefill();
         match self.session.take() {
-            Some(s) if self.by_path.is_some() => {
-                if self.by_path == mounted_device(&self.dir) {
+            Some(s) if self.by_path => {
+                if self.dev == mounted_device(&self.dir) {
                     unmount_path(&self.dir)?;
                 }
                 s.join()
@@ -179,9 +179,9 @@ impl Drop for Mount {
     fn drop(&mut self) {
         self.stop_prefill();
         if let Some(s) = self.session.take() {
-            if self.by_path.is_some() {
+            if self.by_path {
                 // Another mount may have replaced this one at the path: leave it be.
-                if self.by_path == mounted_device(&self.dir) {
+                if self.dev == mounted_device(&self.dir) {
                     let _ = unmount_path(&self.dir);
                     let _ = s.join();
                 }
@@ -337,7 +337,7 @@ fn start_session<S: BlobSource>(
     let pages = fs.pages();
     let notifier = pages.notifier_slot();
     let config = session_config(options);
-    let (session, dir, by_path) = match connection {
+    let (session, dir, premounted) = match connection {
         Connection::New(dir) => (fuser::Session::new(fs, dir, &config)?, dir, None),
         Connection::Premounted { dir, device, dev } => {
             let acl = config.acl;
@@ -354,7 +354,7 @@ fn start_session<S: BlobSource>(
     // exit (the wait is uninterruptible once a worker has read the request, and the
     // connection ends only when the process has exited). The device number comes from
     // /proc/self/mountinfo instead.
-    let dev = by_path.or_else(|| mounted_device(dir));
+    let dev = premounted.or_else(|| mounted_device(dir));
     if options.readahead_kb > 0
         && let Err(e) = set_readahead(dir, dev, options.readahead_kb)
     {
@@ -373,7 +373,7 @@ fn start_session<S: BlobSource>(
         dir: dir.to_owned(),
         counters,
         device,
-        by_path,
+        by_path: premounted.is_some(),
         dev,
         prefill,
     })
@@ -437,7 +437,7 @@ pub fn resume<S: BlobSource>(
         dir: dir.to_owned(),
         counters,
         device,
-        by_path: Some(here),
+        by_path: true,
         dev: Some(here),
         prefill: None,
     })
