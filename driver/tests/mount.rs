@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use clip_driver::fs::{Mount, MountOptions, is_mounted, mount, mount_line, premount};
 use clip_e2e::Rng;
-use clip_e2e::check::{assert_dir_matches, assert_same_tree, bytes_under, resident, run_in_root};
+use clip_e2e::check::{
+    assert_dir_matches, assert_same_tree, bytes_under, resident, run_in_root, settled_bytes_under,
+};
 use clip_e2e::extract::extract_image;
 use clip_e2e::fixtures;
 use clip_e2e::image::{Entry, Layer, Meta, Pusher, build_image};
@@ -342,14 +344,11 @@ fn concurrent_random_reads_are_exact_and_fetch_each_span_once() -> anyhow::Resul
     Ok(())
 }
 
-/// Bytes in the cache directory: chunk files and whole files first, then the files still
-/// being written. (The other order would count a file twice if it is renamed from `tmp/`
-/// into place between the walks.)
-fn du(dir: &Path) -> u64 {
-    ["chunks", "files", "checked", "tmp"]
-        .iter()
-        .map(|sub| bytes_under(&dir.join(sub)))
-        .sum()
+/// Bytes in the cache directory (chunk files, whole files, their check records and the
+/// files being written) at one moment: see [`settled_bytes_under`].
+fn du(dir: &Path) -> anyhow::Result<u64> {
+    let subs = ["chunks", "files", "checked", "tmp"].map(|sub| dir.join(sub));
+    settled_bytes_under(&subs, Duration::from_secs(10))
 }
 
 #[test]
@@ -357,10 +356,8 @@ fn a_cache_smaller_than_the_image_stays_under_its_cap() -> anyhow::Result<()> {
     cache_under_its_cap(&[0])
 }
 
-/// The same with files also kept whole (as `clip mount` has it). Known to fail under load:
-/// the cache then held a whole file more than its cap for a moment (10.4 MB against 8 MiB).
+/// The same with files also kept whole (as `clip mount` has it).
 #[test]
-#[ignore = "known bug: with whole files kept, the cache can pass its cap by a file under load"]
 fn a_cache_smaller_than_the_image_stays_under_its_cap_with_whole_files() -> anyhow::Result<()> {
     cache_under_its_cap(&[1 << 20])
 }
@@ -421,13 +418,13 @@ fn read_all_under_cap(
             if let Kind::File(data) = &e.kind {
                 let got = std::fs::read(served.path().join(&path[1..]))?;
                 assert!(got == *data, "{path}");
-                let held = du(cache);
+                let held = du(cache)?;
                 anyhow::ensure!(held <= cap, "{path}: cache holds {held} > {cap}");
                 // The copy of a file read whole trails its read by a moment.
                 let waiting = std::time::Instant::now();
                 while !seen_whole && waiting.elapsed() < Duration::from_secs(10) {
                     seen_whole = bytes_under(&cache.join("files")) > 0;
-                    let held = du(cache);
+                    let held = du(cache)?;
                     anyhow::ensure!(held <= cap, "{path}: cache holds {held} > {cap}");
                     std::thread::sleep(Duration::from_millis(10));
                 }
@@ -435,7 +432,7 @@ fn read_all_under_cap(
         }
     }
     std::thread::sleep(Duration::from_millis(300));
-    let held = du(cache);
+    let held = du(cache)?;
     anyhow::ensure!(held <= cap && held > 0, "cache holds {held}, cap {cap}");
     anyhow::ensure!(seen_whole, "no file was kept whole");
     Ok(())

@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 
@@ -260,18 +261,52 @@ pub fn assert_same_tree(
 
 /// Bytes of the files under `dir`, however deep (0 if it does not exist).
 pub fn bytes_under(dir: &Path) -> u64 {
-    let mut total = 0;
+    files_under(dir).values().map(|(_, len)| len).sum()
+}
+
+/// Every file under `dir`, however deep, with its inode number and size.
+fn files_under(dir: &Path) -> BTreeMap<PathBuf, (u64, u64)> {
+    let mut found = BTreeMap::new();
     let mut todo = vec![dir.to_owned()];
     while let Some(d) = todo.pop() {
         for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
             match e.metadata() {
                 Ok(m) if m.is_dir() => todo.push(e.path()),
-                Ok(m) => total += m.len(),
+                Ok(m) => {
+                    found.insert(e.path(), (m.ino(), m.len()));
+                }
                 Err(_) => {}
             }
         }
     }
-    total
+    found
+}
+
+/// Bytes of the files under `dirs` at one moment, while something may be changing them: a
+/// walk is not a snapshot (a file removed after the walk counted it, to make room for one
+/// written where the walk has not been yet, would count both), so the dirs are walked
+/// until two walks in a row find the same files (same names, inodes and sizes). An error
+/// if they never settle within `within`.
+pub fn settled_bytes_under(dirs: &[PathBuf], within: Duration) -> anyhow::Result<u64> {
+    let walk = || -> Vec<_> { dirs.iter().map(|d| files_under(d)).collect() };
+    let started = Instant::now();
+    let mut last = walk();
+    loop {
+        let now = walk();
+        if now == last {
+            return Ok(now
+                .iter()
+                .flat_map(|f| f.values())
+                .map(|(_, len)| len)
+                .sum());
+        }
+        ensure!(
+            started.elapsed() < within,
+            "the files under {dirs:?} kept changing for {within:?}"
+        );
+        last = now;
+        std::thread::sleep(Duration::from_millis(2));
+    }
 }
 
 /// Runs `script` with `/bin/sh` of the tree at `root` (chroot; root only) and returns what
