@@ -157,35 +157,48 @@ fn sigint_unmounts_and_clip_umount_ends_the_process() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Kills the `clip mount` serving `dir` (SIGKILL) and waits for it to die; panics if it
+/// does not within 20 s, after aborting its connection (which lets it die, and the test
+/// end, rather than wait for ever).
+fn kill_and_see_it_die(child: &mut MountProcess, dir: &Path) {
+    signal(child, libc::SIGKILL);
+    let died = wait::until("clip mount to die", Duration::from_secs(20), || {
+        child.try_wait().is_ok_and(|s| s.is_some())
+    });
+    if died.is_err() {
+        clip_e2e::cleanup::abort_connection(dir);
+        panic!("a killed clip mount did not die: one of its threads waited on its own mount");
+    }
+}
+
+/// `clip umount DIR` of the dead mount at `dir`: it succeeds and nothing is mounted there
+/// after.
+fn umount_dead(dir: &Path) -> anyhow::Result<()> {
+    let out = clip().arg("umount").arg(dir).output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    anyhow::ensure!(!is_mounted(dir), "{} is still mounted", dir.display());
+    Ok(())
+}
+
 #[test]
 fn a_killed_mount_is_detached_by_clip_umount() -> anyhow::Result<()> {
     let f = fixture()?;
     let dir = tempfile::tempdir()?;
     let mut child = spawn_mount(&f, dir.path(), &[])?;
-    signal(&child, libc::SIGKILL);
     // Killed at once, just as it starts serving: a server that asked its own mount
     // something then could never exit (its thread would wait for its own answer).
-    let died = wait::until("clip mount to die", Duration::from_secs(20), || {
-        child.try_wait().is_ok_and(|s| s.is_some())
-    });
-    if died.is_err() {
-        // Lets it die, and the test end, rather than wait forever.
-        clip_e2e::cleanup::abort_connection(dir.path());
-        panic!("a killed clip mount did not die: one of its threads waited on its own mount");
-    }
+    kill_and_see_it_die(&mut child, dir.path());
     assert!(
         is_mounted(dir.path()),
         "a killed server leaves a dead mount"
     );
     let err = std::fs::metadata(dir.path().join("etc")).err();
     assert_eq!(err.and_then(|e| e.raw_os_error()), Some(libc::ENOTCONN));
-    let out = clip().arg("umount").arg(dir.path()).output()?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(!is_mounted(dir.path()));
+    umount_dead(dir.path())?;
     assert!(
         std::fs::read_dir(dir.path())?.next().is_none(),
         "the directory is usable again"
@@ -193,6 +206,66 @@ fn a_killed_mount_is_detached_by_clip_umount() -> anyhow::Result<()> {
     let out = clip().arg("umount").arg(dir.path()).output()?;
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not mounted"));
+    Ok(())
+}
+
+/// The processes whose parent is `pid` (any of its threads).
+fn children_of(pid: u32) -> Vec<u32> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten();
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| {
+            c.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Whether process `pid` is gone or dead (a zombie nobody waits for).
+fn dead(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
+        s.rsplit(')')
+            .next()
+            .is_some_and(|r| r.trim_start().starts_with('Z'))
+    })
+}
+
+#[test]
+fn a_mount_killed_while_it_fills_its_caches_from_a_profile_dies() -> anyhow::Result<()> {
+    let f = fixture()?;
+    let work = tempfile::tempdir()?;
+    let profile = work.path().join("start.profile");
+    let args = ["--startup-profile", profile.to_str().unwrap()];
+    // A start-up that looks for thousands of names that are not there (as an interpreter's
+    // search path does), recorded for the next mount to look up ahead of its program.
+    let dir = tempfile::tempdir()?;
+    let child = spawn_mount(&f, dir.path(), &args)?;
+    let names = 3000;
+    for i in 0..names {
+        assert!(std::fs::metadata(dir.path().join(format!("usr/bin/missing{i}.so"))).is_err());
+    }
+    stop(child)?;
+    let text = std::fs::read_to_string(&profile)?;
+    assert!(text.lines().count() > names, "{text}");
+
+    // The next mount looks them up in helper processes; killed while they do, it dies.
+    let mut child = spawn_mount(&f, dir.path(), &args)?;
+    let pid = child.id();
+    let mut helpers = Vec::new();
+    wait::until("the prefill's helpers", Duration::from_secs(20), || {
+        helpers = children_of(pid);
+        !helpers.is_empty()
+    })?;
+    kill_and_see_it_die(&mut child, dir.path());
+    // Its helpers go with it (their lookups end with the connection).
+    wait::until("the helpers to die", Duration::from_secs(20), || {
+        helpers.iter().all(|&h| dead(h))
+    })?;
+    umount_dead(dir.path())?;
     Ok(())
 }
 

@@ -260,12 +260,12 @@ impl<S: BlobSource> Filesystem for ClipFs<S> {
         }
         // The program's lookups, not the prefill's, make the next start-up profile.
         // (The kernel gives 0 for a process outside the server's pid namespace, such as a
-        // pod's: never a prefill thread.)
+        // pod's: never a prefill helper.)
         let pid = req.pid() as i32;
         if pid == 0
             || !self
                 .pages
-                .prefill_threads
+                .prefill_helpers
                 .iter()
                 .any(|t| t.load(Relaxed) == pid)
         {

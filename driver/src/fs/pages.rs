@@ -29,9 +29,9 @@ pub(super) struct Pages<S> {
     claimed: Vec<AtomicU64>,
     /// One bit per inode: whoever claimed it is done with the page cache.
     settled: Vec<AtomicU64>,
-    /// The threads filling the kernel's caches from the start-up profile, while they do
+    /// The processes filling the kernel's caches from the start-up profile, while they do
     /// (their lookups are not the program's, so they are not recorded); 0 otherwise.
-    pub(super) prefill_threads: [AtomicI32; super::prefill::THREADS],
+    pub(super) prefill_helpers: [AtomicI32; super::prefill::THREADS],
 }
 
 impl<S: BlobSource> Pages<S> {
@@ -52,7 +52,7 @@ impl<S: BlobSource> Pages<S> {
             runtime,
             enabled,
             notifier: Arc::default(),
-            prefill_threads: Default::default(),
+            prefill_helpers: Default::default(),
         }
     }
 
