@@ -1096,6 +1096,77 @@ fn files_kept_whole_are_read_by_the_kernel_itself() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A whole file handed to the kernel and then evicted from the cache: once its last open
+/// has closed, its backing file goes at once, not after the idle time (30 s), since the
+/// kernel holds the file, and its disk space past the cap, while it is registered.
+#[test]
+fn a_backing_file_whose_whole_file_was_evicted_goes_soon() -> anyhow::Result<()> {
+    use std::sync::atomic::Ordering::Relaxed;
+    if !kernel_at_least(6, 9) {
+        return Ok(()); // no passthrough
+    }
+    let rt = runtime()?;
+    let registry = Registry::start()?;
+    let layers = data_layers(6, 2 << 20);
+    let image = build_image(&layers, "linux", "amd64")?;
+    let reference = Pusher::new(&registry.host(), None).push_image("fs/evicted", "v1", &image)?;
+    let (index, client) = index(&rt, &reference)?;
+    let expected = expected_tree(&layers);
+    let data = |i: usize| match &expected[&format!("/data/f{i}")].kind {
+        Kind::File(d) => d.clone(),
+        _ => unreachable!("a file"),
+    };
+    let cache = tempfile::tempdir()?;
+    let config = StoreConfig {
+        whole_file_min_bytes: 1 << 20,
+        ..StoreConfig::default()
+    };
+    let options = test_mount();
+    assert_eq!(options.backing_idle, Duration::from_secs(30));
+    let served = serve_with(
+        &rt,
+        &index,
+        &client,
+        cache.path(),
+        8 << 20,
+        config,
+        &options,
+    )?;
+    let p = served.path();
+    let counters = served.mount.as_ref().unwrap().counters().clone();
+    let whole_dir = cache.path().join("files");
+
+    // f0 read through clip, kept whole, then handed to the kernel at its next open.
+    assert!(std::fs::read(p.join("data/f0"))? == data(0));
+    clip_e2e::wait::until("f0 kept whole", Duration::from_secs(10), || {
+        files_under(&whole_dir).len() == 1
+    })?;
+    let kept = files_under(&whole_dir).remove(0);
+    clip_e2e::wait::until("f0's release", Duration::from_secs(10), || {
+        counters.opens.load(Relaxed) == counters.releases.load(Relaxed)
+    })?;
+    assert!(std::fs::read(p.join("data/f0"))? == data(0));
+    assert_eq!(counters.passthrough_opens.load(Relaxed), 1);
+    assert_eq!(counters.backing_files.load(Relaxed), 1);
+
+    // Other files push f0's whole copy out of the 8 MiB cache.
+    for i in 1..6 {
+        assert!(std::fs::read(p.join(format!("data/f{i}")))? == data(i));
+        if !kept.exists() {
+            break;
+        }
+    }
+    clip_e2e::wait::until("f0's whole copy evicted", Duration::from_secs(10), || {
+        !kept.exists()
+    })?;
+    clip_e2e::wait::until("f0's backing file to go", Duration::from_secs(5), || {
+        counters.backing_files.load(Relaxed) == 0
+    })?;
+    // Read again, still right (through clip, or a new whole copy).
+    assert!(std::fs::read(p.join("data/f0"))? == data(0));
+    Ok(())
+}
+
 #[test]
 fn a_start_up_profile_fills_a_new_mounts_kernel_caches_before_the_program_asks()
 -> anyhow::Result<()> {

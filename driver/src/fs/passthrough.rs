@@ -19,6 +19,7 @@
 //! way).
 
 use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -35,9 +36,10 @@ pub const FH_BACKING: FileHandle = FileHandle(1);
 pub const FH_COUNTED: FileHandle = FileHandle(2);
 
 /// How long a backing file stays registered after its inode's last open closed, by
-/// default. Checked at opens and releases, and by a task every half of it, so that on a
-/// mount nobody uses the backing files go too (and with them the whole files they name,
-/// if the cache evicted those meanwhile: the kernel holds them open).
+/// default. Checked at opens and releases, and by a task every second (or half of a
+/// shorter idle time), so that on a mount nobody uses the backing files go too. A backing
+/// file whose whole file the cache has evicted goes at the first check after its last
+/// open closed: the kernel holds the file open, and with it its disk space.
 pub const IDLE: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Default)]
@@ -54,11 +56,31 @@ struct Slot {
     usual: u32,
     /// When `backed` last fell to zero.
     idle_since: Option<Instant>,
+    /// The whole file behind `backing` (registered by this server), to see whether the
+    /// cache evicted it.
+    file: Option<std::fs::File>,
 }
 
 impl Slot {
     fn unused(&self) -> bool {
         self.raw.is_none() && self.backed == 0 && self.usual == 0
+    }
+
+    /// Whether the backing file may go: registered by this server, no open of it left, and
+    /// idle for `idle` or its whole file evicted from the cache (the kernel would hold its
+    /// disk space until the backing file goes).
+    fn done(&self, now: Instant, idle: Duration) -> bool {
+        let evicted = || {
+            self.file
+                .as_ref()
+                .is_some_and(|f| f.metadata().is_ok_and(|m| m.nlink() == 0))
+        };
+        !self.inherited
+            && self.backed == 0
+            && self.raw.is_some()
+            && self
+                .idle_since
+                .is_some_and(|t| now.duration_since(t) >= idle || evicted())
     }
 
     /// Answers an open with the backing file if there is one, else the usual way with
@@ -169,11 +191,12 @@ impl Backings {
         self
     }
 
-    /// Sweeps every half of the idle time on `runtime`, until the mount's filesystem (the
-    /// last holder of these backings) is gone.
+    /// Sweeps every second (or half of a shorter idle time) on `runtime`, until the
+    /// mount's filesystem (the last holder of these backings) is gone.
     pub(super) fn watch(self: &Arc<Self>, runtime: &tokio::runtime::Handle) {
         let this = Arc::downgrade(self);
-        let every = (self.idle / 2).max(Duration::from_millis(100));
+        // Also soon after the cache evicted the whole file of an idle backing file.
+        let every = (self.idle / 2).clamp(Duration::from_millis(100), Duration::from_secs(1));
         runtime.spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
@@ -290,6 +313,7 @@ impl Backings {
                     // SAFETY: just registered on this connection; closed when dropped.
                     slot.backing = Some(unsafe { reply.wrap_backing(raw) });
                     slot.raw = Some(raw);
+                    slot.file = Some(file);
                     registered = true;
                 }
                 Err(e) => {
@@ -305,6 +329,7 @@ impl Backings {
         {
             slot.backing = None;
             slot.raw = None;
+            slot.file = None;
         }
         self.report(&slots);
         let slot = slots.entry(ino).or_default();
@@ -347,8 +372,8 @@ impl Backings {
         last_usual
     }
 
-    /// Releases backing files idle for the idle time (at most one sweep a second, or per
-    /// half of a shorter idle time).
+    /// Releases backing files idle for the idle time, or idle with their whole file
+    /// evicted (at most one sweep a second, or per half of a shorter idle time).
     fn sweep(&self) {
         let now = Instant::now();
         {
@@ -361,13 +386,7 @@ impl Backings {
         let mut slots = self.lock();
         let idle: Vec<u64> = slots
             .iter()
-            .filter(|(_, s)| {
-                !s.inherited
-                    && s.backed == 0
-                    && s.raw.is_some()
-                    && s.idle_since
-                        .is_some_and(|t| now.duration_since(t) >= self.idle)
-            })
+            .filter(|(_, s)| s.done(now, self.idle))
             .map(|(ino, _)| *ino)
             .collect();
         // Out of the record before the kernel forgets them (else kept, and tried again).
@@ -380,6 +399,7 @@ impl Backings {
                 slot.backing = None;
                 slot.raw = None;
                 slot.idle_since = None;
+                slot.file = None;
             }
         }
         slots.retain(|_, s| !s.unused());
