@@ -112,10 +112,45 @@ fn sigterm_unmounts_cleanly_and_prints_statistics() -> anyhow::Result<()> {
     assert!(!is_mounted(dir.path()), "nothing stays mounted");
     let mut err = String::new();
     child.stderr.take().map(|mut s| s.read_to_string(&mut err));
-    assert!(
-        err.contains("mounted ") && err.contains("source requests"),
+    assert!(err.contains("mounted "), "{err}");
+    // What each tier served: the file came from the registry, and every read was timed.
+    let number = |prefix: &str| -> u64 {
+        err.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|rest| rest.split([' ', ',']).find(|w| !w.is_empty()))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no {prefix:?} in {err}"))
+    };
+    assert!(number("clip: source ") >= 1, "{err}");
+    assert!(number("clip: source requests ") >= 1, "{err}");
+    assert!(err.contains("read errors 0"), "{err}");
+    assert!(number("clip: reads ") >= 1, "{err}");
+    assert!(err.contains("mean latency "), "{err}");
+
+    // Again on the same cache: the disk tier serves it, the registry is not asked.
+    let child = spawn_mount(&f, dir.path(), &["--stats"])?;
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("etc/passwd"))?,
+        passwd
+    );
+    let err = stop(child)?;
+    // A tier's line: its chunks, then its bytes (such as `68 B` or `1.2 MiB`).
+    let served = |tier: &str| -> (String, String) {
+        let line = err
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("clip: {tier} ")))
+            .unwrap_or_else(|| panic!("no {tier} line in {err}"));
+        let mut words = line.split_whitespace();
+        let chunks = words.next().unwrap_or_default().to_owned();
+        (chunks, words.collect::<Vec<_>>().join(" "))
+    };
+    assert_ne!(served("disk").1, "0 B", "{err}");
+    assert_eq!(
+        served("source"),
+        ("0".to_owned(), "0 B".to_owned()),
         "{err}"
     );
+    assert!(err.contains("source requests 0,"), "{err}");
     Ok(())
 }
 
@@ -660,6 +695,56 @@ fn a_reference_is_indexed_once_and_its_kept_index_is_mounted_early_after() -> an
     assert!(
         std::fs::read(&kept)? == good,
         "the kept index is whole again"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_registry_that_goes_away_fails_only_uncached_reads_and_is_used_again_when_back()
+-> anyhow::Result<()> {
+    let mut registry = Registry::start()?;
+    let warm = clip_e2e::text_bytes(3 << 20, 71);
+    let cold = clip_e2e::Rng(72).bytes(24 << 20);
+    let layers = vec![clip_e2e::image::Layer::gzip(vec![
+        clip_e2e::image::Entry::file("warm", warm.clone()),
+        clip_e2e::image::Entry::file("cold", cold.clone()),
+    ])];
+    let image = build_image(&layers, "linux", "amd64")?;
+    let reference = Pusher::new(&registry.host(), None).push_image("cli/gone", "v1", &image)?;
+    let work = tempfile::tempdir()?;
+    let index = work.path().join("gone.clipidx");
+    index_to(&reference, &index)?;
+    let dir = tempfile::tempdir()?;
+    // No read-ahead: only what is read is fetched.
+    let args = ["--open-prefetch", "0", "--readahead-spans", "0"];
+    let child = spawn_mount_of(&index, &work.path().join("cache"), dir.path(), &args)?;
+    assert!(std::fs::read(dir.path().join("warm"))? == warm);
+
+    // The registry process is gone (connections refused): the cached file reads, an
+    // uncached range gets EIO, and the mount goes on serving.
+    registry.stop();
+    assert!(std::fs::read(dir.path().join("warm"))? == warm);
+    let file = std::fs::File::open(dir.path().join("cold"))?;
+    let mut buf = vec![0u8; 4096];
+    let at = 20 << 20;
+    let err = std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, at).err();
+    assert_eq!(err.and_then(|e| e.raw_os_error()), Some(libc::EIO));
+    assert!(is_mounted(dir.path()));
+
+    // Back on the same port: the same read now gets the right bytes, as does the rest.
+    registry.restart()?;
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, at)?;
+    assert!(buf[..] == cold[at as usize..at as usize + 4096]);
+    assert!(std::fs::read(dir.path().join("cold"))? == cold);
+    drop(file);
+    // The failed read was logged with the image, the file and the cause.
+    let err = stop(child)?;
+    assert!(
+        err.lines().any(|l| l.contains("read failed")
+            && l.contains("image=clip:127.0.0.1:")
+            && l.contains("path=/cold ")
+            && l.to_lowercase().contains("connect")),
+        "{err}"
     );
     Ok(())
 }

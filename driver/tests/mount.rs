@@ -351,6 +351,62 @@ fn du(dir: &Path) -> anyhow::Result<u64> {
     settled_bytes_under(&subs, Duration::from_secs(10))
 }
 
+/// Inode numbers come from the index: every mount of the image, in any process or order
+/// of lookups, gives each entry the same number. And a file read once is read again from
+/// the page cache, also through a new open (FOPEN_KEEP_CACHE): no read reaches clip.
+#[test]
+fn inode_numbers_are_the_same_in_every_mount_and_reopens_keep_the_page_cache() -> anyhow::Result<()>
+{
+    use std::os::unix::fs::MetadataExt;
+    use std::sync::atomic::Ordering::Relaxed;
+    let rt = runtime()?;
+    let registry = Registry::start()?;
+    let mut layers = clip_e2e::fixtures::complex_layers();
+    let big = Rng(81).bytes(3 << 20);
+    layers.push(Layer::gzip(vec![Entry::file("big", big.clone())]));
+    let image = build_image(&layers, "linux", "amd64")?;
+    let reference = Pusher::new(&registry.host(), None).push_image("fs/inodes", "v1", &image)?;
+    let (index, client) = index(&rt, &reference)?;
+    let inodes = |root: &Path, paths: &[String]| -> anyhow::Result<Vec<(String, u64)>> {
+        paths
+            .iter()
+            .map(|p| {
+                Ok((
+                    p.clone(),
+                    std::fs::symlink_metadata(root.join(&p[1..]))?.ino(),
+                ))
+            })
+            .collect()
+    };
+    let (cache1, cache2) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let first = serve(&rt, &index, &client, cache1.path(), 1 << 30)?;
+    let paths = clip_e2e::check::list(first.path())?;
+    assert!(paths.len() > 20, "{paths:?}");
+    let numbers = inodes(first.path(), &paths)?;
+    // Another mount, its names looked up in the opposite order.
+    let second = serve(&rt, &index, &client, cache2.path(), 1 << 30)?;
+    let mut backwards = paths.clone();
+    backwards.reverse();
+    let mut again = inodes(second.path(), &backwards)?;
+    again.reverse();
+    assert_eq!(numbers, again);
+
+    let counters = first.mount.as_ref().unwrap().counters().clone();
+    assert!(std::fs::read(first.path().join("big"))? == big);
+    let reads = counters.reads.load(Relaxed);
+    assert!(reads > 0);
+    // (This machine's kernel may page out cold pages on its own: those are read again.)
+    let (cached, of) = resident(&first.path().join("big"), 0..u64::MAX)?;
+    assert!(std::fs::read(first.path().join("big"))? == big);
+    let again = counters.reads.load(Relaxed) - reads;
+    assert!(
+        again <= (of - cached) as u64,
+        "{again} reads reached clip; {} of {of} pages were out of the page cache",
+        of - cached
+    );
+    Ok(())
+}
+
 #[test]
 fn a_cache_smaller_than_the_image_stays_under_its_cap() -> anyhow::Result<()> {
     cache_under_its_cap(&[0])
