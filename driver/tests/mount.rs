@@ -88,6 +88,23 @@ fn test_mount() -> MountOptions {
     }
 }
 
+/// [`serve_with`] on a default mount, with files of at least `whole_from` bytes kept
+/// whole (0: none).
+fn serve_keeping_whole(
+    rt: &tokio::runtime::Runtime,
+    index: &Arc<ImageIndex>,
+    client: &RegistryClient,
+    cache: &Path,
+    cache_bytes: u64,
+    whole_from: u64,
+) -> anyhow::Result<Served> {
+    let config = StoreConfig {
+        whole_file_min_bytes: whole_from,
+        ..StoreConfig::default()
+    };
+    serve_with(rt, index, client, cache, cache_bytes, config, &test_mount())
+}
+
 /// [`serve`] with a store configured by `config` (whole files kept as it says) and a mount
 /// by `options`.
 fn serve_with(
@@ -433,18 +450,13 @@ fn cache_under_its_cap(whole_from: &[u64]) -> anyhow::Result<()> {
     let cap = 8 << 20;
     for &whole_file_min_bytes in whole_from {
         let cache = tempfile::tempdir()?;
-        let config = StoreConfig {
-            whole_file_min_bytes,
-            ..StoreConfig::default()
-        };
-        let served = serve_with(
+        let served = serve_keeping_whole(
             &rt,
             &index,
             &client,
             cache.path(),
             cap,
-            config,
-            &test_mount(),
+            whole_file_min_bytes,
         )?;
         read_all_under_cap(
             &served,
@@ -820,20 +832,9 @@ fn kernel_at_least(major: u32, minor: u32) -> bool {
     (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (major, minor)
 }
 
-/// Regular files under `dir`, recursively.
+/// The files under `dir`, recursively.
 fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut found = Vec::new();
-    let mut todo = vec![dir.to_owned()];
-    while let Some(d) = todo.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            match e.file_type() {
-                Ok(t) if t.is_dir() => todo.push(e.path()),
-                Ok(t) if t.is_file() => found.push(e.path()),
-                _ => {}
-            }
-        }
-    }
-    found
+    clip_e2e::check::files_under(dir).into_keys().collect()
 }
 
 /// The bytes of `path` as a shared library sees them: mapped, not read.
@@ -892,19 +893,7 @@ fn small_files_with_local_data_are_in_the_page_cache_before_their_first_read() -
     let reference = Pusher::new(&registry.host(), None).push_image("fs/push", "v1", &image)?;
     let (index, client) = index(&rt, &reference)?;
     let cache = tempfile::tempdir()?;
-    let config = StoreConfig {
-        whole_file_min_bytes: 1 << 20,
-        ..StoreConfig::default()
-    };
-    let served = serve_with(
-        &rt,
-        &index,
-        &client,
-        cache.path(),
-        1 << 30,
-        config,
-        &test_mount(),
-    )?;
+    let served = serve_keeping_whole(&rt, &index, &client, cache.path(), 1 << 30, 1 << 20)?;
     let p = served.path();
     let counters = served.mount.as_ref().unwrap().counters().clone();
     // Nothing local yet: the first file is read the usual way, from the registry.
@@ -1173,21 +1162,8 @@ fn a_backing_file_whose_whole_file_was_evicted_goes_soon() -> anyhow::Result<()>
         _ => unreachable!("a file"),
     };
     let cache = tempfile::tempdir()?;
-    let config = StoreConfig {
-        whole_file_min_bytes: 1 << 20,
-        ..StoreConfig::default()
-    };
-    let options = test_mount();
-    assert_eq!(options.backing_idle, Duration::from_secs(30));
-    let served = serve_with(
-        &rt,
-        &index,
-        &client,
-        cache.path(),
-        8 << 20,
-        config,
-        &options,
-    )?;
+    assert_eq!(test_mount().backing_idle, Duration::from_secs(30));
+    let served = serve_keeping_whole(&rt, &index, &client, cache.path(), 8 << 20, 1 << 20)?;
     let p = served.path();
     let counters = served.mount.as_ref().unwrap().counters().clone();
     let whole_dir = cache.path().join("files");

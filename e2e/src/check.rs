@@ -264,8 +264,9 @@ pub fn bytes_under(dir: &Path) -> u64 {
     files_under(dir).values().map(|(_, len)| len).sum()
 }
 
-/// Every file under `dir`, however deep, with its inode number and size.
-fn files_under(dir: &Path) -> BTreeMap<PathBuf, (u64, u64)> {
+/// Every file under `dir`, however deep (none if it does not exist), with its inode
+/// number and size.
+pub fn files_under(dir: &Path) -> BTreeMap<PathBuf, (u64, u64)> {
     let mut found = BTreeMap::new();
     let mut todo = vec![dir.to_owned()];
     while let Some(d) = todo.pop() {

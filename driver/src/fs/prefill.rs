@@ -191,10 +191,6 @@ struct Helper {
 /// the fork: the new process, a copy of a multi-threaded one, makes system calls only.
 fn spawn_helper(dir: &CStr, device: u64, share: &[&Step]) -> std::io::Result<Helper> {
     let (server, helper) = std::os::unix::net::UnixStream::pair()?;
-    let paths: Vec<(&CStr, bool)> = share
-        .iter()
-        .map(|s| (s.path.as_c_str(), s.symlink))
-        .collect();
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -211,7 +207,7 @@ fn spawn_helper(dir: &CStr, device: u64, share: &[&Step]) -> std::io::Result<Hel
         max_fd,
         dir,
         device,
-        paths: &paths,
+        share,
     };
     // SAFETY: the child runs only `run_helper` (system calls on memory prepared above: no
     // allocation, no lock) and ends with `_exit`.
@@ -235,7 +231,7 @@ struct HelperJob<'a> {
     max_fd: libc::c_int,
     dir: &'a CStr,
     device: u64,
-    paths: &'a [(&'a CStr, bool)],
+    share: &'a [&'a Step],
 }
 
 /// The life of a helper process, just forked: it keeps only its channel (as descriptor
@@ -278,11 +274,12 @@ unsafe fn run_helper(job: &HelperJob<'_>) -> ! {
             libc::_exit(0);
         }
         let mut link = [0u8; 4096];
-        for (path, symlink) in job.paths {
+        for step in job.share {
+            let path = &step.path;
             let found = libc::fstatat(root, path.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW);
             byte = if found == 0 {
                 // Only the kernel's symlink cache is wanted.
-                if *symlink {
+                if step.symlink {
                     libc::readlinkat(root, path.as_ptr(), link.as_mut_ptr().cast(), link.len());
                 }
                 code::FOUND
